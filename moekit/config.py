@@ -1,0 +1,119 @@
+"""Config plumbing: frozen keyword-only dataclasses with strict, helpful (de)serialisation.
+
+Every config in moekit subclasses :class:`Config`. Construction validates fields in
+``__post_init__``; :meth:`Config.from_dict` rejects unknown keys and names the closest valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import types
+import typing
+from typing import Any, TypeVar
+
+from moekit.errors import ConfigError
+
+C = TypeVar("C", bound="Config")
+
+
+def closest(name: str, valid: typing.Iterable[str]) -> str | None:
+    """The valid name most similar to ``name``, or None when nothing is close."""
+    matches = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.5)
+    return matches[0] if matches else None
+
+
+def unknown_key_error(key: str, valid: typing.Iterable[str], where: str) -> ConfigError:
+    """A ConfigError for an unknown key that suggests the closest valid one."""
+    valid = sorted(valid)
+    hint = closest(key, valid)
+    suggestion = f"; did you mean {hint!r}?" if hint else f"; valid keys: {', '.join(valid)}"
+    return ConfigError(f"unknown {where} key {key!r}{suggestion}")
+
+
+def check_choice(field: str, value: Any, enum_type: type[enum.Enum]) -> enum.Enum:
+    """Coerce ``value`` to ``enum_type`` or raise a ConfigError listing the valid choices."""
+    try:
+        return enum_type(value)
+    except ValueError:
+        choices = [m.value for m in enum_type]
+        hint = closest(str(value), choices)
+        extra = f" (did you mean {hint!r}?)" if hint else ""
+        raise ConfigError(f"{field}={value!r} is not one of {choices}{extra}") from None
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise ConfigError(message) unless condition holds."""
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config:
+    """Base class: frozen, keyword-only, validated, JSON-friendly."""
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def from_dict(cls: type[C], data: dict[str, Any]) -> C:
+        """Build from a plain dict; unknown keys raise ConfigError naming the closest valid key."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{cls.__name__} expects a mapping, got {type(data).__name__}")
+        names = cls.field_names()
+        for key in data:
+            if key not in names:
+                raise unknown_key_error(key, names, cls.__name__)
+        hints = typing.get_type_hints(cls)
+        kwargs = {k: _coerce(hints.get(k), v) for k, v in data.items()}
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-serialisable dict (enums as their values, nested configs as dicts)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            out[f.name] = _plain(getattr(self, f.name))
+        return out
+
+    def replace(self: C, **changes: Any) -> C:
+        """A copy with ``changes`` applied (validated; unknown fields raise ConfigError)."""
+        names = self.field_names()
+        for key in changes:
+            if key not in names:
+                raise unknown_key_error(key, names, type(self).__name__)
+        return dataclasses.replace(self, **changes)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Config):
+        return value.to_dict()
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _coerce(hint: Any, value: Any) -> Any:
+    """Turn JSON values back into the declared type: nested configs and tuples."""
+    if hint is None or value is None:
+        return value
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(hint):
+            if arg is type(None):
+                continue
+            if isinstance(arg, type) and issubclass(arg, Config) and isinstance(value, dict):
+                return arg.from_dict(value)
+            if typing.get_origin(arg) is tuple and isinstance(value, list):
+                return tuple(value)
+        return value
+    if isinstance(hint, type) and issubclass(hint, Config) and isinstance(value, dict):
+        return hint.from_dict(value)
+    if origin is tuple and isinstance(value, list):
+        return tuple(value)
+    return value

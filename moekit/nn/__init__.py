@@ -1,0 +1,23 @@
+"""moekit.nn: MoE layers, routers, experts and balancing losses."""
+
+from moekit.nn.config import Activation, DropPolicy, MoEConfig, RouterType
+from moekit.nn.experts import Experts
+from moekit.nn.mlp import MLP
+from moekit.nn.moe import MoE, reference_moe
+from moekit.nn.routing import MoEAux, Routing
+from moekit.nn.soft_moe import SoftMoE, reference_soft_moe
+
+__all__ = [
+    "Activation",
+    "DropPolicy",
+    "Experts",
+    "MLP",
+    "MoE",
+    "MoEAux",
+    "MoEConfig",
+    "Routing",
+    "RouterType",
+    "SoftMoE",
+    "reference_moe",
+    "reference_soft_moe",
+]

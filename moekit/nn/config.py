@@ -1,0 +1,129 @@
+"""MoEConfig: every knob of one MoE layer, validated at construction."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+from moekit.config import Config, check_choice, require
+
+
+class RouterType(str, enum.Enum):
+    SOFTMAX_TOPK = "softmax_topk"  # Switch (k=1), GShard/Mixtral (k=2), OLMoE/Qwen (k=8)
+    SIGMOID_TOPK = "sigmoid_topk"  # DeepSeek-V3: sigmoid scores, aux-free bias, group-limited
+    EXPERT_CHOICE = "expert_choice"  # Zhou et al. 2022: each expert picks its top-C tokens
+    HASH = "hash"  # Roller et al. 2021: a fixed token-id -> expert map
+    DENSE = "dense"  # Jacobs et al. 1991: every expert runs, softmax weights
+
+
+class Activation(str, enum.Enum):
+    SWIGLU = "swiglu"
+    GELU = "gelu"
+
+
+class DropPolicy(str, enum.Enum):
+    """Which assignments an over-full expert keeps when a capacity factor is set.
+
+    position: first choices before second choices, then earlier tokens first (GShard's order).
+    score: the assignments with the highest routing weight first (BPR, Riquelme et al. 2021).
+    """
+
+    POSITION = "position"
+    SCORE = "score"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MoEConfig(Config):
+    """Configuration of one MoE layer.
+
+    Field names follow Hugging Face where a counterpart exists (``norm_topk_prob``, ``n_group``,
+    ``topk_group``, ``routed_scaling_factor``).
+    """
+
+    hidden_size: int
+    num_experts: int
+    top_k: int = 2
+    expert_hidden_size: int
+    router: RouterType = RouterType.SOFTMAX_TOPK
+    activation: Activation = Activation.SWIGLU
+    # Shared experts: always-on experts, fused into one MLP of num_shared_experts * shared size.
+    num_shared_experts: int = 0
+    shared_expert_hidden_size: int | None = None  # default: expert_hidden_size
+    shared_expert_gate: bool = False  # Qwen2-MoE: sigmoid(Linear(D, 1)) scales the shared output
+    # Capacity: None = dropless. Expert capacity = ceil(capacity_factor * T * k / E).
+    capacity_factor: float | None = None
+    drop_policy: DropPolicy = DropPolicy.POSITION
+    # Token-choice routers.
+    norm_topk_prob: bool = True  # renormalise the k chosen weights to sum to 1
+    router_jitter: float = 0.0  # Switch: multiply router input by U(1-eps, 1+eps) in training
+    # Sigmoid router (DeepSeek-V3).
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    bias_update_rate: float = 1e-3  # gamma of aux-loss-free balancing; 0 disables the update
+    # Expert choice: capacity per expert = ceil(expert_choice_capacity * T / E).
+    expert_choice_capacity: float = 2.0
+    # Hash routing: seed of the fixed token-id -> expert map.
+    hash_seed: int = 0
+    # Balancing losses (coefficients; 0 disables). Computed in fp32 from the router logits.
+    aux_loss_coef: float = 0.01  # Switch/GShard load-balancing loss
+    seq_aux_loss_coef: float = 0.0  # DeepSeek-V3 sequence-level balance loss
+    z_loss_coef: float = 0.0  # ST-MoE router z-loss
+    router_bias: bool = False  # a bias in the router's linear layer
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "router", check_choice("router", self.router, RouterType))
+        object.__setattr__(self, "activation", check_choice("activation", self.activation, Activation))
+        object.__setattr__(self, "drop_policy", check_choice("drop_policy", self.drop_policy, DropPolicy))
+        for name in ("hidden_size", "num_experts", "expert_hidden_size", "top_k", "n_group", "topk_group"):
+            value = getattr(self, name)
+            require(isinstance(value, int) and value >= 1, f"{name} must be a positive integer, got {value!r}")
+        require(self.num_shared_experts >= 0, f"num_shared_experts must be >= 0, got {self.num_shared_experts}")
+        if self.router in (RouterType.SOFTMAX_TOPK, RouterType.SIGMOID_TOPK):
+            require(
+                self.top_k <= self.num_experts,
+                f"top_k={self.top_k} exceeds num_experts={self.num_experts}",
+            )
+        require(
+            self.num_experts % self.n_group == 0,
+            f"num_experts={self.num_experts} is not divisible by n_group={self.n_group}",
+        )
+        require(
+            self.topk_group <= self.n_group,
+            f"topk_group={self.topk_group} exceeds n_group={self.n_group}",
+        )
+        if self.router == RouterType.SIGMOID_TOPK and self.n_group > 1:
+            per_group = self.num_experts // self.n_group
+            require(
+                self.top_k <= self.topk_group * per_group,
+                f"top_k={self.top_k} exceeds the {self.topk_group} groups x {per_group} experts "
+                "that group-limited routing can choose from",
+            )
+        if self.capacity_factor is not None:
+            require(self.capacity_factor > 0, f"capacity_factor must be > 0 or None, got {self.capacity_factor}")
+            require(
+                self.router not in (RouterType.EXPERT_CHOICE, RouterType.DENSE),
+                f"capacity_factor applies to token-choice routers, not router={self.router.value!r} "
+                "(expert_choice sets its capacity with expert_choice_capacity; dense drops nothing)",
+            )
+        require(self.expert_choice_capacity > 0, "expert_choice_capacity must be > 0")
+        require(self.router_jitter >= 0, f"router_jitter must be >= 0, got {self.router_jitter}")
+        for name in ("aux_loss_coef", "seq_aux_loss_coef", "z_loss_coef", "bias_update_rate"):
+            require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+
+    @property
+    def experts_per_token(self) -> int:
+        """How many routed experts process each token (on average for expert choice)."""
+        if self.router == RouterType.DENSE:
+            return self.num_experts
+        if self.router == RouterType.HASH:
+            return 1
+        if self.router == RouterType.EXPERT_CHOICE:
+            return max(1, round(self.expert_choice_capacity))
+        return self.top_k
+
+    @property
+    def shared_hidden_size(self) -> int:
+        """Hidden size of the fused shared-expert MLP (0 when there is none)."""
+        size = self.shared_expert_hidden_size or self.expert_hidden_size
+        return self.num_shared_experts * size

@@ -1,0 +1,49 @@
+"""Stacked expert weights and their grouped compute.
+
+Shape legend: E experts, D hidden, H expert hidden, N rows sorted by expert.
+``w_in`` is [E, D, 2H] for SwiGLU (gate columns first, then up, as in HF's fused
+``gate_up_proj``) or [E, D, H] for GELU; ``w_out`` is [E, H, D].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moekit.nn.config import Activation
+from moekit.nn.grouped_mm import grouped_mm
+
+
+def activate(h_NX: torch.Tensor, activation: Activation) -> torch.Tensor:
+    """SwiGLU on [gate | up] halves, or GELU."""
+    if activation == Activation.SWIGLU:
+        gate, up = h_NX.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    return F.gelu(h_NX)
+
+
+class Experts(nn.Module):
+    """E expert MLPs as two stacked tensors, run over expert-sorted contiguous row slices."""
+
+    def __init__(self, num_experts: int, hidden_size: int, expert_hidden_size: int, activation="swiglu"):
+        super().__init__()
+        self.activation = Activation(activation)
+        self.num_experts, self.hidden_size, self.expert_hidden_size = num_experts, hidden_size, expert_hidden_size
+        width = 2 * expert_hidden_size if self.activation == Activation.SWIGLU else expert_hidden_size
+        self.w_in = nn.Parameter(torch.empty(num_experts, hidden_size, width))
+        self.w_out = nn.Parameter(torch.empty(num_experts, expert_hidden_size, hidden_size))
+        nn.init.normal_(self.w_in, std=hidden_size**-0.5)
+        nn.init.normal_(self.w_out, std=expert_hidden_size**-0.5)
+
+    def forward(self, x_ND: torch.Tensor, counts: tuple[int, ...]) -> torch.Tensor:
+        """Run expert e on rows [sum(counts[:e]), sum(counts[:e+1])) of x_ND."""
+        if torch.is_autocast_enabled(x_ND.device.type):
+            x_ND = x_ND.to(torch.get_autocast_dtype(x_ND.device.type))
+        h_NX = grouped_mm(x_ND, self.w_in, counts)
+        return grouped_mm(activate(h_NX, self.activation), self.w_out, counts)
+
+    def expert_forward(self, e: int, x_nD: torch.Tensor) -> torch.Tensor:
+        """One expert on its rows, with plain autograd (used by the reference and analysis)."""
+        h = x_nD @ self.w_in[e].to(x_nD.dtype)
+        return activate(h, self.activation) @ self.w_out[e].to(x_nD.dtype)

@@ -1,0 +1,182 @@
+"""The MoE layer (router -> dispatch -> experts -> combine, plus shared experts) and
+:func:`reference_moe`, the slow loop every fast path is tested against.
+
+Shape legend: B batch, S sequence, T = B*S tokens, D hidden, E experts, N kept assignments.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from moekit.errors import ShapeError
+from moekit.nn.config import MoEConfig, RouterType
+from moekit.nn.dispatch import dispatch, expert_capacity
+from moekit.nn.experts import Experts
+from moekit.nn.losses import router_entropy, router_z_loss, sequence_aux_loss, switch_aux_loss
+from moekit.nn.mlp import MLP
+from moekit.nn.router import build_router
+from moekit.nn.routing import MoEAux, Routing
+
+# Routers whose balance is not guaranteed by construction, and so take the balancing losses.
+_BALANCED_BY_LOSS = (RouterType.SOFTMAX_TOPK, RouterType.SIGMOID_TOPK)
+
+
+class MoE(nn.Module):
+    """A Mixture-of-Experts feed-forward layer.
+
+    Build from a :class:`MoEConfig` or from its fields as keywords::
+
+        layer = MoE(hidden_size=64, num_experts=8, top_k=2, expert_hidden_size=128)
+        y, aux = layer(x)          # x: [batch, seq, hidden] or [tokens, hidden]
+        loss = task_loss + aux.loss
+
+    Args of forward:
+        x: [B, S, D] or [T, D].
+        mask: optional padding mask of x's leading shape (True/1 = real token). Masked tokens are
+            not routed (their output is zero, so the residual carries them) and do not count in
+            the balancing losses or statistics.
+        token_ids: token ids of x's leading shape; required by hash routing.
+        record_routing: keep the full Routing in ``aux.routing`` (for analysis).
+    """
+
+    def __init__(self, config: MoEConfig | None = None, **fields: Any):
+        super().__init__()
+        if config is None:
+            config = MoEConfig.from_dict(fields)
+        elif fields:
+            config = config.replace(**fields)
+        self.config = config
+        self.router = build_router(config)
+        self.experts = Experts(config.num_experts, config.hidden_size, config.expert_hidden_size, config.activation)
+        self.shared_experts = (
+            MLP(config.hidden_size, config.shared_hidden_size, config.activation) if config.num_shared_experts else None
+        )
+        self.shared_expert_gate = (
+            nn.Linear(config.hidden_size, 1, bias=False)
+            if config.num_shared_experts and config.shared_expert_gate
+            else None
+        )
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"router={c.router.value}, experts={c.num_experts}, top_k={c.top_k}, shared={c.num_shared_experts}"
+
+    # -- input checks -------------------------------------------------------------------------
+    def _flatten_inputs(self, x, mask, token_ids):
+        if x.dim() not in (2, 3):
+            raise ShapeError(f"x must be [batch, seq, hidden] or [tokens, hidden], got shape {tuple(x.shape)}")
+        if x.shape[-1] != self.config.hidden_size:
+            raise ShapeError(f"x has hidden size {x.shape[-1]} but the layer's hidden_size={self.config.hidden_size}")
+        lead = tuple(x.shape[:-1])
+        valid_T = None
+        if mask is not None:
+            if tuple(mask.shape) != lead:
+                raise ShapeError(f"mask has shape {tuple(mask.shape)} but x's leading shape is {lead}")
+            valid_T = mask.reshape(-1).bool()
+        ids_T = None
+        if token_ids is not None:
+            if tuple(token_ids.shape) != lead:
+                raise ShapeError(f"token_ids has shape {tuple(token_ids.shape)} but x's leading shape is {lead}")
+            ids_T = token_ids.reshape(-1)
+        if self.config.router == RouterType.HASH and ids_T is None:
+            raise ShapeError("router='hash' needs token_ids (the input ids of the tokens) in forward()")
+        seq_len = x.shape[1] if x.dim() == 3 else x.shape[0]
+        return x.reshape(-1, x.shape[-1]), valid_T, ids_T, seq_len
+
+    # -- forward ------------------------------------------------------------------------------
+    def route(self, x_TD, valid_T=None, token_ids_T=None) -> Routing:
+        """The router's decision for flattened tokens."""
+        return self.router(x_TD, valid_T, token_ids_T)
+
+    def forward(self, x, mask=None, token_ids=None, record_routing: bool = False):
+        cfg = self.config
+        x_TD, valid_T, ids_T, seq_len = self._flatten_inputs(x, mask, token_ids)
+        routing = self.route(x_TD, valid_T, ids_T)
+        plan = dispatch(routing, cfg.num_experts, cfg.capacity_factor, cfg.drop_policy)
+
+        out_ND = self.experts(x_TD[plan.token_idx_N], plan.counts)
+        out_ND = out_ND * plan.weight_N.unsqueeze(-1).to(out_ND.dtype)  # only combine weights are cast
+        y_TD = out_ND.new_zeros(x_TD.shape).index_add_(0, plan.token_idx_N, out_ND)
+        if self.shared_experts is not None:
+            y_TD = y_TD + self._shared(x_TD).to(y_TD.dtype)
+        y_TD = y_TD.to(x.dtype)
+
+        losses = self._losses(routing, seq_len)
+        total = sum((coef * losses[name] for name, coef in self._loss_coefs() if name in losses), torch.zeros(()))
+        aux = MoEAux(
+            loss=total,
+            losses=losses,
+            tokens_per_expert=plan.tokens_per_expert_E,
+            dropped_assignments=plan.dropped_assignments,
+            dropped_tokens=plan.dropped_tokens,
+            router_entropy=router_entropy(routing),
+            routing=routing if record_routing else None,
+        )
+        return y_TD.view(x.shape), aux
+
+    def _shared(self, x_TD: torch.Tensor) -> torch.Tensor:
+        shared_TD = self.shared_experts(x_TD)
+        if self.shared_expert_gate is not None:
+            shared_TD = torch.sigmoid(self.shared_expert_gate(x_TD)) * shared_TD
+        return shared_TD
+
+    def _loss_coefs(self):
+        c = self.config
+        return (("aux", c.aux_loss_coef), ("seq_aux", c.seq_aux_loss_coef), ("z", c.z_loss_coef))
+
+    def _losses(self, routing: Routing, seq_len: int) -> dict[str, torch.Tensor]:
+        c = self.config
+        losses: dict[str, torch.Tensor] = {}
+        if routing.logits_TE is None:
+            return losses
+        if c.router in _BALANCED_BY_LOSS:
+            if c.aux_loss_coef > 0:
+                losses["aux"] = switch_aux_loss(routing, c.num_experts)
+            if c.seq_aux_loss_coef > 0:
+                losses["seq_aux"] = sequence_aux_loss(routing, c.num_experts, seq_len)
+        if c.z_loss_coef > 0:
+            losses["z"] = router_z_loss(routing)
+        return losses
+
+    @torch.no_grad()
+    def update_bias(self, load_E: torch.Tensor | None = None) -> None:
+        """Aux-loss-free balancing step of a sigmoid router (no-op for other routers)."""
+        if hasattr(self.router, "update_bias"):
+            self.router.update_bias(load_E)
+
+
+def reference_moe(layer: MoE, x: torch.Tensor, mask=None, token_ids=None) -> torch.Tensor:
+    """The obviously-right MoE output: the layer's own routing, then a plain loop over experts.
+
+    Capacity is re-derived here with python sorting, so the fast dispatcher is checked too.
+    """
+    cfg = layer.config
+    x_TD, valid_T, ids_T, _ = layer._flatten_inputs(x, mask, token_ids)
+    routing = layer.route(x_TD, valid_T, ids_T)
+    assignments = list(
+        zip(
+            routing.token_idx_A.tolist(),
+            routing.expert_idx_A.tolist(),
+            routing.choice_rank_A.tolist(),
+            routing.weight_A.detach().tolist(),
+        )
+    )
+    y_TD = torch.zeros_like(x_TD)
+    for e in range(cfg.num_experts):
+        mine = [(i, a) for i, a in enumerate(assignments) if a[1] == e]
+        if cfg.capacity_factor is not None:
+            cap = expert_capacity(cfg.capacity_factor, routing.num_valid_tokens(), routing.top_k or 1, cfg.num_experts)
+            if cfg.drop_policy.value == "position":
+                mine.sort(key=lambda ia: (ia[1][2], ia[1][0]))
+            else:
+                mine.sort(key=lambda ia: -ia[1][3])
+            mine = mine[:cap]
+        for i, (t, _, _, _) in mine:
+            out_D = layer.experts.expert_forward(e, x_TD[t : t + 1])[0]
+            y_TD[t] = y_TD[t] + routing.weight_A[i].to(x.dtype) * out_D
+    if layer.shared_experts is not None:
+        y_TD = y_TD + layer._shared(x_TD)
+    return y_TD.view(x.shape)
