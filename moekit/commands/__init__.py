@@ -1,0 +1,1 @@
+"""One module per command-line verb; each exposes ``add_parser(verbs)`` and a plain function."""

@@ -1,0 +1,74 @@
+"""``moekit demo``: the main job. Train the ``demo`` MoE on the built-in tiny-shakespeare for about
+two minutes, print validation loss by step, sample text, and show each layer's expert load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from rich.console import Console
+from rich.table import Table
+
+from moekit.analysis.load import expert_load
+from moekit.commands.generate import stream_text
+from moekit.data.loader import iter_eval_batches
+from moekit.train.checkpoint import load_model
+from moekit.train.trainer import train
+
+
+def add_parser(verbs) -> None:
+    p = verbs.add_parser("demo", help="train, sample and analyse a small MoE LM (about 2 minutes)", description=__doc__)
+    p.add_argument("--time-budget", default="2m", help="training time (e.g. 90s, 2m)")
+    p.add_argument("--out", default=None, help="run folder (default: runs/demo-<time>)")
+    p.add_argument("--prompt", default="ROMEO:", help="text to continue after training")
+    p.add_argument("--max-new-tokens", type=int, default=300)
+    p.add_argument("--seed", type=int, default=1337)
+    p.set_defaults(func=run)
+
+
+def demo(time_budget="2m", out=None, prompt="ROMEO:", max_new_tokens=300, seed=1337, console=None) -> dict:
+    """Run the demo; returns the run folder, the validation losses and the sample."""
+    console = console or Console()
+    out = out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    console.rule("[bold]moekit demo: an MoE language model on tiny-shakespeare")
+    result = train(model="demo", time_budget=time_budget, max_steps=100_000, eval_interval=100, out_dir=out, seed=seed)
+    model, tokenizer = load_model(result.checkpoint)
+    console.print(f"\n[bold]validation loss by step[/] ({result.tokens_per_second:,.0f} tokens/s):")
+    for step, loss in result.val_losses:
+        console.print(f"  step {step:>5}  val_loss {loss:.4f}")
+
+    console.print(f"\n[bold]sample[/] (temperature 0.8, seed {seed}):")
+    pieces = list(stream_text(model, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=0.8, seed=seed))
+    sample = prompt + "".join(pieces)
+    console.print(sample, markup=False, highlight=False)
+
+    val_tokens = _val_tokens(model, tokenizer)
+    layers, load = expert_load(model, (x for x, _ in iter_eval_batches(val_tokens, 128, 16, max_batches=8)))
+    table = Table(title="share of tokens per expert (%), validation data")
+    table.add_column("layer")
+    for e in range(load.shape[1]):
+        table.add_column(f"e{e}", justify="right")
+    table.add_column("max/mean", justify="right")
+    for layer, row in zip(layers, load):
+        share = row.float() / row.sum() * 100
+        table.add_row(str(layer), *(f"{s:.1f}" for s in share), f"{(row.max() / row.float().mean()).item():.2f}")
+    console.print(table)
+    console.print(f"\nrun folder: [bold]{result.run_dir}[/] (checkpoint {result.checkpoint.name}, metrics.jsonl, tb/)")
+    console.print(f"next: moekit generate --checkpoint {result.run_dir} --prompt 'JULIET:'")
+    return {"run_dir": result.run_dir, "val_losses": result.val_losses, "sample": sample}
+
+
+def _val_tokens(model, tokenizer):
+    import torch
+
+    from moekit.data.corpus import builtin_corpus
+    from moekit.data.loader import split_tokens
+
+    _, val = split_tokens(torch.tensor(tokenizer.encode(builtin_corpus())), 0.1)
+    return val
+
+
+def run(args: argparse.Namespace) -> int:
+    demo(args.time_budget, args.out, args.prompt, args.max_new_tokens, args.seed)
+    return 0

@@ -1,0 +1,64 @@
+"""``moekit generate --checkpoint DIR --prompt TEXT``: stream a continuation to the terminal."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator
+
+from moekit.inference.generate import GenerationConfig, stream_generate
+from moekit.train.checkpoint import load_model
+
+
+def add_parser(verbs) -> None:
+    p = verbs.add_parser("generate", help="generate text from a checkpoint", description=__doc__)
+    p.add_argument("--checkpoint", required=True, help="checkpoint or run folder")
+    p.add_argument("--prompt", default="\n", help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--stop", action="append", default=[], help="stop when this text appears (repeatable)")
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(func=run)
+
+
+def stream_text(model, tokenizer, prompt: str, stop: list[str] | None = None, **generation) -> Iterator[str]:
+    """Yield pieces of generated text as tokens arrive; stops at (and excludes) any stop string."""
+    config = GenerationConfig(**generation)
+    ids = tokenizer.encode(prompt)
+    new: list[int] = []
+    shown = ""
+    for token in stream_generate(model, ids, config):
+        new.append(token)
+        text = tokenizer.decode(new)
+        if text.endswith("\ufffd"):  # a multi-byte character is still incomplete
+            continue
+        cut = min((text.find(s) for s in stop or [] if s and s in text), default=-1)
+        if cut >= 0:
+            yield text[len(shown) : cut]
+            return
+        yield text[len(shown) :]
+        shown = text
+
+
+def run(args: argparse.Namespace) -> int:
+    model, tokenizer = load_model(args.checkpoint)
+    sys.stdout.write(args.prompt)
+    for piece in stream_text(
+        model,
+        tokenizer,
+        args.prompt,
+        stop=args.stop,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+    ):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0

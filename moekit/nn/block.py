@@ -1,0 +1,62 @@
+"""A pre-norm transformer block: x + attn(norm(x)), then h + ffn(norm(h)), where ffn is an MLP or an MoE."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moekit.nn.attention import Attention, KVCache
+from moekit.nn.moe import MoE
+from moekit.nn.norm import RMSNorm
+from moekit.nn.routing import MoEAux
+
+
+class Block(nn.Module):
+    """RMSNorm -> attention -> residual, RMSNorm -> FFN (dense :class:`MLP` or sparse :class:`MoE`) -> residual.
+
+    Names follow Hugging Face: ``input_layernorm``, ``self_attn``, ``post_attention_layernorm``, ``mlp``
+    (the MoE sits at ``mlp`` too when the layer is sparse).
+    """
+
+    def __init__(self, self_attn: Attention, mlp: nn.Module, hidden_size: int, rms_norm_eps: float = 1e-6):
+        super().__init__()
+        self.input_layernorm = RMSNorm(hidden_size, rms_norm_eps)
+        self.self_attn = self_attn
+        self.post_attention_layernorm = RMSNorm(hidden_size, rms_norm_eps)
+        self.mlp = mlp
+
+    @property
+    def is_moe(self) -> bool:
+        return isinstance(self.mlp, MoE)
+
+    def forward(
+        self,
+        x_BSD: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = True,
+        cache: KVCache | None = None,
+        pad_mask: torch.Tensor | None = None,
+        token_ids: torch.Tensor | None = None,
+        record_routing: bool = False,
+    ) -> tuple[torch.Tensor, MoEAux | None]:
+        """One block over the S new positions.
+
+        Args:
+            x_BSD: residual stream [B, S, D].
+            cos, sin, attn_mask, is_causal, cache: see :meth:`Attention.forward`.
+            pad_mask: [B, S] bool, True = real token; padding is not routed by an MoE (None = all real).
+            token_ids: [B, S] input ids (hash routing needs them).
+            record_routing: ask the MoE to keep its full Routing in the aux.
+
+        Returns:
+            (x [B, S, D], the MoE's MoEAux or None for a dense block).
+        """
+        h = x_BSD + self.self_attn(self.input_layernorm(x_BSD), cos, sin, attn_mask, is_causal, cache)
+        if self.is_moe:
+            y, aux = self.mlp(
+                self.post_attention_layernorm(h), mask=pad_mask, token_ids=token_ids, record_routing=record_routing
+            )
+            return h + y, aux
+        return h + self.mlp(self.post_attention_layernorm(h)), None

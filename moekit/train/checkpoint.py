@@ -1,0 +1,210 @@
+"""Checkpoints: safetensors weights + JSON config/tokenizer/trainer state + optimizer and RNG state.
+
+Layout of a run folder::
+
+    run/
+      run.json                  the TrainConfig and resolved model config of the run
+      metrics.jsonl             one JSON object per logged step / evaluation
+      tb/                       TensorBoard event files
+      checkpoints/
+        latest                  name of the newest complete checkpoint (written atomically)
+        step-000500/            one checkpoint: written as .tmp-*, fsynced, then renamed
+          config.json  model.safetensors  tokenizer.json  trainer_state.json  optimizer.safetensors
+
+A kill at any moment leaves the previous checkpoint intact: a checkpoint folder only gets its
+final name once every file in it is on disk, and ``latest`` is replaced atomically after that.
+No pickle anywhere: optimizer tensors and RNG states are safetensors, the rest is JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from moekit.data.tokenizers import Tokenizer, load_tokenizer
+from moekit.errors import CheckpointError
+from moekit.interop.safe_io import atomic_write_json, atomic_write_text, load_tensors, save_tensors
+from moekit.models import LMConfig, MoELM
+
+FORMAT = "moekit"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.iterdir():
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with tied duplicates dropped (safetensors stores shared memory once)."""
+    seen: dict[int, str] = {}
+    out = {}
+    for name, tensor in model.state_dict().items():
+        ptr = tensor.untyped_storage().data_ptr()
+        if tensor.numel() and ptr in seen:
+            continue
+        seen[ptr] = name
+        out[name] = tensor
+    return out
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """Optimizer state as flat named tensors (``state.<param index>.<key>``) plus the torch RNG."""
+    out = {"rng.torch": torch.get_rng_state()}
+    for index, state in optimizer.state_dict()["state"].items():
+        for key, value in state.items():
+            out[f"state.{index}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    return out
+
+
+def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    """Inverse of :func:`optimizer_tensors`; also restores the torch RNG."""
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        if name == "rng.torch":
+            continue
+        _, index, key = name.split(".", 2)
+        state.setdefault(int(index), {})[key] = value
+    full = optimizer.state_dict()
+    full["state"] = state
+    optimizer.load_state_dict(full)
+    if "rng.torch" in tensors:
+        torch.set_rng_state(tensors["rng.torch"])
+
+
+def save_checkpoint(
+    run_dir: str | os.PathLike,
+    step: int,
+    model: MoELM,
+    tokenizer: Tokenizer,
+    optimizer: torch.optim.Optimizer | None = None,
+    trainer_state: dict[str, Any] | None = None,
+    keep: int = 2,
+) -> Path:
+    """Write ``run_dir/checkpoints/step-XXXXXX`` atomically and point ``latest`` at it.
+
+    Returns:
+        The checkpoint folder.
+    """
+    root = Path(run_dir) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:06d}"
+    final = root / name
+    tmp = root / f".tmp-{name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_tensors(model_tensors(model), tmp / WEIGHTS_FILE, metadata={"format": FORMAT})
+    atomic_write_json(tmp / CONFIG_FILE, {"format": FORMAT, "version": FORMAT_VERSION, "model": model.config.to_dict()})
+    tokenizer.save(tmp)
+    if optimizer is not None:
+        save_tensors(optimizer_tensors(optimizer), tmp / OPTIMIZER_FILE)
+    atomic_write_json(tmp / STATE_FILE, {"step": step, **(trainer_state or {})})
+    _fsync_tree(tmp)
+    if final.exists():  # re-saving the same step (e.g. the final save after a periodic one)
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    atomic_write_text(root / LATEST, name + "\n")
+    _prune(root, keep)
+    return final
+
+
+def _prune(root: Path, keep: int) -> None:
+    steps = sorted(p for p in root.glob("step-*") if p.is_dir())
+    for old in steps[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint folder from a checkpoint folder, a run folder, or a run's ``checkpoints`` folder."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"no checkpoint at {p}: the path does not exist")
+    if (p / CONFIG_FILE).is_file() and (p / WEIGHTS_FILE).is_file():
+        return p
+    root = p / CHECKPOINTS if (p / CHECKPOINTS).is_dir() else p
+    latest = root / LATEST
+    if latest.is_file():
+        candidate = root / latest.read_text().strip()
+        if (candidate / WEIGHTS_FILE).is_file():
+            return candidate
+    steps = sorted(q for q in root.glob("step-*") if (q / WEIGHTS_FILE).is_file())
+    if steps:
+        return steps[-1]
+    raise CheckpointError(f"no checkpoint in {p}: expected {CONFIG_FILE} + {WEIGHTS_FILE}, or a run folder")
+
+
+def read_model_config(checkpoint: str | os.PathLike) -> LMConfig:
+    """The LMConfig stored in a checkpoint's config.json."""
+    ckpt = resolve_checkpoint(checkpoint)
+    file = ckpt / CONFIG_FILE
+    try:
+        data = json.loads(file.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{file} is not valid JSON: {e}") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT or "model" not in data:
+        raise CheckpointError(f"{file} is not a moekit checkpoint config (need format='moekit' and 'model')")
+    return LMConfig.from_dict(data["model"])
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[MoELM, Tokenizer]:
+    """Model (eval mode) and tokenizer from a checkpoint or run folder."""
+    ckpt = resolve_checkpoint(path)
+    model = MoELM(read_model_config(ckpt))
+    load_weights_into(model, ckpt / WEIGHTS_FILE)
+    tokenizer = load_tokenizer(ckpt)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise CheckpointError(
+            f"{ckpt}: tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+            f"{model.config.vocab_size}"
+        )
+    return model.to(device).eval(), tokenizer
+
+
+def load_weights_into(model: nn.Module, weights_file: str | os.PathLike) -> None:
+    """Load a safetensors file into ``model``, naming missing, unexpected and mis-shaped tensors."""
+    tensors = load_tensors(weights_file)
+    expected = model.state_dict()
+    tied = set(expected) - set(model_tensors(model))
+    missing = sorted(set(expected) - set(tensors) - tied)
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{weights_file} does not match the model: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
+    for name, tensor in tensors.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise CheckpointError(
+                f"{weights_file}: tensor {name!r} has shape {tuple(tensor.shape)} but the model expects "
+                f"{tuple(expected[name].shape)}"
+            )
+    model.load_state_dict(tensors, strict=False)
+
+
+def read_trainer_state(checkpoint: str | os.PathLike) -> dict[str, Any]:
+    file = resolve_checkpoint(checkpoint) / STATE_FILE
+    if not file.is_file():
+        raise CheckpointError(f"{file} is missing: this checkpoint cannot be resumed")
+    return json.loads(file.read_text())

@@ -1,0 +1,115 @@
+"""TrainConfig: everything a training run needs besides the model architecture."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import re
+from typing import Any
+
+from moekit.config import Config, check_choice, require, unknown_key_error
+from moekit.errors import ConfigError
+
+
+class Precision(str, enum.Enum):
+    FP32 = "float32"
+    BF16 = "bfloat16"  # bf16 autocast; weights, optimizer state and router math stay fp32
+
+
+def parse_duration(value: str | float | int | None) -> float | None:
+    """Seconds from ``90``, ``"90s"``, ``"2m"``, ``"1.5h"``; None stays None."""
+    if value is None or isinstance(value, (int, float)):
+        return None if value is None else float(value)
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([smh]?)\s*", str(value))
+    if not match:
+        raise ConfigError(f"time_budget={value!r} is not a duration like 90, '90s', '2m' or '1h'")
+    number, unit = float(match.group(1)), match.group(2) or "s"
+    return number * {"s": 1, "m": 60, "h": 3600}[unit]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig(Config):
+    """A training run. ``model`` is a preset name; ``model_overrides`` changes its fields."""
+
+    model: str = "demo"
+    model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    init_from: str | None = None  # a moekit checkpoint or run folder to fine-tune from
+    data: str | None = None  # text file, folder or JSONL; None = the built-in tiny-shakespeare
+    text_field: str = "text"
+    tokenizer: str = "byte"  # byte | char | path to a folder with an HF tokenizer.json
+    val_fraction: float = 0.1
+    block_size: int = 128
+    batch_size: int = 32
+    grad_accum: int = 1
+    max_steps: int = 2000
+    time_budget: float | None = None  # seconds; stop when spent (also stretches the LR schedule)
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping (the norm is still checked for NaN/inf)
+    aux_loss_scale: float = 1.0  # multiplies the model's balancing losses (0 turns them off)
+    bias_update: bool = True  # aux-loss-free bias updates for sigmoid routers, once per step
+    precision: Precision = Precision.FP32
+    eval_interval: int = 200
+    eval_batches: int = 20
+    log_interval: int = 10
+    checkpoint_interval: int = 500
+    keep_checkpoints: int = 2
+    seed: int = 1337
+    threads: int | None = None
+    out_dir: str | None = None
+    tensorboard: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "precision", check_choice("precision", self.precision, Precision))
+        object.__setattr__(self, "time_budget", parse_duration(self.time_budget))
+        for name in (
+            "block_size",
+            "batch_size",
+            "grad_accum",
+            "max_steps",
+            "eval_interval",
+            "eval_batches",
+            "log_interval",
+            "checkpoint_interval",
+            "keep_checkpoints",
+        ):
+            value = getattr(self, name)
+            require(isinstance(value, int) and value >= 1, f"{name} must be a positive integer, got {value!r}")
+        require(0 < self.val_fraction < 1, f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        require(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        require(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        require(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        require(self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip}")
+        require(self.time_budget is None or self.time_budget > 0, f"time_budget must be > 0, got {self.time_budget}")
+        require(isinstance(self.model_overrides, dict), "model_overrides must be a mapping of LMConfig fields")
+
+
+def apply_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``--key value`` overrides (dotted keys reach into ``model.``) into a TrainConfig dict.
+
+    ``model.hidden_size=256`` goes to ``model_overrides``; ``model.moe.num_experts=16`` to its nested
+    MoE dict. Unknown top-level keys raise ConfigError naming the closest valid key.
+    """
+    out = dict(base)
+    names = TrainConfig.field_names()
+    for key, value in overrides.items():
+        key = key.replace("-", "_")
+        if key.startswith("model."):
+            model = dict(out.get("model_overrides") or {})
+            parts = key.split(".")[1:]
+            target = model
+            for part in parts[:-1]:
+                target[part] = dict(target.get(part) or {})
+                target = target[part]
+            target[parts[-1]] = value
+            out["model_overrides"] = model
+        elif key in names:
+            out[key] = value
+        else:
+            raise unknown_key_error(key, names, "train config")
+    return out

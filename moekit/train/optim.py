@@ -1,0 +1,46 @@
+"""AdamW with parameter groups and the warmup + cosine learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from moekit.train.config import TrainConfig
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices only: norms, biases (and buffers such as the router bias) are not decayed."""
+    decay, no_decay = [], []
+    for _, param in model.named_parameters():
+        if param.requires_grad:
+            (decay if param.dim() >= 2 else no_decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW(
+        parameter_groups(model, config.weight_decay),
+        lr=config.lr,
+        betas=(config.beta1, config.beta2),
+        # foreach=False keeps the update order fixed, so a resumed run is bit-identical on CPU.
+        foreach=False,
+    )
+
+
+def lr_at(step: int, progress: float, config: TrainConfig) -> float:
+    """Linear warmup over ``warmup_steps``, then cosine from ``lr`` to ``lr * min_lr_ratio``.
+
+    Args:
+        step: optimizer steps taken so far.
+        progress: fraction of the run done in [0, 1] (steps or, with a time budget, whichever of
+            steps and time is further along).
+    """
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    min_lr = config.lr * config.min_lr_ratio
+    return min_lr + 0.5 * (config.lr - min_lr) * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))

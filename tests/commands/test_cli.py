@@ -1,0 +1,88 @@
+"""The command line, run as a real process: train, eval, generate, and its error messages."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+TINY = [
+    "--model",
+    "tiny",
+    "--batch-size",
+    "4",
+    "--block-size",
+    "16",
+    "--eval-interval",
+    "5",
+    "--progress",
+    "false",
+    "--tensorboard",
+    "false",
+]
+
+
+def moekit(*args, check=True, cwd=None):
+    proc = subprocess.run(
+        [sys.executable, "-m", "moekit", *map(str, args)], capture_output=True, text=True, timeout=300, cwd=cwd
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"moekit {args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    run = tmp_path_factory.mktemp("cli") / "run"
+    moekit("train", *TINY, "--max-steps", "10", "--out", run)
+    return run
+
+
+def test_train_then_eval_prints_val_loss(run_dir, tmp_path):
+    text = tmp_path / "eval.txt"
+    text.write_text("Now is the winter of our discontent made glorious summer by this sun of York. " * 20)
+    out = moekit("eval", "--checkpoint", run_dir, "--data", text).stdout
+    match = re.search(r"val_loss=([0-9.]+)", out)
+    assert match and 0 < float(match.group(1)) < 10
+
+
+def test_generate_streams_text_reproducibly(run_dir):
+    args = ["generate", "--checkpoint", run_dir, "--prompt", "ROMEO:", "--max-new-tokens", "20", "--seed", "3"]
+    first, second = moekit(*args).stdout, moekit(*args).stdout
+    assert first.startswith("ROMEO:") and first == second
+
+
+def test_generate_refuses_a_prompt_longer_than_the_context(run_dir):
+    proc = moekit("generate", "--checkpoint", run_dir, "--prompt", "x" * 100, "--max-new-tokens", "5", check=False)
+    assert proc.returncode == 2 and "64" in proc.stderr  # the tiny preset's context
+
+
+def test_resume_continues_the_run(run_dir):
+    out = moekit("train", *TINY, "--max-steps", "12", "--out", run_dir, "--resume").stdout
+    assert "step 12:" in out
+
+
+def test_config_file_with_overrides(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("model: tiny\nbatch_size: 4\nblock_size: 16\nmax_steps: 3\nprogress: false\ntensorboard: false\n")
+    out = moekit("train", config, "--max-steps", "4", "--out", tmp_path / "r").stdout
+    assert "step 4:" in out
+
+
+def test_unknown_key_is_an_error_naming_the_closest(tmp_path):
+    proc = moekit("train", "--model", "tiny", "--max-stepz", "3", "--out", tmp_path / "r", check=False)
+    assert proc.returncode == 2
+    assert "unknown train config key 'max_stepz'; did you mean 'max_steps'?" in proc.stderr
+    proc = moekit("train", "--model", "tiny", "--model.moe.num_expertz", "3", "--out", tmp_path / "r", check=False)
+    assert proc.returncode == 2 and "num_experts" in proc.stderr
+
+
+def test_eval_with_a_mismatched_tokenizer_is_clear(tmp_path):
+    run = tmp_path / "char"
+    moekit("train", *TINY, "--tokenizer", "char", "--max-steps", "2", "--out", run)
+    text = tmp_path / "other.txt"
+    text.write_text("\u00e9\u00e8\u00ea plain ascii and accents " * 10)
+    proc = moekit("eval", "--checkpoint", run, "--data", text, check=False)
+    assert proc.returncode == 2 and "other" not in proc.stdout and "error" in proc.stderr
