@@ -93,7 +93,12 @@ def demo_budget(args) -> dict:
         f"demo preset, {args.demo_budget:.0f} s budget: {result.step} steps, val loss {loss:.4f} "
         f"[target <= 1.70], {result.tokens_per_second:,.0f} tokens/s, wall {wall:.0f} s"
     )
-    return {"budget_s": args.demo_budget, "steps": result.step, "val_loss": loss, "tokens_per_s": result.tokens_per_second}
+    return {
+        "budget_s": args.demo_budget,
+        "steps": result.step,
+        "val_loss": loss,
+        "tokens_per_s": result.tokens_per_second,
+    }
 
 
 def main() -> None:
