@@ -113,20 +113,7 @@ class SigmoidTopKRouter(Router):
         cfg = self.config
         logits_TE = self.logits(x_TD)
         scores_TE = logits_TE.sigmoid()
-        choice_TE = scores_TE.detach() + self.e_score_correction_bias.to(scores_TE.dtype)
-        if cfg.n_group > 1:
-            T = choice_TE.shape[0]
-            grouped_TGe = choice_TE.view(T, cfg.n_group, -1)
-            # A group's score is the sum of its top-2 experts (DeepSeek-V3); top-1 for 1-expert groups.
-            group_score_TG = grouped_TGe.topk(min(2, grouped_TGe.shape[-1]), dim=-1).values.sum(-1)
-            keep_group_TG = torch.zeros_like(group_score_TG, dtype=torch.bool)
-            keep_group_TG.scatter_(1, group_score_TG.topk(cfg.topk_group, dim=-1).indices, True)
-            choice_TE = grouped_TGe.masked_fill(~keep_group_TG.unsqueeze(-1), float("-inf")).view(T, -1)
-        topk_idx_TK = choice_TE.topk(cfg.top_k, dim=-1).indices
-        weight_TK = scores_TE.gather(1, topk_idx_TK)
-        if cfg.norm_topk_prob:
-            weight_TK = weight_TK / (weight_TK.sum(dim=-1, keepdim=True) + 1e-20)
-        weight_TK = weight_TK * cfg.routed_scaling_factor
+        topk_idx_TK, weight_TK = sigmoid_topk_select(scores_TE, self.e_score_correction_bias, cfg)
         probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
         routing = _token_choice(topk_idx_TK, weight_TK, logits_TE, probs_TE, valid_T)
         if self.training:
@@ -227,3 +214,26 @@ ROUTERS: dict[RouterType, type[nn.Module]] = {
 def build_router(config: MoEConfig) -> nn.Module:
     """The router module that ``config.router`` names."""
     return ROUTERS[config.router](config)
+
+
+def sigmoid_topk_select(
+    scores_TE: torch.Tensor, bias_E: torch.Tensor, cfg: MoEConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3 selection: (expert ids [T, k], gate weights [T, k]) from sigmoid scores.
+
+    The balancing bias steers only which experts are chosen; the weights come from the raw scores.
+    """
+    choice_TE = scores_TE.detach() + bias_E.to(scores_TE.dtype)
+    if cfg.n_group > 1:
+        T = choice_TE.shape[0]
+        grouped_TGe = choice_TE.view(T, cfg.n_group, -1)
+        # A group's score is the sum of its top-2 experts (DeepSeek-V3); top-1 for 1-expert groups.
+        group_score_TG = grouped_TGe.topk(min(2, grouped_TGe.shape[-1]), dim=-1).values.sum(-1)
+        keep_group_TG = torch.zeros_like(group_score_TG, dtype=torch.bool)
+        keep_group_TG.scatter_(1, group_score_TG.topk(cfg.topk_group, dim=-1).indices, True)
+        choice_TE = grouped_TGe.masked_fill(~keep_group_TG.unsqueeze(-1), float("-inf")).view(T, -1)
+    idx_TK = choice_TE.topk(cfg.top_k, dim=-1).indices
+    weight_TK = scores_TE.gather(1, idx_TK)
+    if cfg.norm_topk_prob:
+        weight_TK = weight_TK / (weight_TK.sum(dim=-1, keepdim=True) + 1e-20)
+    return idx_TK, weight_TK * cfg.routed_scaling_factor

@@ -21,8 +21,10 @@ def assert_matches_reference(layer, x, mask=None, token_ids=None):
     assert (y_fast - y_ref).abs().max() <= TOL
     assert g_fast.keys() == g_ref.keys()
     for name in g_fast:
+        # Large gradients (sums over many tokens) carry fp32 rounding that grows with magnitude.
+        scale = max(1.0, g_ref[name].abs().max().item())
         diff = (g_fast[name] - g_ref[name]).abs().max().item()
-        assert diff <= TOL, f"gradient of {name} differs by {diff}"
+        assert diff <= TOL * scale, f"gradient of {name} differs by {diff} (scale {scale:.1f})"
     return g_fast
 
 
