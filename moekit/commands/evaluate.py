@@ -1,4 +1,7 @@
-"""``moekit eval --checkpoint DIR --data FILE``: validation loss of a checkpoint on a text file."""
+"""``moekit eval --checkpoint DIR --data FILE``: validation loss of a checkpoint on a text file.
+
+``--model HF_DIR`` evaluates a Hugging Face model folder (with its tokenizer.json) instead.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +14,14 @@ import torch.nn.functional as F
 from moekit.data.loader import iter_eval_batches
 from moekit.data.text import load_text
 from moekit.errors import DataError
-from moekit.train.checkpoint import load_model
+from moekit.interop.hf.api import load_for_inference
 
 
 def add_parser(verbs) -> None:
     p = verbs.add_parser("eval", help="evaluate a checkpoint on a text file", description=__doc__)
-    p.add_argument("--checkpoint", required=True, help="checkpoint or run folder")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="checkpoint or run folder")
+    source.add_argument("--model", metavar="HF_DIR", help="Hugging Face model folder (instead of --checkpoint)")
     p.add_argument("--data", required=True, help="text file, folder or JSONL")
     p.add_argument("--block-size", type=int, default=None, help="window length (default: 128, capped by context)")
     p.add_argument("--batch-size", type=int, default=16)
@@ -25,9 +30,12 @@ def add_parser(verbs) -> None:
 
 
 @torch.no_grad()
-def evaluate_file(checkpoint, data, block_size=None, batch_size=16, max_batches=None) -> dict[str, float]:
-    """Mean next-token loss (nats/token) of a checkpoint over non-overlapping windows of a file."""
-    model, tokenizer = load_model(checkpoint)
+def evaluate_file(
+    checkpoint, data, block_size=None, batch_size=16, max_batches=None, hf_model=None
+) -> dict[str, float]:
+    """Mean next-token loss (nats/token) of a checkpoint (or, with ``hf_model``, an HF model folder and
+    ``checkpoint=None``) over non-overlapping windows of a file."""
+    model, tokenizer = load_for_inference(checkpoint, hf_model)
     block = min(block_size or 128, model.config.max_position_embeddings)
     ids = tokenizer.encode(load_text(data))
     if ids and max(ids) >= model.config.vocab_size:
@@ -43,6 +51,6 @@ def evaluate_file(checkpoint, data, block_size=None, batch_size=16, max_batches=
 
 
 def run(args: argparse.Namespace) -> int:
-    r = evaluate_file(args.checkpoint, args.data, args.block_size, args.batch_size, args.max_batches)
+    r = evaluate_file(args.checkpoint, args.data, args.block_size, args.batch_size, args.max_batches, args.model)
     print(f"val_loss={r['val_loss']:.4f} perplexity={r['perplexity']:.3f} tokens={r['tokens']}")
     return 0

@@ -1,4 +1,7 @@
-"""``moekit generate --checkpoint DIR --prompt TEXT``: stream a continuation to the terminal."""
+"""``moekit generate --checkpoint DIR --prompt TEXT``: stream a continuation to the terminal.
+
+``--model HF_DIR`` reads a Hugging Face model folder (config.json, safetensors, tokenizer.json) instead.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +10,14 @@ import sys
 from collections.abc import Iterator
 
 from moekit.inference.generate import GenerationConfig, stream_generate
-from moekit.train.checkpoint import load_model
+from moekit.interop.hf.api import load_for_inference
 
 
 def add_parser(verbs) -> None:
     p = verbs.add_parser("generate", help="generate text from a checkpoint", description=__doc__)
-    p.add_argument("--checkpoint", required=True, help="checkpoint or run folder")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="checkpoint or run folder")
+    source.add_argument("--model", metavar="HF_DIR", help="Hugging Face model folder (instead of --checkpoint)")
     p.add_argument("--prompt", default="\n", help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -44,7 +49,7 @@ def stream_text(model, tokenizer, prompt: str, stop: list[str] | None = None, **
 
 
 def run(args: argparse.Namespace) -> int:
-    model, tokenizer = load_model(args.checkpoint)
+    model, tokenizer = load_for_inference(args.checkpoint, args.model)
     sys.stdout.write(args.prompt)
     for piece in stream_text(
         model,

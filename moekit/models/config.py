@@ -3,14 +3,36 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
+from typing import Any
 
-from moekit.config import Config, check_choice, require
+from moekit.config import Config, check_choice, require, unknown_key_error
+from moekit.errors import ConfigError
 from moekit.nn.attention import QKNorm
 from moekit.nn.config import Activation, MoEConfig
 
 
 def _positive_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+class AttentionType(str, enum.Enum):
+    MHA = "mha"  # grouped-query attention (Llama, Mistral, Qwen, Mixtral, OLMoE)
+    MLA = "mla"  # DeepSeek-V2/V3 multi-head latent attention (moekit.nn.mla)
+
+
+# The fields multi-head latent attention needs (DeepSeek-V3's names); all None for "mha".
+MLA_FIELDS = ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
+# Fields LMConfig.to_dict leaves out when they hold these defaults.
+_OPTIONAL_DEFAULTS = {
+    "attention_out_bias": False,
+    "sliding_window": None,
+    "attention_type": "mha",
+    "q_lora_rank": None,
+    **dict.fromkeys(MLA_FIELDS),
+    "rope_interleave": False,
+    "hf_config": None,
+}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -22,9 +44,20 @@ class LMConfig(Config):
     ``i % moe_layer_freq == 0`` (DeepSeek's ``first_k_dense_replace`` / ``moe_layer_freq`` rule).
     Dense layers use an MLP of ``intermediate_size``.
 
+    ``moe_layer_overrides`` maps a sparse layer's index to MoEConfig fields that differ in that layer
+    (e.g. ``{3: {"num_experts": 6, "top_k": 2}}`` after pruning or merging experts); read a layer's
+    resolved config with :meth:`moe_config`. JSON's string keys ("3") are accepted.
+
     ``num_key_value_heads`` and ``head_dim`` may be None (= ``num_attention_heads`` and
     ``hidden_size // num_attention_heads``); read the resolved values from :attr:`kv_heads` and
     :attr:`head_size`. They stay None in the config so that ``replace(hidden_size=...)`` re-derives them.
+
+    ``attention_type="mla"`` is DeepSeek-V3's multi-head latent attention (:mod:`moekit.nn.mla`), shaped by
+    ``q_lora_rank`` (None = a plain query projection), ``kv_lora_rank``, ``qk_rope_head_dim``,
+    ``qk_nope_head_dim``, ``v_head_dim`` and ``rope_interleave``; ``num_key_value_heads``/``head_dim`` are
+    then unused. ``sliding_window`` (Mistral) lets a query see only the last that many positions, itself
+    included. ``hf_config`` is the Hugging Face ``config.json`` a model was imported from (token ids,
+    architecture name...): :func:`moekit.to_hf` writes it back; the model never reads it.
     """
 
     vocab_size: int
@@ -47,6 +80,17 @@ class LMConfig(Config):
     first_k_dense: int = 0
     moe_layer_freq: int = 1
     moe_layers: tuple[int, ...] | None = None
+    moe_layer_overrides: dict[int, dict[str, Any]] | None = None
+    attention_out_bias: bool = False  # a bias on o_proj too (Llama/Qwen3/OLMoE attention_bias=True)
+    sliding_window: int | None = None
+    attention_type: AttentionType = AttentionType.MHA
+    q_lora_rank: int | None = None
+    kv_lora_rank: int | None = None
+    qk_rope_head_dim: int | None = None
+    qk_nope_head_dim: int | None = None
+    v_head_dim: int | None = None
+    rope_interleave: bool = False  # MLA: rotary pairs are (x0, x1), (x2, x3)... (DeepSeek's layout)
+    hf_config: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -61,25 +105,41 @@ class LMConfig(Config):
         ):
             value = getattr(self, name)
             require(_positive_int(value), f"{name} must be a positive integer, got {value!r}")
-        for name in ("num_key_value_heads", "head_dim"):
+        for name in ("num_key_value_heads", "head_dim", "sliding_window", "q_lora_rank", *MLA_FIELDS):
             value = getattr(self, name)
             require(value is None or _positive_int(value), f"{name} must be a positive integer or None, got {value!r}")
+        require(
+            self.hf_config is None or isinstance(self.hf_config, dict),
+            f"hf_config must be a dict (a Hugging Face config.json) or None, got {type(self.hf_config).__name__}",
+        )
+        set_(self, "attention_type", check_choice("attention_type", self.attention_type, AttentionType))
         set_(self, "activation", check_choice("activation", self.activation, Activation))
         qk = self.qk_norm
         if isinstance(qk, bool):
             qk = QKNorm.HEAD if qk else QKNorm.NONE
         set_(self, "qk_norm", check_choice("qk_norm", qk, QKNorm))
         heads, kv = self.num_attention_heads, self.kv_heads
-        require(
-            heads % kv == 0,
-            f"num_attention_heads={heads} must be a multiple of num_key_value_heads={kv}",
-        )
-        if self.head_dim is None:
+        if self.attention_type == AttentionType.MLA:
+            missing = [name for name in MLA_FIELDS if getattr(self, name) is None]
+            require(not missing, f"attention_type='mla' needs {', '.join(missing)}")
             require(
-                self.hidden_size % heads == 0,
-                f"hidden_size={self.hidden_size} is not divisible by num_attention_heads={heads}; set head_dim",
+                self.qk_rope_head_dim % 2 == 0,
+                f"qk_rope_head_dim={self.qk_rope_head_dim} must be even for rotary embeddings",
             )
-        require(self.head_size % 2 == 0, f"head_dim={self.head_size} must be even for rotary embeddings")
+            require(not self.qk_norm_enabled, "qk_norm applies to attention_type='mha' only")
+        else:
+            set_mla = [name for name in ("q_lora_rank", *MLA_FIELDS) if getattr(self, name) is not None]
+            require(not set_mla, f"{', '.join(set_mla)} need attention_type='mla' (got 'mha')")
+            require(
+                heads % kv == 0,
+                f"num_attention_heads={heads} must be a multiple of num_key_value_heads={kv}",
+            )
+            if self.head_dim is None:
+                require(
+                    self.hidden_size % heads == 0,
+                    f"hidden_size={self.hidden_size} is not divisible by num_attention_heads={heads}; set head_dim",
+                )
+            require(self.head_size % 2 == 0, f"head_dim={self.head_size} must be even for rotary embeddings")
         for name in ("rope_theta", "rms_norm_eps", "initializer_range"):
             value = getattr(self, name)
             require(
@@ -124,6 +184,41 @@ class LMConfig(Config):
                 f"first_k_dense={self.first_k_dense}, moe_layer_freq={self.moe_layer_freq}, "
                 f"moe_layers={self.moe_layers})",
             )
+        self._check_layer_overrides()
+
+    def _check_layer_overrides(self) -> None:
+        """Normalise ``moe_layer_overrides`` (int keys, sorted, plain values; {} -> None) and resolve each
+        sparse layer's MoEConfig once, naming the layer in any error."""
+        set_ = object.__setattr__
+        overrides = self.moe_layer_overrides
+        if overrides is not None:
+            require(isinstance(overrides, dict), f"moe_layer_overrides must be a dict or None, got {overrides!r}")
+            require(self.moe is not None, "moe_layer_overrides needs an moe config (moe is None: the dense baseline)")
+        normalised: dict[int, dict[str, Any]] = {}
+        for key, fields in (overrides or {}).items():
+            try:
+                layer = int(key)
+            except (TypeError, ValueError):
+                raise ConfigError(f"moe_layer_overrides key {key!r} is not a layer index") from None
+            require(
+                layer in self.sparse_layers,
+                f"moe_layer_overrides names layer {layer}, which is not an MoE layer {list(self.sparse_layers)}",
+            )
+            require(layer not in normalised, f"moe_layer_overrides lists layer {layer} more than once")
+            require(isinstance(fields, dict), f"moe_layer_overrides[{layer}] must be a dict of MoEConfig fields")
+            for name in fields:
+                if name not in MoEConfig.field_names():
+                    raise unknown_key_error(name, MoEConfig.field_names(), f"moe_layer_overrides[{layer}] MoEConfig")
+            require("hidden_size" not in fields, f"moe_layer_overrides[{layer}] may not change hidden_size")
+            try:
+                resolved = MoEConfig.from_dict({**self.moe.to_dict(), **fields})
+            except ConfigError as e:
+                raise ConfigError(f"moe_layer_overrides[{layer}]: {e}") from None
+            plain = resolved.to_dict()
+            normalised[layer] = {name: plain[name] for name in fields}
+        set_(self, "moe_layer_overrides", {k: normalised[k] for k in sorted(normalised)} or None)
+        layer_moe = {i: self.moe.replace(**normalised[i]) if i in normalised else self.moe for i in self.sparse_layers}
+        set_(self, "_layer_moe", layer_moe)
 
     # -- derived values --------------------------------------------------------------------------
     @property
@@ -136,6 +231,15 @@ class LMConfig(Config):
         """Per-head dim (``head_dim``, defaulting to ``hidden_size // num_attention_heads``)."""
         return self.head_dim or self.hidden_size // self.num_attention_heads
 
+    @property
+    def qk_norm_enabled(self) -> bool:
+        return self.qk_norm != QKNorm.NONE
+
+    @property
+    def rope_dim(self) -> int:
+        """Dims the rotary embedding turns: the head dim, or ``qk_rope_head_dim`` for MLA."""
+        return self.qk_rope_head_dim if self.attention_type == AttentionType.MLA else self.head_size
+
     def is_moe_layer(self, layer_idx: int) -> bool:
         """Whether layer ``layer_idx`` has an MoE instead of a dense MLP."""
         if self.moe is None:
@@ -143,6 +247,24 @@ class LMConfig(Config):
         if self.moe_layers is not None:
             return layer_idx in self.moe_layers
         return layer_idx >= self.first_k_dense and layer_idx % self.moe_layer_freq == 0
+
+    def moe_config(self, layer_idx: int) -> MoEConfig | None:
+        """The MoEConfig of layer ``layer_idx`` (``moe`` with its ``moe_layer_overrides``); None for a dense layer."""
+        return self._layer_moe.get(layer_idx)
+
+    def to_dict(self) -> dict[str, Any]:
+        """As :meth:`Config.to_dict`; ``moe_layer_overrides`` gets string keys (JSON's) and is left out when None,
+        so configs without per-layer overrides serialise exactly as before the field existed."""
+        out = super().to_dict()
+        # Attention variants and import metadata are left out at their defaults, for the same reason.
+        for name, default in _OPTIONAL_DEFAULTS.items():
+            if out[name] == default:
+                del out[name]
+        if out["moe_layer_overrides"] is None:
+            del out["moe_layer_overrides"]
+        else:
+            out["moe_layer_overrides"] = {str(k): dict(v) for k, v in out["moe_layer_overrides"].items()}
+        return out
 
     @property
     def sparse_layers(self) -> tuple[int, ...]:

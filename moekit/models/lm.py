@@ -20,11 +20,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.errors import ShapeError
-from moekit.models.config import LMConfig
+from moekit.models.config import AttentionType, LMConfig
 from moekit.nn.attention import Attention, KVCache
 from moekit.nn.attention import attention_mask as build_attention_mask
 from moekit.nn.block import Block
 from moekit.nn.experts import Experts
+from moekit.nn.mla import MultiHeadLatentAttention
 from moekit.nn.mlp import MLP
 from moekit.nn.moe import MoE
 from moekit.nn.norm import RMSNorm
@@ -67,7 +68,7 @@ class MoELM(nn.Module):
         self.config = config
         c = config
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.rotary_emb = RotaryEmbedding(c.head_size, c.rope_theta)
+        self.rotary_emb = RotaryEmbedding(c.rope_dim, c.rope_theta)
         self.layers = nn.ModuleList([self._build_block(i) for i in range(c.num_hidden_layers)])
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
@@ -77,17 +78,32 @@ class MoELM(nn.Module):
 
     def _build_block(self, i: int) -> Block:
         c = self.config
-        attn = Attention(
-            c.hidden_size,
-            c.num_attention_heads,
-            c.kv_heads,
-            c.head_size,
-            qk_norm=c.qk_norm,
-            attention_bias=c.attention_bias,
-            rms_norm_eps=c.rms_norm_eps,
-            layer_idx=i,
-        )
-        ffn = MoE(c.moe) if c.is_moe_layer(i) else MLP(c.hidden_size, c.intermediate_size, c.activation)
+        if c.attention_type == AttentionType.MLA:
+            attn = MultiHeadLatentAttention(
+                c.hidden_size,
+                c.num_attention_heads,
+                c.kv_lora_rank,
+                c.qk_rope_head_dim,
+                c.qk_nope_head_dim,
+                c.v_head_dim,
+                q_lora_rank=c.q_lora_rank,
+                attention_bias=c.attention_bias,
+                rope_interleave=c.rope_interleave,
+                layer_idx=i,
+            )
+        else:
+            attn = Attention(
+                c.hidden_size,
+                c.num_attention_heads,
+                c.kv_heads,
+                c.head_size,
+                qk_norm=c.qk_norm,
+                attention_bias=c.attention_bias,
+                rms_norm_eps=c.rms_norm_eps,
+                layer_idx=i,
+                output_bias=c.attention_out_bias,
+            )
+        ffn = MoE(c.moe_config(i)) if c.is_moe_layer(i) else MLP(c.hidden_size, c.intermediate_size, c.activation)
         return Block(attn, ffn, c.hidden_size, c.rms_norm_eps)
 
     # -- initialisation --------------------------------------------------------------------------
@@ -154,7 +170,7 @@ class MoELM(nn.Module):
         key_valid_BK = self._padding_mask(attention_mask, cache, B, P, S, input_ids.device)  # [B, P+S] | None
         new_valid_BS = None if key_valid_BK is None else key_valid_BK[:, P:]
         position_ids_BS = self._positions(position_ids, key_valid_BK, B, P, S, input_ids.device)
-        attn_mask, is_causal = build_attention_mask(key_valid_BK, P, S, input_ids.device)
+        attn_mask, is_causal = build_attention_mask(key_valid_BK, P, S, input_ids.device, c.sliding_window)
 
         x = self.embed_tokens(input_ids)  # [B, S, D]
         cos, sin = self.rotary_emb(position_ids_BS, x.dtype)  # [B, S, hd] each

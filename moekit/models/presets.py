@@ -24,7 +24,13 @@ def dense_equivalent(config: LMConfig) -> LMConfig:
         return config
     width = m.experts_per_token * m.expert_hidden_size + m.shared_hidden_size
     return config.replace(
-        moe=None, intermediate_size=width, activation=m.activation, first_k_dense=0, moe_layer_freq=1, moe_layers=None
+        moe=None,
+        intermediate_size=width,
+        activation=m.activation,
+        first_k_dense=0,
+        moe_layer_freq=1,
+        moe_layers=None,
+        moe_layer_overrides=None,
     )
 
 

@@ -19,6 +19,9 @@ from moekit.errors import ShapeError
 from moekit.nn.norm import RMSNorm
 from moekit.nn.rope import apply_rotary
 
+# SDPA broadcasts key/value heads itself since torch 2.5 (``enable_gqa``).
+_SDPA_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
+
 
 class QKNorm(str, enum.Enum):
     """Where queries and keys are RMS-normalised before RoPE (stabilises attention logits)."""
@@ -63,10 +66,10 @@ class KVCache:
         if P + S > self.max_length:
             raise ShapeError(f"KV cache holds {self.max_length} positions; {P} cached + {S} new do not fit")
         if self.keys[layer_idx] is None:
+            # Keys and values may differ in width (MLA caches a latent and a rotary key).
             B, G, _, hd = k_BGSd.shape
-            shape = (B, G, self.max_length, hd)
-            self.keys[layer_idx] = k_BGSd.new_empty(shape)
-            self.values[layer_idx] = v_BGSd.new_empty(shape)
+            self.keys[layer_idx] = k_BGSd.new_empty((B, G, self.max_length, hd))
+            self.values[layer_idx] = v_BGSd.new_empty((*v_BGSd.shape[:2], self.max_length, v_BGSd.shape[-1]))
         k_buf, v_buf = self.keys[layer_idx], self.values[layer_idx]
         k_buf[:, :, P : P + S] = k_BGSd
         v_buf[:, :, P : P + S] = v_BGSd
@@ -79,7 +82,11 @@ class KVCache:
 
 
 def attention_mask(
-    key_valid_BK: torch.Tensor | None, num_past: int, num_new: int, device: torch.device
+    key_valid_BK: torch.Tensor | None,
+    num_past: int,
+    num_new: int,
+    device: torch.device,
+    sliding_window: int | None = None,
 ) -> tuple[torch.Tensor | None, bool]:
     """The SDPA mask for S new queries over P + S keys: (bool mask [B|1, 1, S, K] with True = attend, is_causal).
 
@@ -88,8 +95,11 @@ def attention_mask(
     explicit: SDPA's ``is_causal`` aligns the triangle top-left, which is wrong once P > 0.
     A padding query would see no key at all, and an all-masked row makes SDPA return NaN, so
     every query may always see its own position (padding outputs are never read).
+    With ``sliding_window`` W a query at slot q sees keys at slots q - W < k <= q (slots count padding,
+    as in Hugging Face's Mistral); the mask is only explicit once P + S > W.
     """
-    if key_valid_BK is None:
+    windowed = sliding_window is not None and num_past + num_new > sliding_window
+    if key_valid_BK is None and not windowed:
         if num_past == 0:
             return None, num_new > 1
         if num_new == 1:
@@ -97,6 +107,8 @@ def attention_mask(
     q_pos = torch.arange(num_past, num_past + num_new, device=device)
     k_pos = torch.arange(num_past + num_new, device=device)
     allowed_SK = k_pos[None, :] <= q_pos[:, None]
+    if windowed:
+        allowed_SK = allowed_SK & (k_pos[None, :] > q_pos[:, None] - sliding_window)
     if key_valid_BK is None:
         return allowed_SK[None, None], False
     allowed_BSK = (allowed_SK[None] & key_valid_BK[:, None, :].bool()) | (k_pos[None, :] == q_pos[:, None])[None]
@@ -112,9 +124,10 @@ class Attention(nn.Module):
         num_kv_heads: G key/value heads; H must be a multiple of G (G = H is multi-head, G = 1 multi-query).
         head_dim: hd (need not equal D / H, as in Qwen3 and Gemma).
         qk_norm: ``none``, ``head`` (Qwen3) or ``full`` (OLMoE).
-        attention_bias: biases on q/k/v (Qwen2); o_proj never has one.
+        attention_bias: biases on q/k/v (Qwen2).
         rms_norm_eps: epsilon of the QK-norms.
         layer_idx: this layer's slot in a :class:`KVCache`.
+        output_bias: a bias on o_proj too (Llama/Qwen3/OLMoE with ``attention_bias=True``).
     """
 
     def __init__(
@@ -127,6 +140,7 @@ class Attention(nn.Module):
         attention_bias: bool = False,
         rms_norm_eps: float = 1e-6,
         layer_idx: int = 0,
+        output_bias: bool = False,
     ):
         super().__init__()
         if num_heads % num_kv_heads:
@@ -138,7 +152,7 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=attention_bias)
         self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=attention_bias)
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=attention_bias)
-        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=output_bias)
         if self.qk_norm == QKNorm.HEAD:
             self.q_norm = RMSNorm(head_dim, rms_norm_eps)
             self.k_norm = RMSNorm(head_dim, rms_norm_eps)
@@ -183,10 +197,14 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # [B, G, K, hd]
+        gqa = {}
         if G != H:  # every group of H/G query heads shares one key/value head
-            k = k.repeat_interleave(H // G, dim=1)
-            v = v.repeat_interleave(H // G, dim=1)
+            if _SDPA_GQA and not torch.is_grad_enabled():
+                gqa = {"enable_gqa": True}  # same result, without copying the whole cache H/G times per step
+            else:
+                k = k.repeat_interleave(H // G, dim=1)
+                v = v.repeat_interleave(H // G, dim=1)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal and mask is None, scale=self.scale
+            q, k, v, attn_mask=mask, is_causal=is_causal and mask is None, scale=self.scale, **gqa
         )
         return self.o_proj(y.transpose(1, 2).reshape(B, S, H * hd))  # [B, S, D]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moekit.nn.attention import Attention, KVCache
+from moekit.nn.attention import KVCache
 from moekit.nn.moe import MoE
 from moekit.nn.norm import RMSNorm
 from moekit.nn.routing import MoEAux
@@ -14,11 +14,13 @@ from moekit.nn.routing import MoEAux
 class Block(nn.Module):
     """RMSNorm -> attention -> residual, RMSNorm -> FFN (dense :class:`MLP` or sparse :class:`MoE`) -> residual.
 
+    The attention is an :class:`Attention` or a :class:`moekit.nn.mla.MultiHeadLatentAttention` (same call).
+
     Names follow Hugging Face: ``input_layernorm``, ``self_attn``, ``post_attention_layernorm``, ``mlp``
     (the MoE sits at ``mlp`` too when the layer is sparse).
     """
 
-    def __init__(self, self_attn: Attention, mlp: nn.Module, hidden_size: int, rms_norm_eps: float = 1e-6):
+    def __init__(self, self_attn: nn.Module, mlp: nn.Module, hidden_size: int, rms_norm_eps: float = 1e-6):
         super().__init__()
         self.input_layernorm = RMSNorm(hidden_size, rms_norm_eps)
         self.self_attn = self_attn

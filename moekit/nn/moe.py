@@ -12,9 +12,11 @@ import torch
 from torch import nn
 
 from moekit.errors import ShapeError
-from moekit.nn.config import MoEConfig, RouterType
+from moekit.nn import few_tokens
+from moekit.nn.config import Activation, MoEConfig, RouterType
 from moekit.nn.dispatch import dispatch, expert_capacity
-from moekit.nn.experts import Experts
+from moekit.nn.experts import Experts, moe_experts
+from moekit.nn.grouped_mm import intra_op_threads
 from moekit.nn.losses import router_entropy, router_z_loss, sequence_aux_loss, switch_aux_loss
 from moekit.nn.mlp import MLP
 from moekit.nn.router import build_router
@@ -59,6 +61,9 @@ class MoE(nn.Module):
             if config.num_shared_experts and config.shared_expert_gate
             else None
         )
+        # Set by moekit.distributed.shard_model: this rank then holds E / P experts and forward() hands
+        # the layer to it (tokens travel to their experts by all-to-all; statistics are global).
+        self.expert_parallel = None
 
     def extra_repr(self) -> str:
         c = self.config
@@ -92,29 +97,46 @@ class MoE(nn.Module):
         return self.router(x_TD, valid_T, token_ids_T)
 
     def forward(self, x, mask=None, token_ids=None, record_routing: bool = False):
+        if self.expert_parallel is not None:
+            return self.expert_parallel.forward(self, x, mask, token_ids, record_routing)
+        if few_tokens.applies(self, x, mask, record_routing):
+            return few_tokens.forward(self, x)
         cfg = self.config
-        x_TD, valid_T, ids_T, seq_len = self._flatten_inputs(x, mask, token_ids)
-        routing = self.route(x_TD, valid_T, ids_T)
-        plan = dispatch(routing, cfg.num_experts, cfg.capacity_factor, cfg.drop_policy)
-
-        out_ND = self.experts(x_TD[plan.token_idx_N], plan.counts)
-        out_ND = out_ND * plan.weight_N.unsqueeze(-1).to(out_ND.dtype)  # only combine weights are cast
-        y_TD = out_ND.new_zeros(x_TD.shape).index_add_(0, plan.token_idx_N, out_ND)
-        if self.shared_experts is not None:
+        threads = torch.get_num_threads()
+        # The many small ops run on one intra-op thread (see moekit.nn.grouped_mm.intra_op_threads);
+        # the experts (and shared experts) spread over `threads` single-threaded workers.
+        with intra_op_threads(1):
+            x_TD, valid_T, ids_T, seq_len = self._flatten_inputs(x, mask, token_ids)
+            routing = self.route(x_TD, valid_T, ids_T)
+            plan = dispatch(routing, cfg.num_experts, cfg.capacity_factor, cfg.drop_policy)
+            shared = self._fusable_shared(x_TD)
+            # Gather, both GEMMs, activation, combine weights and the scatter back in one fused op.
+            y_TD = moe_experts(
+                x_TD,
+                plan.token_idx_N,
+                plan.weight_N,
+                plan.counts,
+                self.experts.w_in,
+                self.experts.w_out,
+                self.experts.activation,
+                *shared,
+                threads=threads,
+            )
+        if self.shared_experts is not None and shared[0] is None:
             y_TD = y_TD + self._shared(x_TD).to(y_TD.dtype)
-        y_TD = y_TD.to(x.dtype)
-
-        losses = self._losses(routing, seq_len)
-        total = sum((coef * losses[name] for name, coef in self._loss_coefs() if name in losses), torch.zeros(()))
-        aux = MoEAux(
-            loss=total,
-            losses=losses,
-            tokens_per_expert=plan.tokens_per_expert_E,
-            dropped_assignments=plan.dropped_assignments,
-            dropped_tokens=plan.dropped_tokens,
-            router_entropy=router_entropy(routing),
-            routing=routing if record_routing else None,
-        )
+        with intra_op_threads(1):
+            y_TD = y_TD.to(x.dtype)
+            losses = self._losses(routing, seq_len)
+            total = sum((coef * losses[name] for name, coef in self._loss_coefs() if name in losses), torch.zeros(()))
+            aux = MoEAux(
+                loss=total,
+                losses=losses,
+                tokens_per_expert=plan.tokens_per_expert_E,
+                dropped_assignments=plan.dropped_assignments,
+                dropped_tokens=plan.dropped_tokens,
+                router_entropy=router_entropy(routing),
+                routing=routing if record_routing else None,
+            )
         return y_TD.view(x.shape), aux
 
     def _shared(self, x_TD: torch.Tensor) -> torch.Tensor:
@@ -122,6 +144,25 @@ class MoE(nn.Module):
         if self.shared_expert_gate is not None:
             shared_TD = torch.sigmoid(self.shared_expert_gate(x_TD)) * shared_TD
         return shared_TD
+
+    def _fusable_shared(self, x_TD: torch.Tensor):
+        """(w_in, w_out, weight_T) of the shared experts for :func:`moe_experts`, or Nones when the
+        shared MLP (or its gate) is not the stock module (hooks, adapters), which then runs as is."""
+        none = (None, None, None)
+        mlp, gate = self.shared_experts, self.shared_expert_gate
+        if mlp is None or type(mlp) is not MLP or (gate is not None and type(gate) is not nn.Linear):
+            return none
+        mods = [mlp, *mlp.children(), *([gate] if gate is not None else [])]
+        if any(m._forward_hooks or m._forward_pre_hooks for m in mods):
+            return none
+        if any(type(m) is not nn.Linear or m.bias is not None for m in mlp.children()):
+            return none
+        if mlp.activation == Activation.SWIGLU:
+            w_in = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).t()
+        else:
+            w_in = mlp.up_proj.weight.t()
+        weight_T = None if gate is None else torch.sigmoid(gate(x_TD)).squeeze(-1)
+        return w_in, mlp.down_proj.weight.t(), weight_T
 
     def _loss_coefs(self):
         c = self.config

@@ -1,0 +1,57 @@
+"""``moekit convert --from-hf DIR --out DIR`` / ``moekit convert --to-hf CKPT --out DIR``: Hugging Face <-> moekit.
+
+--from-hf writes a moekit checkpoint folder (config.json + model.safetensors + the tokenizer files) that
+``moekit generate/eval --checkpoint``, ``moekit train --init-from`` and ``moekit.load`` read; the weights
+keep their dtype. --to-hf writes a folder ``transformers.AutoModelForCausalLM.from_pretrained`` loads,
+in the checkpoint's dtype unless --dtype says otherwise, sharded past --max-shard-size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+from moekit.errors import ConfigError
+
+
+def add_parser(verbs) -> None:
+    p = verbs.add_parser(
+        "convert", help="convert Hugging Face <-> moekit checkpoints", description=__doc__, allow_abbrev=False
+    )
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--from-hf", metavar="DIR", help="Hugging Face model folder to import")
+    source.add_argument("--to-hf", metavar="CKPT", help="moekit checkpoint or run folder to export")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--dtype", default=None, help="--to-hf: float32 | bfloat16 | float16 (default: the checkpoint's)")
+    p.add_argument("--family", default=None, help="--to-hf: HF model_type (default: the imported one, or inferred)")
+    p.add_argument("--max-shard-size", default="5GB", help="--to-hf: shard above this size (e.g. 500MB, 5GB)")
+    p.set_defaults(func=run)
+
+
+def parse_size(text: str) -> int:
+    """Bytes from ``"5GB"``, ``"500MB"``, ``"100KB"`` or a plain number (powers of 1024)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMG]?i?B?)\s*", str(text), flags=re.IGNORECASE)
+    if not match:
+        raise ConfigError(f"--max-shard-size={text!r} is not a size like 500MB or 5GB")
+    unit = match.group(2).upper().rstrip("B").rstrip("I")
+    return int(float(match.group(1)) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}[unit])
+
+
+def convert(from_hf=None, to_hf=None, out=None, dtype=None, family=None, max_shard_size="5GB"):
+    """Run one conversion; returns the output folder."""
+    from moekit.interop.hf import convert_from_hf, convert_to_hf
+
+    if (from_hf is None) == (to_hf is None):
+        raise ConfigError("give exactly one of from_hf= (an HF folder) or to_hf= (a moekit checkpoint)")
+    if from_hf is not None:
+        if dtype or family:
+            raise ConfigError("--dtype and --family apply to --to-hf; --from-hf keeps the checkpoint's dtype")
+        return convert_from_hf(from_hf, out)
+    return convert_to_hf(to_hf, out, dtype=dtype, family=family, max_shard_bytes=parse_size(max_shard_size))
+
+
+def run(args: argparse.Namespace) -> int:
+    path = convert(args.from_hf, args.to_hf, args.out, args.dtype, args.family, args.max_shard_size)
+    kind = "moekit checkpoint" if args.from_hf else "Hugging Face model"
+    print(f"wrote {kind} to {path}")
+    return 0

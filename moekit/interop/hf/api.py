@@ -1,0 +1,398 @@
+"""Import and export Hugging Face checkpoints: :func:`from_hf`, :func:`to_hf`, and moekit checkpoint folders.
+
+An HF model folder holds ``config.json`` (with ``model_type``), weights as ``model.safetensors`` or
+``model.safetensors.index.json`` + shards, and tokenizer files. Weights are read and written only
+through :mod:`moekit.interop.safe_io`: headers are validated before any data is mapped, and pickle
+checkpoints (``pytorch_model.bin``) are refused, never unpickled.
+
+Import keeps the checkpoint's dtype (bf16 stays bf16; ``e_score_correction_bias`` stays fp32 as in
+transformers) and builds the model on the meta device, so no memory is spent on a random init.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moekit.data.tokenizers import TOKENIZER_FILE, HFTokenizer, Tokenizer
+from moekit.errors import CheckpointError, ConfigError, DataError
+from moekit.interop.hf.config_export import hf_config_from_lm, infer_family
+from moekit.interop.hf.config_map import lm_config_from_hf
+from moekit.interop.hf.weights_map import HFTensors, hf_to_moekit, moekit_to_hf
+from moekit.interop.safe_io import (
+    INDEX_NAME,
+    SINGLE_FILE_NAME,
+    atomic_write_bytes,
+    atomic_write_json,
+    load_sharded,
+    load_tensors,
+    read_safetensors_header,
+    save_sharded,
+    save_tensors,
+)
+from moekit.models import LMConfig, MoELM
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+# Files carried along with the weights: the tokenizer in its every form, plus generation defaults.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+_PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "model.ckpt")
+_SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
+
+
+# ------------------------------------------------------------------------------------------------ recognising
+
+
+def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``config.json`` of an HF model folder, as a dict."""
+    folder = Path(path)
+    file = folder / CONFIG_NAME
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} is not a folder (expected a Hugging Face model folder)")
+    if not file.is_file():
+        raise CheckpointError(f"{folder} has no {CONFIG_NAME}; a Hugging Face model folder needs one")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{file} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file} must hold a JSON object")
+    return data
+
+
+def is_hf_checkpoint(path: str | os.PathLike) -> bool:
+    """True for a folder whose config.json is a Hugging Face one (has ``model_type``, is not moekit's)."""
+    file = Path(path) / CONFIG_NAME
+    if not file.is_file():
+        return False
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(data, dict) and "model_type" in data and data.get("format") != "moekit"
+
+
+def _read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors of an HF folder plus the file each came from (safetensors only)."""
+    index = folder / INDEX_NAME
+    single = folder / SINGLE_FILE_NAME
+    if index.is_file():
+        tensors = load_sharded(index)
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]  # validated by load_sharded
+        return tensors, {name: str(folder / shard) for name, shard in weight_map.items()}
+    if single.is_file():
+        tensors = load_tensors(single)
+        return tensors, dict.fromkeys(tensors, str(single))
+    for name in _PICKLE_NAMES:
+        if (folder / name).is_file():
+            load_tensors(folder / name)  # raises UnsafeFileError (why, and how to convert); never unpickles
+    other = sorted(p.name for p in folder.glob("*.safetensors"))
+    if other:
+        raise CheckpointError(
+            f"{folder} has {', '.join(other[:3])} but neither {SINGLE_FILE_NAME} nor {INDEX_NAME} naming the shards"
+        )
+    raise CheckpointError(f"{folder} holds no weights: expected {SINGLE_FILE_NAME} or {INDEX_NAME} with its shards")
+
+
+def _majority_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype:
+    counts = collections.Counter(
+        t.dtype for name, t in tensors.items() if t.is_floating_point() and "e_score_correction_bias" not in name
+    )
+    return counts.most_common(1)[0][0] if counts else torch.float32
+
+
+# ------------------------------------------------------------------------------------------------------ import
+
+
+def from_hf(
+    path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None
+) -> MoELM:
+    """A moekit model (eval mode) from a Hugging Face model folder.
+
+    Args:
+        path: folder with ``config.json`` and ``model.safetensors`` or ``model.safetensors.index.json`` + shards,
+            in the hub's per-expert layout or transformers 5's fused one.
+        device: where to put the weights.
+        dtype: cast the weights to this dtype; default: keep the checkpoint's (bf16 stays bf16).
+
+    Returns:
+        :class:`~moekit.models.MoELM` whose forward on ``input_ids`` returns an object with ``.logits``;
+        its ``config.hf_config`` keeps the source config for :func:`to_hf`.
+
+    Raises:
+        ConfigError: unknown ``model_type`` or a config option moekit cannot represent (named).
+        CheckpointError / UnsafeFileError: missing or corrupt files, pickle checkpoints, mismatched tensors
+            (naming the file and the tensor).
+    """
+    folder = Path(path)
+    raw = read_hf_config(folder)
+    config = lm_config_from_hf(raw, where=str(folder / CONFIG_NAME))
+    tensors, files = _read_weights(folder)
+    model = build_model(config, tensors, files, device=device, dtype=dtype)
+    model._hf_source = folder  # lets to_hf() carry the tokenizer files along
+    return model
+
+
+def load_hf(path: str | os.PathLike, device: str | torch.device = "cpu", dtype=None) -> tuple[MoELM, Tokenizer | None]:
+    """:func:`from_hf` plus the folder's ``tokenizer.json`` (None when it has none)."""
+    model = from_hf(path, device=device, dtype=dtype)
+    file = Path(path) / TOKENIZER_FILE
+    return model, (HFTokenizer(file) if file.is_file() else None)
+
+
+def load_for_inference(checkpoint: str | os.PathLike | None = None, hf_dir: str | os.PathLike | None = None):
+    """(model in eval mode, tokenizer) from a moekit checkpoint/run folder or, with ``hf_dir``, an HF folder."""
+    if (checkpoint is None) == (hf_dir is None):
+        raise ConfigError("give exactly one of a moekit checkpoint or a Hugging Face model folder")
+    if checkpoint is not None:
+        from moekit.train.checkpoint import load_model
+
+        return load_model(checkpoint)
+    model, tokenizer = load_hf(hf_dir)
+    if tokenizer is None:
+        raise DataError(f"{hf_dir} has no {TOKENIZER_FILE}; moekit needs the model's tokenizer to read and write text")
+    return model, tokenizer
+
+
+def load_hf_for_training(path: str | os.PathLike) -> tuple[MoELM, HFTokenizer]:
+    """An HF model with fp32 weights (the trainer's master weights) and the folder's tokenizer (required)."""
+    model, tokenizer = load_hf(path, dtype=torch.float32)
+    if tokenizer is None:
+        raise DataError(
+            f"{path} has no {TOKENIZER_FILE}: fine-tuning needs the tokenizer the model was trained with "
+            f"(save it with `transformers.AutoTokenizer.from_pretrained(dir).save_pretrained(dir)`)"
+        )
+    return model, tokenizer
+
+
+def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    names.update({"float16": torch.float16, "fp16": torch.float16})
+    if dtype not in names:
+        raise ConfigError(f"dtype={dtype!r} is not one of {sorted(names)}")
+    return names[dtype]
+
+
+@torch.no_grad()
+def build_model(
+    config: LMConfig,
+    hf_tensors: dict[str, torch.Tensor],
+    files: dict[str, str] | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str | None = None,
+) -> MoELM:
+    """An MoELM holding HF checkpoint tensors, built without a random init (meta device, then assign)."""
+    dtype = _as_dtype(dtype) or _majority_dtype(hf_tensors)
+    with torch.device("meta"):
+        model = MoELM(config)
+    expected = {name: t.shape for name, t in model.state_dict().items()}
+    source = HFTensors(hf_tensors, files or {})
+    mapped = hf_to_moekit(source, config, expected)
+    for name, t in mapped.items():
+        keep_fp32 = name.endswith("e_score_correction_bias")
+        mapped[name] = t.to(device=device, dtype=torch.float32 if keep_fp32 else dtype).contiguous()
+    model.load_state_dict(mapped, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    for module in model.modules():  # non-persistent buffers (e.g. load accumulators) are still on meta
+        for name, buf in list(module.named_buffers(recurse=False)):
+            if buf is not None and buf.is_meta:
+                module._buffers[name] = torch.zeros(buf.shape, dtype=buf.dtype, device=device)
+    left = [name for name, p in model.named_parameters() if p.is_meta]
+    if left:
+        raise CheckpointError(f"no weights were loaded for {left[:5]}")
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------------------------ export
+
+
+def _dtype_name(tensors: dict[str, torch.Tensor]) -> str | None:
+    return _DTYPE_NAMES.get(_majority_dtype(tensors))
+
+
+def to_hf(
+    model: MoELM,
+    path: str | os.PathLike,
+    tokenizer: Tokenizer | str | os.PathLike | None = None,
+    dtype: torch.dtype | str | None = None,
+    family: str | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
+    """Write ``model`` as a Hugging Face model folder that transformers loads with no missing or unexpected keys.
+
+    Args:
+        model: a :class:`~moekit.models.MoELM` (imported with :func:`from_hf`, or native when a family can
+            express it).
+        path: output folder (created; files of an earlier export there are replaced).
+        tokenizer: an :class:`HFTokenizer`, or a folder whose tokenizer files to copy; default: the folder the
+            model was imported from, if any.
+        dtype: weights' dtype; default: the model's (``e_score_correction_bias`` is always fp32).
+        family: HF ``model_type``; default: the imported one, else inferred from the config.
+        max_shard_bytes: above this the weights are sharded with ``model.safetensors.index.json``.
+
+    Returns:
+        The folder.
+
+    Raises:
+        ConfigError: the family cannot express the model (naming the field).
+    """
+    cfg = model.config
+    family = family or (cfg.hf_config or {}).get("model_type") or infer_family(cfg)
+    target = _as_dtype(dtype)
+    hf_config = hf_config_from_lm(cfg, family)  # refuses what the family cannot express, before any tensor work
+    tensors = moekit_to_hf(model.state_dict(), cfg, family)
+    if target is not None:
+        tensors = {
+            name: t if not t.is_floating_point() or name.endswith("e_score_correction_bias") else t.to(target)
+            for name, t in tensors.items()
+        }
+    hf_config["dtype"] = _dtype_name(tensors) or hf_config.get("dtype")
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    write_hf_weights(tensors, out, max_shard_bytes)
+    atomic_write_json(out / CONFIG_NAME, hf_config)
+    _carry_tokenizer(model, tokenizer, out)
+    return out
+
+
+def write_hf_weights(tensors: dict[str, torch.Tensor], out: Path, max_shard_bytes: int) -> None:
+    """One ``model.safetensors`` or HF-style shards + index; removes the other layout's stale files."""
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    metadata = {"format": "pt"}  # transformers checks for it
+    if total > max_shard_bytes:
+        save_sharded(tensors, out, max_shard_bytes=max_shard_bytes, metadata=metadata)
+        if (out / SINGLE_FILE_NAME).is_file():
+            (out / SINGLE_FILE_NAME).unlink()
+    else:
+        save_tensors(tensors, out / SINGLE_FILE_NAME, metadata=metadata)
+        for stale in out.iterdir():
+            if stale.name == INDEX_NAME or _SHARD_RE.match(stale.name):
+                stale.unlink()
+
+
+def _is_hf_tokenizer_file(file: Path) -> bool:
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get("model"), dict)
+
+
+def copy_tokenizer_files(source: Path, out: Path) -> list[str]:
+    """Copy the tokenizer (and generation config) files of ``source`` into ``out``; returns their names."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        file = source / name
+        if not file.is_file() or (out / name).resolve() == file.resolve():
+            continue
+        if name == TOKENIZER_FILE and not _is_hf_tokenizer_file(file):
+            logger.warning("%s is a moekit byte/char tokenizer, not a Hugging Face one; not copied", file)
+            continue
+        atomic_write_bytes(out / name, file.read_bytes())
+        copied.append(name)
+    return copied
+
+
+def _carry_tokenizer(model: MoELM, tokenizer, out: Path) -> None:
+    if isinstance(tokenizer, HFTokenizer):
+        copy_tokenizer_files(tokenizer.path.parent, out)
+        tokenizer.save(out)
+    elif isinstance(tokenizer, Tokenizer):
+        logger.warning("the %s tokenizer has no Hugging Face form; the export carries no tokenizer", tokenizer.kind)
+    elif tokenizer is not None:
+        source = Path(tokenizer)
+        if not source.is_dir():
+            raise DataError(f"tokenizer={str(source)!r} is not a folder with tokenizer files")
+        copy_tokenizer_files(source, out)
+    else:
+        source = getattr(model, "_hf_source", None)
+        if isinstance(source, Path) and source.is_dir():
+            copy_tokenizer_files(source, out)
+
+
+# ----------------------------------------------------------------------------------------- moekit checkpoints
+
+
+def save_moekit_checkpoint(model: MoELM, folder: str | os.PathLike, tokenizer_source: str | os.PathLike | None) -> Path:
+    """Write a moekit checkpoint folder (config.json + model.safetensors + tokenizer files) that
+    :func:`moekit.load` and ``moekit generate/eval --checkpoint`` read."""
+    from moekit.train import checkpoint as ckpt
+
+    out = Path(folder)
+    if out.exists() and any(out.iterdir()):
+        if not (out / ckpt.CONFIG_FILE).is_file():
+            raise CheckpointError(f"{out} exists and is not empty; choose a new --out folder")
+    out.mkdir(parents=True, exist_ok=True)
+    save_tensors(ckpt.model_tensors(model), out / ckpt.WEIGHTS_FILE, metadata={"format": ckpt.FORMAT})
+    document = {"format": ckpt.FORMAT, "version": ckpt.FORMAT_VERSION, "model": model.config.to_dict()}
+    atomic_write_json(out / ckpt.CONFIG_FILE, document)
+    if tokenizer_source is not None:
+        copy_tokenizer_files(Path(tokenizer_source), out)
+    return out
+
+
+def checkpoint_dtype(weights_file: str | os.PathLike) -> torch.dtype | None:
+    """The majority floating dtype recorded in a safetensors header (no data is read)."""
+    header, _ = read_safetensors_header(weights_file)
+    counts = collections.Counter(
+        _SAFETENSORS_DTYPES[e["dtype"]]
+        for name, e in header.items()
+        if e["dtype"] in _SAFETENSORS_DTYPES and "e_score_correction_bias" not in name
+    )
+    return counts.most_common(1)[0][0] if counts else None
+
+
+def convert_from_hf(source: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """HF model folder -> moekit checkpoint folder (weights keep their dtype)."""
+    source = Path(source)
+    model = from_hf(source)
+    if not (source / TOKENIZER_FILE).is_file():
+        raise DataError(
+            f"{source} has no {TOKENIZER_FILE}; a moekit checkpoint needs the tokenizer. Write one with "
+            f"`transformers.AutoTokenizer.from_pretrained(dir).save_pretrained(dir)` (a fast tokenizer)"
+        )
+    return save_moekit_checkpoint(model, out, source)
+
+
+def convert_to_hf(
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike,
+    dtype: torch.dtype | str | None = None,
+    family: str | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
+    """moekit checkpoint (or run) folder -> HF model folder, in the checkpoint's dtype unless ``dtype`` is given."""
+    from moekit.train import checkpoint as ckpt
+
+    folder = ckpt.resolve_checkpoint(checkpoint)
+    model, tokenizer = ckpt.load_model(folder)
+    dtype = _as_dtype(dtype) or checkpoint_dtype(ckpt.weights_files(folder)[0])  # one file, or EP shards
+    carry = tokenizer if isinstance(tokenizer, HFTokenizer) else folder
+    path = to_hf(model, out, tokenizer=carry, dtype=dtype, family=family, max_shard_bytes=max_shard_bytes)
+    copy_tokenizer_files(folder, path)  # side files (special tokens, generation config) kept in the checkpoint
+    return path

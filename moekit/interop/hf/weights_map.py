@@ -1,0 +1,276 @@
+"""Tensor names and layouts: Hugging Face checkpoints <-> moekit state dicts.
+
+moekit's module names are HF's without the ``model.`` prefix (``layers.3.self_attn.q_proj.weight``), so
+everything outside the MoE layers maps by renaming. An MoE layer differs:
+
+============================================  ====================================================
+moekit                                        hub layout (per expert; what ``save_pretrained``
+                                              writes and hub checkpoints hold)
+============================================  ====================================================
+``mlp.router.weight [E, D]``                  ``{moe}.gate.weight``
+``mlp.router.e_score_correction_bias [E]``    ``mlp.gate.e_score_correction_bias`` (DeepSeek-V3)
+``mlp.experts.w_in [E, D, 2I]``               ``{moe}.experts.{e}.{gate,up}_proj.weight [I, D]``
+``mlp.experts.w_out [E, I, D]``               ``{moe}.experts.{e}.down_proj.weight [D, I]``
+``mlp.shared_experts.*``                      ``mlp.shared_expert.*`` (Qwen2-MoE), ``mlp.shared_experts.*``
+``mlp.shared_expert_gate.weight``             ``mlp.shared_expert_gate.weight`` (Qwen2-MoE)
+============================================  ====================================================
+
+transformers 5 fuses the experts in memory (and writes them so with ``save_original_format=False``):
+``{moe}.experts.gate_up_proj [E, 2I, D]`` and ``{moe}.experts.down_proj [E, D, I]``; import reads both.
+
+``{moe}`` is ``block_sparse_moe`` for Mixtral's hub files (w1 = gate, w3 = up, w2 = down) and ``mlp``
+otherwise (transformers 5 also calls Mixtral's ``mlp``; both are read). So ``w_in[e] = cat(gate.T, up.T, -1)``
+and ``w_out[e] = down.T``; every conversion is a transpose or a concatenation, so HF -> moekit -> HF
+gives back the same bits. Export writes the hub layout, which every transformers version loads.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping
+
+import torch
+
+from moekit.errors import CheckpointError
+from moekit.models.config import LMConfig
+
+logger = logging.getLogger(__name__)
+
+_EXPERT_NAMES = {"mixtral": ("w1", "w3", "w2")}  # (gate, up, down) in hub files
+_DEFAULT_EXPERT_NAMES = ("gate_proj", "up_proj", "down_proj")
+_SHARED_NAME = {"qwen2_moe": "shared_expert", "deepseek_v3": "shared_experts"}
+_HUB_MOE_PREFIX = {"mixtral": "block_sparse_moe"}
+_LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
+_HF_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+# Derived buffers some old checkpoints carry; transformers recomputes them too.
+_SKIPPABLE_RE = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+# Per-step state of moekit's aux-free balancing, never saved (non-persistent), listed for clarity.
+_ROUTER_BIAS = "router.e_score_correction_bias"
+
+
+class HFTensors:
+    """An HF checkpoint's tensors with the file each came from; remembers which ones were used."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], files: Mapping[str, str]):
+        self.tensors, self.files = dict(tensors), dict(files)
+        self.used: set[str] = set()
+
+    def has(self, name: str) -> bool:
+        return name in self.tensors
+
+    def file_of(self, name: str) -> str:
+        return self.files.get(name, "the checkpoint")
+
+    def take(self, name: str, shape: tuple[int, ...], why: str) -> torch.Tensor:
+        """The tensor ``name``, checked to have ``shape`` (``why`` says which config fields set it)."""
+        if name not in self.tensors:
+            files = sorted(set(self.files.values()))
+            raise CheckpointError(
+                f"tensor {name!r} is missing from the checkpoint ({', '.join(files) or 'no files'}); "
+                f"the config needs it ({why})"
+            )
+        t = self.tensors[name]
+        self.used.add(name)
+        if tuple(t.shape) != tuple(shape):
+            raise CheckpointError(
+                f"{self.file_of(name)}: tensor {name!r} has shape {tuple(t.shape)} but the config needs "
+                f"{tuple(shape)} ({why})"
+            )
+        if not t.is_floating_point():
+            raise CheckpointError(f"{self.file_of(name)}: tensor {name!r} has dtype {t.dtype}; expected floating point")
+        return t
+
+
+def _split(name: str) -> tuple[int | None, str]:
+    m = _LAYER_RE.match(name)
+    return (int(m.group(1)), m.group(2)) if m else (None, name)
+
+
+def _hf_name(name: str) -> str:
+    return name if name == "lm_head.weight" else f"model.{name}"
+
+
+def _family(config: LMConfig, family: str | None) -> str:
+    family = family or (config.hf_config or {}).get("model_type")
+    if not family:
+        raise CheckpointError("the tensor mapping needs a family (model_type)")
+    return family
+
+
+# ------------------------------------------------------------------------------------------------------ import
+
+
+def hf_to_moekit(
+    source: HFTensors, config: LMConfig, expected: Mapping[str, torch.Size], family: str | None = None
+) -> dict[str, torch.Tensor]:
+    """moekit state-dict tensors from an HF checkpoint.
+
+    Args:
+        source: the HF tensors (per-expert hub layout, transformers 5's fused layout, or a mix by layer).
+        config: the model's LMConfig (from :func:`~moekit.interop.hf.config_map.lm_config_from_hf`).
+        expected: moekit name -> shape of every persistent tensor of ``MoELM(config)``.
+        family: the HF model_type (default: ``config.hf_config["model_type"]``).
+
+    Raises:
+        CheckpointError: a missing tensor, a shape that does not match the config, or tensors the model has
+            no place for; each names the tensor and the file it is in.
+    """
+    family = _family(config, family)
+    out: dict[str, torch.Tensor] = {}
+    done_layers: set[int] = set()
+    for name, shape in expected.items():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        layer, rest = _split(name)
+        if layer is not None and rest.startswith("mlp.") and config.is_moe_layer(layer):
+            if layer not in done_layers:
+                out.update(_moe_in(source, config, family, layer, expected))
+                done_layers.add(layer)
+            continue
+        t = source.take(_hf_name(name), tuple(shape), _why(config, name))
+        out[name] = t
+    if config.tie_word_embeddings and source.has("lm_head.weight"):
+        source.used.add("lm_head.weight")  # transformers ties it to the embedding and ignores the copy
+    _check_leftovers(source, config, family)
+    missing = sorted(set(expected) - set(out) - ({"lm_head.weight"} if config.tie_word_embeddings else set()))
+    if missing:
+        raise CheckpointError(f"no HF tensor maps to moekit tensors {missing[:5]}")
+    return out
+
+
+def _why(config: LMConfig, name: str) -> str:
+    c = config
+    if "embed_tokens" in name or "lm_head" in name:
+        return f"vocab_size={c.vocab_size}, hidden_size={c.hidden_size}"
+    if "self_attn" in name:
+        if c.attention_type.value == "mla":
+            return (
+                f"hidden_size={c.hidden_size}, heads={c.num_attention_heads}, q_lora_rank={c.q_lora_rank}, "
+                f"kv_lora_rank={c.kv_lora_rank}, qk_nope_head_dim={c.qk_nope_head_dim}, "
+                f"qk_rope_head_dim={c.qk_rope_head_dim}, v_head_dim={c.v_head_dim}"
+            )
+        return (
+            f"hidden_size={c.hidden_size}, heads={c.num_attention_heads}, kv_heads={c.kv_heads}, head_dim={c.head_size}"
+        )
+    if ".mlp." in name:
+        return f"hidden_size={c.hidden_size}, intermediate_size={c.intermediate_size}"
+    return f"hidden_size={c.hidden_size}"
+
+
+def _moe_prefix_in(source: HFTensors, family: str, layer: int) -> str:
+    hub = _HUB_MOE_PREFIX.get(family)
+    if hub and source.has(f"model.layers.{layer}.{hub}.gate.weight"):
+        return f"model.layers.{layer}.{hub}"
+    return f"model.layers.{layer}.mlp"
+
+
+def _moe_in(
+    source: HFTensors, config: LMConfig, family: str, layer: int, expected: Mapping[str, torch.Size]
+) -> dict[str, torch.Tensor]:
+    m = config.moe_config(layer)
+    E, D, I = m.num_experts, m.hidden_size, m.expert_hidden_size
+    why = f"layer {layer}: num_experts={E}, hidden_size={D}, expert hidden size={I}"
+    pre = _moe_prefix_in(source, family, layer)
+    mine = f"layers.{layer}.mlp"
+    out = {f"{mine}.router.weight": source.take(f"{pre}.gate.weight", (E, D), why)}
+    if f"{mine}.{_ROUTER_BIAS}" in expected:
+        bias = source.take(f"{pre}.gate.e_score_correction_bias", (E,), why)
+        out[f"{mine}.{_ROUTER_BIAS}"] = bias.float()  # transformers keeps it in fp32 whatever the weights' dtype
+    fused = f"{pre}.experts.gate_up_proj"
+    if source.has(fused):
+        out[f"{mine}.experts.w_in"] = source.take(fused, (E, 2 * I, D), why).transpose(1, 2)
+        out[f"{mine}.experts.w_out"] = source.take(f"{pre}.experts.down_proj", (E, D, I), why).transpose(1, 2)
+    else:
+        g, u, d = _EXPERT_NAMES.get(family, _DEFAULT_EXPERT_NAMES)
+        w_in, w_out = [], []
+        for e in range(E):
+            gate = source.take(f"{pre}.experts.{e}.{g}.weight", (I, D), why)
+            up = source.take(f"{pre}.experts.{e}.{u}.weight", (I, D), why)
+            w_in.append(torch.cat([gate.t(), up.t()], dim=-1))  # [D, 2I]: gate columns, then up
+            w_out.append(source.take(f"{pre}.experts.{e}.{d}.weight", (D, I), why).t())  # [I, D]
+        out[f"{mine}.experts.w_in"] = torch.stack(w_in)
+        out[f"{mine}.experts.w_out"] = torch.stack(w_out)
+    shared = _SHARED_NAME.get(family)
+    for name, shape in expected.items():
+        if name.startswith(f"{mine}.shared_experts."):
+            out[name] = source.take(f"{pre}.{shared}.{name[len(mine) + 16 :]}", tuple(shape), why)
+        elif name.startswith(f"{mine}.shared_expert_gate."):
+            out[name] = source.take(f"{pre}.{name[len(mine) + 1 :]}", tuple(shape), why)
+    return out
+
+
+def _check_leftovers(source: HFTensors, config: LMConfig, family: str) -> None:
+    left = sorted(set(source.tensors) - source.used)
+    skipped_mtp, unexpected = [], []
+    for name in left:
+        m = _HF_LAYER_RE.match(name)
+        if _SKIPPABLE_RE.search(name):
+            continue
+        if family == "deepseek_v3" and m and int(m.group(1)) >= config.num_hidden_layers:
+            skipped_mtp.append(name)  # the multi-token-prediction module, not part of the causal LM
+            continue
+        unexpected.append(name)
+    if skipped_mtp:
+        logger.info("skipping %d tensors of DeepSeek's multi-token-prediction layers", len(skipped_mtp))
+    if unexpected:
+        shown = ", ".join(f"{n!r} ({source.file_of(n)})" for n in unexpected[:5])
+        more = f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
+        raise CheckpointError(
+            f"the checkpoint has tensors the {family} config has no place for: {shown}{more}; "
+            "the config and the weights do not match"
+        )
+
+
+# ------------------------------------------------------------------------------------------------------ export
+
+
+def moekit_to_hf(
+    state: Mapping[str, torch.Tensor], config: LMConfig, family: str | None = None
+) -> dict[str, torch.Tensor]:
+    """HF hub-layout tensors (per-expert, ``model.`` prefix) from a moekit state dict.
+
+    Args:
+        state: the model's persistent tensors (``model.state_dict()``); a tied ``lm_head.weight`` is dropped.
+        config: its LMConfig.
+        family: the HF model_type to name tensors for (default: the imported one).
+
+    Returns:
+        HF name -> contiguous tensor, ``e_score_correction_bias`` in fp32 as transformers keeps it.
+    """
+    family = _family(config, family)
+    out: dict[str, torch.Tensor] = {}
+    for name, t in state.items():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        layer, rest = _split(name)
+        if layer is not None and rest.startswith("mlp.") and config.is_moe_layer(layer):
+            out.update(_moe_out(name, rest[4:], t, config, family, layer))
+        else:
+            out[_hf_name(name)] = t.detach().contiguous()
+    return out
+
+
+def _moe_out(name: str, rest: str, t: torch.Tensor, config: LMConfig, family: str, layer: int):
+    pre = f"model.layers.{layer}.{_HUB_MOE_PREFIX.get(family, 'mlp')}"
+    t = t.detach()
+    if rest == "router.weight":
+        return {f"{pre}.gate.weight": t.contiguous()}
+    if rest == _ROUTER_BIAS:
+        return {f"{pre}.gate.e_score_correction_bias": t.float().contiguous()}
+    if rest == "experts.w_in":
+        g, u, _ = _EXPERT_NAMES.get(family, _DEFAULT_EXPERT_NAMES)
+        I = config.moe_config(layer).expert_hidden_size
+        out = {}
+        for e in range(t.shape[0]):
+            out[f"{pre}.experts.{e}.{g}.weight"] = t[e, :, :I].t().contiguous()
+            out[f"{pre}.experts.{e}.{u}.weight"] = t[e, :, I:].t().contiguous()
+        return out
+    if rest == "experts.w_out":
+        _, _, d = _EXPERT_NAMES.get(family, _DEFAULT_EXPERT_NAMES)
+        return {f"{pre}.experts.{e}.{d}.weight": t[e].t().contiguous() for e in range(t.shape[0])}
+    if rest.startswith("shared_experts.") and family in _SHARED_NAME:
+        return {f"{pre}.{_SHARED_NAME[family]}.{rest[len('shared_experts.') :]}": t.contiguous()}
+    if rest.startswith("shared_expert_gate.") and family == "qwen2_moe":
+        return {f"{pre}.{rest}": t.contiguous()}
+    raise CheckpointError(f"moekit tensor {name!r} has no counterpart in a {family} checkpoint")
