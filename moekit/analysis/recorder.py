@@ -1,0 +1,412 @@
+"""Routing recorder: watch any model's moekit MoE layers and keep bounded, streaming aggregates.
+
+The recorder hooks every :class:`moekit.nn.MoE` inside a model (an ``MoELM``, a classifier, an
+imported Hugging Face model...), asks each layer to keep its :class:`Routing`, and folds it into
+per-layer counters whose size does not grow with the data:
+
+    routed [E], processed [E], top1 [E], weight_sum [E], prob_sum [E]   per expert
+    coactivation [E, E]          tokens sent to both i and j (diagonal: tokens sent to i)
+    entropy_hist [bins]          router entropy / ln(E) per token, in ``bins`` equal bins on [0, 1]
+    transition [E_l, E_l+1]      top-1 expert in layer l -> top-1 expert in the next MoE layer
+    label_tokens [N], label_routed [N, E], label_top1 [N, E]    when tokens carry labels
+    dropped_tokens, dropped_assignments                          capacity drops
+
+The model's outputs are unchanged: the hooks only flip ``record_routing`` on, which makes the layer
+keep a reference to the Routing it computed anyway. A token's *top-1* expert is its assignment with
+the largest combine weight (ties: the lower expert index), which is the first choice for softmax
+top-k and the strongest expert for dense, sigmoid and expert-choice routing.
+
+Raw traces (only when asked, ``trace_dir=``) are written by :mod:`moekit.analysis.traces`.
+
+Shape legend: T tokens, E experts, K choices per token, L MoE layers, A assignments.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from moekit.errors import ConfigError, ShapeError
+from moekit.nn.moe import MoE
+from moekit.nn.routing import MoEAux, Routing
+
+
+# -- one forward pass --------------------------------------------------------------------------
+@dataclasses.dataclass
+class LayerRouting:
+    """One MoE layer's routing of one forward pass, per token (CPU tensors).
+
+    Attributes:
+        experts_TK: the token's experts sorted by combine weight, -1 where it has fewer (long).
+        weights_TK: their combine weights (fp32, 0 where -1).
+        valid_T: tokens that were routed (not padding).
+        entropy_T: router entropy in nats per token, None for routers without scores (hash).
+        routed_E: assignments the router made per expert (before capacity drops).
+        processed_E: assignments the experts processed (after capacity drops).
+        dropped_tokens, dropped_assignments: capacity drops in this pass.
+    """
+
+    experts_TK: torch.Tensor
+    weights_TK: torch.Tensor
+    valid_T: torch.Tensor
+    entropy_T: torch.Tensor | None
+    routed_E: torch.Tensor
+    processed_E: torch.Tensor
+    dropped_tokens: int
+    dropped_assignments: int
+
+    @property
+    def top1_T(self) -> torch.Tensor:
+        """Top-1 expert per token; -1 for padding and for tokens no expert took (expert choice)."""
+        top1 = self.experts_TK[:, 0].clone()
+        top1[~self.valid_T] = -1
+        return top1
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.routed_E.numel())
+
+
+def layer_routing(aux: MoEAux, num_experts: int) -> LayerRouting:
+    """Per-token view of one layer's :class:`MoEAux` (which must hold its ``routing``)."""
+    routing: Routing | None = aux.routing
+    if routing is None:
+        raise ShapeError("this MoEAux holds no routing; run the layer with record_routing=True")
+    T, E = routing.num_tokens, num_experts
+    token_A = routing.token_idx_A.detach().cpu()
+    expert_A = routing.expert_idx_A.detach().cpu()
+    weight_A = routing.weight_A.detach().float().cpu()
+    valid_T = torch.ones(T, dtype=torch.bool) if routing.valid_T is None else routing.valid_T.detach().cpu().bool()
+    # An expert appears at most once per token, so a dense [T, E] table of weights is exact.
+    weight_TE = torch.full((T, E), -math.inf)
+    weight_TE[token_A, expert_A] = weight_A
+    per_token = torch.bincount(token_A, minlength=T)
+    K = routing.top_k if routing.top_k is not None else int(per_token.max()) if T else 1
+    K = max(1, min(K, E))
+    # Sort by weight, ties to the lower expert index: stable sort of the experts in index order.
+    order_TE = torch.sort(weight_TE, dim=-1, descending=True, stable=True).indices[:, :K]
+    weights_TK = weight_TE.gather(1, order_TE)
+    missing_TK = torch.isinf(weights_TK)
+    experts_TK = order_TE.masked_fill(missing_TK, -1)
+    weights_TK = weights_TK.masked_fill(missing_TK, 0.0)
+    entropy_T = None
+    if routing.probs_TE is not None:
+        p_TE = routing.probs_TE.detach().float().cpu()
+        entropy_T = -(p_TE * p_TE.clamp_min(1e-30).log()).sum(dim=-1)
+    return LayerRouting(
+        experts_TK=experts_TK,
+        weights_TK=weights_TK,
+        valid_T=valid_T,
+        entropy_T=entropy_T,
+        routed_E=torch.bincount(expert_A, minlength=E),
+        processed_E=aux.tokens_per_expert.detach().cpu().long(),
+        dropped_tokens=int(aux.dropped_tokens),
+        dropped_assignments=int(aux.dropped_assignments),
+    )
+
+
+def find_moe_layers(model: nn.Module) -> list[tuple[int, str, MoE]]:
+    """(layer index, module name, MoE) for every moekit MoE inside ``model``, in forward order.
+
+    The layer index is the block number for ``MoELM`` (``layers.N.mlp``), else the position.
+    """
+    found = []
+    for position, (name, module) in enumerate((n, m) for n, m in model.named_modules() if isinstance(m, MoE)):
+        parts = name.split(".")
+        index = next((int(p) for p in reversed(parts) if p.isdigit()), position)
+        found.append((index, name, module))
+    if len({i for i, _, _ in found}) != len(found):  # numbering by name is ambiguous: use positions
+        found = [(pos, name, m) for pos, (_, name, m) in enumerate(found)]
+    return found
+
+
+@contextlib.contextmanager
+def capture_routing(model: nn.Module) -> Iterator[list[tuple[int, MoEAux]]]:
+    """Inside the block, every MoE of ``model`` records its routing; yields the list it fills.
+
+    Each forward appends ``(position in find_moe_layers order, MoEAux)`` per MoE layer call.
+    The layers' outputs are untouched: the hook only sets ``record_routing=True``.
+    """
+    layers = find_moe_layers(model)
+    if not layers:
+        raise ConfigError(f"{type(model).__name__} holds no moekit MoE layer to record")
+    seen: list[tuple[int, MoEAux]] = []
+    handles = []
+
+    def pre_hook(module, args, kwargs):
+        if len(args) >= 4:  # forward(x, mask, token_ids, record_routing) called positionally
+            return (*args[:3], True, *args[4:]), kwargs
+        return args, {**kwargs, "record_routing": True}
+
+    for position, (_, _, moe) in enumerate(layers):
+
+        def post_hook(module, args, kwargs, output, position=position):
+            seen.append((position, output[1]))
+
+        handles.append(moe.register_forward_pre_hook(pre_hook, with_kwargs=True))
+        handles.append(moe.register_forward_hook(post_hook, with_kwargs=True))
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# -- streaming aggregates ----------------------------------------------------------------------
+@dataclasses.dataclass
+class LayerAggregate:
+    """Running totals of one MoE layer (see the module docstring)."""
+
+    layer: int
+    name: str
+    num_experts: int
+    top_k: int
+    has_scores: bool
+    entropy_bins: int
+    num_labels: int
+    tokens: int = 0
+    routed: torch.Tensor = None
+    processed: torch.Tensor = None
+    top1: torch.Tensor = None
+    weight_sum: torch.Tensor = None
+    coactivation: torch.Tensor = None
+    entropy_hist: torch.Tensor = None
+    entropy_sum: float = 0.0
+    dropped_tokens: int = 0
+    dropped_assignments: int = 0
+    label_tokens: torch.Tensor = None
+    label_routed: torch.Tensor = None
+    label_top1: torch.Tensor = None
+
+    def __post_init__(self):
+        E, N = self.num_experts, self.num_labels
+        self.routed = torch.zeros(E, dtype=torch.long)
+        self.processed = torch.zeros(E, dtype=torch.long)
+        self.top1 = torch.zeros(E, dtype=torch.long)
+        self.weight_sum = torch.zeros(E, dtype=torch.float64)
+        self.coactivation = torch.zeros(E, E, dtype=torch.long)
+        self.entropy_hist = torch.zeros(self.entropy_bins, dtype=torch.long)
+        self.label_tokens = torch.zeros(N, dtype=torch.long)
+        self.label_routed = torch.zeros(N, E, dtype=torch.long)
+        self.label_top1 = torch.zeros(N, E, dtype=torch.long)
+
+    def add(self, r: LayerRouting, labels_T: torch.Tensor | None) -> None:
+        E = self.num_experts
+        valid_T = r.valid_T
+        experts_VK = r.experts_TK[valid_T]
+        weights_VK = r.weights_TK[valid_T]
+        chosen_VK = experts_VK >= 0
+        self.tokens += int(valid_T.sum())
+        self.routed += r.routed_E
+        self.processed += r.processed_E
+        self.dropped_tokens += r.dropped_tokens
+        self.dropped_assignments += r.dropped_assignments
+        flat_e = experts_VK[chosen_VK]
+        self.weight_sum += torch.bincount(flat_e, weights=weights_VK[chosen_VK].double(), minlength=E)
+        top1_V = experts_VK[:, 0]
+        has_top1_V = top1_V >= 0
+        self.top1 += torch.bincount(top1_V[has_top1_V], minlength=E)
+        member_VE = torch.zeros(experts_VK.shape[0], E + 1)
+        member_VE.scatter_(1, experts_VK.masked_fill(~chosen_VK, E), 1.0)
+        member_VE = member_VE[:, :E].double()  # fp64: exact counts for any realistic batch
+        self.coactivation += (member_VE.t() @ member_VE).round().long()
+        if r.entropy_T is not None:
+            ent_V = r.entropy_T[valid_T].double()
+            self.entropy_sum += float(ent_V.sum())
+            norm_V = ent_V / math.log(E) if E > 1 else torch.zeros_like(ent_V)
+            bins_V = (norm_V * self.entropy_bins).floor().long().clamp(0, self.entropy_bins - 1)
+            self.entropy_hist += torch.bincount(bins_V, minlength=self.entropy_bins)
+        if labels_T is not None and self.num_labels:
+            lab_V = labels_T[valid_T]
+            known_V = (lab_V >= 0) & (lab_V < self.num_labels)
+            N = self.num_labels
+            self.label_tokens += torch.bincount(lab_V[known_V], minlength=N)
+            lab_VK = lab_V.unsqueeze(1).expand_as(experts_VK)
+            keep_VK = chosen_VK & known_V.unsqueeze(1)
+            pair = lab_VK[keep_VK] * E + experts_VK[keep_VK]
+            self.label_routed += torch.bincount(pair, minlength=N * E).view(N, E)
+            keep_V = known_V & has_top1_V
+            pair = lab_V[keep_V] * E + top1_V[keep_V]
+            self.label_top1 += torch.bincount(pair, minlength=N * E).view(N, E)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-python totals (JSON-ready)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = v.tolist() if isinstance(v, torch.Tensor) else v
+        return out
+
+
+@dataclasses.dataclass
+class RoutingAggregates:
+    """Everything a :class:`RoutingRecorder` accumulated."""
+
+    layers: list[LayerAggregate]
+    transitions: list[torch.Tensor]  # [E_l, E_l+1] top-1 -> top-1 counts between consecutive MoE layers
+    label_names: list[str]
+    sequences: int = 0
+
+
+class RoutingRecorder:
+    """Record the routing of a model's MoE layers over many batches, in bounded memory.
+
+    Example::
+
+        rec = RoutingRecorder(model, label_names=["code", "math"])
+        for input_ids, labels in batches:        # labels: [B, S] label ids (or None)
+            out = rec.update(input_ids, labels)  # the model's own output, unchanged
+        agg = rec.aggregates()
+
+    Args:
+        model: any module holding moekit :class:`MoE` layers; called as ``model(input_ids, **kwargs)``.
+        label_names: names of the label ids that :meth:`update` may receive.
+        entropy_bins: bins of the normalised-entropy histogram.
+        trace_dir: write raw per-token traces there (format: :mod:`moekit.analysis.traces`); None = aggregates only.
+        trace_shard_tokens: tokens per trace shard.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        label_names: Sequence[str] | None = None,
+        entropy_bins: int = 20,
+        trace_dir: str | os.PathLike | None = None,
+        trace_shard_tokens: int = 1 << 20,
+    ):
+        if entropy_bins < 1:
+            raise ConfigError(f"entropy_bins={entropy_bins} must be >= 1")
+        self.model = model
+        self.moe_layers = find_moe_layers(model)
+        if not self.moe_layers:
+            raise ConfigError(f"{type(model).__name__} holds no moekit MoE layer: nothing to analyse")
+        self.label_names = list(label_names or [])
+        self.entropy_bins = entropy_bins
+        self.layers = [
+            LayerAggregate(
+                layer=index,
+                name=name,
+                num_experts=moe.config.num_experts,
+                top_k=moe.config.experts_per_token,
+                has_scores=moe.config.router.value != "hash",
+                entropy_bins=entropy_bins,
+                num_labels=len(self.label_names),
+            )
+            for index, name, moe in self.moe_layers
+        ]
+        self.transitions = [
+            torch.zeros(a.num_experts, b.num_experts, dtype=torch.long) for a, b in zip(self.layers, self.layers[1:])
+        ]
+        self.sequences = 0
+        self.last: list[LayerRouting] = []
+        self._traces = None
+        if trace_dir is not None:
+            from moekit.analysis.traces import TraceWriter
+
+            self._traces = TraceWriter(trace_dir, self, trace_shard_tokens)
+
+    @torch.no_grad()
+    def update(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, **model_kwargs: Any) -> Any:
+        """Run the model on a batch and fold its routing in.
+
+        Args:
+            input_ids: [B, S] token ids.
+            labels: optional [B, S] (or [B]: one per sequence) label ids into ``label_names``; -1 = none.
+            model_kwargs: passed to the model (e.g. ``attention_mask``).
+
+        Returns:
+            The model's output, exactly as without the recorder.
+        """
+        with capture_routing(self.model) as seen:
+            out = self.model(input_ids, **model_kwargs)
+        self.observe([aux for _, aux in seen], input_ids=input_ids, labels=labels)
+        return out
+
+    def observe(
+        self, auxes: Sequence[MoEAux], input_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None
+    ) -> list[LayerRouting]:
+        """Fold in one forward pass's MoEAux list (one per MoE layer, in order, each holding its routing)."""
+        if len(auxes) != len(self.layers):
+            raise ShapeError(f"got {len(auxes)} MoE outputs for {len(self.layers)} MoE layers")
+        records = [layer_routing(aux, agg.num_experts) for aux, agg in zip(auxes, self.layers)]
+        labels_T = self._labels_per_token(labels, input_ids, records[0].valid_T.numel())
+        for agg, r in zip(self.layers, records):
+            if r.valid_T.numel() != records[0].valid_T.numel():
+                raise ShapeError(f"layer {agg.layer} routed {r.valid_T.numel()} tokens, the first layer did not")
+            agg.add(r, labels_T)
+        for n, (a, b) in enumerate(zip(records, records[1:])):
+            ok = (a.top1_T >= 0) & (b.top1_T >= 0)
+            E_b = self.layers[n + 1].num_experts
+            pair = a.top1_T[ok] * E_b + b.top1_T[ok]
+            self.transitions[n] += torch.bincount(pair, minlength=self.transitions[n].numel()).view_as(
+                self.transitions[n]
+            )
+        if self._traces is not None:
+            self._traces.add(records, input_ids, labels_T, self.sequences)
+        if input_ids is not None and input_ids.dim() == 2:
+            self.sequences += input_ids.shape[0]
+        else:
+            self.sequences += 1
+        self.last = records
+        return records
+
+    @staticmethod
+    def _labels_per_token(labels, input_ids, T) -> torch.Tensor | None:
+        if labels is None:
+            return None
+        labels = torch.as_tensor(labels).cpu().long()
+        if (
+            input_ids is not None
+            and labels.dim() == 1
+            and input_ids.dim() == 2
+            and labels.numel() == input_ids.shape[0]
+        ):
+            labels = labels.unsqueeze(1).expand(input_ids.shape)  # one label per sequence
+        labels = labels.reshape(-1)
+        if labels.numel() != T:
+            raise ShapeError(f"labels give {labels.numel()} tokens but the layers routed {T}")
+        return labels
+
+    def aggregates(self) -> RoutingAggregates:
+        """The totals so far (the recorder keeps accumulating)."""
+        return RoutingAggregates(self.layers, self.transitions, self.label_names, self.sequences)
+
+    def close(self) -> Path | None:
+        """Flush raw traces (if any) and return their index file."""
+        return self._traces.close() if self._traces is not None else None
+
+
+# -- checkpoint drift ---------------------------------------------------------------------------
+class DriftMeter:
+    """Compare two models' routing token by token (same tokens fed to both).
+
+    Per layer: tokens compared, how many changed their top-1 expert, and the summed overlap
+    |top-k_a ∩ top-k_b| / k. Load distributions come from the two recorders' aggregates.
+    """
+
+    def __init__(self, num_layers: int):
+        self.tokens = [0] * num_layers
+        self.top1_changed = [0] * num_layers
+        self.topk_overlap = [0.0] * num_layers
+
+    def add(self, a: Sequence[LayerRouting], b: Sequence[LayerRouting]) -> None:
+        if len(a) != len(b) or len(a) != len(self.tokens):
+            raise ShapeError(f"the models have {len(a)} and {len(b)} MoE layers; drift needs the same layers")
+        for n, (ra, rb) in enumerate(zip(a, b)):
+            if ra.num_experts != rb.num_experts:
+                raise ShapeError(f"MoE layer {n} has {ra.num_experts} experts in one model and {rb.num_experts}")
+            ok = ra.valid_T & rb.valid_T
+            self.tokens[n] += int(ok.sum())
+            self.top1_changed[n] += int((ra.top1_T[ok] != rb.top1_T[ok]).sum())
+            ea, eb = ra.experts_TK[ok], rb.experts_TK[ok]
+            same = (ea.unsqueeze(2) == eb.unsqueeze(1)) & (ea >= 0).unsqueeze(2)
+            k = max(ea.shape[1], 1)
+            self.topk_overlap[n] += float(same.any(dim=2).sum()) / k

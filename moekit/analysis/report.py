@@ -1,0 +1,388 @@
+"""The routing report: a self-contained ``report.html`` + ``stats.json`` + PNG copies of the plots.
+
+The HTML has no external reference at all (images are base64 ``data:`` URIs, CSS is inline, the
+layer selector of the token view is plain HTML/CSS radio buttons), so it opens offline and can be
+mailed as one file. Every number in its tables carries ``data-stat="path.in.stats.json"``, and the
+plots draw only numbers stored in ``stats.json``.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from moekit.analysis.plots import Plot
+from moekit.analysis.readings import readings
+from moekit.interop.safe_io import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+# -- HTML -----------------------------------------------------------------------------------------
+CSS = """
+:root { --ink:#1f2430; --muted:#5f6b7a; --line:#e3e7ee; --card:#f6f8fb; --accent:#3b6fd8; }
+* { box-sizing: border-box; }
+body { margin:0; font:15px/1.5 -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif;
+       color:var(--ink); background:#fff; }
+header { background:linear-gradient(120deg,#24324f,#3b6fd8); color:#fff; padding:28px 0 22px; }
+header h1 { margin:0 0 4px; font-size:28px; font-weight:650; letter-spacing:.2px; }
+header .sub { margin:0; opacity:.85; font-size:14px; }
+.wrap { max-width:1120px; margin:0 auto; padding:0 28px; }
+nav { position:sticky; top:0; background:#fff; border-bottom:1px solid var(--line); z-index:5; }
+nav a { display:inline-block; padding:10px 12px 9px; color:var(--muted); text-decoration:none; font-size:13.5px; }
+nav a:hover { color:var(--accent); }
+section { padding:26px 0 8px; border-bottom:1px solid var(--line); }
+section:last-of-type { border-bottom:none; }
+h2 { font-size:21px; margin:0 0 12px; }
+h3 { font-size:15px; margin:18px 0 8px; color:var(--muted); font-weight:600; }
+.cards { display:grid; grid-template-columns:repeat(auto-fit,minmax(150px,1fr)); gap:12px; margin:6px 0 16px; }
+.card { background:var(--card); border:1px solid var(--line); border-radius:10px; padding:12px 14px; }
+.card .v { font-size:22px; font-weight:650; }
+.card .k { color:var(--muted); font-size:12.5px; text-transform:uppercase; letter-spacing:.4px; }
+ul.reading { margin:8px 0 14px; padding:0; list-style:none; }
+ul.reading li { background:#eef4ff; border-left:4px solid var(--accent); padding:7px 12px; margin:6px 0;
+                border-radius:0 6px 6px 0; }
+figure { margin:10px 0 18px; }
+figure img { max-width:100%; height:auto; border:1px solid var(--line); border-radius:8px; display:block; }
+figcaption { color:var(--muted); font-size:13.5px; margin-top:6px; max-width:900px; }
+table { border-collapse:collapse; margin:6px 0 16px; font-size:13.5px; }
+th, td { padding:5px 10px; border-bottom:1px solid var(--line); text-align:right; white-space:nowrap; }
+th { background:var(--card); font-weight:600; color:var(--muted); }
+td:first-child, th:first-child { text-align:left; }
+.note { color:var(--muted); font-size:13.5px; }
+.tv-radio { position:absolute; opacity:0; pointer-events:none; }
+.tv-tabs { margin:6px 0 10px; }
+.tv-tabs label { display:inline-block; padding:5px 12px; margin:0 6px 6px 0; border:1px solid var(--line);
+                 border-radius:16px; cursor:pointer; font-size:13px; color:var(--muted); background:#fff; }
+.tv-layer { display:none; }
+.legend { margin:4px 0 12px; font-size:12.5px; }
+.legend span { display:inline-block; padding:1px 7px; margin:0 4px 4px 0; border-radius:4px; }
+.sample { margin:0 0 14px; }
+.sample h4 { margin:8px 0 4px; font-size:13px; color:var(--muted); font-weight:600; }
+.text { font:13px/1.9 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; white-space:pre-wrap;
+        word-break:break-word; background:#fbfbfd; border:1px solid var(--line); border-radius:8px;
+        padding:10px 12px; }
+.text span { border-radius:3px; padding:1px 0; }
+.text .nl { opacity:.45; }
+footer { color:var(--muted); font-size:12.5px; padding:18px 0 40px; }
+"""
+
+
+# matplotlib's tab10, mixed with white so black text stays readable on it.
+_TAB10 = ("1f77b4", "ff7f0e", "2ca02c", "d62728", "9467bd", "8c564b", "e377c2", "7f7f7f", "bcbd22", "17becf")
+
+
+def expert_colour(e: int, num_experts: int) -> str:
+    """A light background colour for expert ``e``: tab10 up to 10 experts, golden-angle hues beyond."""
+    if num_experts <= len(_TAB10):
+        r, g, b = (int(_TAB10[e][i : i + 2], 16) for i in (0, 2, 4))
+        r, g, b = (round(c + (255 - c) * 0.55) for c in (r, g, b))
+        return f"#{r:02x}{g:02x}{b:02x}"
+    hue = (e * 137.508) % 360
+    return f"hsl({hue:.0f},70%,{(74, 82, 88)[e % 3]}%)"
+
+
+def _fmt(value: Any, fmt: str) -> str:
+    if value is None:
+        return "n/a"
+    if fmt == "%":
+        return f"{value:.1%}"
+    return format(value, fmt)
+
+
+def _stat(path: str, value: Any, fmt: str = ".2f", tag: str = "td") -> str:
+    """A cell showing ``value`` that names its place in stats.json."""
+    attrs = f'data-stat="{html.escape(path)}" data-fmt="{html.escape(fmt)}"'
+    return f"<{tag} {attrs}>{html.escape(_fmt(value, fmt))}</{tag}>"
+
+
+def _reading(lines: Sequence[str]) -> str:
+    if not lines:
+        return ""
+    return '<ul class="reading">' + "".join(f"<li>{html.escape(t)}</li>" for t in lines) + "</ul>"
+
+
+def _figure(plot: Plot) -> str:
+    data = base64.b64encode(plot.png).decode("ascii")
+    return (
+        f'<figure id="fig-{plot.name}"><img src="data:image/png;base64,{data}" alt="{html.escape(plot.title)}">'
+        f"<figcaption>{html.escape(plot.caption)}</figcaption></figure>"
+    )
+
+
+def _load_table(summary: dict[str, Any]) -> str:
+    rows = []
+    for n, layer in enumerate(summary["layers"]):
+        p = f"layers.{n}"
+        ent = layer.get("entropy")
+        rows.append(
+            "<tr>"
+            f"<td>layer {layer['layer']}</td>"
+            + _stat(f"{p}.imbalance", layer["imbalance"])
+            + _stat(f"{p}.cv", layer["cv"])
+            + _stat(f"{p}.max_expert", layer["max_expert"], "d")
+            + _stat(f"{p}.max_token_share", layer["max_token_share"], "%")
+            + f"<td>{html.escape(', '.join(map(str, layer['dead_experts'])) or '-')}</td>"
+            + (_stat(f"{p}.entropy.mean_normalised", ent["mean_normalised"]) if ent else "<td>n/a</td>")
+            + _stat(f"{p}.dropped_token_share", layer["dropped_token_share"], "%")
+            + _stat(f"{p}.tokens", layer["tokens"], ",d")
+            + "</tr>"
+        )
+    head = (
+        "<tr><th>layer</th><th>max/mean</th><th>CV</th><th>busiest expert</th><th>its token share</th>"
+        "<th>dead experts</th><th>entropy / ln E</th><th>dropped</th><th>tokens</th></tr>"
+    )
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
+def _specialisation_tables(summary: dict[str, Any]) -> str:
+    names = summary["label_names"]
+    rows, top_rows = [], []
+    for n, layer in enumerate(summary["layers"]):
+        spec = layer.get("specialisation")
+        if not spec:
+            continue
+        p = f"layers.{n}.specialisation"
+        rows.append(
+            f"<tr><td>layer {layer['layer']}</td>"
+            + _stat(f"{p}.mi_bits", spec["mi_bits"], ".3f")
+            + _stat(f"{p}.mi_normalised", spec["mi_normalised"], "%")
+            + _stat(f"{p}.mi_top1_bits", spec["mi_top1_bits"], ".3f")
+            + _stat(f"{p}.label_entropy_bits", spec["label_entropy_bits"], ".3f")
+            + "</tr>"
+        )
+        cells = []
+        for name in names:
+            top = spec["top_experts"].get(name) or []
+            if not top:
+                cells.append("<td>-</td>")
+                continue
+            t = top[0]
+            q = f"{p}.top_experts.{name}.0"
+            cells.append(
+                f'<td>e<span data-stat="{html.escape(q)}.expert" data-fmt="d">{t["expert"]}</span> '
+                f'(lift <span data-stat="{html.escape(q)}.lift" data-fmt=".2f">{t["lift"]:.2f}</span>)</td>'
+            )
+        top_rows.append(f"<tr><td>layer {layer['layer']}</td>{''.join(cells)}</tr>")
+    if not rows:
+        return ""
+    mi = (
+        "<table><tr><th>layer</th><th>MI(label; expert) bits</th><th>share of H(label)</th>"
+        "<th>MI with top-1 only</th><th>H(label) bits</th></tr>" + "".join(rows) + "</table>"
+    )
+    head = "".join(f"<th>{html.escape(name)}</th>" for name in names)
+    top = (
+        "<h3>Most specific expert per label (highest lift)</h3>"
+        f"<table><tr><th>layer</th>{head}</tr>{''.join(top_rows)}</table>"
+    )
+    return mi + top
+
+
+def _transition_table(summary: dict[str, Any]) -> str:
+    trans = summary.get("transitions") or []
+    if not trans:
+        return '<p class="note">Only one MoE layer: nothing to compare.</p>'
+    rows = []
+    for n, t in enumerate(trans):
+        p = f"transitions.{n}"
+        rows.append(
+            f"<tr><td>{t['from']} &rarr; {t['to']}</td>"
+            + _stat(f"{p}.nmi", t["nmi"])
+            + _stat(f"{p}.mi_bits", t["mi_bits"], ".3f")
+            + _stat(f"{p}.predictability", t["predictability"], "%")
+            + _stat(f"{p}.same_expert", t["same_expert"], "%")
+            + "</tr>"
+        )
+    head = (
+        "<tr><th>layers</th><th>NMI</th><th>MI bits</th><th>follows the usual path</th><th>same expert index</th></tr>"
+    )
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
+def _drift_table(summary: dict[str, Any]) -> str:
+    rows = []
+    for n, d in enumerate(summary["drift"]):
+        p = f"drift.{n}"
+        rows.append(
+            f"<tr><td>layer {d['layer']}</td>"
+            + _stat(f"{p}.top1_changed", d["top1_changed"], "%")
+            + _stat(f"{p}.topk_overlap", d["topk_overlap"], "%")
+            + _stat(f"{p}.load_tv", d["load_tv"], ".3f")
+            + "</tr>"
+        )
+    head = "<tr><th>layer</th><th>top-1 changed</th><th>top-k overlap</th><th>load TV distance</th></tr>"
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
+def _token_view(samples: Sequence[dict[str, Any]], summary: dict[str, Any]) -> str:
+    """Tokens coloured by top-1 expert, one copy per layer; radio buttons pick the layer (no script)."""
+    if not samples:
+        return ""
+    layers = summary["layers"]
+    radios, tabs, css, bodies = [], [], [], []
+    for n, layer in enumerate(layers):
+        checked = " checked" if n == 0 else ""
+        radios.append(f'<input type="radio" name="tv-layer" id="tv-l{n}" class="tv-radio"{checked}>')
+        tabs.append(f'<label for="tv-l{n}">layer {layer["layer"]}</label>')
+        css.append(f"#tv-l{n}:checked ~ .tv-body .tv-layer-{n} {{ display:block; }}")
+        css.append(
+            f"#tv-l{n}:checked ~ .tv-tabs label[for=tv-l{n}] {{ background:var(--accent); color:#fff; "
+            "border-color:var(--accent); }"
+        )
+        E = layer["num_experts"]
+        legend = "".join(f'<span style="background:{expert_colour(e, E)}">expert {e}</span>' for e in range(E))
+        parts = [f'<div class="tv-layer tv-layer-{n}"><div class="legend">{legend}</div>']
+        for s in samples:
+            spans = []
+            for t, piece in enumerate(s["tokens"]):
+                experts, weights = s["experts"][t][n], s["weights"][t][n]
+                top = experts[0] if experts else -1
+                tip = ", ".join(f"e{e} {w:.2f}" for e, w in zip(experts, weights) if e >= 0) or "no expert"
+                shown = html.escape(piece).replace("\n", '<span class="nl">&#9166;</span>\n')
+                bg = f"background:{expert_colour(top, E)}" if top >= 0 else "background:#eee"
+                spans.append(f'<span style="{bg}" title="layer {layer["layer"]}: {html.escape(tip)}">{shown}</span>')
+            title = html.escape(s.get("label", ""))
+            parts.append(f'<div class="sample"><h4>{title}</h4><div class="text">{"".join(spans)}</div></div>')
+        parts.append("</div>")
+        bodies.append("".join(parts))
+    return (
+        f"<style>{''.join(css)}</style>"
+        + "".join(radios)
+        + f'<div class="tv-tabs">{"".join(tabs)}</div>'
+        + f'<div class="tv-body">{"".join(bodies)}</div>'
+    )
+
+
+def _cards(summary: dict[str, Any]) -> str:
+    layers = summary["layers"]
+    model = summary.get("model") or {}
+    imbs = [layer["imbalance"] for layer in layers if layer["imbalance"] is not None]
+    experts = sorted({layer["num_experts"] for layer in layers})
+    ks = sorted({layer["top_k"] for layer in layers})
+    cards = [
+        ("MoE layers", str(len(layers))),
+        ("experts per layer", "/".join(map(str, experts))),
+        ("experts per token", "/".join(map(str, ks))),
+        ("router", str(model.get("router", "?"))),
+        ("tokens analysed", f"{summary['tokens']:,}"),
+        ("worst max/mean", f"{max(imbs):.2f}" if imbs else "n/a"),
+        ("dead experts", str(sum(len(layer["dead_experts"]) for layer in layers))),
+    ]
+    if summary["label_names"]:
+        cards.append(("labels", str(len(summary["label_names"]))))
+    body = "".join(
+        f'<div class="card"><div class="v">{html.escape(v)}</div><div class="k">{k}</div></div>' for k, v in cards
+    )
+    return f'<div class="cards">{body}</div>'
+
+
+def render_html(summary: dict[str, Any], plots: Sequence[Plot], samples: Sequence[dict[str, Any]] = ()) -> str:
+    """The report page as one string (no external references)."""
+    read = summary.get("readings") or readings(summary)
+    by_name = {p.name: p for p in plots}
+    model = summary.get("model") or {}
+    data = summary.get("data") or {}
+    sub = " &middot; ".join(
+        html.escape(str(x))
+        for x in (
+            model.get("source"),
+            f"{summary['tokens']:,} tokens",
+            f"labels: {data.get('labels')}" if data.get("labels") else None,
+        )
+        if x
+    )
+    sections: list[tuple[str, str, str]] = []  # (id, title, body)
+    sections.append(("overview", "At a glance", _cards(summary) + _reading(read["overview"])))
+    body = _figure(by_name["load_heatmap"]) + _reading(read["load"]) + _load_table(summary)
+    sections.append(("load", "Expert load", body))
+    if "imbalance_training" in by_name:
+        sections.append(("training", "Training", _figure(by_name["imbalance_training"]) + _reading(read["training"])))
+    if "specialisation" in by_name:
+        body = _figure(by_name["specialisation"]) + _reading(read["specialisation"]) + _specialisation_tables(summary)
+        sections.append(("specialisation", "Specialisation", body))
+    if "coactivation" in by_name:
+        sections.append(
+            ("coactivation", "Co-activation", _figure(by_name["coactivation"]) + _reading(read["coactivation"]))
+        )
+    sections.append(("layers", "Layer to layer", _reading(read["layers"]) + _transition_table(summary)))
+    if "entropy" in by_name:
+        sections.append(("entropy", "Router entropy", _figure(by_name["entropy"]) + _reading(read["entropy"])))
+    if "drift" in by_name:
+        body = _figure(by_name["drift"]) + _reading(read["drift"]) + _drift_table(summary)
+        sections.append(("drift", "Drift", body))
+    if samples:
+        intro = (
+            '<p class="note">Each token is coloured by the expert with the largest weight (top-1) in the chosen '
+            "layer; hover a token for all its experts and weights. Each sample is routed in windows of the "
+            f"model's context ({samples[0].get('window', '?')} tokens).</p>"
+        )
+        sections.append(("tokens", "Tokens by expert", intro + _token_view(samples, summary)))
+    nav = "".join(f'<a href="#{sid}">{html.escape(title)}</a>' for sid, title, _ in sections)
+    main = "".join(
+        f'<section id="{sid}"><div class="wrap"><h2>{html.escape(title)}</h2>{body}</div></section>'
+        for sid, title, body in sections
+    )
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>moekit routing report</title><style>{CSS}</style></head><body>"
+        f'<header><div class="wrap"><h1>Routing report</h1><p class="sub">{sub}</p></div></header>'
+        f'<nav><div class="wrap">{nav}</div></nav>{main}'
+        '<footer><div class="wrap">Made by <code>moekit analyze</code>. Every number here and in the plots is in '
+        "<code>stats.json</code>; the plots are also saved as PNG files next to this page.</div></footer>"
+        "</body></html>\n"
+    )
+
+
+def _json_safe(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+def write_report(
+    out_dir: str | os.PathLike,
+    summary: dict[str, Any],
+    plots: Sequence[Plot],
+    samples: Sequence[dict[str, Any]] = (),
+) -> dict[str, Path]:
+    """Write ``report.html``, ``stats.json`` and one PNG per plot into ``out_dir``.
+
+    Args:
+        out_dir: created if needed.
+        summary: from :func:`moekit.analysis.stats.summarize` (readings are added if missing).
+        plots: from :func:`moekit.analysis.plots.make_plots`.
+        samples: token views from :func:`moekit.analysis.stats.token_routes`, each with a ``label``.
+
+    Returns:
+        ``{"report": ..., "stats": ..., "<plot name>": png path, ...}``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = dict(summary)
+    summary.setdefault("readings", readings(summary))
+    summary["figures"] = [
+        {"file": f"{p.name}.png", "title": p.title, "caption": p.caption, "data": p.data} for p in plots
+    ]
+    summary["token_view"] = list(samples)
+    paths: dict[str, Path] = {}
+    for p in plots:
+        paths[p.name] = out / f"{p.name}.png"
+        atomic_write_bytes(paths[p.name], p.png)
+    paths["stats"] = out / "stats.json"
+    atomic_write_json(paths["stats"], _json_safe(summary))
+    paths["report"] = out / "report.html"
+    atomic_write_text(paths["report"], render_html(summary, plots, samples))
+    return paths
+
+
+def load_stats(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a ``stats.json`` written by :func:`write_report`."""
+    return json.loads(Path(path).read_text(encoding="utf-8"))
