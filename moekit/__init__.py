@@ -14,3 +14,20 @@ def load(path, device="cpu"):
     from moekit.train.checkpoint import load_model
 
     return load_model(path, device)[0]
+
+
+def from_hf(path, device="cpu", dtype=None):
+    """A moekit model from a Hugging Face model folder (see :func:`moekit.interop.hf.from_hf`).
+
+    Its forward on ``input_ids`` returns an object whose ``.logits`` is [batch, seq, vocab].
+    """
+    from moekit.interop.hf import from_hf as _from_hf
+
+    return _from_hf(path, device=device, dtype=dtype)
+
+
+def to_hf(model, path, tokenizer=None, dtype=None, family=None):
+    """Write ``model`` as a folder transformers loads (see :func:`moekit.interop.hf.to_hf`); returns the folder."""
+    from moekit.interop.hf import to_hf as _to_hf
+
+    return _to_hf(model, path, tokenizer=tokenizer, dtype=dtype, family=family)

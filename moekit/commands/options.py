@@ -66,4 +66,10 @@ def _scalar(text: str) -> Any:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    if isinstance(value, str):
+        # YAML 1.1 reads "1e-3" as a string; a flag like --lr 1e-3 means a number.
+        try:
+            return float(text)
+        except ValueError:
+            return text
     return value if isinstance(value, (int, float, bool, type(None))) else text

@@ -1,12 +1,23 @@
-"""``moekit train [CONFIG] [--key value ...] [--resume]``."""
+"""``moekit train [CONFIG] [--key value ...] [--resume] [--nproc N] [--ep P]``.
+
+With ``--nproc N`` (N > 1) the command starts N copies of itself on this machine, torchrun-style
+(:func:`moekit.distributed.launch.launch`); a copy that finds torchrun's environment (WORLD_SIZE > 1) trains
+its share with :func:`moekit.distributed.train_distributed`. So these two run the same thing::
+
+    moekit train --nproc 2 --ep 2 --max-steps 100
+    torchrun --standalone --nproc-per-node 2 -m moekit train --ep 2 --max-steps 100
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 from rich.console import Console
 
 from moekit.commands.options import parse_overrides, read_config_file
+from moekit.errors import ConfigError
 from moekit.train.config import apply_overrides
 from moekit.train.trainer import train
 
@@ -21,6 +32,18 @@ def add_parser(verbs) -> None:
     p.add_argument("--config", help="YAML, TOML or JSON file with TrainConfig fields (may also come first, bare)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument("--out", dest="out_dir", help="run folder (default: runs/run-<time>)")
+    p.add_argument(
+        "--nproc", type=int, default=1, help="processes on this machine (launches itself like torchrun; default 1)"
+    )
+    p.add_argument(
+        "--ep", type=int, default=1, help="expert-parallel degree: each process holds num_experts / ep experts"
+    )
+    p.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=None,
+        help="seconds a process waits for the others before the run fails (default 300)",
+    )
     p.set_defaults(func=run, free_options=True)
 
 
@@ -33,9 +56,47 @@ def run(args: argparse.Namespace) -> int:
     overrides = parse_overrides(extra)
     if args.out_dir:
         overrides["out_dir"] = args.out_dir
-    result = train(apply_overrides(base, {}), resume=args.resume, **overrides)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.nproc > 1 and "RANK" not in os.environ:
+        return _launch(args)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if args.nproc > 1 and args.nproc != local_world:
+        raise ConfigError(f"--nproc {args.nproc} but the launcher started {local_world} processes on this machine")
+    if world > 1 or args.ep > 1:
+        from moekit.distributed import train_distributed
+
+        if args.ep > world:
+            raise ConfigError(f"--ep {args.ep} needs at least {args.ep} processes (--nproc N or torchrun), got {world}")
+        result = train_distributed(
+            apply_overrides(base, {}), resume=args.resume, ep=args.ep, timeout=args.dist_timeout, **overrides
+        )
+        if int(os.environ.get("RANK", "0")) != 0:
+            return 0
+    else:
+        result = train(apply_overrides(base, {}), resume=args.resume, **overrides)
     console = Console()
     step, val = result.val_losses[-1]
     console.print(f"step {step}: val_loss={val:.4f}  ({result.tokens_per_second:,.0f} tok/s)")
     console.print(f"run folder: {result.run_dir}  checkpoint: {result.checkpoint}")
     return 0
+
+
+def _launch(args: argparse.Namespace) -> int:
+    """Start ``args.nproc`` copies of this command (each then sees WORLD_SIZE and trains its share)."""
+    from moekit.distributed.launch import launch
+
+    if args.ep > args.nproc or args.nproc % args.ep:
+        raise ConfigError(f"--ep {args.ep} must divide --nproc {args.nproc}")
+    argv = ["train"]
+    if args.config:
+        argv += ["--config", args.config]
+    if args.resume:
+        argv.append("--resume")
+    if args.out_dir:
+        argv += ["--out", args.out_dir]
+    argv += ["--nproc", str(args.nproc), "--ep", str(args.ep)]
+    if args.dist_timeout is not None:
+        argv += ["--dist-timeout", str(args.dist_timeout)]
+    argv += list(args.extra)
+    code, _ = launch([sys.executable, "-m", "moekit", *argv], args.nproc)
+    return code

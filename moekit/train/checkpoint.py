@@ -11,6 +11,17 @@ Layout of a run folder::
         step-000500/            one checkpoint: written as .tmp-*, fsynced, then renamed
           config.json  model.safetensors  tokenizer.json  trainer_state.json  optimizer.safetensors
 
+A run with expert parallelism over P ranks (``moekit train --ep P``, see :mod:`moekit.distributed`) writes,
+instead of the two ``.safetensors`` files, one shard per expert-parallel rank and an index::
+
+    model-ep{r}-of-{P}.safetensors      rank r's experts of every MoE layer (+ on rank 0 everything else)
+    optimizer-ep{r}-of-{P}.safetensors  the matching optimizer state
+    model-ep.index.json                 the files, and which tensors are split along dim 0 (the experts)
+
+:func:`read_model_tensors` and :func:`read_optimizer_tensors` merge them into exactly the single-file
+content, so every reader (``load_model``, ``moekit.load``, generation, analysis, export, resume at
+another EP degree or on one process) sees one format.
+
 A kill at any moment leaves the previous checkpoint intact: a checkpoint folder only gets its
 final name once every file in it is on disk, and ``latest`` is replaced atomically after that.
 No pickle anywhere: optimizer tensors and RNG states are safetensors, the rest is JSON.
@@ -38,6 +49,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
+EP_INDEX_FILE = "model-ep.index.json"
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 
@@ -136,20 +148,90 @@ def _prune(root: Path, keep: int) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
+def has_weights(folder: Path) -> bool:
+    """Whether ``folder`` holds model weights: ``model.safetensors`` or an expert-parallel index."""
+    return (folder / WEIGHTS_FILE).is_file() or (folder / EP_INDEX_FILE).is_file()
+
+
+def _read_ep_index(ckpt: Path) -> dict[str, Any]:
+    file = ckpt / EP_INDEX_FILE
+    try:
+        index = json.loads(file.read_text())
+        files, split = list(index["files"]), set(index["expert_tensors"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{file} is not a valid expert-parallel index: {e}") from None
+    if index.get("ep_size") != len(files) or not files:
+        raise CheckpointError(f"{file}: ep_size={index.get('ep_size')} but it lists {len(files)} files")
+    index["expert_tensors"] = split
+    return index
+
+
+def _merge_ep_shards(ckpt: Path, files: list[str], split: set[str]) -> dict[str, torch.Tensor]:
+    """Tensors of ``files`` (one per EP rank, in rank order): ``split`` ones concatenated along dim 0,
+    the others from the first file."""
+    shards = []
+    for name in files:
+        if not (ckpt / name).is_file():
+            raise CheckpointError(f"{ckpt / name} is missing: the expert-parallel checkpoint is incomplete")
+        shards.append(load_tensors(ckpt / name))
+    out = {k: v for k, v in shards[0].items() if k not in split}
+    for r, shard in enumerate(shards):
+        extra = sorted(set(shard) - split) if r else []
+        missing = sorted(split - set(shard))
+        if extra or missing:
+            raise CheckpointError(
+                f"{ckpt / files[r]} does not match {EP_INDEX_FILE}: missing {missing[:5]}, unexpected {extra[:5]}"
+            )
+    for k in sorted(split):
+        out[k] = torch.cat([shard[k] for shard in shards], dim=0)
+    return out
+
+
+def weights_files(checkpoint: str | os.PathLike) -> list[Path]:
+    """The safetensors files of a checkpoint's model: ``model.safetensors``, or the expert-parallel shards in
+    rank order (rank 0's holds every non-expert tensor)."""
+    ckpt = resolve_checkpoint(checkpoint)
+    if (ckpt / WEIGHTS_FILE).is_file():
+        return [ckpt / WEIGHTS_FILE]
+    return [ckpt / name for name in _read_ep_index(ckpt)["files"]]
+
+
+def read_model_tensors(checkpoint: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The model tensors of a checkpoint, merged from expert-parallel shards when it has them."""
+    ckpt = resolve_checkpoint(checkpoint)
+    if (ckpt / WEIGHTS_FILE).is_file():
+        return load_tensors(ckpt / WEIGHTS_FILE)
+    index = _read_ep_index(ckpt)
+    return _merge_ep_shards(ckpt, index["files"], index["expert_tensors"])
+
+
+def read_optimizer_tensors(checkpoint: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The optimizer tensors of a checkpoint (see :func:`optimizer_tensors`), merged like the model's."""
+    ckpt = resolve_checkpoint(checkpoint)
+    if (ckpt / OPTIMIZER_FILE).is_file():
+        return load_tensors(ckpt / OPTIMIZER_FILE)
+    if (ckpt / EP_INDEX_FILE).is_file():
+        index = _read_ep_index(ckpt)
+        files = index.get("optimizer_files")
+        if files:
+            return _merge_ep_shards(ckpt, files, set(index.get("optimizer_expert_tensors", [])))
+    raise CheckpointError(f"{ckpt / OPTIMIZER_FILE} is missing: this checkpoint cannot be resumed")
+
+
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """A checkpoint folder from a checkpoint folder, a run folder, or a run's ``checkpoints`` folder."""
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"no checkpoint at {p}: the path does not exist")
-    if (p / CONFIG_FILE).is_file() and (p / WEIGHTS_FILE).is_file():
+    if (p / CONFIG_FILE).is_file() and has_weights(p):
         return p
     root = p / CHECKPOINTS if (p / CHECKPOINTS).is_dir() else p
     latest = root / LATEST
     if latest.is_file():
         candidate = root / latest.read_text().strip()
-        if (candidate / WEIGHTS_FILE).is_file():
+        if has_weights(candidate):
             return candidate
-    steps = sorted(q for q in root.glob("step-*") if (q / WEIGHTS_FILE).is_file())
+    steps = sorted(q for q in root.glob("step-*") if has_weights(q))
     if steps:
         return steps[-1]
     raise CheckpointError(f"no checkpoint in {p}: expected {CONFIG_FILE} + {WEIGHTS_FILE}, or a run folder")
@@ -172,7 +254,10 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     """Model (eval mode) and tokenizer from a checkpoint or run folder."""
     ckpt = resolve_checkpoint(path)
     model = MoELM(read_model_config(ckpt))
-    load_weights_into(model, ckpt / WEIGHTS_FILE)
+    if (ckpt / WEIGHTS_FILE).is_file():
+        load_weights_into(model, ckpt / WEIGHTS_FILE)
+    else:  # expert-parallel shards
+        load_tensors_into(model, read_model_tensors(ckpt), ckpt / EP_INDEX_FILE)
     tokenizer = load_tokenizer(ckpt)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise CheckpointError(
@@ -184,7 +269,12 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
 
 def load_weights_into(model: nn.Module, weights_file: str | os.PathLike) -> None:
     """Load a safetensors file into ``model``, naming missing, unexpected and mis-shaped tensors."""
-    tensors = load_tensors(weights_file)
+    load_tensors_into(model, load_tensors(weights_file), weights_file)
+
+
+def load_tensors_into(model: nn.Module, tensors: dict[str, torch.Tensor], weights_file: str | os.PathLike) -> None:
+    """Load ``tensors`` (read from ``weights_file``) into ``model``, naming missing, unexpected and
+    mis-shaped tensors."""
     expected = model.state_dict()
     tied = set(expected) - set(model_tensors(model))
     missing = sorted(set(expected) - set(tensors) - tied)

@@ -33,8 +33,8 @@ class TrainConfig(Config):
 
     model: str = "demo"
     model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
-    init_from: str | None = None  # a moekit checkpoint or run folder to fine-tune from
-    data: str | None = None  # text file, folder or JSONL; None = the built-in tiny-shakespeare
+    init_from: str | None = None  # a moekit checkpoint or run folder, or a Hugging Face model folder, to fine-tune
+    data: str | tuple[str, ...] | None = None  # text file, folder or JSONL (or several); None = built-in corpus
     text_field: str = "text"
     tokenizer: str = "byte"  # byte | char | path to a folder with an HF tokenizer.json
     val_fraction: float = 0.1
@@ -52,6 +52,7 @@ class TrainConfig(Config):
     grad_clip: float = 1.0  # 0 disables clipping (the norm is still checked for NaN/inf)
     aux_loss_scale: float = 1.0  # multiplies the model's balancing losses (0 turns them off)
     bias_update: bool = True  # aux-loss-free bias updates for sigmoid routers, once per step
+    trainable: str | None = None  # regex of parameter names to train (or "router", "experts"); None = all
     precision: Precision = Precision.FP32
     eval_interval: int = 200
     eval_batches: int = 20

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -15,12 +16,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from moekit.analysis.health import CollapseMonitor
 from moekit.data.corpus import builtin_corpus
 from moekit.data.loader import TokenLoader, iter_eval_batches, split_tokens
 from moekit.data.text import load_text
 from moekit.data.tokenizers import Tokenizer, build_tokenizer
 from moekit.errors import CheckpointError, ConfigError, NonFiniteError
-from moekit.interop.safe_io import atomic_write_json, load_tensors
+from moekit.interop.hf.api import is_hf_checkpoint, load_hf_for_training
+from moekit.interop.safe_io import atomic_write_json
 from moekit.models import LMConfig, MoELM
 from moekit.models.presets import get_preset
 from moekit.train import checkpoint as ckpt
@@ -30,6 +33,8 @@ from moekit.train.optim import build_optimizer, lr_at
 from moekit.train.progress import TrainProgress
 
 RUN_FILE = "run.json"
+# Shorthands for TrainConfig.trainable.
+TRAINABLE_ALIASES = {"router": r"\.mlp\.router\.", "experts": r"\.mlp\.(experts|router|shared_expert)"}
 # Fields that may change when a run is resumed (they do not change what a step computes).
 RESUMABLE_CHANGES = {
     "max_steps",
@@ -62,7 +67,9 @@ def resolve_model_config(config: TrainConfig, tokenizer: Tokenizer) -> LMConfig:
     overrides = dict(config.model_overrides)
     moe_over = overrides.pop("moe", None)
     merged = {**base, **overrides}
-    if moe_over is not None:
+    if "moe" in config.model_overrides and moe_over is None:
+        merged["moe"] = None  # model.moe=null: the preset's dense baseline
+    elif moe_over is not None:
         if merged.get("moe") is None:
             raise ConfigError(f"model.moe overrides given, but preset {config.model!r} is dense")
         merged["moe"] = {**merged["moe"], **moe_over}
@@ -84,7 +91,21 @@ def resolve_model_config(config: TrainConfig, tokenizer: Tokenizer) -> LMConfig:
 
 
 def load_corpus(config: TrainConfig) -> str:
-    return builtin_corpus() if config.data is None else load_text(config.data, text_field=config.text_field)
+    if config.data is None:
+        return builtin_corpus()
+    paths = [config.data] if isinstance(config.data, str) else list(config.data)
+    return "\n\n".join(load_text(path, text_field=config.text_field) for path in paths)
+
+
+def freeze_except(model: torch.nn.Module, pattern: str) -> None:
+    """Train only the parameters whose name matches the regex ``pattern`` (``router`` = routers only)."""
+    regex = re.compile(TRAINABLE_ALIASES.get(pattern, pattern))
+    matched = 0
+    for name, param in model.named_parameters():
+        param.requires_grad_(bool(regex.search(name)))
+        matched += param.requires_grad
+    if not matched:
+        raise ConfigError(f"trainable={pattern!r} matches no parameter of the model")
 
 
 def encode_corpus(tokenizer: Tokenizer, text: str) -> torch.Tensor:
@@ -93,6 +114,11 @@ def encode_corpus(tokenizer: Tokenizer, text: str) -> torch.Tensor:
 
 class Trainer:
     """One training run in ``config.out_dir`` (new, or continued with ``resume=True``)."""
+
+    # Overridden by moekit.distributed.DistributedTrainer: only rank 0 writes run.json, metrics and the
+    # progress bar; each rank runs on its own device.
+    is_main = True
+    device = torch.device("cpu")
 
     def __init__(self, config: TrainConfig, resume: bool = False, console=None):
         self.config = config
@@ -105,9 +131,12 @@ class Trainer:
 
         text = load_corpus(config)
         source = ckpt.resolve_checkpoint(self.run_dir) if resume else None
-        if source is None and config.init_from:
+        init_hf = source is None and bool(config.init_from) and is_hf_checkpoint(config.init_from)
+        if source is None and config.init_from and not init_hf:
             source = ckpt.resolve_checkpoint(config.init_from)
-        if source is not None:
+        if init_hf:  # a Hugging Face model folder: fine-tune it (fp32 weights) with the tokenizer it came with
+            self.model, self.tokenizer = load_hf_for_training(config.init_from)
+        elif source is not None:
             self.model, self.tokenizer = ckpt.load_model(source)
             if resume:
                 self._check_same_model(source)
@@ -126,7 +155,12 @@ class Trainer:
         self.loader = TokenLoader(self.train_tokens, config.block_size, config.batch_size, seed=config.seed)
         # Validation needs one full window; fail now, not at the first evaluation.
         TokenLoader(self.val_tokens, config.block_size, 1)
+        self.model = self.prepare_model(self.model)
+        if config.trainable:
+            freeze_except(self.model, config.trainable)
         self.optimizer = build_optimizer(self.model, config)
+        self.collapse_monitor = CollapseMonitor()  # warns once per layer that collapses at evaluations
+        self.val_loads: list[torch.Tensor] = []  # per-MoE-layer expert loads of the last evaluation
         self.step = 0
         self.elapsed_before = 0.0
         if resume:
@@ -159,23 +193,32 @@ class Trainer:
 
     def _restore(self, source: Path) -> None:
         state = ckpt.read_trainer_state(source)
-        optimizer_file = source / ckpt.OPTIMIZER_FILE
-        if not optimizer_file.is_file():
-            raise CheckpointError(f"{optimizer_file} is missing: this checkpoint cannot be resumed")
-        ckpt.load_optimizer_tensors(self.optimizer, load_tensors(optimizer_file))
+        # One file, or the shards of an expert-parallel run merged (a run may resume at another EP degree).
+        ckpt.load_optimizer_tensors(self.optimizer, ckpt.read_optimizer_tensors(source))
         self.loader.load_state_dict(state["loader"])
         self.step = int(state["step"])
         self.elapsed_before = float(state.get("elapsed", 0.0))
 
     # -- training -----------------------------------------------------------------------------
+    def prepare_model(self, model: MoELM) -> MoELM:
+        """Called once the model is built or loaded, before the optimizer; the distributed trainer shards
+        the experts here."""
+        return model
+
+    def clip_gradients(self, params: list[torch.nn.Parameter]) -> torch.Tensor:
+        """Clip the gradients to ``grad_clip`` (0: no clipping) and return their total norm; the distributed
+        trainer first reduces them over the ranks here."""
+        max_norm = self.config.grad_clip if self.config.grad_clip > 0 else math.inf
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
     def _autocast(self):
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.precision == Precision.BF16)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.precision == Precision.BF16)
 
     def _micro_step(self) -> tuple[float, float, list[torch.Tensor]]:
         x, y = self.loader.next_batch()
         with self._autocast():
             out = self.model(x)
-        loss = F.cross_entropy(out.logits.float().view(-1, out.logits.shape[-1]), y.reshape(-1))
+        loss = self.compute_loss(x, y, out)
         if not torch.isfinite(loss):
             raise NonFiniteError(
                 f"non-finite loss ({loss.item()}) at step {self.step}; no weight was updated. "
@@ -187,6 +230,11 @@ class Trainer:
         (total / self.config.grad_accum).backward()
         loads = [aux.tokens_per_expert.detach() for aux in out.moe_aux]
         return loss.item(), out.aux_loss.item(), loads
+
+    def compute_loss(self, x: torch.Tensor, y: torch.Tensor, out) -> torch.Tensor:
+        """The task loss of one micro-batch (next-token cross-entropy); a subclass may override it
+        (distillation: :class:`moekit.recipes.distill.DistillTrainer`). The MoE balancing loss is added after."""
+        return F.cross_entropy(out.logits.float().view(-1, out.logits.shape[-1]), y.reshape(-1))
 
     def train_step(self, progress: float) -> dict[str, Any]:
         """One optimizer step over ``grad_accum`` micro-batches; returns its metrics."""
@@ -201,7 +249,7 @@ class Trainer:
             aux_losses.append(aux_loss)
             loads = micro_loads if loads is None else [a + b for a, b in zip(loads, micro_loads)]
         params = [p for p in self.model.parameters() if p.grad is not None]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        grad_norm = self.clip_gradients(params)
         if not torch.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteError(
@@ -230,6 +278,7 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         total, count = 0.0, 0
+        loads = None
         batches = iter_eval_batches(
             self.val_tokens,
             self.config.block_size,
@@ -237,12 +286,30 @@ class Trainer:
             max_batches=max_batches or self.config.eval_batches,
         )
         for x, y in batches:
+            x, y = x.to(self.device), y.to(self.device)
             with self._autocast():
-                logits = self.model(x).logits
+                out = self.model(x)
+                logits = out.logits
             total += F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.reshape(-1), reduction="sum").item()
             count += y.numel()
+            batch_loads = [aux.tokens_per_expert.detach().cpu() for aux in out.moe_aux]
+            loads = batch_loads if loads is None else [a + b for a, b in zip(loads, batch_loads)]
+        self.val_loads = loads or []
         self.model.train(was_training)
         return total / count
+
+    def eval_health(self) -> dict[str, Any]:
+        """Per-layer max/mean expert load on the last evaluation's data, checked by the collapse monitor."""
+        if not self.val_loads:
+            return {}
+        layers = self.model.moe_layers()
+        self.collapse_monitor.update(
+            self.val_loads,
+            top_k=[moe.config.experts_per_token for _, moe in layers],
+            layers=[i for i, _ in layers],
+            step=self.step,
+        )
+        return {"val_layer_imbalance": [load_imbalance(load) for load in self.val_loads]}
 
     def save(self, elapsed: float) -> Path:
         state = {"loader": self.loader.state_dict(), "elapsed": elapsed, "train_config": self.config.to_dict()}
@@ -260,7 +327,7 @@ class Trainer:
         """Train until ``max_steps`` or the time budget; evaluate and checkpoint along the way."""
         cfg = self.config
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if not self.resume:
+        if not self.resume and self.is_main:
             atomic_write_json(
                 self.run_dir / RUN_FILE,
                 {
@@ -269,14 +336,14 @@ class Trainer:
                     "parameters": self.model.num_parameters(),
                 },
             )
-        metrics = MetricsLogger(self.run_dir, tensorboard=cfg.tensorboard)
+        metrics = MetricsLogger(self.run_dir, tensorboard=cfg.tensorboard) if self.is_main else _NoMetrics()
         train_losses: list[float] = []
         val_losses: list[tuple[int, float]] = []
         tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
         start = time.perf_counter()
         checkpoint_path = None
         try:
-            with TrainProgress(cfg, self.step, enabled=cfg.progress, console=self.console) as bar:
+            with TrainProgress(cfg, self.step, enabled=cfg.progress and self.is_main, console=self.console) as bar:
                 while self.step < cfg.max_steps:
                     elapsed = self.elapsed_before + time.perf_counter() - start
                     if cfg.time_budget is not None and elapsed >= cfg.time_budget:
@@ -295,7 +362,7 @@ class Trainer:
                     if self.step % cfg.eval_interval == 0:
                         val = self.evaluate()
                         val_losses.append((self.step, val))
-                        metrics.log({"step": self.step, "val_loss": val})
+                        metrics.log({"step": self.step, "val_loss": val, **self.eval_health()})
                         bar.note(f"step {self.step:>6}: val_loss {val:.4f}")
                     if self.step % cfg.checkpoint_interval == 0:
                         checkpoint_path = self.save(record["elapsed"])
@@ -303,7 +370,7 @@ class Trainer:
             if not val_losses or val_losses[-1][0] != self.step:
                 val = self.evaluate()
                 val_losses.append((self.step, val))
-                metrics.log({"step": self.step, "val_loss": val})
+                metrics.log({"step": self.step, "val_loss": val, **self.eval_health()})
             if checkpoint_path is None or not checkpoint_path.name.endswith(f"{self.step:06d}"):
                 checkpoint_path = self.save(elapsed)
         finally:
@@ -317,6 +384,16 @@ class Trainer:
             val_losses=val_losses,
             tokens_per_second=len(train_losses) * tokens_per_step / max(run_time, 1e-9),
         )
+
+
+class _NoMetrics:
+    """The metrics sink of non-zero ranks: rank 0 logs the (already global) metrics."""
+
+    def log(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def train(config: TrainConfig | dict | None = None, resume: bool = False, **overrides: Any) -> TrainResult:
