@@ -19,6 +19,7 @@ def add_parser(verbs) -> None:
     p.add_argument("--granularity", type=int, default=1, help="split the FFN into G finer experts")
     p.add_argument("--noise", type=float, default=0.0, help="relative noise on expert weights (0 = exact)")
     p.add_argument("--shared-experts", type=int, default=0)
+    p.add_argument("--shared-expert-gate", action="store_true", help="Qwen2-MoE sigmoid gate on the shared experts")
     p.add_argument("--reinit-fraction", type=float, default=0.0, help="Drop-Upcycling: neurons re-initialised")
     p.add_argument("--router", default="softmax_topk", choices=["softmax_topk", "sigmoid_topk"])
     p.add_argument("--seed", type=int, default=0)
@@ -38,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
         args.reinit_fraction,
         args.router,
         args.seed,
+        shared_expert_gate=args.shared_expert_gate,
     )
     path = save_checkpoint(args.out, 0, model, tokenizer)
     counts = model.num_parameters()

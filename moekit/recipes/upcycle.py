@@ -10,7 +10,8 @@ tie, so top-k (k a multiple of G) picks whole groups, and with renormalised weig
 ``sum_groups w_g * G * sum_c shard_c(x) / G = dense(x)``: the function is preserved exactly.
 
 Shared experts start as copies of the dense FFN too; shared and routed outputs are each scaled by
-1/2 so that their sum is still the dense FFN. Drop-Upcycling (Nakamura et al. 2025) re-initialises
+1/2 so that their sum is still the dense FFN. With a Qwen2-MoE shared-expert gate, the gate starts at
+zero weight, so sigmoid(0) = 1/2 does the shared side's halving. Drop-Upcycling (Nakamura et al. 2025) re-initialises
 a random fraction of each expert's intermediate neurons to break the experts' symmetry.
 
 Shape legend: D hidden, F dense intermediate, H = F / G expert hidden, E experts, G granularity.
@@ -35,6 +36,7 @@ def upcycle_config(
     shared_experts: int = 0,
     router: str = "softmax_topk",
     aux_loss_coef: float = 0.01,
+    shared_expert_gate: bool = False,
 ) -> LMConfig:
     """The MoE LMConfig that :func:`upcycle` builds from ``dense``."""
     if dense.moe is not None:
@@ -44,6 +46,8 @@ def upcycle_config(
         raise ConfigError(f"intermediate_size={F} is not divisible by granularity={granularity}")
     if num_experts % granularity:
         raise ConfigError(f"num_experts={num_experts} is not divisible by granularity={granularity}")
+    if shared_expert_gate and not shared_experts:
+        raise ConfigError("a shared-expert gate needs at least one shared expert (--shared-experts N)")
     if top_k > num_experts:
         raise ConfigError(f"top_k={top_k} exceeds num_experts={num_experts}")
     if top_k % granularity:
@@ -59,6 +63,7 @@ def upcycle_config(
         activation=dense.activation,
         num_shared_experts=shared_experts,
         shared_expert_hidden_size=F if shared_experts else None,
+        shared_expert_gate=shared_expert_gate,
         norm_topk_prob=True,  # renormalised weights are what makes upcycling function-preserving
         aux_loss_coef=aux_loss_coef,
     )
@@ -91,7 +96,13 @@ def _upcycle_layer(mlp: MLP, moe: MoE, granularity: int, noise: float, reinit_fr
         for name in ("gate_proj", "up_proj"):
             if hasattr(mlp, name):
                 getattr(shared, name).weight.copy_(torch.cat([getattr(mlp, name).weight] * cfg.num_shared_experts))
-        shared.down_proj.weight.copy_(torch.cat([down_DF] * cfg.num_shared_experts, dim=1) / cfg.num_shared_experts)
+        # A zero-weight gate gives sigmoid(0) = 1/2, which already halves the shared output.
+        down_shared_DF = mlp.down_proj.weight if moe.shared_expert_gate is not None else down_DF
+        shared.down_proj.weight.copy_(
+            torch.cat([down_shared_DF] * cfg.num_shared_experts, dim=1) / cfg.num_shared_experts
+        )
+        if moe.shared_expert_gate is not None:
+            nn.init.zeros_(moe.shared_expert_gate.weight)
 
 
 def _drop_upcycle(moe: MoE, fraction: float, generator) -> None:
@@ -118,6 +129,7 @@ def upcycle(
     reinit_fraction: float = 0.0,
     router: str = "softmax_topk",
     seed: int = 0,
+    shared_expert_gate: bool = False,
 ) -> MoELM:
     """Turn a dense MoELM into an MoE with every expert initialised from the dense FFN.
 
@@ -131,6 +143,7 @@ def upcycle(
         reinit_fraction: Drop-Upcycling's fraction of neurons re-initialised per expert.
         router: ``softmax_topk`` (the default) or ``sigmoid_topk``.
         seed: for the router rows, noise and re-initialisation.
+        shared_expert_gate: a Qwen2-MoE sigmoid gate on the shared experts (needed to export as qwen2_moe).
 
     Returns:
         The MoE model; attention, embeddings and norms are copied unchanged.
@@ -139,7 +152,9 @@ def upcycle(
         raise ConfigError(f"reinit_fraction must be in [0, 1], got {reinit_fraction}")
     if noise < 0:
         raise ConfigError(f"noise must be >= 0, got {noise}")
-    config = upcycle_config(dense.config, num_experts, top_k, granularity, shared_experts, router)
+    config = upcycle_config(
+        dense.config, num_experts, top_k, granularity, shared_experts, router, shared_expert_gate=shared_expert_gate
+    )
     moe_model = MoELM(config).to(next(dense.parameters()).dtype)
     generator = torch.Generator().manual_seed(seed)
     dense_state = dense.state_dict()

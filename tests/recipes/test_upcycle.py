@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import moekit
+from moekit.cli import main
 from moekit.errors import ConfigError
 from moekit.models import MoELM
 from moekit.models.presets import dense_equivalent, get_preset
@@ -128,3 +129,26 @@ def test_upcycle_command(tmp_path):
     assert proc.returncode == 0, proc.stderr
     x = torch.randint(0, 256, (1, 12))
     assert (moekit.load(tmp_path / "moe")(x).logits - moekit.load(dense.run_dir)(x).logits).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize(
+    ("dense_family", "moe_family", "granularity", "shared"),
+    [("mistral", "mixtral", 1, 0), ("qwen2", "qwen2_moe", 1, 1), ("qwen3", "qwen3_moe", 2, 0)],
+)
+def test_upcycle_hf_dense_and_export_as_hf_moe(tmp_path, dense_family, moe_family, granularity, shared):
+    """HF dense folder -> moekit upcycle -> HF MoE folder: transformers computes the dense model's function."""
+    from tests.interop.hf_models import save_hf_model, transformers, write_tokenizer
+
+    hf_dense = save_hf_model(dense_family, tmp_path / "dense")
+    write_tokenizer(hf_dense)
+    moe_dir, exported = tmp_path / "moe", tmp_path / "hf_moe"
+    argv = ["upcycle", "--from", hf_dense, "--num-experts", 4, "--top-k", 2, "--granularity", granularity]
+    argv += ["--shared-experts", shared, "--shared-expert-gate"] if shared else []
+    assert main([str(a) for a in [*argv, "--out", moe_dir]]) == 0
+    assert main(["convert", "--to-hf", str(moe_dir), "--out", str(exported), "--family", moe_family]) == 0
+    ids = torch.tensor([[4, 5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        want = transformers.AutoModelForCausalLM.from_pretrained(hf_dense).eval()(ids).logits
+        got = transformers.AutoModelForCausalLM.from_pretrained(exported).eval()(ids).logits
+    assert transformers.AutoConfig.from_pretrained(exported).model_type == moe_family
+    assert (got - want).abs().max() < 1e-5
