@@ -31,7 +31,7 @@ def add_parser(verbs) -> None:
 
 def stream_text(model, tokenizer, prompt: str, stop: list[str] | None = None, **generation) -> Iterator[str]:
     """Yield pieces of generated text as tokens arrive; stops at (and excludes) any stop string."""
-    config = GenerationConfig(**generation)
+    config = GenerationConfig(**{"vocab_limit": tokenizer.vocab_size, **generation})
     ids = tokenizer.encode(prompt)
     new: list[int] = []
     shown = ""

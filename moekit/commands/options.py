@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -61,15 +62,14 @@ def parse_overrides(tokens: list[str]) -> dict[str, Any]:
     return out
 
 
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
 def _scalar(text: str) -> Any:
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
-    if isinstance(value, str):
-        # YAML 1.1 reads "1e-3" as a string; a flag like --lr 1e-3 means a number.
-        try:
-            return float(text)
-        except ValueError:
-            return text
+    if isinstance(value, str) and _NUMBER.fullmatch(text.strip()):
+        return float(text)  # YAML 1.1 reads "1e-3" as a string; --lr 1e-3 means a number
     return value if isinstance(value, (int, float, bool, type(None))) else text

@@ -44,6 +44,8 @@ class GenerationConfig(Config):
     stop_token_ids: tuple[int, ...] = ()  # stop a row at any of these (the stop token is not returned)
     seed: int | None = None  # seeds a private torch.Generator: same seed, same samples
     pad_token_id: int = 0  # fills the left padding of shorter prompts (never attended to)
+    # Ids >= this are never picked: a model's vocabulary is often padded past its tokenizer's.
+    vocab_limit: int | None = None
     # A prompt longer than the context is always an error; this decides what happens once the
     # prompt plus the new tokens outgrow it.
     context_overflow: ContextOverflow = ContextOverflow.SLIDE
@@ -77,6 +79,10 @@ class GenerationConfig(Config):
         require(
             isinstance(self.pad_token_id, int) and self.pad_token_id >= 0,
             f"pad_token_id must be an integer >= 0, got {self.pad_token_id!r}",
+        )
+        require(
+            self.vocab_limit is None or (isinstance(self.vocab_limit, int) and self.vocab_limit >= 1),
+            f"vocab_limit must be a positive integer or None, got {self.vocab_limit!r}",
         )
         set_(self, "context_overflow", check_choice("context_overflow", self.context_overflow, ContextOverflow))
 
@@ -279,6 +285,9 @@ def _next_tokens(
 ) -> torch.Tensor:
     """Pick one token per row [B] (fp32 logits; ties in argmax go to the lowest id)."""
     logits = logits_BV.float()
+    if config.vocab_limit is not None and config.vocab_limit < logits.shape[-1]:
+        logits = logits.clone()  # .float() may return the model's own tensor
+        logits[:, config.vocab_limit :] = float("-inf")
     if seen_BV is not None:
         p = config.repetition_penalty
         logits = torch.where(seen_BV, torch.where(logits > 0, logits / p, logits * p), logits)

@@ -102,6 +102,21 @@ def test_top_k_1_and_tiny_top_p_are_greedy():
     assert generate(model, [[3, 4]], max_new_tokens=10, temperature=1.5, top_p=1e-6, seed=0) == greedy
 
 
+def test_vocab_limit_never_picks_ids_past_the_tokenizer():
+    model = build("moe")
+
+    def favour_last_id(module, inputs, logits):
+        return logits + torch.nn.functional.one_hot(torch.tensor(V - 1), V) * 1e4
+
+    model.lm_head.register_forward_hook(favour_last_id)  # the padded id would win every step
+    limit = V - 1
+    for kwargs in (dict(temperature=0), dict(temperature=1.0, seed=0)):
+        free = generate(model, [[3, 4]], max_new_tokens=12, **kwargs)[0]
+        limited = generate(model, [[3, 4]], max_new_tokens=12, vocab_limit=limit, **kwargs)[0]
+        assert max(limited) < limit
+        assert V - 1 in free  # without the limit the padded id is picked
+
+
 def test_repetition_penalty_discourages_repeats():
     model = build("moe")
     out = generate(model, [[3, 4]], max_new_tokens=30, temperature=0, repetition_penalty=1e6)[0]
