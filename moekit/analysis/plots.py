@@ -137,7 +137,7 @@ def imbalance_curve(training: dict[str, Any]) -> Plot:
     ax.set_xlabel("training step")
     ax.set_ylabel("max / mean expert load")
     ax.set_title("Load imbalance during training")
-    if per_layer.shape[1] <= 12:
+    if 0 < per_layer.shape[1] <= 12 and len(steps):
         ax.legend(fontsize=7, ncol=2, frameon=False)
     ax.grid(alpha=0.25)
     return Plot(

@@ -54,9 +54,28 @@ def demo(time_budget="2m", out=None, prompt="ROMEO:", max_new_tokens=300, seed=1
         share = row.float() / row.sum() * 100
         table.add_row(str(layer), *(f"{s:.1f}" for s in share), f"{(row.max() / row.float().mean()).item():.2f}")
     console.print(table)
+    report = _routing_report(result.run_dir, console)
+    console.print(f"routing report: [bold]{report}[/] (open it in a browser)")
     console.print(f"\nrun folder: [bold]{result.run_dir}[/] (checkpoint {result.checkpoint.name}, metrics.jsonl, tb/)")
     console.print(f"next: moekit generate --checkpoint {result.run_dir} --prompt 'JULIET:'")
-    return {"run_dir": result.run_dir, "val_losses": result.val_losses, "sample": sample}
+    return {"run_dir": result.run_dir, "val_losses": result.val_losses, "sample": sample, "report": report}
+
+
+def _routing_report(run_dir, console):
+    """moekit analyze on the corpus' validation tenth: which experts take which kinds of characters."""
+    from pathlib import Path
+
+    from moekit.commands.analyze import analyze
+    from moekit.data.corpus import builtin_corpus
+
+    text = builtin_corpus()
+    out = Path(run_dir) / "analysis"
+    out.mkdir(parents=True, exist_ok=True)
+    valid = out / "validation.txt"
+    valid.write_text(text[int(len(text) * 0.9) :], encoding="utf-8")
+    return analyze(checkpoint=run_dir, data=[valid], out=out, max_tokens=16384, progress=False, console=console)[
+        "report"
+    ]
 
 
 def _val_tokens(model, tokenizer):

@@ -1,0 +1,18 @@
+"""``moekit demo`` end to end, with a few seconds of training instead of two minutes."""
+
+from __future__ import annotations
+
+from moekit.cli import main
+
+
+def test_demo_trains_samples_and_writes_a_routing_report(tmp_path, capsys):
+    out = tmp_path / "demo"
+    argv = ["demo", "--time-budget", "3s", "--out", str(out), "--max-new-tokens", "20", "--prompt", "ROMEO:"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "val_loss" in text and "ROMEO:" in text
+    assert "share of tokens per expert" in text and "max/mean" in text
+    report = out / "analysis" / "report.html"
+    assert report.is_file() and "<html" in report.read_text()[:500].lower()
+    assert (out / "analysis" / "stats.json").is_file()
+    assert any((out / "checkpoints").iterdir())
