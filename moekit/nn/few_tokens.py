@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from moekit.nn.config import Activation, RouterType
-from moekit.nn.grouped_mm import compute_dtype
+from moekit.nn.grouped_mm import compute_dtype, intra_op_threads
 from moekit.nn.router import routing_dtype, sigmoid_topk_select
 from moekit.nn.routing import MoEAux
 
@@ -66,6 +66,13 @@ def _choose(layer, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
 
 def forward(layer, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
     """``layer(x)`` for x of at most MAX_TOKENS tokens; see the module docstring."""
+    # GEMVs are bound by memory, which one thread nearly saturates; one thread also spares every
+    # small op an OpenMP fork/join (see moekit.nn.grouped_mm.intra_op_threads).
+    with intra_op_threads(1):
+        return _forward(layer, x)
+
+
+def _forward(layer, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
     cfg = layer.config
     x_TD = x.reshape(-1, x.shape[-1])
     T = x_TD.shape[0]
@@ -74,19 +81,28 @@ def forward(layer, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
     acc = torch.float32 if x_TD.dtype in (torch.bfloat16, torch.float16) else x_TD.dtype
     w_in, w_out = layer.experts.w_in, layer.experts.w_out
     swiglu = layer.experts.activation == Activation.SWIGLU
+    # A GEMV reads each weight once, so widening a half-precision expert to fp32 (what the batched
+    # path does for speed) would cost more than the product: there, run the half-precision GEMV
+    # (fp32 accumulation) on the transposed view, ATen's fast layout for it.
+    gemv = cdt != x_TD.dtype
+    cdt = x_TD.dtype if gemv else cdt
     # One host sync for the choices and weights: python ints/floats then index and scale without more ops.
     chosen, weights = idx_TK.tolist(), weight_TK.to(cdt).tolist()
     x_rows = [x_TD[t : t + 1].to(cdt) for t in range(T)] if T > 1 else [x_TD.to(cdt)]
     y_rows: list[torch.Tensor | None] = [None] * T
+
+    def matmul(row: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return torch.mv(w.t(), row[0])[None] if gemv else torch.mm(row, w)
+
     # Ascending expert order per token, as the general path's scatter-add sums them.
     for e, t, j in sorted((e, t, j) for t, row in enumerate(chosen) for j, e in enumerate(row)):
-        h = torch.mm(x_rows[t], w_in[e].to(cdt))
+        h = matmul(x_rows[t], w_in[e])
         if swiglu:
             gate, up = h.chunk(2, dim=-1)
             a = F.silu(gate).mul_(up)
         else:
             a = F.gelu(h)
-        o = torch.mm(a.mul_(weights[t][j]), w_out[e].to(cdt)).to(acc)
+        o = matmul(a.mul_(weights[t][j]), w_out[e]).to(acc)
         y_rows[t] = o if y_rows[t] is None else y_rows[t].add_(o)
     y_TD = y_rows[0] if T == 1 else torch.cat(y_rows)
     if layer.shared_experts is not None:
