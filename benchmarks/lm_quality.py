@@ -45,7 +45,14 @@ def make_trainer(model: str, steps: int, out: Path, args, **extra) -> Trainer:
         out_dir=str(out / model),
         **extra,
     )
+    if model == "demo" and args.moe:  # a variant of the demo's MoE layers, e.g. --moe num_experts=16
+        config = config.replace(model_overrides={"moe": dict(_moe_override(kv) for kv in args.moe)})
     return Trainer(config)
+
+
+def _moe_override(text: str) -> tuple[str, object]:
+    key, _, value = text.partition("=")
+    return key, json.loads(value) if value[:1] in "0123456789-[{tf" or value == "null" else value
 
 
 def equal_tokens(args) -> dict:
@@ -112,6 +119,7 @@ def main() -> None:
     p.add_argument("--eval-batches", type=int, default=40)
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--moe", action="append", default=[], help="MoE field of the demo model, e.g. num_experts=16")
     p.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
     args = p.parse_args()
     if args.threads:
