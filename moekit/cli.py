@@ -10,6 +10,7 @@ from moekit.commands import analyze, convert, demo, evaluate, generate
 from moekit.commands import distill as distill_command
 from moekit.commands import merge as merge_command
 from moekit.commands import mix as mix_command
+from moekit.commands import predict as predict_command
 from moekit.commands import prune as prune_command
 from moekit.commands import train as train_command
 from moekit.commands import upcycle as upcycle_command
@@ -27,6 +28,7 @@ VERBS = (
     convert,
     upcycle_command,
     mix_command,
+    predict_command,
 )
 
 

@@ -44,10 +44,19 @@ def add_parser(verbs) -> None:
         default=None,
         help="seconds a process waits for the others before the run fails (default 300)",
     )
+    p.add_argument(
+        "--task",
+        default="lm",
+        choices=("lm", "classify", "image-classify"),
+        help="lm (default), classify (text: --data TSV/CSV/JSONL --valid FILE) or image-classify "
+        "(--data IDX/NPZ/folder); see moekit.tasks.classify.ClassifyConfig for their options",
+    )
     p.set_defaults(func=run, free_options=True)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.task != "lm":
+        return _run_classifier(args)
     extra = list(args.extra)
     config_file = args.config
     if extra and not extra[0].startswith("--"):
@@ -78,6 +87,26 @@ def run(args: argparse.Namespace) -> int:
     step, val = result.val_losses[-1]
     console.print(f"step {step}: val_loss={val:.4f}  ({result.tokens_per_second:,.0f} tok/s)")
     console.print(f"run folder: {result.run_dir}  checkpoint: {result.checkpoint}")
+    return 0
+
+
+def _run_classifier(args: argparse.Namespace) -> int:
+    """``--task classify|image-classify``: one process; options are ClassifyConfig fields (``--model.*``: encoder)."""
+    from moekit.tasks.classify import train_classifier
+
+    base = read_config_file(args.config) if args.config else {}
+    overrides = parse_overrides(list(args.extra))
+    if args.out_dir:
+        overrides["out_dir"] = args.out_dir
+    if args.nproc > 1 or args.ep > 1 or args.resume:
+        raise ConfigError(f"--task {args.task} trains in one process and cannot --resume")
+    result = train_classifier({**base, **overrides, "task": args.task})
+    console = Console()
+    console.print(
+        f"step {result.step}: valid accuracy {result.accuracy:.4f}  ({result.seconds:.0f}s, "
+        f"{result.active_parameters:,} of {result.parameters:,} parameters active)"
+    )
+    console.print(f"run folder: {result.run_dir}")
     return 0
 
 

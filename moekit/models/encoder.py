@@ -1,0 +1,250 @@
+"""A bidirectional MoE transformer encoder with a pooled classification head, for text and images.
+
+    text:   input_ids [B, S] -> embed_tokens -> [B, S, D]
+    images: pixels [B, C, H, W] -> patch_embed (ViT, Dosovitskiy et al. 2021) -> [B, N, D]
+            -> layers[0..L): x + attn(norm(x)) (no causal mask); x + ffn(norm(x))
+               ffn = dense MLP, MoE (token choice, expert choice, ...) every ``moe_every``-th layer
+               (V-MoE, Riquelme et al. 2021), or Soft MoE (Puigcerver et al. 2023)
+            -> norm -> mean over real positions -> dropout -> head -> logits [B, num_labels]
+
+The blocks are :class:`moekit.nn.block.Block` run with ``is_causal=False`` and a key-padding mask.
+Shape legend: B batch, S tokens, N patches, D hidden, C channels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+import torch
+from torch import nn
+
+from moekit.config import Config, check_choice, require
+from moekit.errors import ShapeError
+from moekit.nn.attention import Attention
+from moekit.nn.block import Block
+from moekit.nn.config import MoEConfig, RouterType
+from moekit.nn.mlp import MLP
+from moekit.nn.moe import MoE
+from moekit.nn.norm import RMSNorm
+from moekit.nn.rope import RotaryEmbedding
+from moekit.nn.routing import MoEAux
+from moekit.nn.soft_moe import SoftMoE
+
+
+class FFNKind(str, enum.Enum):
+    DENSE = "dense"  # the baseline: every layer a dense MLP
+    MOE = "moe"  # sparse MoE (router from ``router``) every ``moe_every``-th layer
+    SOFT = "soft"  # Soft MoE every ``moe_every``-th layer
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EncoderConfig(Config):
+    """An encoder classifier. Exactly one of ``vocab_size`` (text) and ``image_size`` (images) is set.
+
+    The dense baseline with equal active parameters is the same config with ``ffn="dense"``: a dense
+    layer's MLP is ``intermediate_size`` wide, and an MoE token runs ``top_k`` experts of
+    ``intermediate_size // top_k`` each (expert choice and Soft MoE: one expert-sized pass per token).
+    """
+
+    num_labels: int
+    vocab_size: int | None = None
+    image_size: int | None = None
+    channels: int = 1
+    patch_size: int = 7
+    max_length: int = 128
+    hidden_size: int = 128
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    intermediate_size: int = 256
+    ffn: FFNKind = FFNKind.MOE
+    moe_every: int = 2
+    num_experts: int = 8
+    top_k: int = 1
+    router: RouterType = RouterType.SOFTMAX_TOPK
+    capacity_factor: float | None = None
+    expert_choice_capacity: float = 1.0
+    slots_per_expert: int = 1
+    aux_loss_coef: float = 0.01
+    dropout: float = 0.1
+    rms_norm_eps: float = 1e-6
+    initializer_range: float = 0.02
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ffn", check_choice("ffn", self.ffn, FFNKind))
+        object.__setattr__(self, "router", check_choice("router", self.router, RouterType))
+        require((self.vocab_size is None) != (self.image_size is None), "set exactly one of vocab_size and image_size")
+        for name in ("num_labels", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+            value = getattr(self, name)
+            require(isinstance(value, int) and value >= 1, f"{name} must be a positive integer, got {value!r}")
+        require(self.num_labels >= 2, f"num_labels must be >= 2, got {self.num_labels}")
+        require(self.moe_every >= 1, f"moe_every must be >= 1, got {self.moe_every}")
+        require(self.hidden_size % self.num_attention_heads == 0, "hidden_size must be a multiple of the heads")
+        require((self.hidden_size // self.num_attention_heads) % 2 == 0, "head size must be even (rotary)")
+        require(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
+        if self.image_size is not None:
+            require(
+                self.image_size % self.patch_size == 0,
+                f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}",
+            )
+        if self.ffn != FFNKind.DENSE:
+            require(self.intermediate_size % self.top_k == 0, "intermediate_size must be a multiple of top_k")
+            self.moe_config()  # validate the MoE fields now
+
+    @property
+    def is_text(self) -> bool:
+        return self.vocab_size is not None
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2 if self.image_size else 0
+
+    def is_moe_layer(self, i: int) -> bool:
+        """V-MoE's placement: every ``moe_every``-th layer, counted so that the last layer is sparse."""
+        return self.ffn != FFNKind.DENSE and (self.num_hidden_layers - 1 - i) % self.moe_every == 0
+
+    def moe_config(self) -> MoEConfig:
+        return MoEConfig(
+            hidden_size=self.hidden_size,
+            num_experts=self.num_experts,
+            top_k=self.top_k,
+            expert_hidden_size=self.intermediate_size // self.top_k,
+            router=self.router,
+            capacity_factor=self.capacity_factor,
+            expert_choice_capacity=self.expert_choice_capacity,
+            aux_loss_coef=self.aux_loss_coef,
+        )
+
+
+@dataclasses.dataclass
+class EncoderOutput:
+    """logits [B, num_labels]; aux_loss: sum of the MoE layers' balancing losses; moe_aux: per MoE layer."""
+
+    logits: torch.Tensor
+    aux_loss: torch.Tensor
+    moe_aux: list[MoEAux]
+
+
+class _SoftFFN(nn.Module):
+    """Soft MoE in a :class:`Block`'s FFN slot: the block calls a dense FFN with one argument and wants a tensor;
+    the padding mask is handed in by the encoder before each forward."""
+
+    def __init__(self, layer: SoftMoE):
+        super().__init__()
+        self.soft = layer
+        self.mask: torch.Tensor | None = None
+        self.last_aux: MoEAux | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, self.last_aux = self.soft(x, mask=self.mask)
+        return y
+
+
+class EncoderClassifier(nn.Module):
+    """Bidirectional transformer classifier whose FFNs are dense, MoE or Soft MoE (see module docstring)."""
+
+    def __init__(self, config: EncoderConfig):
+        super().__init__()
+        self.config = c = config
+        if c.is_text:
+            self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        else:
+            self.patch_embed = nn.Conv2d(c.channels, c.hidden_size, c.patch_size, stride=c.patch_size)
+            self.pos_embed = nn.Parameter(torch.zeros(1, c.num_patches, c.hidden_size))
+        head_dim = c.hidden_size // c.num_attention_heads
+        self.rotary_emb = RotaryEmbedding(head_dim)
+        self.layers = nn.ModuleList([self._build_block(i, head_dim) for i in range(c.num_hidden_layers)])
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.dropout = nn.Dropout(c.dropout)
+        self.head = nn.Linear(c.hidden_size, c.num_labels)
+        self.reset_parameters()
+
+    def _build_block(self, i: int, head_dim: int) -> Block:
+        c = self.config
+        attn = Attention(c.hidden_size, c.num_attention_heads, c.num_attention_heads, head_dim, layer_idx=i)
+        if not c.is_moe_layer(i):
+            ffn = MLP(c.hidden_size, c.intermediate_size)
+        elif c.ffn == FFNKind.SOFT:
+            ffn = _SoftFFN(SoftMoE(c.hidden_size, c.num_experts, c.slots_per_expert, c.intermediate_size))
+        else:
+            ffn = MoE(c.moe_config())
+        return Block(attn, ffn, c.hidden_size, c.rms_norm_eps)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding, nn.Conv2d)):
+                nn.init.normal_(module.weight, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+        for name, param in self.named_parameters():
+            if name.endswith(("experts.w_in", "experts.w_out", "router.weight")):
+                nn.init.normal_(param, std=std)
+        if not self.config.is_text:
+            nn.init.normal_(self.pos_embed, std=std)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def active_parameters(self) -> int:
+        """Parameters one token passes through: all but the experts a token does not run."""
+        total = self.num_parameters()
+        for block in self.layers:
+            experts = block.mlp.soft.experts if isinstance(block.mlp, _SoftFFN) else getattr(block.mlp, "experts", None)
+            if experts is None:
+                continue
+            size = sum(p.numel() for p in experts.parameters())
+            runs = 1 if isinstance(block.mlp, _SoftFFN) else block.mlp.config.experts_per_token
+            total -= size - size * runs // experts.w_in.shape[0]
+        return total
+
+    def forward(self, inputs: torch.Tensor, mask: torch.Tensor | None = None, record_routing: bool = False):
+        """Class scores of a batch.
+
+        Args:
+            inputs: token ids [B, S] (text) or pixels [B, C, H, W] scaled to about [0, 1] (images).
+            mask: [B, S] bool, True = real token (text padding); None = all real.
+            record_routing: keep each MoE layer's full Routing in ``moe_aux``.
+
+        Returns:
+            :class:`EncoderOutput`.
+        """
+        c = self.config
+        token_ids = None
+        if c.is_text:
+            if inputs.dim() != 2 or inputs.dtype != torch.long:
+                raise ShapeError(f"text input must be token ids [batch, seq] (long), got {tuple(inputs.shape)}")
+            x = self.embed_tokens(inputs)  # [B, S, D]
+            token_ids = inputs
+        else:
+            expected = (c.channels, c.image_size, c.image_size)
+            if inputs.dim() != 4 or tuple(inputs.shape[1:]) != expected:
+                raise ShapeError(f"images must be [batch, {', '.join(map(str, expected))}], got {tuple(inputs.shape)}")
+            x = self.patch_embed(inputs).flatten(2).transpose(1, 2) + self.pos_embed  # [B, N, D]
+        B, S, _ = x.shape
+        x = self.dropout(x)
+        valid = None if mask is None else mask.bool()
+        attn_mask = None if valid is None else valid[:, None, None, :]  # every query sees the real keys
+        positions = torch.arange(S, device=x.device).expand(B, S)
+        cos, sin = self.rotary_emb(positions, x.dtype)
+        moe_aux: list[MoEAux] = []
+        for block in self.layers:
+            if isinstance(block.mlp, _SoftFFN):
+                block.mlp.mask = valid
+            x, aux = block(x, cos, sin, attn_mask, False, None, valid, token_ids, record_routing)
+            if isinstance(block.mlp, _SoftFFN):
+                aux = block.mlp.last_aux
+            if aux is not None:
+                moe_aux.append(aux)
+        x = self.norm(x)
+        if valid is None:
+            pooled = x.mean(dim=1)
+        else:
+            weights = valid.to(x.dtype).unsqueeze(-1)
+            pooled = (x * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+        logits = self.head(self.dropout(pooled))
+        aux_loss = torch.zeros((), dtype=torch.float32, device=logits.device)
+        for aux in moe_aux:
+            aux_loss = aux_loss + aux.loss.to(aux_loss.device, torch.float32)
+        return EncoderOutput(logits=logits, aux_loss=aux_loss, moe_aux=moe_aux)

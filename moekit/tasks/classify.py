@@ -1,0 +1,383 @@
+"""Classification with an MoE encoder: text (``--task classify``) and images (``--task image-classify``).
+
+One training loop serves both: data -> :class:`Examples` (inputs the model takes, label ids) ->
+AdamW with warmup + cosine (moekit.train.optim), cross-entropy + the MoE balancing loss, evaluation
+on the validation set, and a run folder holding ``model.safetensors`` (moekit.interop.safe_io),
+``model.json`` (encoder config, label names, vocabulary) and ``metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from moekit.config import Config, require, unknown_key_error
+from moekit.data.images import LabelledImages, builtin_digits, check_image_size, read_images
+from moekit.data.labelled import BUILTIN_SENTIMENT, WordVocab, label_ids, label_names, read_labelled
+from moekit.errors import CheckpointError, ConfigError, DataError, NonFiniteError
+from moekit.interop.safe_io import atomic_write_json, load_tensors, save_tensors
+from moekit.models.encoder import EncoderClassifier, EncoderConfig
+from moekit.train.config import parse_duration
+from moekit.train.metrics import load_imbalance
+from moekit.train.optim import build_optimizer, lr_at
+from moekit.train.progress import TrainProgress
+
+TASKS = ("classify", "image-classify")
+WEIGHTS, META = "model.safetensors", "model.json"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ClassifyConfig(Config):
+    """A classification run. ``model_overrides`` sets :class:`EncoderConfig` fields (``--model.num_experts 4``).
+
+    ``data`` None trains on the built-in set (the sentiment sentences, or scikit-learn's digits).
+    Without ``valid`` the last ``valid_fraction`` of the (shuffled) training rows are held out.
+    """
+
+    task: str = "classify"
+    data: str | None = None
+    valid: str | None = None
+    text_column: str | None = None
+    label_column: str | None = None
+    valid_fraction: float = 0.1
+    max_length: int = 64
+    min_word_count: int = 1
+    model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    batch_size: int = 64
+    max_steps: int = 100_000
+    time_budget: float | None = None
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.05
+    warmup_steps: int = 100
+    weight_decay: float = 0.05
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0
+    aux_loss_scale: float = 1.0
+    label_smoothing: float = 0.0
+    eval_interval: int = 200
+    seed: int = 1337
+    threads: int | None = None
+    out_dir: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        require(self.task in TASKS, f"task must be one of {', '.join(TASKS)} here, got {self.task!r}")
+        object.__setattr__(self, "time_budget", parse_duration(self.time_budget))
+        for name in ("batch_size", "max_steps", "eval_interval", "max_length"):
+            value = getattr(self, name)
+            require(isinstance(value, int) and value >= 1, f"{name} must be a positive integer, got {value!r}")
+        require(0 < self.valid_fraction < 1, f"valid_fraction must be in (0, 1), got {self.valid_fraction}")
+        require(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        require(self.time_budget is None or self.time_budget > 0, "time_budget must be > 0")
+        require(isinstance(self.model_overrides, dict), "model_overrides must be a mapping of EncoderConfig fields")
+        names = EncoderConfig.field_names()
+        for key in self.model_overrides:
+            if key not in names:
+                raise unknown_key_error(key, names, "EncoderConfig (--model.*)")
+
+    @property
+    def is_text(self) -> bool:
+        return self.task == "classify"
+
+
+# -- examples ------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Examples:
+    """Model inputs and label ids: text as a list of id lists (padded per batch), images as uint8 [N, C, H, W]."""
+
+    inputs: list[list[int]] | torch.Tensor
+    labels: torch.Tensor  # [N] long, -1 = unlabelled
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(inputs, padding mask or None, labels) of the rows ``idx``."""
+        y = self.labels[idx]
+        if isinstance(self.inputs, torch.Tensor):
+            return self.inputs[idx].float() / 255.0, None, y
+        rows = [self.inputs[i] for i in idx.tolist()]
+        width = max(len(r) for r in rows)
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.bool)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+            mask[i, : len(r)] = True
+        return ids, mask, y
+
+    def batches(self, batch_size: int):
+        for start in range(0, len(self), batch_size):
+            yield self.batch(torch.arange(start, min(start + batch_size, len(self))))
+
+
+def text_examples(data, vocab: WordVocab, names: list[str] | None, max_length: int) -> Examples:
+    ids = [vocab.encode(t, max_length) for t in data.texts]
+    labels = label_ids(data, names) if names is not None else [-1] * len(ids)
+    return Examples(ids, torch.tensor(labels, dtype=torch.long))
+
+
+def image_examples(data: LabelledImages, names: list[str]) -> Examples:
+    index = {n: i for i, n in enumerate(names)}
+    for label, source in zip(data.labels, data.sources):
+        if label not in index:
+            raise DataError(f"{source}: label {label!r} is not one of the training labels {names}")
+    return Examples(data.pixels, torch.tensor([index[label] for label in data.labels], dtype=torch.long))
+
+
+def _split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    cut = max(1, int(round(n * fraction)))
+    return order[cut:], order[:cut]
+
+
+def _subset(data, rows: list[int]):
+    if isinstance(data, LabelledImages):
+        return LabelledImages(
+            data.path, data.pixels[rows], [data.labels[i] for i in rows], [data.sources[i] for i in rows]
+        )
+    return dataclasses.replace(
+        data,
+        texts=[data.texts[i] for i in rows],
+        labels=[data.labels[i] for i in rows],
+        lines=[data.lines[i] for i in rows],
+    )
+
+
+def load_task_data(cfg: ClassifyConfig):
+    """(train data, validation data) as read from the files (or built-in sets), before encoding."""
+    if cfg.is_text:
+        read = lambda path: read_labelled(path, cfg.text_column, cfg.label_column)  # noqa: E731
+        train_data = read(cfg.data or BUILTIN_SENTIMENT)
+    else:
+        read = read_images
+        train_data = read(cfg.data) if cfg.data else builtin_digits("train")
+        if cfg.data is None and cfg.valid is None:
+            return train_data, builtin_digits("test")
+    if cfg.valid is not None:
+        return train_data, read(cfg.valid)
+    train_rows, valid_rows = _split(len(train_data), cfg.valid_fraction, cfg.seed)
+    return _subset(train_data, train_rows), _subset(train_data, valid_rows)
+
+
+# -- the run -------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class ClassifyResult:
+    run_dir: Path
+    step: int
+    accuracy: float  # on the validation set, after the last step
+    history: list[dict[str, float]]  # one record per evaluation
+    parameters: int
+    active_parameters: int
+    seconds: float
+
+
+def build_model(cfg: ClassifyConfig, train_data, names: list[str]):
+    """(model, vocabulary or None, train Examples)."""
+    overrides = dict(cfg.model_overrides)
+    if cfg.is_text:
+        vocab = WordVocab.build(train_data.texts, min_count=cfg.min_word_count)
+        fields = {"vocab_size": vocab.size, "max_length": cfg.max_length}
+        examples = text_examples(train_data, vocab, names, cfg.max_length)
+    else:
+        vocab = None
+        _, c, h, w = train_data.pixels.shape
+        if h != w:
+            raise DataError(f"{train_data.path}: images must be square, got {w}x{h}")
+        fields = {"image_size": h, "channels": c, "patch_size": 7 if h % 7 == 0 else 4 if h % 4 == 0 else 1}
+        examples = image_examples(train_data, names)
+    config = EncoderConfig.from_dict({"num_labels": max(2, len(names)), **fields, **overrides})
+    return EncoderClassifier(config), vocab, examples
+
+
+def encode(model: EncoderClassifier, vocab: WordVocab | None, data, names: list[str]) -> Examples:
+    c = model.config
+    if c.is_text:
+        return text_examples(data, vocab, names if data.labels and data.labels[0] is not None else None, c.max_length)
+    check_image_size(data, c.channels, c.image_size)
+    return image_examples(data, names)
+
+
+@torch.no_grad()
+def accuracy(model: EncoderClassifier, examples: Examples, batch_size: int = 256) -> float:
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for x, mask, y in examples.batches(batch_size):
+        correct += int((model(x, mask).logits.argmax(-1) == y).sum())
+    model.train(was_training)
+    return correct / max(1, len(examples))
+
+
+def train_classifier(config: ClassifyConfig | dict | None = None, console=None, **overrides: Any) -> ClassifyResult:
+    """Train a text or image classifier; the function behind ``moekit train --task classify|image-classify``."""
+    base = config.to_dict() if isinstance(config, ClassifyConfig) else dict(config or {})
+    cfg = ClassifyConfig.from_dict(_with_model_keys({**base, **overrides}))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    run_dir = Path(cfg.out_dir or f"runs/{cfg.task}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if (run_dir / WEIGHTS).exists():
+        raise CheckpointError(f"{run_dir} already holds a model; choose another --out")
+    train_data, valid_data = load_task_data(cfg)
+    names = label_names(train_data.labels)
+    if len(names) < 2:
+        raise DataError(f"{train_data.path}: needs at least two distinct labels, found {names}")
+    torch.manual_seed(cfg.seed)
+    model, vocab, train_set = build_model(cfg, train_data, names)
+    valid_set = encode(model, vocab, valid_data, names)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _save(run_dir, model, vocab, names, cfg.task)
+    optimizer = build_optimizer(model, cfg)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    order, cursor = torch.randperm(len(train_set), generator=generator), 0
+    history: list[dict[str, float]] = []
+    metrics = open(run_dir / "metrics.jsonl", "w", encoding="utf-8")
+    start, step, last_loss = time.perf_counter(), 0, None
+    model.train()
+    try:
+        with TrainProgress(cfg, 0, enabled=cfg.progress, console=console) as bar:
+            while step < cfg.max_steps:
+                elapsed = time.perf_counter() - start
+                if cfg.time_budget is not None and elapsed >= cfg.time_budget:
+                    break
+                progress = max(step / cfg.max_steps, elapsed / cfg.time_budget if cfg.time_budget else 0.0)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(step, progress, cfg)
+                if cursor + cfg.batch_size > len(order):
+                    order, cursor = torch.randperm(len(train_set), generator=generator), 0
+                x, mask, y = train_set.batch(order[cursor : cursor + cfg.batch_size])
+                cursor += cfg.batch_size
+                out = model(x, mask)
+                loss = F.cross_entropy(out.logits.float(), y, label_smoothing=cfg.label_smoothing)
+                if not torch.isfinite(loss):
+                    raise NonFiniteError(f"non-finite loss ({loss.item()}) at step {step}; try a lower lr")
+                (loss + cfg.aux_loss_scale * out.aux_loss).backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                last_loss = loss.item()
+                loads = [aux.tokens_per_expert for aux in out.moe_aux]
+                imbalance = sum(load_imbalance(a) for a in loads) / len(loads) if loads else 1.0
+                bar.update(
+                    {
+                        "step": step,
+                        "loss": loss.item(),
+                        "tokens_per_sec": len(y) / max(1e-9, time.perf_counter() - start) * step,
+                        "imbalance": imbalance,
+                    }
+                )
+                if step % cfg.eval_interval == 0:
+                    record = _evaluate(model, valid_set, step, loss.item(), start)
+                    history.append(record)
+                    metrics.write(json.dumps(record) + "\n")
+                    metrics.flush()
+                    bar.note(f"step {step:>6}: valid accuracy {record['accuracy']:.4f}")
+        if not history or history[-1]["step"] != step:
+            record = _evaluate(model, valid_set, step, last_loss, start)
+            history.append(record)
+            metrics.write(json.dumps(record) + "\n")
+    finally:
+        metrics.close()
+    seconds = time.perf_counter() - start
+    _save(run_dir, model, vocab, names, cfg.task)
+    result = ClassifyResult(
+        run_dir, step, history[-1]["accuracy"], history, model.num_parameters(), model.active_parameters(), seconds
+    )
+    atomic_write_json(
+        run_dir / "run.json",
+        {
+            "train": cfg.to_dict(),
+            "model": model.config.to_dict(),
+            "steps": step,
+            "seconds": seconds,
+            "accuracy": result.accuracy,
+            "parameters": result.parameters,
+            "active_parameters": result.active_parameters,
+        },
+    )
+    return result
+
+
+def _evaluate(model, valid_set: Examples, step: int, loss: float | None, start: float) -> dict[str, float]:
+    return {"step": step, "loss": loss, "accuracy": accuracy(model, valid_set), "elapsed": time.perf_counter() - start}
+
+
+def _with_model_keys(data: dict[str, Any]) -> dict[str, Any]:
+    """``model.top_k`` style keys (from ``--model.top_k 2``) move into ``model_overrides``."""
+    out = {k.replace("-", "_"): v for k, v in data.items() if not k.startswith("model.")}
+    model = dict(out.get("model_overrides") or {})
+    model.update({k[len("model.") :]: v for k, v in data.items() if k.startswith("model.")})
+    if model:
+        out["model_overrides"] = model
+    for key in out:
+        if key not in ClassifyConfig.field_names():
+            raise unknown_key_error(key, ClassifyConfig.field_names(), "classification config")
+    return out
+
+
+# -- checkpoints ---------------------------------------------------------------------------------
+def _save(run_dir: Path, model: EncoderClassifier, vocab: WordVocab | None, names: list[str], task: str) -> None:
+    atomic_write_json(
+        run_dir / META,
+        {
+            "task": task,
+            "encoder": model.config.to_dict(),
+            "labels": names,
+            "vocab": vocab.to_dict() if vocab is not None else None,
+        },
+    )
+    save_tensors(model.state_dict(), run_dir / WEIGHTS)
+
+
+def is_classifier_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / META).is_file()
+
+
+def load_classifier(path: str | Path) -> tuple[EncoderClassifier, WordVocab | None, list[str], str]:
+    """(model in eval mode, vocabulary or None, label names, task) from a run folder."""
+    run_dir = Path(path)
+    if not is_classifier_checkpoint(run_dir):
+        raise CheckpointError(f"{run_dir} holds no classifier ({META} is missing)")
+    try:
+        meta = json.loads((run_dir / META).read_text(encoding="utf-8"))
+        model = EncoderClassifier(EncoderConfig.from_dict(meta["encoder"]))
+        names, task = list(meta["labels"]), meta["task"]
+        vocab = WordVocab.from_dict(meta["vocab"]) if meta.get("vocab") else None
+    except (ValueError, KeyError, TypeError, ConfigError, DataError) as e:
+        raise CheckpointError(f"{run_dir / META}: not a valid classifier description ({e})") from None
+    tensors = load_tensors(run_dir / WEIGHTS)
+    missing = set(model.state_dict()) ^ set(tensors)
+    if missing:
+        raise CheckpointError(f"{run_dir / WEIGHTS} does not match {META}: tensors differ ({sorted(missing)[:3]})")
+    model.load_state_dict(tensors)
+    model.eval()
+    return model, vocab, names, task
+
+
+@torch.no_grad()
+def predict(checkpoint: str | Path, data: str | Path, text_column: str | None = None, label_column: str | None = None):
+    """Predicted label names for a file, and the accuracy when it carries labels (else None)."""
+    model, vocab, names, task = load_classifier(checkpoint)
+    if task == "classify":
+        rows = read_labelled(data, text_column, label_column, require_labels=False)
+        labelled = all(label is not None for label in rows.labels)
+        examples = text_examples(rows, vocab, names if labelled else None, model.config.max_length)
+    else:
+        rows = read_images(data)
+        labelled = True
+        examples = encode(model, None, rows, names)
+    predictions: list[str] = []
+    for x, mask, _ in examples.batches(256):
+        predictions += [names[i] for i in model(x, mask).logits.argmax(-1).tolist()]
+    acc = None
+    if labelled:
+        acc = sum(int(names[y] == p) for y, p in zip(examples.labels.tolist(), predictions)) / len(predictions)
+    return rows, predictions, acc

@@ -1,0 +1,154 @@
+"""Text and image classification end to end: the CLI trains, predicts and reports routing by label."""
+
+import io
+
+import pytest
+import torch
+
+from moekit.cli import main
+from moekit.models.encoder import EncoderClassifier, EncoderConfig
+from moekit.tasks.classify import load_classifier, predict, train_classifier
+
+TINY = {
+    "model.hidden_size": 32,
+    "model.num_hidden_layers": 2,
+    "model.num_attention_heads": 2,
+    "model.intermediate_size": 64,
+    "model.num_experts": 4,
+    "threads": 1,
+    "progress": False,
+}
+
+
+def _toy_text(path, n=120):
+    words = {"good": "pos", "great": "pos", "bad": "neg", "awful": "neg"}
+    rows = ["text\tlabel"]
+    for i in range(n):
+        word = list(words)[i % 4]
+        rows.append(f"the {['film', 'plot', 'cast'][i % 3]} was {word}\t{words[word]}")
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_encoder_is_bidirectional_and_ignores_padding():
+    torch.manual_seed(0)
+    model = EncoderClassifier(
+        EncoderConfig(
+            num_labels=3,
+            vocab_size=20,
+            hidden_size=32,
+            num_attention_heads=2,
+            intermediate_size=64,
+            num_experts=4,
+            dropout=0.0,
+        )
+    ).eval()
+    ids = torch.tensor([[3, 4, 5, 0, 0]])
+    mask = torch.tensor([[True, True, True, False, False]])
+    padded = model(ids, mask).logits
+    assert torch.allclose(padded, model(ids[:, :3]).logits, atol=1e-5)
+    changed = model(torch.tensor([[3, 4, 6]])).logits  # a later token changes the pooled output of earlier ones
+    assert not torch.allclose(changed, padded, atol=1e-5)
+    assert model.active_parameters() < model.num_parameters()
+
+
+def test_cli_trains_a_text_classifier_and_predicts(tmp_path, capsys):
+    train = _toy_text(tmp_path / "train.tsv")
+    dev = _toy_text(tmp_path / "dev.tsv", n=24)
+    run = tmp_path / "run"
+    argv = [
+        "train",
+        "--task",
+        "classify",
+        "--data",
+        str(train),
+        "--valid",
+        str(dev),
+        "--out",
+        str(run),
+        "--max-steps",
+        "60",
+        "--batch-size",
+        "16",
+        "--lr",
+        "3e-3",
+        "--warmup-steps",
+        "5",
+    ]
+    for key, value in TINY.items():
+        argv += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
+    assert main(argv) == 0
+    assert (run / "model.safetensors").is_file()
+    _, predictions, acc = predict(run, dev)
+    assert acc >= 0.95 and set(predictions) <= {"pos", "neg"}
+    out = tmp_path / "pred.tsv"
+    assert main(["predict", "--checkpoint", str(run), "--data", str(dev), "--out", str(out)]) == 0
+    assert out.read_text().splitlines()[1].split("\t")[1] in ("pos", "neg")
+    assert "accuracy 1.0000" in capsys.readouterr().out or acc < 1
+
+
+def test_unknown_validation_label_is_reported_with_file_and_line(tmp_path, capsys):
+    train = _toy_text(tmp_path / "train.tsv", n=8)
+    dev = tmp_path / "dev.tsv"
+    dev.write_text("text\tlabel\nthe film was good\tpos\nthe film was meh\tneutral\n")
+    code = main(
+        [
+            "train",
+            "--task",
+            "classify",
+            "--data",
+            str(train),
+            "--valid",
+            str(dev),
+            "--out",
+            str(tmp_path / "r"),
+            "--max-steps",
+            "1",
+        ]
+    )
+    assert code == 2
+    assert "dev.tsv:3: label 'neutral' is not one of the training labels" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("variant", [{"model.router": "expert_choice"}, {"model.ffn": "soft"}, {"model.ffn": "dense"}])
+def test_image_classifier_learns_builtin_digits(tmp_path, variant):
+    result = train_classifier(
+        task="image-classify",
+        out_dir=str(tmp_path / "run"),
+        max_steps=80,
+        batch_size=64,
+        lr=3e-3,
+        warmup_steps=5,
+        eval_interval=1000,
+        **{**TINY, "model.patch_size": 2, **variant},
+    )
+    assert result.accuracy > 0.6  # 10 classes: chance is 0.1
+    model, vocab, names, task = load_classifier(tmp_path / "run")
+    assert vocab is None and task == "image-classify" and names == [str(i) for i in range(10)]
+
+
+def test_routing_report_counts_every_token_by_label(tmp_path):
+    from moekit.data.images import builtin_digits
+    from moekit.tasks.classify import encode
+    from moekit.tasks.routing import routing_by_label, write_routing_report
+
+    train_classifier(
+        task="image-classify", out_dir=str(tmp_path / "run"), max_steps=5, **{**TINY, "model.patch_size": 2}
+    )
+    model, _, names, _ = load_classifier(tmp_path / "run")
+    examples = encode(model, None, builtin_digits("test"), names)
+    counts = routing_by_label(model, examples, len(names))
+    ((layer, table),) = counts.items()
+    assert int(table.sum()) == len(examples) * model.config.num_patches  # top-1 routing: one expert per token
+    report = write_routing_report(model, examples, names, tmp_path / "routing.md")
+    assert "| 7 |" in report.read_text()
+
+
+def test_demo_classify_runs_offline_on_builtin_sentences(tmp_path):
+    from rich.console import Console
+
+    from moekit.commands.demo import task_demo
+
+    result = task_demo("classify", time_budget="4s", out=str(tmp_path / "demo"), console=Console(file=io.StringIO()))
+    assert 0.0 <= result["accuracy"] <= 1.0 and "| 1 |" in result["routing"]
+    assert (tmp_path / "demo" / "routing_by_label.md").is_file()
