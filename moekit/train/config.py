@@ -11,6 +11,11 @@ from moekit.config import Config, check_choice, require, unknown_key_error
 from moekit.errors import ConfigError
 
 
+class OptimizerKind(str, enum.Enum):
+    ADAMW = "adamw"
+    MUON = "muon"  # Muon on the hidden matrices (experts included), AdamW on the rest: moekit.train.muon
+
+
 class Precision(str, enum.Enum):
     FP32 = "float32"
     BF16 = "bfloat16"  # bf16 autocast; weights, optimizer state and router math stay fp32
@@ -43,6 +48,7 @@ class TrainConfig(Config):
     grad_accum: int = 1
     max_steps: int = 2000
     time_budget: float | None = None  # seconds; stop when spent (also stretches the LR schedule)
+    optimizer: OptimizerKind = OptimizerKind.ADAMW
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 50
@@ -67,6 +73,7 @@ class TrainConfig(Config):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "precision", check_choice("precision", self.precision, Precision))
+        object.__setattr__(self, "optimizer", check_choice("optimizer", self.optimizer, OptimizerKind))
         object.__setattr__(self, "time_budget", parse_duration(self.time_budget))
         for name in (
             "block_size",

@@ -1,4 +1,4 @@
-"""AdamW with parameter groups and the warmup + cosine learning-rate schedule."""
+"""The optimizer (AdamW, or Muon + AdamW) with parameter groups, and the warmup + cosine schedule."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from moekit.train.config import TrainConfig
+from moekit.train.muon import MuonAdamW, is_hidden_matrix
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -22,7 +23,10 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW, or with ``optimizer="muon"`` Muon on the hidden matrices and AdamW on the rest (same lr)."""
+    if getattr(config, "optimizer", "adamw") == "muon":
+        return _muon_adamw(model, config)
     return torch.optim.AdamW(
         parameter_groups(model, config.weight_decay),
         lr=config.lr,
@@ -30,6 +34,22 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
         # foreach=False keeps the update order fixed, so a resumed run is bit-identical on CPU.
         foreach=False,
     )
+
+
+def _muon_adamw(model: nn.Module, config: TrainConfig) -> MuonAdamW:
+    muon, decay, no_decay = [], [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            if is_hidden_matrix(name, param):
+                muon.append(param)
+            else:
+                (decay if param.dim() >= 2 else no_decay).append(param)
+    groups = [
+        {"params": muon, "weight_decay": config.weight_decay, "muon": True},
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return MuonAdamW([g for g in groups if g["params"]], lr=config.lr, betas=(config.beta1, config.beta2))
 
 
 def lr_at(step: int, progress: float, config: TrainConfig) -> float:
