@@ -159,6 +159,31 @@ class MoELM(nn.Module):
         Returns:
             :class:`LMOutput`.
         """
+        x, moe_aux, new_valid_BS = self._run(input_ids, attention_mask, cache, record_routing, position_ids)
+        if logits_to_keep > 0:
+            if labels is not None:
+                raise ShapeError("labels need the logits of every position; do not set logits_to_keep with labels")
+            x = x[:, -logits_to_keep:]
+        logits = self.lm_head(x)  # [B, S, V]
+
+        loss = None if labels is None else self._lm_loss(logits, labels, new_valid_BS)
+        aux_loss = torch.zeros((), dtype=torch.float32, device=logits.device)
+        for aux in moe_aux:
+            aux_loss = aux_loss + aux.loss.to(aux_loss.device, torch.float32)
+        return LMOutput(logits=logits, loss=loss, aux_loss=aux_loss, moe_aux=moe_aux, cache=cache)
+
+    def hidden_states(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, record_routing: bool = False
+    ) -> tuple[torch.Tensor, list[MoEAux]]:
+        """The final-norm hidden states [B, S, D] (what the LM head reads) and the MoE layers' aux, no cache.
+
+        A classification head (:class:`moekit.models.lm_classifier.LMClassifier`) pools these.
+        """
+        x, moe_aux, _ = self._run(input_ids, attention_mask, None, record_routing, None)
+        return x, moe_aux
+
+    def _run(self, input_ids, attention_mask, cache, record_routing, position_ids):
+        """Embedding, blocks and final norm: (hidden [B, S, D], moe_aux, new-token validity [B, S] or None)."""
         c = self.config
         B, S = self._check_input_ids(input_ids)
         P = cache.length if cache is not None else 0
@@ -181,18 +206,7 @@ class MoELM(nn.Module):
                 moe_aux.append(aux)
         if cache is not None:
             cache.advance(S, key_valid_BK)
-        x = self.norm(x)  # [B, S, D]
-        if logits_to_keep > 0:
-            if labels is not None:
-                raise ShapeError("labels need the logits of every position; do not set logits_to_keep with labels")
-            x = x[:, -logits_to_keep:]
-        logits = self.lm_head(x)  # [B, S, V]
-
-        loss = None if labels is None else self._lm_loss(logits, labels, new_valid_BS)
-        aux_loss = torch.zeros((), dtype=torch.float32, device=logits.device)
-        for aux in moe_aux:
-            aux_loss = aux_loss + aux.loss.to(aux_loss.device, torch.float32)
-        return LMOutput(logits=logits, loss=loss, aux_loss=aux_loss, moe_aux=moe_aux, cache=cache)
+        return self.norm(x), moe_aux, new_valid_BS
 
     def _check_input_ids(self, input_ids: torch.Tensor) -> tuple[int, int]:
         if not isinstance(input_ids, torch.Tensor):

@@ -1,6 +1,10 @@
 """Classification with an MoE encoder: text (``--task classify``) and images (``--task image-classify``).
 
-One training loop serves both: data -> :class:`Examples` (inputs the model takes, label ids) ->
+Text can also be classified by fine-tuning a pretrained language model (``init_from``: a moekit run or
+checkpoint, or a Hugging Face MoE folder) with a head over its pooled hidden states
+(:class:`moekit.models.lm_classifier.LMClassifier`); it reads the text with the LM's own tokenizer.
+
+One training loop serves all: data -> :class:`Examples` (inputs the model takes, label ids) ->
 AdamW with warmup + cosine (moekit.train.optim), cross-entropy + the MoE balancing loss, evaluation
 on the validation set, and a run folder holding ``model.safetensors`` (moekit.interop.safe_io),
 ``model.json`` (encoder config, label names, vocabulary) and ``metrics.jsonl``.
@@ -21,9 +25,14 @@ import torch.nn.functional as F
 from moekit.config import Config, require, unknown_key_error
 from moekit.data.images import LabelledImages, builtin_digits, check_image_size, read_images
 from moekit.data.labelled import BUILTIN_SENTIMENT, WordVocab, label_ids, label_names, read_labelled
+from moekit.data.tokenizers import Tokenizer, load_tokenizer
 from moekit.errors import CheckpointError, ConfigError, DataError, NonFiniteError
 from moekit.interop.safe_io import atomic_write_json, load_tensors, save_tensors
+from moekit.models.config import LMConfig
 from moekit.models.encoder import EncoderClassifier, EncoderConfig
+from moekit.models.lm import MoELM
+from moekit.models.lm_classifier import LMClassifier
+from moekit.train.checkpoint import load_tensors_into, model_tensors
 from moekit.train.config import parse_duration
 from moekit.train.metrics import load_imbalance
 from moekit.train.optim import build_optimizer, lr_at
@@ -42,6 +51,7 @@ class ClassifyConfig(Config):
     """
 
     task: str = "classify"
+    init_from: str | None = None  # fine-tune this language model (moekit run/checkpoint or HF folder) with a head
     data: str | None = None
     valid: str | None = None
     text_column: str | None = None
@@ -78,6 +88,9 @@ class ClassifyConfig(Config):
         require(self.lr > 0, f"lr must be > 0, got {self.lr}")
         require(self.time_budget is None or self.time_budget > 0, "time_budget must be > 0")
         require(isinstance(self.model_overrides, dict), "model_overrides must be a mapping of EncoderConfig fields")
+        if self.init_from is not None:
+            require(self.is_text, "init_from (a pretrained language model) needs task=classify (text)")
+            require(not self.model_overrides, "init_from fine-tunes an existing model: --model.* options do not apply")
         names = EncoderConfig.field_names()
         for key in self.model_overrides:
             if key not in names:
@@ -179,8 +192,35 @@ class ClassifyResult:
     seconds: float
 
 
+class TokenizerVocab:
+    """A language model's tokenizer behind WordVocab's ``encode(text, max_length)``, for :class:`LMClassifier`."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+
+    def encode(self, text: str, max_length: int) -> list[int]:
+        return self.tokenizer.encode(text)[:max_length] or [0]
+
+
+def _pretrained_lm(path: str):
+    """(MoELM, tokenizer) from a moekit run/checkpoint folder or a Hugging Face model folder."""
+    from moekit.interop.hf import is_hf_checkpoint
+    from moekit.interop.hf.api import load_hf_for_training
+    from moekit.train.checkpoint import load_model, resolve_checkpoint
+
+    if is_hf_checkpoint(path):
+        return load_hf_for_training(path)
+    return load_model(resolve_checkpoint(path))
+
+
 def build_model(cfg: ClassifyConfig, train_data, names: list[str]):
-    """(model, vocabulary or None, train Examples)."""
+    """(model, vocabulary or tokenizer adapter or None, train Examples)."""
+    if cfg.init_from is not None:
+        lm, tokenizer = _pretrained_lm(cfg.init_from)
+        lm.train()
+        model = LMClassifier(lm, max(2, len(names)), min(cfg.max_length, lm.config.max_position_embeddings))
+        vocab = TokenizerVocab(tokenizer)
+        return model, vocab, text_examples(train_data, vocab, names, model.max_length)
     overrides = dict(cfg.model_overrides)
     if cfg.is_text:
         vocab = WordVocab.build(train_data.texts, min_count=cfg.min_word_count)
@@ -197,10 +237,11 @@ def build_model(cfg: ClassifyConfig, train_data, names: list[str]):
     return EncoderClassifier(config), vocab, examples
 
 
-def encode(model: EncoderClassifier, vocab: WordVocab | None, data, names: list[str]) -> Examples:
+def encode(model: EncoderClassifier | LMClassifier, vocab, data, names: list[str]) -> Examples:
+    if isinstance(model, LMClassifier) or model.config.is_text:
+        labelled = data.labels and data.labels[0] is not None
+        return text_examples(data, vocab, names if labelled else None, _max_length(model))
     c = model.config
-    if c.is_text:
-        return text_examples(data, vocab, names if data.labels and data.labels[0] is not None else None, c.max_length)
     check_image_size(data, c.channels, c.image_size)
     return image_examples(data, names)
 
@@ -295,7 +336,7 @@ def train_classifier(config: ClassifyConfig | dict | None = None, console=None, 
         run_dir / "run.json",
         {
             "train": cfg.to_dict(),
-            "model": model.config.to_dict(),
+            "model": (model.lm if isinstance(model, LMClassifier) else model).config.to_dict(),
             "steps": step,
             "seconds": seconds,
             "accuracy": result.accuracy,
@@ -304,6 +345,10 @@ def train_classifier(config: ClassifyConfig | dict | None = None, console=None, 
         },
     )
     return result
+
+
+def _max_length(model: EncoderClassifier | LMClassifier) -> int:
+    return model.max_length if isinstance(model, LMClassifier) else model.config.max_length
 
 
 def _evaluate(model, valid_set: Examples, step: int, loss: float | None, start: float) -> dict[str, float]:
@@ -324,17 +369,19 @@ def _with_model_keys(data: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- checkpoints ---------------------------------------------------------------------------------
-def _save(run_dir: Path, model: EncoderClassifier, vocab: WordVocab | None, names: list[str], task: str) -> None:
-    atomic_write_json(
-        run_dir / META,
-        {
+def _save(run_dir: Path, model: EncoderClassifier | LMClassifier, vocab, names: list[str], task: str) -> None:
+    if isinstance(model, LMClassifier):  # the LM's config and tokenizer; weights: lm.* and head.*
+        vocab.tokenizer.save(run_dir)
+        meta = {"task": task, "lm": model.lm.config.to_dict(), "max_length": model.max_length, "labels": names}
+    else:
+        meta = {
             "task": task,
             "encoder": model.config.to_dict(),
             "labels": names,
             "vocab": vocab.to_dict() if vocab is not None else None,
-        },
-    )
-    save_tensors(model.state_dict(), run_dir / WEIGHTS)
+        }
+    atomic_write_json(run_dir / META, meta)
+    save_tensors(model_tensors(model), run_dir / WEIGHTS)  # tied LM head: stored once
 
 
 def is_classifier_checkpoint(path: str | Path) -> bool:
@@ -348,16 +395,17 @@ def load_classifier(path: str | Path) -> tuple[EncoderClassifier, WordVocab | No
         raise CheckpointError(f"{run_dir} holds no classifier ({META} is missing)")
     try:
         meta = json.loads((run_dir / META).read_text(encoding="utf-8"))
-        model = EncoderClassifier(EncoderConfig.from_dict(meta["encoder"]))
         names, task = list(meta["labels"]), meta["task"]
-        vocab = WordVocab.from_dict(meta["vocab"]) if meta.get("vocab") else None
+        if "lm" in meta:
+            lm = MoELM(LMConfig.from_dict(meta["lm"]))
+            model = LMClassifier(lm, max(2, len(names)), int(meta["max_length"]))
+            vocab = TokenizerVocab(load_tokenizer(run_dir))
+        else:
+            model = EncoderClassifier(EncoderConfig.from_dict(meta["encoder"]))
+            vocab = WordVocab.from_dict(meta["vocab"]) if meta.get("vocab") else None
     except (ValueError, KeyError, TypeError, ConfigError, DataError) as e:
         raise CheckpointError(f"{run_dir / META}: not a valid classifier description ({e})") from None
-    tensors = load_tensors(run_dir / WEIGHTS)
-    missing = set(model.state_dict()) ^ set(tensors)
-    if missing:
-        raise CheckpointError(f"{run_dir / WEIGHTS} does not match {META}: tensors differ ({sorted(missing)[:3]})")
-    model.load_state_dict(tensors)
+    load_tensors_into(model, load_tensors(run_dir / WEIGHTS), run_dir / WEIGHTS)
     model.eval()
     return model, vocab, names, task
 
@@ -369,7 +417,7 @@ def predict(checkpoint: str | Path, data: str | Path, text_column: str | None = 
     if task == "classify":
         rows = read_labelled(data, text_column, label_column, require_labels=False)
         labelled = all(label is not None for label in rows.labels)
-        examples = text_examples(rows, vocab, names if labelled else None, model.config.max_length)
+        examples = text_examples(rows, vocab, names if labelled else None, _max_length(model))
     else:
         rows = read_images(data)
         labelled = True
