@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import sys
 from pathlib import Path
@@ -23,6 +24,57 @@ import torch
 
 from moekit.tasks.classify import ClassifyConfig, encode, load_classifier, load_task_data, train_classifier
 from moekit.tasks.routing import write_routing_report
+
+
+def _train_one(args, extra: dict, ffn: str, core: int | None = None, run_tag: int | None = None) -> dict:
+    """Train the ``ffn`` model (moe or dense) for the budget; on ``core`` alone when given."""
+    if core is not None:
+        os.sched_setaffinity(0, {core})
+    run_dir = Path(args.runs) / f"{args.task}-{ffn}-{run_tag or os.getpid()}"
+    result = train_classifier(
+        task=args.task,
+        data=args.data,
+        valid=args.valid,
+        time_budget=args.budget,
+        threads=args.threads,
+        out_dir=str(run_dir),
+        progress=False,
+        eval_interval=1_000_000,
+        **{"model.ffn": ffn, **extra},
+    )
+    row = {
+        "model": ffn,
+        "accuracy": result.accuracy,
+        "steps": result.step,
+        "seconds": result.seconds,
+        "parameters": result.parameters,
+        "active_parameters": result.active_parameters,
+    }
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def _child(args, extra, ffn, core, run_tag, queue) -> None:
+    queue.put(_train_one(args, extra, ffn, core, run_tag))
+
+
+def _train_side_by_side(args, extra: dict) -> list[dict]:
+    """MoE and dense at the same time, each pinned to its own core: equal time under equal machine load."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        raise SystemExit(f"--parallel needs 2 cores, this process may use {cores}")
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [
+        ctx.Process(target=_child, args=(args, extra, ffn, core, os.getpid(), queue))
+        for ffn, core in zip(("moe", "dense"), cores)
+    ]
+    for proc in procs:
+        proc.start()
+    rows = {row["model"]: row for row in (queue.get() for _ in procs)}
+    for proc in procs:
+        proc.join()
+    return [rows["moe"], rows["dense"]]
 
 
 def main(argv=None) -> int:
@@ -35,49 +87,28 @@ def main(argv=None) -> int:
     p.add_argument("--runs", default="runs/bench")
     p.add_argument("--out", required=True, help="markdown table path")
     p.add_argument("--json", default=None)
+    p.add_argument(
+        "--parallel", action="store_true", help="train MoE and dense at once, one core each (default: in turn)"
+    )
     p.add_argument("--set", nargs="*", default=[], help="extra ClassifyConfig key=value (model.top_k=2 ...)")
     args = p.parse_args(argv)
     extra = {}
     for item in args.set:
         key, _, value = item.partition("=")
         extra[key] = json.loads(value) if value[:1].isdigit() or value in ("true", "false", "null") else value
-    rows = []
-    for ffn in ("moe", "dense"):
-        run_dir = Path(args.runs) / f"{args.task}-{ffn}-{os.getpid()}"
-        result = train_classifier(
-            task=args.task,
-            data=args.data,
-            valid=args.valid,
-            time_budget=args.budget,
-            threads=args.threads,
-            out_dir=str(run_dir),
-            progress=False,
-            eval_interval=1_000_000,
-            **{"model.ffn": ffn, **extra},
-        )
-        rows.append(
-            {
-                "model": ffn,
-                "accuracy": result.accuracy,
-                "steps": result.step,
-                "seconds": result.seconds,
-                "parameters": result.parameters,
-                "active_parameters": result.active_parameters,
-            }
-        )
-        print(json.dumps(rows[-1]), flush=True)
-        if ffn == "moe":
-            model, vocab, names, _ = load_classifier(run_dir)
-            cfg = ClassifyConfig.from_dict({"task": args.task, "data": args.data, "valid": args.valid})
-            _, valid = load_task_data(cfg)
-            write_routing_report(
-                model,
-                encode(model, vocab, valid, names),
-                names,
-                Path(args.out).with_name(Path(args.out).stem + "-routing.md"),
-            )
+    if args.parallel:
+        rows = _train_side_by_side(args, extra)
+    else:
+        rows = [_train_one(args, extra, ffn) for ffn in ("moe", "dense")]
+    run_dir = Path(args.runs) / f"{args.task}-moe-{os.getpid()}"
+    model, vocab, names, _ = load_classifier(run_dir)
+    cfg = ClassifyConfig.from_dict({"task": args.task, "data": args.data, "valid": args.valid})
+    _, valid = load_task_data(cfg)
+    routing = Path(args.out).with_name(Path(args.out).stem + "-routing.md")
+    write_routing_report(model, encode(model, vocab, valid, names), names, routing)
     lines = [
-        f"# {args.task}: MoE vs dense (equal active parameters, {args.budget} each, {args.threads} thread(s))",
+        f"# {args.task}: MoE vs dense (equal active parameters, {args.budget} each, {args.threads} thread(s)"
+        f"{', side by side on one core each' if args.parallel else ''})",
         "",
         f"train: `{args.data}`, evaluated on `{args.valid}`; torch {torch.__version__}; command: "
         f"`python {' '.join(sys.argv)}`",
