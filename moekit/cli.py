@@ -13,6 +13,7 @@ from moekit.commands import mix as mix_command
 from moekit.commands import predict as predict_command
 from moekit.commands import prune as prune_command
 from moekit.commands import train as train_command
+from moekit.commands import translate as translate_command
 from moekit.commands import upcycle as upcycle_command
 from moekit.errors import MoekitError
 
@@ -29,6 +30,7 @@ VERBS = (
     upcycle_command,
     mix_command,
     predict_command,
+    translate_command,
 )
 
 

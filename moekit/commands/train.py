@@ -47,14 +47,17 @@ def add_parser(verbs) -> None:
     p.add_argument(
         "--task",
         default="lm",
-        choices=("lm", "classify", "image-classify"),
-        help="lm (default), classify (text: --data TSV/CSV/JSONL --valid FILE) or image-classify "
-        "(--data IDX/NPZ/folder); see moekit.tasks.classify.ClassifyConfig for their options",
+        choices=("lm", "classify", "image-classify", "translate"),
+        help="lm (default), classify (text: --data TSV/CSV/JSONL --valid FILE), image-classify "
+        "(--data IDX/NPZ/folder; see moekit.tasks.classify.ClassifyConfig) or translate (--source FILE "
+        "--target FILE --valid-source FILE --valid-target FILE; see moekit.tasks.translate.TranslateConfig)",
     )
     p.set_defaults(func=run, free_options=True)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.task == "translate":
+        return _run_translator(args)
     if args.task != "lm":
         return _run_classifier(args)
     extra = list(args.extra)
@@ -107,6 +110,27 @@ def _run_classifier(args: argparse.Namespace) -> int:
         f"{result.active_parameters:,} of {result.parameters:,} parameters active)"
     )
     console.print(f"run folder: {result.run_dir}")
+    return 0
+
+
+def _run_translator(args: argparse.Namespace) -> int:
+    """``--task translate``: one process; options are TranslateConfig fields (``--model.*``: Seq2SeqConfig)."""
+    from moekit.tasks.translate import train_translator
+
+    base = read_config_file(args.config) if args.config else {}
+    overrides = parse_overrides(list(args.extra))
+    if args.out_dir:
+        overrides["out_dir"] = args.out_dir
+    if args.nproc > 1 or args.ep > 1 or args.resume:
+        raise ConfigError("--task translate trains in one process and cannot --resume")
+    result = train_translator({**base, **overrides, "task": "translate"})
+    bleu = "" if result.bleu is None else f", valid BLEU {result.bleu:.2f} (greedy)"
+    Console().print(
+        f"step {result.step}: valid loss {result.valid_loss:.4f}{bleu}  ({result.seconds:.0f}s, "
+        f"{result.tokens_per_second:,.0f} tok/s, {result.active_parameters:,} of {result.parameters:,} "
+        "parameters active)"
+    )
+    Console().print(f"run folder: {result.run_dir}")
     return 0
 
 

@@ -1,1 +1,1 @@
-"""moekit.tasks: MoE beyond language modelling (text and image classification)."""
+"""moekit.tasks: MoE beyond language modelling (text and image classification, translation)."""

@@ -395,6 +395,8 @@ def load_classifier(path: str | Path) -> tuple[EncoderClassifier, WordVocab | No
         raise CheckpointError(f"{run_dir} holds no classifier ({META} is missing)")
     try:
         meta = json.loads((run_dir / META).read_text(encoding="utf-8"))
+        if meta.get("task") == "translate":
+            raise CheckpointError(f"{run_dir} holds a translation model: use `moekit translate --checkpoint {run_dir}`")
         names, task = list(meta["labels"]), meta["task"]
         if "lm" in meta:
             lm = MoELM(LMConfig.from_dict(meta["lm"]))

@@ -1,0 +1,425 @@
+"""An encoder-decoder transformer whose FFNs are dense or MoE, for translation (Vaswani et al. 2017).
+
+    source ids [B, M] -> embed_tokens -> encoder[0..Le): x + attn(norm(x)) (bidirectional, key-padding mask)
+                                                        x + ffn(norm(x))
+                      -> encoder_norm -> memory [B, M, D]
+    target ids [B, S] -> embed_tokens -> decoder[0..Ld): x + self_attn(norm(x))   (causal, RoPE, KV cache)
+                                                        x + cross_attn(norm(x), memory)
+                                                        x + ffn(norm(x))
+                      -> decoder_norm -> embed_tokens.weight^T -> logits [B, S, V]
+
+    ffn: a dense MLP, or an MoE layer every ``moe_every``-th layer of each stack (counted so that the
+    last layer is sparse, as in V-MoE; sparse FFNs in an encoder-decoder: GShard, Lepikhin et al. 2021,
+    Switch Transformer, Fedus et al. 2022).
+
+One embedding matrix serves the source, the target and the output layer (a joint subword vocabulary;
+three-way tying, Press & Wolf 2017). Encoder blocks are :class:`moekit.nn.block.Block` run with
+``is_causal=False``; self-attention is :class:`moekit.nn.attention.Attention` (rotary positions) in both
+stacks. Cross-attention has no positions: the queries look up source content, whose order the encoder
+has already mixed in.
+
+Decoding: :meth:`Seq2SeqTransformer.start` runs nothing new; it projects the memory to each decoder
+layer's cross-attention keys/values once and makes an empty :class:`KVCache` for the self-attention;
+:meth:`Seq2SeqTransformer.step` then feeds new target tokens. Beam search reorders the state with
+:meth:`DecoderState.reorder`.
+
+Shape legend: B batch, M source tokens, S target tokens (the new ones when decoding), P cached target
+tokens, D hidden, H heads, hd head dim, V vocabulary, N selected positions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moekit.config import Config, check_choice, require
+from moekit.errors import ShapeError
+from moekit.models.encoder import FFNKind
+from moekit.nn.attention import Attention, KVCache, attention_mask
+from moekit.nn.block import Block
+from moekit.nn.config import MoEConfig, RouterType
+from moekit.nn.experts import Experts
+from moekit.nn.mlp import MLP
+from moekit.nn.moe import MoE
+from moekit.nn.norm import RMSNorm
+from moekit.nn.rope import RotaryEmbedding
+from moekit.nn.router import Router
+from moekit.nn.routing import MoEAux
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Seq2SeqConfig(Config):
+    """An encoder-decoder. The dense baseline with equal active parameters is the same config with
+    ``ffn="dense"``: a dense layer's MLP is ``intermediate_size`` wide, and an MoE token runs ``top_k``
+    experts of ``intermediate_size // top_k`` each.
+
+    Routers that look at other tokens to route one (expert choice) or mix tokens (Soft MoE) would let a
+    target position see later ones, so the decoder takes token-choice routers (softmax/sigmoid top-k),
+    hash routing or dense gating only.
+    """
+
+    vocab_size: int
+    hidden_size: int = 256
+    encoder_layers: int = 3
+    decoder_layers: int = 3
+    num_attention_heads: int = 4
+    intermediate_size: int = 512
+    ffn: FFNKind = FFNKind.MOE
+    moe_every: int = 2
+    num_experts: int = 8
+    top_k: int = 1
+    router: RouterType = RouterType.SOFTMAX_TOPK
+    capacity_factor: float | None = None
+    aux_loss_coef: float = 0.01
+    dropout: float = 0.1
+    max_length: int = 128  # longest source the model is given (longer ones are cut) and default decode limit
+    rms_norm_eps: float = 1e-6
+    initializer_range: float = 0.02
+    pad_token_id: int = 0
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ffn", check_choice("ffn", self.ffn, FFNKind))
+        object.__setattr__(self, "router", check_choice("router", self.router, RouterType))
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "encoder_layers",
+            "decoder_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "moe_every",
+            "max_length",
+        ):
+            value = getattr(self, name)
+            require(isinstance(value, int) and value >= 1, f"{name} must be a positive integer, got {value!r}")
+        require(self.hidden_size % self.num_attention_heads == 0, "hidden_size must be a multiple of the heads")
+        require((self.hidden_size // self.num_attention_heads) % 2 == 0, "head size must be even (rotary)")
+        require(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            require(0 <= value < self.vocab_size, f"{name}={value} is outside the vocabulary [0, {self.vocab_size})")
+        require(
+            self.ffn != FFNKind.SOFT,
+            "ffn='soft' (Soft MoE) mixes all positions of a sequence, so a target token would see later ones; "
+            "use ffn='moe' or 'dense'",
+        )
+        require(
+            self.router != RouterType.EXPERT_CHOICE,
+            "router='expert_choice' lets experts pick tokens by comparing them across positions, so a target "
+            "token's routing would depend on later ones; use a token-choice router (softmax_topk, sigmoid_topk)",
+        )
+        if self.ffn == FFNKind.MOE:
+            require(self.intermediate_size % self.top_k == 0, "intermediate_size must be a multiple of top_k")
+            self.moe_config()  # validate the MoE fields now
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def is_moe_layer(self, i: int, num_layers: int) -> bool:
+        """Every ``moe_every``-th layer of a stack of ``num_layers``, counted so that the last one is sparse."""
+        return self.ffn == FFNKind.MOE and (num_layers - 1 - i) % self.moe_every == 0
+
+    def moe_config(self) -> MoEConfig:
+        return MoEConfig(
+            hidden_size=self.hidden_size,
+            num_experts=self.num_experts,
+            top_k=self.top_k,
+            expert_hidden_size=self.intermediate_size // self.top_k,
+            router=self.router,
+            capacity_factor=self.capacity_factor,
+            aux_loss_coef=self.aux_loss_coef,
+        )
+
+
+@dataclasses.dataclass
+class Encoded:
+    """The encoder's output: memory [B, M, D], its padding mask [B, M] (True = real; None = all real), MoE aux."""
+
+    memory: torch.Tensor
+    mask: torch.Tensor | None
+    moe_aux: list[MoEAux]
+
+
+@dataclasses.dataclass
+class Seq2SeqOutput:
+    """logits: [B, S, V], or [N, V] for the positions picked by ``logits_mask``; aux_loss: the MoE layers'
+    summed balancing losses (fp32); moe_aux: one per MoE layer, encoder first."""
+
+    logits: torch.Tensor
+    aux_loss: torch.Tensor
+    moe_aux: list[MoEAux]
+
+
+@dataclasses.dataclass
+class DecoderState:
+    """Incremental decoding: the self-attention KVCache, each layer's cross-attention keys/values
+    ([B, H, M, hd] each) and the source mask as SDPA wants it ([B, 1, 1, M] or None)."""
+
+    cache: KVCache
+    memory_kv: list[tuple[torch.Tensor, torch.Tensor]]
+    memory_mask: torch.Tensor | None
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep rows ``index`` (beam search: each surviving hypothesis continues from its parent's row)."""
+        c = self.cache
+        for i in range(c.num_layers):
+            if c.keys[i] is not None:
+                c.keys[i] = c.keys[i].index_select(0, index)
+                c.values[i] = c.values[i].index_select(0, index)
+        if c.mask is not None:
+            c.mask = c.mask.index_select(0, index)
+        self.memory_kv = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.memory_kv]
+        if self.memory_mask is not None:
+            self.memory_mask = self.memory_mask.index_select(0, index)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of decoder queries over the encoder's memory (no rotary positions)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, head_dim: int):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
+
+    def project_memory(self, memory_BMD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the memory [B, H, M, hd] each (computed once per source when decoding)."""
+        B, M, _ = memory_BMD.shape
+        k = self.k_proj(memory_BMD).view(B, M, self.num_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(memory_BMD).view(B, M, self.num_heads, self.head_dim).transpose(1, 2)
+        return k, v
+
+    def forward(self, x_BSD, k_BHMd, v_BHMd, mask_B11M) -> torch.Tensor:
+        B, S, _ = x_BSD.shape
+        q = self.q_proj(x_BSD).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, S, hd]
+        y = F.scaled_dot_product_attention(q, k_BHMd, v_BHMd, attn_mask=mask_B11M)
+        return self.o_proj(y.transpose(1, 2).reshape(B, S, -1))
+
+
+class DecoderBlock(nn.Module):
+    """RMSNorm -> causal self-attention -> residual, RMSNorm -> cross-attention -> residual,
+    RMSNorm -> FFN (:class:`MLP` or :class:`MoE`) -> residual."""
+
+    def __init__(self, self_attn: Attention, cross_attn: CrossAttention, mlp: nn.Module, hidden_size: int, eps: float):
+        super().__init__()
+        self.input_layernorm = RMSNorm(hidden_size, eps)
+        self.self_attn = self_attn
+        self.cross_attn_layernorm = RMSNorm(hidden_size, eps)
+        self.cross_attn = cross_attn
+        self.post_attention_layernorm = RMSNorm(hidden_size, eps)
+        self.mlp = mlp
+
+    @property
+    def is_moe(self) -> bool:
+        return isinstance(self.mlp, MoE)
+
+    def forward(
+        self, x_BSD, cos, sin, self_mask, is_causal, cache, memory_kv, memory_mask, pad_mask, token_ids, record
+    ):
+        h = x_BSD + self.self_attn(self.input_layernorm(x_BSD), cos, sin, self_mask, is_causal, cache)
+        h = h + self.cross_attn(self.cross_attn_layernorm(h), *memory_kv, memory_mask)
+        if self.is_moe:
+            y, aux = self.mlp(
+                self.post_attention_layernorm(h), mask=pad_mask, token_ids=token_ids, record_routing=record
+            )
+            return h + y, aux
+        return h + self.mlp(self.post_attention_layernorm(h)), None
+
+
+class Seq2SeqTransformer(nn.Module):
+    """Encoder-decoder transformer with dense or MoE FFNs (see the module docstring)."""
+
+    def __init__(self, config: Seq2SeqConfig):
+        super().__init__()
+        self.config = c = config
+        hd = c.head_dim
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.rotary_emb = RotaryEmbedding(hd)
+        self.encoder = nn.ModuleList(
+            [
+                Block(
+                    Attention(c.hidden_size, c.num_attention_heads, c.num_attention_heads, hd, layer_idx=i),
+                    self._ffn(c.is_moe_layer(i, c.encoder_layers)),
+                    c.hidden_size,
+                    c.rms_norm_eps,
+                )
+                for i in range(c.encoder_layers)
+            ]
+        )
+        self.encoder_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.decoder = nn.ModuleList(
+            [
+                DecoderBlock(
+                    Attention(c.hidden_size, c.num_attention_heads, c.num_attention_heads, hd, layer_idx=i),
+                    CrossAttention(c.hidden_size, c.num_attention_heads, hd),
+                    self._ffn(c.is_moe_layer(i, c.decoder_layers)),
+                    c.hidden_size,
+                    c.rms_norm_eps,
+                )
+                for i in range(c.decoder_layers)
+            ]
+        )
+        self.decoder_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.dropout = nn.Dropout(c.dropout)
+        self.reset_parameters()
+
+    def _ffn(self, sparse: bool) -> nn.Module:
+        c = self.config
+        return MoE(c.moe_config()) if sparse else MLP(c.hidden_size, c.intermediate_size)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """N(0, initializer_range) for every matrix; projections writing into the residual stream (o_proj,
+        down_proj, experts' w_out) get std / sqrt(2L) with L all layers (GPT-2, Radford et al. 2019)."""
+        c = self.config
+        std = c.initializer_range
+        residual_std = std / math.sqrt(2 * (c.encoder_layers + c.decoder_layers))
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=residual_std if name.endswith(("o_proj", "down_proj")) else std)
+            elif isinstance(module, Experts):
+                nn.init.normal_(module.w_in, std=std)
+                nn.init.normal_(module.w_out, std=residual_std)
+            elif isinstance(module, Router):
+                nn.init.normal_(module.weight, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    # -- sizes ---------------------------------------------------------------------------------------
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def active_parameters(self) -> int:
+        """Parameters one token passes through: all but the experts a token does not run."""
+        total = self.num_parameters()
+        for moe in self.moe_layers():
+            size = sum(p.numel() for p in moe.experts.parameters())
+            total -= size - size * moe.config.experts_per_token // moe.config.num_experts
+        return total
+
+    def moe_layers(self) -> list[MoE]:
+        return [b.mlp for b in [*self.encoder, *self.decoder] if isinstance(b.mlp, MoE)]
+
+    # -- encoder -------------------------------------------------------------------------------------
+    def encode(self, src_ids: torch.Tensor, src_mask: torch.Tensor | None = None, record_routing: bool = False):
+        """Source ids [B, M] (long) and mask [B, M] (True = real token) -> :class:`Encoded`."""
+        if src_ids.dim() != 2 or src_ids.dtype != torch.long:
+            raise ShapeError(f"source ids must be [batch, seq] (long), got {tuple(src_ids.shape)} {src_ids.dtype}")
+        if src_mask is not None and tuple(src_mask.shape) != tuple(src_ids.shape):
+            raise ShapeError(f"source mask has shape {tuple(src_mask.shape)}, ids {tuple(src_ids.shape)}")
+        B, M = src_ids.shape
+        x = self.dropout(self.embed_tokens(src_ids))  # [B, M, D]
+        valid = None if src_mask is None or bool(src_mask.all()) else src_mask.bool()
+        attn_mask = None if valid is None else valid[:, None, None, :]  # every query sees the real keys
+        cos, sin = self.rotary_emb(torch.arange(M, device=x.device).expand(B, M), x.dtype)
+        moe_aux: list[MoEAux] = []
+        for block in self.encoder:
+            x, aux = block(x, cos, sin, attn_mask, False, None, valid, src_ids, record_routing)
+            if aux is not None:
+                moe_aux.append(aux)
+        return Encoded(self.encoder_norm(x), valid, moe_aux)
+
+    # -- decoder -------------------------------------------------------------------------------------
+    def start(self, encoded: Encoded, expand: int = 1, max_length: int | None = None) -> DecoderState:
+        """The state for incremental decoding, each source repeated ``expand`` times (beams) next to each other.
+
+        Args:
+            encoded: what :meth:`encode` returned for B sources.
+            expand: rows per source (B * expand rows in all).
+            max_length: preallocate the self-attention cache for this many target positions (None: grow).
+        """
+        kv = [block.cross_attn.project_memory(encoded.memory) for block in self.decoder]
+        mask = None if encoded.mask is None else encoded.mask[:, None, None, :]
+        if expand > 1:
+            kv = [(k.repeat_interleave(expand, 0), v.repeat_interleave(expand, 0)) for k, v in kv]
+            mask = None if mask is None else mask.repeat_interleave(expand, 0)
+        return DecoderState(KVCache(len(self.decoder), max_length), kv, mask)
+
+    def decode(
+        self,
+        tgt_ids: torch.Tensor,
+        encoded: Encoded | None = None,
+        state: DecoderState | None = None,
+        tgt_mask: torch.Tensor | None = None,
+        record_routing: bool = False,
+    ) -> tuple[torch.Tensor, list[MoEAux]]:
+        """Decoder hidden states [B, S, D] (after the final norm) of S target tokens.
+
+        Either ``encoded`` (whole target sequences at once, causal; training and the uncached reference) or
+        ``state`` (S new tokens after the ``state.cache.length`` already decoded; the state is advanced).
+        ``tgt_mask`` [B, S] marks real tokens (right padding: pads come last, so causality alone keeps
+        real tokens from seeing them); padding is not routed by the MoE layers.
+        """
+        if (encoded is None) == (state is None):
+            raise ShapeError("decode() takes exactly one of encoded (full sequences) and state (incremental)")
+        if tgt_ids.dim() != 2 or tgt_ids.dtype != torch.long:
+            raise ShapeError(f"target ids must be [batch, seq] (long), got {tuple(tgt_ids.shape)} {tgt_ids.dtype}")
+        B, S = tgt_ids.shape
+        if state is None:
+            memory_kv = [block.cross_attn.project_memory(encoded.memory) for block in self.decoder]
+            memory_mask = None if encoded.mask is None else encoded.mask[:, None, None, :]
+            cache, P = None, 0
+        else:
+            memory_kv, memory_mask, cache, P = state.memory_kv, state.memory_mask, state.cache, state.cache.length
+        if memory_kv[0][0].shape[0] != B:
+            raise ShapeError(f"{B} target rows but the memory holds {memory_kv[0][0].shape[0]}")
+        x = self.dropout(self.embed_tokens(tgt_ids))  # [B, S, D]
+        self_mask, is_causal = attention_mask(None, P, S, x.device)
+        cos, sin = self.rotary_emb(torch.arange(P, P + S, device=x.device).expand(B, S), x.dtype)
+        pad = None if tgt_mask is None or bool(tgt_mask.all()) else tgt_mask.bool()
+        moe_aux: list[MoEAux] = []
+        for block, kv in zip(self.decoder, memory_kv):
+            x, aux = block(x, cos, sin, self_mask, is_causal, cache, kv, memory_mask, pad, tgt_ids, record_routing)
+            if aux is not None:
+                moe_aux.append(aux)
+        if cache is not None:
+            cache.advance(S)
+        return self.dropout(self.decoder_norm(x)), moe_aux
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states [..., D] -> scores over the vocabulary [..., V] (the tied embedding as output layer)."""
+        return F.linear(hidden, self.embed_tokens.weight)
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor, state: DecoderState) -> torch.Tensor:
+        """Logits [B, V] of the next token after feeding ``tokens`` [B, S] (usually S = 1) to ``state``."""
+        hidden, _ = self.decode(tokens, state=state)
+        return self.logits(hidden[:, -1])
+
+    def forward(
+        self,
+        src_ids: torch.Tensor,
+        tgt_ids: torch.Tensor,
+        src_mask: torch.Tensor | None = None,
+        tgt_mask: torch.Tensor | None = None,
+        logits_mask: torch.Tensor | None = None,
+        record_routing: bool = False,
+    ) -> Seq2SeqOutput:
+        """Teacher-forced scores: position t of ``tgt_ids`` (which starts with BOS) predicts target token t.
+
+        Args:
+            src_ids, src_mask: source ids [B, M] and mask (True = real token).
+            tgt_ids, tgt_mask: decoder input ids [B, S] (BOS + target, right-padded) and mask.
+            logits_mask: [B, S] bool; when given, only those positions' logits are computed ([N, V]),
+                which spares the output layer the padding.
+            record_routing: keep each MoE layer's Routing in ``moe_aux``.
+        """
+        encoded = self.encode(src_ids, src_mask, record_routing)
+        hidden, dec_aux = self.decode(tgt_ids, encoded, tgt_mask=tgt_mask, record_routing=record_routing)
+        if logits_mask is not None:
+            hidden = hidden[logits_mask]  # [N, D]
+        logits = self.logits(hidden)
+        moe_aux = encoded.moe_aux + dec_aux
+        aux_loss = torch.zeros((), dtype=torch.float32, device=logits.device)
+        for aux in moe_aux:
+            aux_loss = aux_loss + aux.loss.to(aux_loss.device, torch.float32)
+        return Seq2SeqOutput(logits=logits, aux_loss=aux_loss, moe_aux=moe_aux)

@@ -1,0 +1,438 @@
+"""Translation with an MoE encoder-decoder (``moekit train --task translate``, ``moekit translate``).
+
+Parallel files (moekit.data.parallel) -> a joint byte-level BPE learnt on the training sources and targets
+(moekit.data.bpe) -> batches of similar-length pairs holding about ``batch_tokens`` tokens a side ->
+AdamW with warmup + cosine (moekit.train.optim), label-smoothed cross-entropy + the MoE balancing loss
+-> validation loss every ``eval_interval`` steps and greedy BLEU (sacrebleu) at the end. The run folder
+holds ``model.safetensors``, ``model.json`` (task, model config), ``tokenizer.json``, ``run.json`` and
+``metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from moekit.config import Config, require, unknown_key_error
+from moekit.data.bpe import BOS_ID, EOS_ID, PAD_ID, SubwordTokenizer
+from moekit.data.parallel import BUILTIN_SOURCE, BUILTIN_TARGET, ParallelText, read_parallel
+from moekit.errors import CheckpointError, ConfigError, DataError, NonFiniteError
+from moekit.interop.safe_io import atomic_write_json, load_tensors, save_tensors
+from moekit.models.seq2seq import Seq2SeqConfig, Seq2SeqTransformer
+from moekit.tasks.decoding import beam_search, greedy_search
+from moekit.train.config import parse_duration
+from moekit.train.metrics import load_imbalance
+from moekit.train.optim import build_optimizer, lr_at
+from moekit.train.progress import TrainProgress
+
+log = logging.getLogger(__name__)
+
+WEIGHTS, META = "model.safetensors", "model.json"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TranslateConfig(Config):
+    """A translation run. ``model_overrides`` sets :class:`Seq2SeqConfig` fields (``--model.num_experts 4``).
+
+    ``source``/``target`` None trains on the built-in English-German pairs. Without ``valid_source`` and
+    ``valid_target`` the last ``valid_fraction`` of the (shuffled) training pairs are held out.
+    Training pairs with either side longer than ``max_length`` tokens are left out.
+    """
+
+    task: str = "translate"
+    source: str | None = None
+    target: str | None = None
+    valid_source: str | None = None
+    valid_target: str | None = None
+    valid_fraction: float = 0.05
+    vocab_size: int = 8000
+    max_length: int = 64
+    model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    batch_tokens: int = 2048
+    max_steps: int = 1_000_000
+    time_budget: float | None = None
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.02
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.98
+    grad_clip: float = 1.0
+    aux_loss_scale: float = 1.0
+    label_smoothing: float = 0.1
+    eval_interval: int = 500
+    log_interval: int = 10  # steps between training records in metrics.jsonl
+    bleu_sentences: int = 1000  # validation sentences translated (greedy) for the BLEU reported after training
+    seed: int = 1337
+    threads: int | None = None
+    out_dir: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        require(self.task == "translate", f"task must be 'translate' here, got {self.task!r}")
+        object.__setattr__(self, "time_budget", parse_duration(self.time_budget))
+        for name in ("batch_tokens", "max_steps", "eval_interval", "log_interval", "max_length", "vocab_size"):
+            value = getattr(self, name)
+            require(isinstance(value, int) and value >= 1, f"{name} must be a positive integer, got {value!r}")
+        require(self.bleu_sentences >= 0, f"bleu_sentences must be >= 0, got {self.bleu_sentences}")
+        require((self.source is None) == (self.target is None), "give both source and target files (or neither)")
+        require(
+            (self.valid_source is None) == (self.valid_target is None),
+            "give both valid_source and valid_target files (or neither)",
+        )
+        require(0 < self.valid_fraction < 1, f"valid_fraction must be in (0, 1), got {self.valid_fraction}")
+        require(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        require(0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        require(self.time_budget is None or self.time_budget > 0, "time_budget must be > 0")
+        require(isinstance(self.model_overrides, dict), "model_overrides must be a mapping of Seq2SeqConfig fields")
+        names = Seq2SeqConfig.field_names() - {"vocab_size"}
+        for key in self.model_overrides:
+            if key not in names:
+                raise unknown_key_error(key, names, "Seq2SeqConfig (--model.*)")
+
+
+# -- examples ------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Pairs:
+    """Token ids of sentence pairs: sources end with EOS; targets are bare (BOS/EOS are added per batch)."""
+
+    src: list[list[int]]
+    tgt: list[list[int]]
+
+    def __len__(self) -> int:
+        return len(self.src)
+
+    def num_tokens(self) -> int:
+        return sum(len(s) for s in self.src) + sum(len(t) + 1 for t in self.tgt)
+
+    def batch(self, rows: Sequence[int]):
+        """(src ids [B, M], src mask, decoder input [B, S] = BOS + target, labels [B, S] = target + EOS, mask)."""
+        src = [self.src[i] for i in rows]
+        tgt = [self.tgt[i] for i in rows]
+        B, M, S = len(rows), max(len(s) for s in src), max(len(t) for t in tgt) + 1
+        src_ids = torch.full((B, M), PAD_ID, dtype=torch.long)
+        tgt_in = torch.full((B, S), PAD_ID, dtype=torch.long)
+        labels = torch.full((B, S), PAD_ID, dtype=torch.long)
+        for i, (s, t) in enumerate(zip(src, tgt)):
+            src_ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+            tgt_in[i, : len(t) + 1] = torch.tensor([BOS_ID, *t], dtype=torch.long)
+            labels[i, : len(t) + 1] = torch.tensor([*t, EOS_ID], dtype=torch.long)
+        src_mask = src_ids != PAD_ID
+        src_mask[:, 0] = True  # an (impossible) empty source still has one key to attend to
+        return src_ids, src_mask, tgt_in, labels, labels != PAD_ID
+
+    def batches(self, batch_tokens: int, generator: torch.Generator | None = None) -> list[list[int]]:
+        """Row lists of similar-length pairs, each padded to at most ``batch_tokens`` tokens a side.
+
+        With a generator, equal lengths are shuffled and the batches come in random order (a new
+        grouping every epoch); without one, in length order (evaluation).
+        """
+        length = torch.tensor([max(len(s), len(t) + 1) for s, t in zip(self.src, self.tgt)], dtype=torch.float)
+        if generator is not None:
+            length = length + torch.rand(len(length), generator=generator)
+        order = torch.argsort(length, stable=True).tolist()
+        out, current, widest = [], [], 0
+        for i in order:
+            width = max(len(self.src[i]), len(self.tgt[i]) + 1)
+            if current and max(widest, width) * (len(current) + 1) > batch_tokens:
+                out.append(current)
+                current, widest = [], 0
+            current.append(i)
+            widest = max(widest, width)
+        if current:
+            out.append(current)
+        if generator is not None:
+            out = [out[i] for i in torch.randperm(len(out), generator=generator).tolist()]
+        return out
+
+
+def encode_pairs(tokenizer: SubwordTokenizer, data: ParallelText, max_length: int | None = None) -> Pairs:
+    """Tokenize both sides; with ``max_length``, pairs with a side longer than it (with EOS) are left out."""
+    src = [ids + [EOS_ID] for ids in tokenizer.encode_batch(data.sources)]
+    tgt = tokenizer.encode_batch(data.targets)
+    if max_length is None:
+        return Pairs(src, tgt)
+    keep = [i for i in range(len(src)) if len(src[i]) <= max_length and len(tgt[i]) + 1 <= max_length]
+    if len(keep) < len(src):
+        log.warning(
+            "%s: left out %d of %d pairs longer than max_length=%d tokens",
+            data.source_path,
+            len(src) - len(keep),
+            len(src),
+            max_length,
+        )
+    if not keep:
+        raise DataError(f"{data.source_path}: every pair is longer than max_length={max_length} tokens")
+    return Pairs([src[i] for i in keep], [tgt[i] for i in keep])
+
+
+def load_task_data(cfg: TranslateConfig) -> tuple[ParallelText, ParallelText]:
+    """(train pairs, validation pairs) as read from the files (or the built-in set), before tokenizing."""
+    train = read_parallel(cfg.source or BUILTIN_SOURCE, cfg.target or BUILTIN_TARGET)
+    if cfg.valid_source is not None:
+        return train, read_parallel(cfg.valid_source, cfg.valid_target)
+    if len(train) < 2:
+        raise DataError(f"{train.source_path}: needs at least 2 pairs to hold some out for validation")
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    cut = max(1, int(round(len(train) * cfg.valid_fraction)))
+    return train.subset(order[cut:]), train.subset(order[:cut])
+
+
+# -- the run -------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class TranslateResult:
+    run_dir: Path
+    step: int
+    valid_loss: float  # token cross-entropy on the validation pairs (no label smoothing), after the last step
+    bleu: float | None  # greedy BLEU on the first ``bleu_sentences`` validation pairs (None when 0)
+    history: list[dict[str, float]]  # one record per evaluation
+    parameters: int
+    active_parameters: int
+    seconds: float  # training time (the final BLEU is not counted)
+    tokens_per_second: float  # source + target tokens trained on per second
+
+
+def train_translator(config: TranslateConfig | dict | None = None, console=None, **overrides: Any) -> TranslateResult:
+    """Train an encoder-decoder translator; the function behind ``moekit train --task translate``."""
+    base = config.to_dict() if isinstance(config, TranslateConfig) else dict(config or {})
+    cfg = TranslateConfig.from_dict(_with_model_keys({**base, **overrides}))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    run_dir = Path(cfg.out_dir or f"runs/translate-{time.strftime('%Y%m%d-%H%M%S')}")
+    if (run_dir / WEIGHTS).exists():
+        raise CheckpointError(f"{run_dir} already holds a model; choose another --out")
+    train_data, valid_data = load_task_data(cfg)
+    tokenizer = SubwordTokenizer.train([*train_data.sources, *train_data.targets], cfg.vocab_size)
+    train_set = encode_pairs(tokenizer, train_data, cfg.max_length)
+    valid_set = encode_pairs(tokenizer, valid_data)
+    torch.manual_seed(cfg.seed)
+    fields = {"vocab_size": tokenizer.vocab_size, "max_length": cfg.max_length, **cfg.model_overrides}
+    model = Seq2SeqTransformer(Seq2SeqConfig.from_dict(fields))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_translator(run_dir, model, tokenizer)
+    optimizer = build_optimizer(model, cfg)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    queue: list[list[int]] = []
+    history: list[dict[str, float]] = []
+    metrics = open(run_dir / "metrics.jsonl", "w", encoding="utf-8")
+    start, step, tokens_seen, last_loss = time.perf_counter(), 0, 0, None
+    model.train()
+    try:
+        with TrainProgress(cfg, 0, enabled=cfg.progress, console=console) as bar:
+            while step < cfg.max_steps:
+                elapsed = time.perf_counter() - start
+                if cfg.time_budget is not None and elapsed >= cfg.time_budget:
+                    break
+                progress = max(step / cfg.max_steps, elapsed / cfg.time_budget if cfg.time_budget else 0.0)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(step, progress, cfg)
+                if not queue:
+                    queue = train_set.batches(cfg.batch_tokens, generator)
+                src, src_mask, tgt_in, labels, tgt_mask = train_set.batch(queue.pop())
+                out = model(src, tgt_in, src_mask, tgt_mask, logits_mask=tgt_mask)
+                loss = F.cross_entropy(out.logits.float(), labels[tgt_mask], label_smoothing=cfg.label_smoothing)
+                if not torch.isfinite(loss):
+                    raise NonFiniteError(f"non-finite loss ({loss.item()}) at step {step}; try a lower lr")
+                (loss + cfg.aux_loss_scale * out.aux_loss).backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                last_loss = loss.item()
+                tokens_seen += int(src_mask.sum()) + int(tgt_mask.sum())
+                loads = [aux.tokens_per_expert for aux in out.moe_aux]
+                record = {
+                    "step": step,
+                    "loss": last_loss,
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "tokens_per_sec": tokens_seen / max(1e-9, time.perf_counter() - start),
+                    "imbalance": sum(load_imbalance(a) for a in loads) / len(loads) if loads else 1.0,
+                }
+                bar.update(record)
+                if step % cfg.log_interval == 0:
+                    metrics.write(json.dumps(record) + "\n")
+                    metrics.flush()
+                if step % cfg.eval_interval == 0:
+                    record = _evaluate(model, valid_set, cfg, step, last_loss, start)
+                    history.append(record)
+                    metrics.write(json.dumps(record) + "\n")
+                    metrics.flush()
+                    bar.note(f"step {step:>6}: valid loss {record['valid_loss']:.4f}")
+        seconds = time.perf_counter() - start
+        if not history or history[-1]["step"] != step:
+            record = _evaluate(model, valid_set, cfg, step, last_loss, start)
+            history.append(record)
+            metrics.write(json.dumps(record) + "\n")
+    finally:
+        metrics.close()
+    save_translator(run_dir, model, tokenizer)
+    bleu = None
+    if cfg.bleu_sentences:
+        n = min(cfg.bleu_sentences, len(valid_data))
+        bleu = corpus_bleu(translate(model, tokenizer, valid_data.sources[:n]), valid_data.targets[:n])
+    result = TranslateResult(
+        run_dir,
+        step,
+        history[-1]["valid_loss"],
+        bleu,
+        history,
+        model.num_parameters(),
+        model.active_parameters(),
+        seconds,
+        tokens_seen / max(seconds, 1e-9),
+    )
+    atomic_write_json(
+        run_dir / "run.json",
+        {
+            "train": cfg.to_dict(),
+            "model": model.config.to_dict(),
+            "steps": step,
+            "seconds": seconds,
+            "tokens_per_second": result.tokens_per_second,
+            "train_pairs": len(train_set),
+            "valid_loss": result.valid_loss,
+            "valid_bleu_greedy": bleu,
+            "parameters": result.parameters,
+            "active_parameters": result.active_parameters,
+        },
+    )
+    return result
+
+
+@torch.no_grad()
+def validation_loss(model: Seq2SeqTransformer, pairs: Pairs, batch_tokens: int = 4096):
+    """(mean token cross-entropy, each MoE layer's expert load [E]) over ``pairs``, teacher-forced."""
+    was_training = model.training
+    model.eval()
+    total, count, loads = 0.0, 0, None
+    for rows in pairs.batches(batch_tokens):
+        src, src_mask, tgt_in, labels, tgt_mask = pairs.batch(rows)
+        out = model(src, tgt_in, src_mask, tgt_mask, logits_mask=tgt_mask)
+        total += float(F.cross_entropy(out.logits.float(), labels[tgt_mask], reduction="sum"))
+        count += int(tgt_mask.sum())
+        batch_loads = [aux.tokens_per_expert.clone() for aux in out.moe_aux]
+        loads = batch_loads if loads is None else [a + b for a, b in zip(loads, batch_loads)]
+    model.train(was_training)
+    return total / max(1, count), loads or []
+
+
+def _evaluate(model, valid_set: Pairs, cfg: TranslateConfig, step: int, loss, start: float) -> dict[str, Any]:
+    valid_loss, loads = validation_loss(model, valid_set, cfg.batch_tokens)
+    return {
+        "step": step,
+        "loss": loss,
+        "valid_loss": valid_loss,
+        "valid_layer_imbalance": [load_imbalance(a) for a in loads],
+        "elapsed": time.perf_counter() - start,
+    }
+
+
+def _with_model_keys(data: dict[str, Any]) -> dict[str, Any]:
+    """``model.top_k`` style keys (from ``--model.top_k 2``) move into ``model_overrides``."""
+    out = {k.replace("-", "_"): v for k, v in data.items() if not k.startswith("model.")}
+    model = dict(out.get("model_overrides") or {})
+    model.update({k[len("model.") :]: v for k, v in data.items() if k.startswith("model.")})
+    if model:
+        out["model_overrides"] = model
+    for key in out:
+        if key not in TranslateConfig.field_names():
+            raise unknown_key_error(key, TranslateConfig.field_names(), "translation config")
+    return out
+
+
+# -- translating ---------------------------------------------------------------------------------
+def translate(
+    model: Seq2SeqTransformer,
+    tokenizer: SubwordTokenizer,
+    sentences: Sequence[str],
+    beam: int = 1,
+    max_new_tokens: int | None = None,
+    batch_size: int = 64,
+    alpha: float = 0.6,
+) -> list[str]:
+    """Translate sentences (greedy with ``beam=1``, else beam search with length penalty ``alpha``).
+
+    Sources longer than the model's ``max_length`` tokens are cut there. Empty sentences translate to "".
+
+    Args:
+        max_new_tokens: longest translation in tokens; None: twice the source plus 10, at most
+            twice the model's ``max_length``.
+        batch_size: sentences decoded together (sorted by length, so padding stays small).
+    """
+    limit = model.config.max_length
+    encoded = tokenizer.encode_batch([s.strip() for s in sentences])
+    cut = sum(len(enc) >= limit for enc in encoded)
+    if cut:
+        log.warning("%d of %d sources were cut to the model's max_length=%d tokens", cut, len(encoded), limit)
+    ids = [enc[: limit - 1] + [EOS_ID] for enc in encoded]
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    out: list[str] = [""] * len(ids)
+    for start in range(0, len(order), batch_size):
+        rows = [i for i in order[start : start + batch_size] if sentences[i].strip()]
+        if not rows:
+            continue
+        width = max(len(ids[i]) for i in rows)
+        src = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
+        for r, i in enumerate(rows):
+            src[r, : len(ids[i])] = torch.tensor(ids[i], dtype=torch.long)
+        steps = max_new_tokens or min(2 * width + 10, 2 * limit)
+        mask = src != PAD_ID
+        if beam == 1:
+            hyps = greedy_search(model, src, mask, steps)
+        else:
+            hyps = beam_search(model, src, mask, steps, beam=beam, alpha=alpha)
+        for i, hyp in zip(rows, hyps):
+            out[i] = tokenizer.decode(hyp)
+    return out
+
+
+def corpus_bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
+    """sacrebleu's corpus BLEU (13a tokenization, the WMT default) of detokenized text."""
+    import sacrebleu
+
+    if len(hypotheses) != len(references):
+        raise DataError(f"{len(hypotheses)} translations but {len(references)} references")
+    return float(sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score)
+
+
+# -- checkpoints ---------------------------------------------------------------------------------
+def save_translator(run_dir: str | Path, model: Seq2SeqTransformer, tokenizer: SubwordTokenizer) -> None:
+    run_dir = Path(run_dir)
+    tokenizer.save(run_dir)
+    atomic_write_json(run_dir / META, {"task": "translate", "seq2seq": model.config.to_dict()})
+    save_tensors(model.state_dict(), run_dir / WEIGHTS)
+
+
+def load_translator(path: str | Path) -> tuple[Seq2SeqTransformer, SubwordTokenizer]:
+    """(model in eval mode, tokenizer) from a run folder of ``moekit train --task translate``."""
+    run_dir = Path(path)
+    if not (run_dir / META).is_file():
+        raise CheckpointError(f"{run_dir} holds no translation model ({META} is missing)")
+    try:
+        meta = json.loads((run_dir / META).read_text(encoding="utf-8"))
+        if meta.get("task") != "translate":
+            raise CheckpointError(f"{run_dir} holds a {meta.get('task')!r} model, not a translation model")
+        model = Seq2SeqTransformer(Seq2SeqConfig.from_dict(meta["seq2seq"]))
+    except (ValueError, KeyError, TypeError, AttributeError, ConfigError) as e:
+        raise CheckpointError(f"{run_dir / META}: not a valid translation model description ({e})") from None
+    tokenizer = SubwordTokenizer.load(run_dir)
+    if tokenizer.vocab_size != model.config.vocab_size:
+        raise CheckpointError(
+            f"{run_dir}: tokenizer.json has {tokenizer.vocab_size} tokens but the model {model.config.vocab_size}"
+        )
+    tensors = load_tensors(run_dir / WEIGHTS)
+    differ = set(model.state_dict()) ^ set(tensors)
+    if differ:
+        raise CheckpointError(f"{run_dir / WEIGHTS} does not match {META}: tensors differ ({sorted(differ)[:3]})")
+    model.load_state_dict(tensors)
+    model.eval()
+    return model, tokenizer
