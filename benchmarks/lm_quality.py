@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from moekit.commands.demo import DEMO_RECIPE
 from moekit.train import TrainConfig, Trainer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
@@ -90,8 +91,10 @@ def equal_tokens(args) -> dict:
 
 
 def demo_budget(args) -> dict:
+    """The demo preset with ``moekit demo``'s recipe (blocks of 64, batch 16) under a time budget."""
+    recipe = argparse.Namespace(**{**vars(args), **DEMO_RECIPE})
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = make_trainer("demo", 100_000, Path(tmp), args, time_budget=args.demo_budget, eval_interval=100_000)
+        trainer = make_trainer("demo", 100_000, Path(tmp), recipe, time_budget=args.demo_budget, eval_interval=100_000)
         t0 = time.perf_counter()
         result = trainer.run()
         wall = time.perf_counter() - t0
