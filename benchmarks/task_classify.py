@@ -15,21 +15,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import sys
 from pathlib import Path
 
 import torch
+from side_by_side import run_side_by_side
 
 from moekit.tasks.classify import ClassifyConfig, encode, load_classifier, load_task_data, train_classifier
 from moekit.tasks.routing import write_routing_report
 
 
-def _train_one(args, extra: dict, ffn: str, core: int | None = None, run_tag: int | None = None) -> dict:
-    """Train the ``ffn`` model (moe or dense) for the budget; on ``core`` alone when given."""
-    if core is not None:
-        os.sched_setaffinity(0, {core})
+def _train_one(args, extra: dict, ffn: str, run_tag: int | None = None) -> dict:
+    """Train the ``ffn`` model (moe or dense) for the budget."""
     run_dir = Path(args.runs) / f"{args.task}-{ffn}-{run_tag or os.getpid()}"
     result = train_classifier(
         task=args.task,
@@ -54,29 +52,6 @@ def _train_one(args, extra: dict, ffn: str, core: int | None = None, run_tag: in
     return row
 
 
-def _child(args, extra, ffn, core, run_tag, queue) -> None:
-    queue.put(_train_one(args, extra, ffn, core, run_tag))
-
-
-def _train_side_by_side(args, extra: dict) -> list[dict]:
-    """MoE and dense at the same time, each pinned to its own core: equal time under equal machine load."""
-    cores = sorted(os.sched_getaffinity(0))
-    if len(cores) < 2:
-        raise SystemExit(f"--parallel needs 2 cores, this process may use {cores}")
-    ctx = multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [
-        ctx.Process(target=_child, args=(args, extra, ffn, core, os.getpid(), queue))
-        for ffn, core in zip(("moe", "dense"), cores)
-    ]
-    for proc in procs:
-        proc.start()
-    rows = {row["model"]: row for row in (queue.get() for _ in procs)}
-    for proc in procs:
-        proc.join()
-    return [rows["moe"], rows["dense"]]
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", choices=("classify", "image-classify"), required=True)
@@ -97,7 +72,7 @@ def main(argv=None) -> int:
         key, _, value = item.partition("=")
         extra[key] = json.loads(value) if value[:1].isdigit() or value in ("true", "false", "null") else value
     if args.parallel:
-        rows = _train_side_by_side(args, extra)
+        rows = run_side_by_side(_train_one, [(args, extra, "moe", os.getpid()), (args, extra, "dense", os.getpid())])
     else:
         rows = [_train_one(args, extra, ffn) for ffn in ("moe", "dense")]
     run_dir = Path(args.runs) / f"{args.task}-moe-{os.getpid()}"
