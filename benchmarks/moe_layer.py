@@ -205,12 +205,14 @@ def make_step(module: torch.nn.Module, x: torch.Tensor, g: torch.Tensor, mode: s
     def fwd():
         if setup:
             setup()
+        module.eval()  # inference, as in a decoding step (moekit's few-token path needs it)
         with torch.inference_mode():
             module(x)
 
     def fwd_bwd():
         if setup:
             setup()
+        module.train()
         for p in params:
             p.grad = None
         xg = x.detach().requires_grad_(True)
