@@ -93,17 +93,22 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_classifier(args: argparse.Namespace) -> int:
-    """``--task classify|image-classify``: one process; options are ClassifyConfig fields (``--model.*``: encoder)."""
-    from moekit.tasks.classify import train_classifier
-
+def _single_process_task_config(args: argparse.Namespace) -> dict:
+    """The config dict of a ``--task`` other than lm: the config file, then ``--key value`` overrides."""
+    if args.nproc > 1 or args.ep > 1 or args.resume:
+        raise ConfigError(f"--task {args.task} trains in one process and cannot --resume")
     base = read_config_file(args.config) if args.config else {}
     overrides = parse_overrides(list(args.extra))
     if args.out_dir:
         overrides["out_dir"] = args.out_dir
-    if args.nproc > 1 or args.ep > 1 or args.resume:
-        raise ConfigError(f"--task {args.task} trains in one process and cannot --resume")
-    result = train_classifier({**base, **overrides, "task": args.task})
+    return {**base, **overrides, "task": args.task}
+
+
+def _run_classifier(args: argparse.Namespace) -> int:
+    """``--task classify|image-classify``: one process; options are ClassifyConfig fields (``--model.*``: encoder)."""
+    from moekit.tasks.classify import train_classifier
+
+    result = train_classifier(_single_process_task_config(args))
     console = Console()
     console.print(
         f"step {result.step}: valid accuracy {result.accuracy:.4f}  ({result.seconds:.0f}s, "
@@ -117,13 +122,7 @@ def _run_translator(args: argparse.Namespace) -> int:
     """``--task translate``: one process; options are TranslateConfig fields (``--model.*``: Seq2SeqConfig)."""
     from moekit.tasks.translate import train_translator
 
-    base = read_config_file(args.config) if args.config else {}
-    overrides = parse_overrides(list(args.extra))
-    if args.out_dir:
-        overrides["out_dir"] = args.out_dir
-    if args.nproc > 1 or args.ep > 1 or args.resume:
-        raise ConfigError("--task translate trains in one process and cannot --resume")
-    result = train_translator({**base, **overrides, "task": "translate"})
+    result = train_translator(_single_process_task_config(args))
     bleu = "" if result.bleu is None else f", valid BLEU {result.bleu:.2f} (greedy)"
     Console().print(
         f"step {result.step}: valid loss {result.valid_loss:.4f}{bleu}  ({result.seconds:.0f}s, "
