@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from moekit.distributed.collectives import DistributedError, PeerFailure, all_gather_bytes, all_reduce_
+from moekit.distributed.collectives import DistributedError, PeerFailure, all_gather_bytes, all_reduce_, collective
 from moekit.errors import ConfigError, MoekitError
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,12 @@ class DistContext:
         """Mean of a python float over all ranks."""
         t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
         return float(all_reduce_(t)) / self.world_size
+
+    def broadcast_float(self, value: float) -> float:
+        """Rank 0's ``value``, on every rank."""
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
+        collective("broadcast", dist.broadcast, t, src=0)
+        return float(t)
 
     def check_same(self, what: str, value: dict[str, Any]) -> None:
         """Raise ConfigError on every rank unless every rank passed the same ``value`` (a JSON-able dict).

@@ -147,6 +147,11 @@ class DistributedTrainer(Trainer):
             self.ctx.step = self.step  # the step in progress, for the error report
             raise
 
+    def agreed_elapsed(self, elapsed: float) -> float:
+        # Rank 0's clock for all: ranks that read their own clocks could stop at different steps under a
+        # time budget (one rank waits forever in an all-reduce) or follow different LR schedules.
+        return self.ctx.broadcast_float(elapsed)
+
     def train_step(self, progress: float) -> dict[str, Any]:
         self.ctx.heartbeat(self.step)
         record = super().train_step(progress)

@@ -323,6 +323,10 @@ class Trainer:
             keep=self.config.keep_checkpoints,
         )
 
+    def agreed_elapsed(self, elapsed: float) -> float:
+        """The training time every process acts on (the time budget, the schedule); here, this process's."""
+        return elapsed
+
     def run(self) -> TrainResult:
         """Train until ``max_steps`` or the time budget; evaluate and checkpoint along the way."""
         cfg = self.config
@@ -345,7 +349,7 @@ class Trainer:
         try:
             with TrainProgress(cfg, self.step, enabled=cfg.progress and self.is_main, console=self.console) as bar:
                 while self.step < cfg.max_steps:
-                    elapsed = self.elapsed_before + time.perf_counter() - start
+                    elapsed = self.agreed_elapsed(self.elapsed_before + time.perf_counter() - start)
                     if cfg.time_budget is not None and elapsed >= cfg.time_budget:
                         break
                     progress = self.step / cfg.max_steps

@@ -239,6 +239,14 @@ def test_a_hung_rank_fails_the_others_within_the_timeout(tmp_path):
 
 
 # -- in-process checks --------------------------------------------------------------------------------
+def test_ranks_agree_on_the_time_budget(tmp_path):
+    """Each rank reading its own clock would stop at its own step and leave the other in an all-reduce."""
+    code, results, logs = _workers("budget", 2, tmp_path, timeout=90)
+    assert code == 0, logs
+    assert results[0]["step"] == results[1]["step"] > 1, results
+    assert results[0]["final_val_loss"] == results[1]["final_val_loss"]
+
+
 def _fake_ctx(ep: int, world: int, rank: int = 0) -> DistContext:
     return DistContext(
         rank=rank,

@@ -295,7 +295,18 @@ def case_hang(out: Path) -> dict:
     return results
 
 
-CASES = {"equivalence": case_equivalence, "failures": case_failures, "hang": case_hang}
+def case_time_budget(out: Path) -> dict:
+    """Rank 1's clock reads 1000 s ahead; under a 2 s budget both ranks must still stop at rank 0's step."""
+    ctx = init_distributed(ep=2, timeout=30)
+    config = _fast_train_config(str(out / "budget")).replace(max_steps=100_000, time_budget=2.0)
+    trainer = DistributedTrainer(config, ctx)
+    if ctx.rank == 1:
+        trainer.elapsed_before = 1000.0
+    result = run_guarded(ctx, trainer.run)
+    return {"step": result.step, "final_val_loss": result.val_losses[-1][1]}
+
+
+CASES = {"equivalence": case_equivalence, "failures": case_failures, "hang": case_hang, "budget": case_time_budget}
 
 if __name__ == "__main__":
     case, out_dir, *args = sys.argv[1:]
