@@ -19,8 +19,8 @@ import os
 import sys
 from pathlib import Path
 
-import torch
 from side_by_side import run_side_by_side
+from task_table import parse_sets, write_table
 
 from moekit.tasks.classify import ClassifyConfig, encode, load_classifier, load_task_data, train_classifier
 from moekit.tasks.routing import write_routing_report
@@ -67,10 +67,7 @@ def main(argv=None) -> int:
     )
     p.add_argument("--set", nargs="*", default=[], help="extra ClassifyConfig key=value (model.top_k=2 ...)")
     args = p.parse_args(argv)
-    extra = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        extra[key] = json.loads(value) if value[:1].isdigit() or value in ("true", "false", "null") else value
+    extra = parse_sets(args.set)
     if args.parallel:
         rows = run_side_by_side(_train_one, [(args, extra, "moe", os.getpid()), (args, extra, "dense", os.getpid())])
     else:
@@ -81,25 +78,14 @@ def main(argv=None) -> int:
     _, valid = load_task_data(cfg)
     routing = Path(args.out).with_name(Path(args.out).stem + "-routing.md")
     write_routing_report(model, encode(model, vocab, valid, names), names, routing)
-    lines = [
-        f"# {args.task}: MoE vs dense (equal active parameters, {args.budget} each, {args.threads} thread(s)"
-        f"{', side by side on one core each' if args.parallel else ''})",
-        "",
-        f"train: `{args.data}`, evaluated on `{args.valid}`; torch {torch.__version__}; command: "
-        f"`python {' '.join(sys.argv)}`",
-        "",
-        "| model | accuracy | steps | seconds | parameters | active parameters |",
-        "|---|---:|---:|---:|---:|---:|",
+    columns = [
+        ("accuracy", "accuracy", ".4f"),
+        ("steps", "steps", "d"),
+        ("seconds", "seconds", ".0f"),
+        ("parameters", "parameters", ",d"),
+        ("active parameters", "active_parameters", ",d"),
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['model']} | {r['accuracy']:.4f} | {r['steps']} | {r['seconds']:.0f} | "
-            f"{r['parameters']:,} | {r['active_parameters']:,} |"
-        )
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(lines) + "\n", encoding="utf-8")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2), encoding="utf-8")
+    write_table(args, args.task, f"train: `{args.data}`, evaluated on `{args.valid}`", columns, rows)
     return 0
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 from side_by_side import run_side_by_side
+from task_table import parse_sets, write_table
 
 from moekit.data.bpe import SPECIAL_TOKENS
 from moekit.data.parallel import read_parallel
@@ -150,13 +151,7 @@ def main(argv=None) -> int:
     p.add_argument("--set", nargs="*", default=[], help="extra TranslateConfig key=value (model.top_k=2 ...)")
     args = p.parse_args(argv)
     files = _files(args)
-    extra = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        try:
-            extra[key] = json.loads(value)
-        except ValueError:
-            extra[key] = value
+    extra = parse_sets(args.set)
     if args.parallel:
         jobs = [(args, files, extra, ffn, os.getpid()) for ffn in args.models.split(",")]
         rows = run_side_by_side(_run_model, jobs)
@@ -167,28 +162,21 @@ def main(argv=None) -> int:
         model, tokenizer = load_translator(moe["run_dir"])
         test = read_parallel(files["test_source"], files["test_target"])
         routing_report(model, tokenizer, test, Path(args.out).with_name(Path(args.out).stem + "-routing.md"))
-    beam_key = f"bleu_beam{args.beam}"
-    lines = [
-        f"# translate: MoE vs dense (equal active parameters, {args.budget} each, {args.threads} thread(s)"
-        f"{', side by side on one core each' if args.parallel else ''})",
-        "",
-        f"train: `{files['source']}` -> `{files['target']}`; test BLEU (sacrebleu, cased, 13a) on "
-        f"`{files['test_source']}` -> `{files['test_target']}`; torch {torch.__version__}; command: "
-        f"`python {' '.join(sys.argv)}`",
-        "",
-        f"| model | test BLEU greedy | test BLEU beam {args.beam} | valid loss | steps | train seconds | tokens/s "
-        "| parameters | active parameters |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    columns = [
+        ("test BLEU greedy", "bleu_greedy", ".2f"),
+        (f"test BLEU beam {args.beam}", f"bleu_beam{args.beam}", ".2f"),
+        ("valid loss", "valid_loss", ".3f"),
+        ("steps", "steps", "d"),
+        ("train seconds", "seconds", ".0f"),
+        ("tokens/s", "tokens_per_second", ",.0f"),
+        ("parameters", "parameters", ",d"),
+        ("active parameters", "active_parameters", ",d"),
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['model']} | {r['bleu_greedy']:.2f} | {r[beam_key]:.2f} | {r['valid_loss']:.3f} | {r['steps']} | "
-            f"{r['seconds']:.0f} | {r['tokens_per_second']:,.0f} | {r['parameters']:,} | {r['active_parameters']:,} |"
-        )
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(lines) + "\n", encoding="utf-8")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2), encoding="utf-8")
+    data_line = (
+        f"train: `{files['source']}` -> `{files['target']}`; test BLEU (sacrebleu, cased, 13a) on "
+        f"`{files['test_source']}` -> `{files['test_target']}`"
+    )
+    write_table(args, "translate", data_line, columns, rows)
     return 0
 
 

@@ -95,8 +95,10 @@ def run(args: argparse.Namespace) -> int:
 
 def _single_process_task_config(args: argparse.Namespace) -> dict:
     """The config dict of a ``--task`` other than lm: the config file, then ``--key value`` overrides."""
-    if args.nproc > 1 or args.ep > 1 or args.resume:
-        raise ConfigError(f"--task {args.task} trains in one process and cannot --resume")
+    if args.nproc > 1 or args.ep > 1:
+        raise ConfigError(f"--task {args.task} trains in one process (no --nproc or --ep)")
+    if args.resume and not args.out_dir:
+        raise ConfigError("--resume needs --out: the run folder to continue")
     base = read_config_file(args.config) if args.config else {}
     overrides = parse_overrides(list(args.extra))
     if args.out_dir:
@@ -108,7 +110,7 @@ def _run_classifier(args: argparse.Namespace) -> int:
     """``--task classify|image-classify``: one process; options are ClassifyConfig fields (``--model.*``: encoder)."""
     from moekit.tasks.classify import train_classifier
 
-    result = train_classifier(_single_process_task_config(args))
+    result = train_classifier(_single_process_task_config(args), resume=args.resume)
     console = Console()
     console.print(
         f"step {result.step}: valid accuracy {result.accuracy:.4f}  ({result.seconds:.0f}s, "
@@ -122,7 +124,7 @@ def _run_translator(args: argparse.Namespace) -> int:
     """``--task translate``: one process; options are TranslateConfig fields (``--model.*``: Seq2SeqConfig)."""
     from moekit.tasks.translate import train_translator
 
-    result = train_translator(_single_process_task_config(args))
+    result = train_translator(_single_process_task_config(args), resume=args.resume)
     bleu = "" if result.bleu is None else f", valid BLEU {result.bleu:.2f} (greedy)"
     Console().print(
         f"step {result.step}: valid loss {result.valid_loss:.4f}{bleu}  ({result.seconds:.0f}s, "

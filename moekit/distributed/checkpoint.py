@@ -149,7 +149,7 @@ def save_distributed_checkpoint(
             "optimizer_expert_tensors": opt_split,
         }
         atomic_write_json(tmp / ckpt.EP_INDEX_FILE, index)
-        ckpt._fsync_tree(tmp)
+        ckpt.fsync_tree(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)

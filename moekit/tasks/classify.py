@@ -4,9 +4,9 @@ Text can also be classified by fine-tuning a pretrained language model (``init_f
 checkpoint, or a Hugging Face MoE folder) with a head over its pooled hidden states
 (:class:`moekit.models.lm_classifier.LMClassifier`); it reads the text with the LM's own tokenizer.
 
-One training loop serves all: data -> :class:`Examples` (inputs the model takes, label ids) ->
-AdamW with warmup + cosine (moekit.train.optim), cross-entropy + the MoE balancing loss, evaluation
-on the validation set, and a run folder holding ``model.safetensors`` (moekit.interop.safe_io),
+Data -> :class:`Examples` (inputs the model takes, label ids) -> the shared task loop
+(:mod:`moekit.tasks.loop`: AdamW with warmup + cosine, cross-entropy + the MoE balancing loss, evaluation
+on the validation set) -> a run folder holding ``model.safetensors`` (moekit.interop.safe_io),
 ``model.json`` (encoder config, label names, vocabulary) and ``metrics.jsonl``.
 """
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -22,29 +21,27 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from moekit.config import Config, require, unknown_key_error
+from moekit.config import require, unknown_key_error
 from moekit.data.images import LabelledImages, builtin_digits, check_image_size, read_images
 from moekit.data.labelled import BUILTIN_SENTIMENT, WordVocab, label_ids, label_names, read_labelled
 from moekit.data.tokenizers import Tokenizer, load_tokenizer
-from moekit.errors import CheckpointError, ConfigError, DataError, NonFiniteError
+from moekit.errors import CheckpointError, ConfigError, DataError
 from moekit.interop.safe_io import atomic_write_json, load_tensors, save_tensors
 from moekit.models.config import LMConfig
 from moekit.models.encoder import EncoderClassifier, EncoderConfig
 from moekit.models.lm import MoELM
 from moekit.models.lm_classifier import LMClassifier
+from moekit.tasks.loop import TaskStep, TaskTrainConfig, check_run_dir, check_same_meta, shuffled_rows, train_loop
 from moekit.train.checkpoint import load_tensors_into, model_tensors
-from moekit.train.config import parse_duration
-from moekit.train.metrics import load_imbalance
-from moekit.train.optim import build_optimizer, lr_at
-from moekit.train.progress import TrainProgress
 
 TASKS = ("classify", "image-classify")
 WEIGHTS, META = "model.safetensors", "model.json"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class ClassifyConfig(Config):
-    """A classification run. ``model_overrides`` sets :class:`EncoderConfig` fields (``--model.num_experts 4``).
+class ClassifyConfig(TaskTrainConfig):
+    """A classification run: data fields here, optimisation fields in :class:`TaskTrainConfig`;
+    ``model_overrides`` sets :class:`EncoderConfig` fields (``--model.num_experts 4``).
 
     ``data`` None trains on the built-in set (the sentiment sentences, or scikit-learn's digits).
     Without ``valid`` the last ``valid_fraction`` of the (shuffled) training rows are held out.
@@ -59,35 +56,15 @@ class ClassifyConfig(Config):
     valid_fraction: float = 0.1
     max_length: int = 64
     min_word_count: int = 1
-    model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
     batch_size: int = 64
-    max_steps: int = 100_000
-    time_budget: float | None = None
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.05
-    warmup_steps: int = 100
-    weight_decay: float = 0.05
-    beta1: float = 0.9
-    beta2: float = 0.99
-    grad_clip: float = 1.0
-    aux_loss_scale: float = 1.0
-    label_smoothing: float = 0.0
-    eval_interval: int = 200
-    seed: int = 1337
-    threads: int | None = None
-    out_dir: str | None = None
-    progress: bool = True
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         require(self.task in TASKS, f"task must be one of {', '.join(TASKS)} here, got {self.task!r}")
-        object.__setattr__(self, "time_budget", parse_duration(self.time_budget))
-        for name in ("batch_size", "max_steps", "eval_interval", "max_length"):
+        for name in ("batch_size", "max_length"):
             value = getattr(self, name)
             require(isinstance(value, int) and value >= 1, f"{name} must be a positive integer, got {value!r}")
         require(0 < self.valid_fraction < 1, f"valid_fraction must be in (0, 1), got {self.valid_fraction}")
-        require(self.lr > 0, f"lr must be > 0, got {self.lr}")
-        require(self.time_budget is None or self.time_budget > 0, "time_budget must be > 0")
-        require(isinstance(self.model_overrides, dict), "model_overrides must be a mapping of EncoderConfig fields")
         if self.init_from is not None:
             require(self.is_text, "init_from (a pretrained language model) needs task=classify (text)")
             require(not self.model_overrides, "init_from fine-tunes an existing model: --model.* options do not apply")
@@ -257,15 +234,19 @@ def accuracy(model: EncoderClassifier, examples: Examples, batch_size: int = 256
     return correct / max(1, len(examples))
 
 
-def train_classifier(config: ClassifyConfig | dict | None = None, console=None, **overrides: Any) -> ClassifyResult:
-    """Train a text or image classifier; the function behind ``moekit train --task classify|image-classify``."""
+def train_classifier(
+    config: ClassifyConfig | dict | None = None, console=None, resume: bool = False, **overrides: Any
+) -> ClassifyResult:
+    """Train a text or image classifier; the function behind ``moekit train --task classify|image-classify``.
+
+    ``resume=True`` continues the run in ``out_dir`` from its last checkpoint (same data and settings).
+    """
     base = config.to_dict() if isinstance(config, ClassifyConfig) else dict(config or {})
-    cfg = ClassifyConfig.from_dict(_with_model_keys({**base, **overrides}))
+    cfg = ClassifyConfig.from_options({**base, **overrides}, "classification config")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run_dir = Path(cfg.out_dir or f"runs/{cfg.task}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if (run_dir / WEIGHTS).exists():
-        raise CheckpointError(f"{run_dir} already holds a model; choose another --out")
+    check_run_dir(run_dir, resume, WEIGHTS)
     train_data, valid_data = load_task_data(cfg)
     names = label_names(train_data.labels)
     if len(names) < 2:
@@ -273,72 +254,48 @@ def train_classifier(config: ClassifyConfig | dict | None = None, console=None, 
     torch.manual_seed(cfg.seed)
     model, vocab, train_set = build_model(cfg, train_data, names)
     valid_set = encode(model, vocab, valid_data, names)
+    meta = _meta(model, vocab, names, cfg.task)
+    if resume:
+        check_same_meta(run_dir / META, meta)
     run_dir.mkdir(parents=True, exist_ok=True)
-    _save(run_dir, model, vocab, names, cfg.task)
-    optimizer = build_optimizer(model, cfg)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    order, cursor = torch.randperm(len(train_set), generator=generator), 0
-    history: list[dict[str, float]] = []
-    metrics = open(run_dir / "metrics.jsonl", "w", encoding="utf-8")
-    start, step, last_loss = time.perf_counter(), 0, None
-    model.train()
-    try:
-        with TrainProgress(cfg, 0, enabled=cfg.progress, console=console) as bar:
-            while step < cfg.max_steps:
-                elapsed = time.perf_counter() - start
-                if cfg.time_budget is not None and elapsed >= cfg.time_budget:
-                    break
-                progress = max(step / cfg.max_steps, elapsed / cfg.time_budget if cfg.time_budget else 0.0)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(step, progress, cfg)
-                if cursor + cfg.batch_size > len(order):
-                    order, cursor = torch.randperm(len(train_set), generator=generator), 0
-                x, mask, y = train_set.batch(order[cursor : cursor + cfg.batch_size])
-                cursor += cfg.batch_size
-                out = model(x, mask)
-                loss = F.cross_entropy(out.logits.float(), y, label_smoothing=cfg.label_smoothing)
-                if not torch.isfinite(loss):
-                    raise NonFiniteError(f"non-finite loss ({loss.item()}) at step {step}; try a lower lr")
-                (loss + cfg.aux_loss_scale * out.aux_loss).backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                last_loss = loss.item()
-                loads = [aux.tokens_per_expert for aux in out.moe_aux]
-                imbalance = sum(load_imbalance(a) for a in loads) / len(loads) if loads else 1.0
-                bar.update(
-                    {
-                        "step": step,
-                        "loss": loss.item(),
-                        "tokens_per_sec": len(y) / max(1e-9, time.perf_counter() - start) * step,
-                        "imbalance": imbalance,
-                    }
-                )
-                if step % cfg.eval_interval == 0:
-                    record = _evaluate(model, valid_set, step, loss.item(), start)
-                    history.append(record)
-                    metrics.write(json.dumps(record) + "\n")
-                    metrics.flush()
-                    bar.note(f"step {step:>6}: valid accuracy {record['accuracy']:.4f}")
-        if not history or history[-1]["step"] != step:
-            record = _evaluate(model, valid_set, step, last_loss, start)
-            history.append(record)
-            metrics.write(json.dumps(record) + "\n")
-    finally:
-        metrics.close()
-    seconds = time.perf_counter() - start
-    _save(run_dir, model, vocab, names, cfg.task)
+    save_model = lambda: _save(run_dir, model, vocab, meta)  # noqa: E731
+    if not resume:
+        save_model()
+
+    def forward(rows: torch.Tensor) -> TaskStep:
+        x, mask, y = train_set.batch(rows)
+        out = model(x, mask)
+        loss = F.cross_entropy(out.logits.float(), y, label_smoothing=cfg.label_smoothing)
+        return TaskStep(loss, out.aux_loss, out.moe_aux, len(y))
+
+    run = train_loop(
+        model,
+        cfg,
+        run_dir,
+        shuffled_rows(len(train_set), cfg.batch_size, cfg.seed),
+        forward,
+        lambda: {"accuracy": accuracy(model, valid_set)},
+        lambda r: f"valid accuracy {r['accuracy']:.4f}",
+        save_model,
+        resume=resume,
+        console=console,
+    )
     result = ClassifyResult(
-        run_dir, step, history[-1]["accuracy"], history, model.num_parameters(), model.active_parameters(), seconds
+        run_dir,
+        run.step,
+        run.history[-1]["accuracy"],
+        run.history,
+        model.num_parameters(),
+        model.active_parameters(),
+        run.seconds,
     )
     atomic_write_json(
         run_dir / "run.json",
         {
             "train": cfg.to_dict(),
             "model": (model.lm if isinstance(model, LMClassifier) else model).config.to_dict(),
-            "steps": step,
-            "seconds": seconds,
+            "steps": run.step,
+            "seconds": run.seconds,
             "accuracy": result.accuracy,
             "parameters": result.parameters,
             "active_parameters": result.active_parameters,
@@ -351,35 +308,22 @@ def _max_length(model: EncoderClassifier | LMClassifier) -> int:
     return model.max_length if isinstance(model, LMClassifier) else model.config.max_length
 
 
-def _evaluate(model, valid_set: Examples, step: int, loss: float | None, start: float) -> dict[str, float]:
-    return {"step": step, "loss": loss, "accuracy": accuracy(model, valid_set), "elapsed": time.perf_counter() - start}
-
-
-def _with_model_keys(data: dict[str, Any]) -> dict[str, Any]:
-    """``model.top_k`` style keys (from ``--model.top_k 2``) move into ``model_overrides``."""
-    out = {k.replace("-", "_"): v for k, v in data.items() if not k.startswith("model.")}
-    model = dict(out.get("model_overrides") or {})
-    model.update({k[len("model.") :]: v for k, v in data.items() if k.startswith("model.")})
-    if model:
-        out["model_overrides"] = model
-    for key in out:
-        if key not in ClassifyConfig.field_names():
-            raise unknown_key_error(key, ClassifyConfig.field_names(), "classification config")
-    return out
-
-
 # -- checkpoints ---------------------------------------------------------------------------------
-def _save(run_dir: Path, model: EncoderClassifier | LMClassifier, vocab, names: list[str], task: str) -> None:
-    if isinstance(model, LMClassifier):  # the LM's config and tokenizer; weights: lm.* and head.*
+def _meta(model: EncoderClassifier | LMClassifier, vocab, names: list[str], task: str) -> dict[str, Any]:
+    """What ``model.json`` holds: the task, the model's config, the label names and the vocabulary."""
+    if isinstance(model, LMClassifier):  # the LM's config (its tokenizer is saved beside); weights: lm.* and head.*
+        return {"task": task, "lm": model.lm.config.to_dict(), "max_length": model.max_length, "labels": names}
+    return {
+        "task": task,
+        "encoder": model.config.to_dict(),
+        "labels": names,
+        "vocab": vocab.to_dict() if vocab is not None else None,
+    }
+
+
+def _save(run_dir: Path, model: EncoderClassifier | LMClassifier, vocab, meta: dict[str, Any]) -> None:
+    if isinstance(model, LMClassifier):
         vocab.tokenizer.save(run_dir)
-        meta = {"task": task, "lm": model.lm.config.to_dict(), "max_length": model.max_length, "labels": names}
-    else:
-        meta = {
-            "task": task,
-            "encoder": model.config.to_dict(),
-            "labels": names,
-            "vocab": vocab.to_dict() if vocab is not None else None,
-        }
     atomic_write_json(run_dir / META, meta)
     save_tensors(model_tensors(model), run_dir / WEIGHTS)  # tied LM head: stored once
 

@@ -1,11 +1,11 @@
 """Translation with an MoE encoder-decoder (``moekit train --task translate``, ``moekit translate``).
 
 Parallel files (moekit.data.parallel) -> a joint byte-level BPE learnt on the training sources and targets
-(moekit.data.bpe) -> batches of similar-length pairs holding about ``batch_tokens`` tokens a side ->
-AdamW with warmup + cosine (moekit.train.optim), label-smoothed cross-entropy + the MoE balancing loss
--> validation loss every ``eval_interval`` steps and greedy BLEU (sacrebleu) at the end. The run folder
-holds ``model.safetensors``, ``model.json`` (task, model config), ``tokenizer.json``, ``run.json`` and
-``metrics.jsonl``.
+(moekit.data.bpe) -> batches of similar-length pairs holding about ``batch_tokens`` tokens a side -> the
+shared task loop (:mod:`moekit.tasks.loop`: AdamW with warmup + cosine, checkpoints, resume), label-smoothed
+cross-entropy + the MoE balancing loss -> validation loss every ``eval_interval`` steps and greedy BLEU
+(sacrebleu) at the end. The run folder holds ``model.safetensors``, ``model.json`` (task, model config),
+``tokenizer.json``, ``run.json``, ``metrics.jsonl`` and the last checkpoint.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,17 +21,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from moekit.config import Config, require, unknown_key_error
+from moekit.config import require, unknown_key_error
 from moekit.data.bpe import BOS_ID, EOS_ID, PAD_ID, SubwordTokenizer
 from moekit.data.parallel import BUILTIN_SOURCE, BUILTIN_TARGET, ParallelText, read_parallel
-from moekit.errors import CheckpointError, ConfigError, DataError, NonFiniteError
+from moekit.errors import CheckpointError, ConfigError, DataError
 from moekit.interop.safe_io import atomic_write_json, load_tensors, save_tensors
 from moekit.models.seq2seq import Seq2SeqConfig, Seq2SeqTransformer
 from moekit.tasks.decoding import beam_search, greedy_search
-from moekit.train.config import parse_duration
+from moekit.tasks.loop import TaskStep, TaskTrainConfig, check_run_dir, check_same_meta, train_loop
 from moekit.train.metrics import load_imbalance
-from moekit.train.optim import build_optimizer, lr_at
-from moekit.train.progress import TrainProgress
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +37,9 @@ WEIGHTS, META = "model.safetensors", "model.json"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class TranslateConfig(Config):
-    """A translation run. ``model_overrides`` sets :class:`Seq2SeqConfig` fields (``--model.num_experts 4``).
+class TranslateConfig(TaskTrainConfig):
+    """A translation run: data fields here, optimisation fields in :class:`TaskTrainConfig` (with defaults
+    for translation); ``model_overrides`` sets :class:`Seq2SeqConfig` fields (``--model.num_experts 4``).
 
     ``source``/``target`` None trains on the built-in English-German pairs. Without ``valid_source`` and
     ``valid_target`` the last ``valid_fraction`` of the (shuffled) training pairs are held out.
@@ -56,31 +54,21 @@ class TranslateConfig(Config):
     valid_fraction: float = 0.05
     vocab_size: int = 8000
     max_length: int = 64
-    model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
     batch_tokens: int = 2048
+    bleu_sentences: int = 1000  # validation sentences translated (greedy) for the BLEU reported after training
+    # TaskTrainConfig fields with translation's defaults
     max_steps: int = 1_000_000
-    time_budget: float | None = None
     lr: float = 2e-3
     min_lr_ratio: float = 0.02
-    warmup_steps: int = 100
     weight_decay: float = 0.01
-    beta1: float = 0.9
     beta2: float = 0.98
-    grad_clip: float = 1.0
-    aux_loss_scale: float = 1.0
     label_smoothing: float = 0.1
     eval_interval: int = 500
-    log_interval: int = 10  # steps between training records in metrics.jsonl
-    bleu_sentences: int = 1000  # validation sentences translated (greedy) for the BLEU reported after training
-    seed: int = 1337
-    threads: int | None = None
-    out_dir: str | None = None
-    progress: bool = True
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         require(self.task == "translate", f"task must be 'translate' here, got {self.task!r}")
-        object.__setattr__(self, "time_budget", parse_duration(self.time_budget))
-        for name in ("batch_tokens", "max_steps", "eval_interval", "log_interval", "max_length", "vocab_size"):
+        for name in ("batch_tokens", "max_length", "vocab_size"):
             value = getattr(self, name)
             require(isinstance(value, int) and value >= 1, f"{name} must be a positive integer, got {value!r}")
         require(self.bleu_sentences >= 0, f"bleu_sentences must be >= 0, got {self.bleu_sentences}")
@@ -90,10 +78,6 @@ class TranslateConfig(Config):
             "give both valid_source and valid_target files (or neither)",
         )
         require(0 < self.valid_fraction < 1, f"valid_fraction must be in (0, 1), got {self.valid_fraction}")
-        require(self.lr > 0, f"lr must be > 0, got {self.lr}")
-        require(0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        require(self.time_budget is None or self.time_budget > 0, "time_budget must be > 0")
-        require(isinstance(self.model_overrides, dict), "model_overrides must be a mapping of Seq2SeqConfig fields")
         names = Seq2SeqConfig.field_names() - {"vocab_size"}
         for key in self.model_overrides:
             if key not in names:
@@ -201,102 +185,79 @@ class TranslateResult:
     tokens_per_second: float  # source + target tokens trained on per second
 
 
-def train_translator(config: TranslateConfig | dict | None = None, console=None, **overrides: Any) -> TranslateResult:
-    """Train an encoder-decoder translator; the function behind ``moekit train --task translate``."""
+def train_translator(
+    config: TranslateConfig | dict | None = None, console=None, resume: bool = False, **overrides: Any
+) -> TranslateResult:
+    """Train an encoder-decoder translator; the function behind ``moekit train --task translate``.
+
+    ``resume=True`` continues the run in ``out_dir`` from its last checkpoint (same data and settings).
+    """
     base = config.to_dict() if isinstance(config, TranslateConfig) else dict(config or {})
-    cfg = TranslateConfig.from_dict(_with_model_keys({**base, **overrides}))
+    cfg = TranslateConfig.from_options({**base, **overrides}, "translation config")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run_dir = Path(cfg.out_dir or f"runs/translate-{time.strftime('%Y%m%d-%H%M%S')}")
-    if (run_dir / WEIGHTS).exists():
-        raise CheckpointError(f"{run_dir} already holds a model; choose another --out")
+    check_run_dir(run_dir, resume, WEIGHTS)
     train_data, valid_data = load_task_data(cfg)
-    tokenizer = SubwordTokenizer.train([*train_data.sources, *train_data.targets], cfg.vocab_size)
+    if resume:  # the run's own subwords, not a new tokenizer learnt from the data given now
+        tokenizer = SubwordTokenizer.load(run_dir)
+    else:
+        tokenizer = SubwordTokenizer.train([*train_data.sources, *train_data.targets], cfg.vocab_size)
     train_set = encode_pairs(tokenizer, train_data, cfg.max_length)
     valid_set = encode_pairs(tokenizer, valid_data)
     torch.manual_seed(cfg.seed)
     fields = {"vocab_size": tokenizer.vocab_size, "max_length": cfg.max_length, **cfg.model_overrides}
     model = Seq2SeqTransformer(Seq2SeqConfig.from_dict(fields))
+    if resume:
+        check_same_meta(run_dir / META, _meta(model))
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_translator(run_dir, model, tokenizer)
-    optimizer = build_optimizer(model, cfg)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    queue: list[list[int]] = []
-    history: list[dict[str, float]] = []
-    metrics = open(run_dir / "metrics.jsonl", "w", encoding="utf-8")
-    start, step, tokens_seen, last_loss = time.perf_counter(), 0, 0, None
-    model.train()
-    try:
-        with TrainProgress(cfg, 0, enabled=cfg.progress, console=console) as bar:
-            while step < cfg.max_steps:
-                elapsed = time.perf_counter() - start
-                if cfg.time_budget is not None and elapsed >= cfg.time_budget:
-                    break
-                progress = max(step / cfg.max_steps, elapsed / cfg.time_budget if cfg.time_budget else 0.0)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(step, progress, cfg)
-                if not queue:
-                    queue = train_set.batches(cfg.batch_tokens, generator)
-                src, src_mask, tgt_in, labels, tgt_mask = train_set.batch(queue.pop())
-                out = model(src, tgt_in, src_mask, tgt_mask, logits_mask=tgt_mask)
-                loss = F.cross_entropy(out.logits.float(), labels[tgt_mask], label_smoothing=cfg.label_smoothing)
-                if not torch.isfinite(loss):
-                    raise NonFiniteError(f"non-finite loss ({loss.item()}) at step {step}; try a lower lr")
-                (loss + cfg.aux_loss_scale * out.aux_loss).backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                last_loss = loss.item()
-                tokens_seen += int(src_mask.sum()) + int(tgt_mask.sum())
-                loads = [aux.tokens_per_expert for aux in out.moe_aux]
-                record = {
-                    "step": step,
-                    "loss": last_loss,
-                    "lr": optimizer.param_groups[0]["lr"],
-                    "tokens_per_sec": tokens_seen / max(1e-9, time.perf_counter() - start),
-                    "imbalance": sum(load_imbalance(a) for a in loads) / len(loads) if loads else 1.0,
-                }
-                bar.update(record)
-                if step % cfg.log_interval == 0:
-                    metrics.write(json.dumps(record) + "\n")
-                    metrics.flush()
-                if step % cfg.eval_interval == 0:
-                    record = _evaluate(model, valid_set, cfg, step, last_loss, start)
-                    history.append(record)
-                    metrics.write(json.dumps(record) + "\n")
-                    metrics.flush()
-                    bar.note(f"step {step:>6}: valid loss {record['valid_loss']:.4f}")
-        seconds = time.perf_counter() - start
-        if not history or history[-1]["step"] != step:
-            record = _evaluate(model, valid_set, cfg, step, last_loss, start)
-            history.append(record)
-            metrics.write(json.dumps(record) + "\n")
-    finally:
-        metrics.close()
-    save_translator(run_dir, model, tokenizer)
+    if not resume:
+        save_translator(run_dir, model, tokenizer)
+
+    def forward(rows: list[int]) -> TaskStep:
+        src, src_mask, tgt_in, labels, tgt_mask = train_set.batch(rows)
+        out = model(src, tgt_in, src_mask, tgt_mask, logits_mask=tgt_mask)
+        loss = F.cross_entropy(out.logits.float(), labels[tgt_mask], label_smoothing=cfg.label_smoothing)
+        return TaskStep(loss, out.aux_loss, out.moe_aux, int(src_mask.sum()) + int(tgt_mask.sum()))
+
+    def evaluate() -> dict[str, Any]:
+        valid_loss, loads = validation_loss(model, valid_set, cfg.batch_tokens)
+        return {"valid_loss": valid_loss, "valid_layer_imbalance": [load_imbalance(a) for a in loads]}
+
+    run = train_loop(
+        model,
+        cfg,
+        run_dir,
+        _shuffled_batches(train_set, cfg.batch_tokens, cfg.seed),
+        forward,
+        evaluate,
+        lambda r: f"valid loss {r['valid_loss']:.4f}",
+        lambda: save_translator(run_dir, model, tokenizer),
+        resume=resume,
+        console=console,
+    )
     bleu = None
     if cfg.bleu_sentences:
         n = min(cfg.bleu_sentences, len(valid_data))
         bleu = corpus_bleu(translate(model, tokenizer, valid_data.sources[:n]), valid_data.targets[:n])
     result = TranslateResult(
         run_dir,
-        step,
-        history[-1]["valid_loss"],
+        run.step,
+        run.history[-1]["valid_loss"],
         bleu,
-        history,
+        run.history,
         model.num_parameters(),
         model.active_parameters(),
-        seconds,
-        tokens_seen / max(seconds, 1e-9),
+        run.seconds,
+        run.items / max(run.seconds, 1e-9),
     )
     atomic_write_json(
         run_dir / "run.json",
         {
             "train": cfg.to_dict(),
             "model": model.config.to_dict(),
-            "steps": step,
-            "seconds": seconds,
+            "steps": run.step,
+            "seconds": run.seconds,
             "tokens_per_second": result.tokens_per_second,
             "train_pairs": len(train_set),
             "valid_loss": result.valid_loss,
@@ -323,30 +284,6 @@ def validation_loss(model: Seq2SeqTransformer, pairs: Pairs, batch_tokens: int =
         loads = batch_loads if loads is None else [a + b for a, b in zip(loads, batch_loads)]
     model.train(was_training)
     return total / max(1, count), loads or []
-
-
-def _evaluate(model, valid_set: Pairs, cfg: TranslateConfig, step: int, loss, start: float) -> dict[str, Any]:
-    valid_loss, loads = validation_loss(model, valid_set, cfg.batch_tokens)
-    return {
-        "step": step,
-        "loss": loss,
-        "valid_loss": valid_loss,
-        "valid_layer_imbalance": [load_imbalance(a) for a in loads],
-        "elapsed": time.perf_counter() - start,
-    }
-
-
-def _with_model_keys(data: dict[str, Any]) -> dict[str, Any]:
-    """``model.top_k`` style keys (from ``--model.top_k 2``) move into ``model_overrides``."""
-    out = {k.replace("-", "_"): v for k, v in data.items() if not k.startswith("model.")}
-    model = dict(out.get("model_overrides") or {})
-    model.update({k[len("model.") :]: v for k, v in data.items() if k.startswith("model.")})
-    if model:
-        out["model_overrides"] = model
-    for key in out:
-        if key not in TranslateConfig.field_names():
-            raise unknown_key_error(key, TranslateConfig.field_names(), "translation config")
-    return out
 
 
 # -- translating ---------------------------------------------------------------------------------
@@ -405,10 +342,21 @@ def corpus_bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
 
 
 # -- checkpoints ---------------------------------------------------------------------------------
+def _shuffled_batches(pairs: Pairs, batch_tokens: int, seed: int):
+    """Endless batches (row lists) of similar-length pairs, regrouped and reshuffled every epoch."""
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        yield from reversed(pairs.batches(batch_tokens, generator))
+
+
+def _meta(model: Seq2SeqTransformer) -> dict[str, Any]:
+    return {"task": "translate", "seq2seq": model.config.to_dict()}
+
+
 def save_translator(run_dir: str | Path, model: Seq2SeqTransformer, tokenizer: SubwordTokenizer) -> None:
     run_dir = Path(run_dir)
     tokenizer.save(run_dir)
-    atomic_write_json(run_dir / META, {"task": "translate", "seq2seq": model.config.to_dict()})
+    atomic_write_json(run_dir / META, _meta(model))
     save_tensors(model.state_dict(), run_dir / WEIGHTS)
 
 

@@ -54,7 +54,7 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 
 
-def _fsync_tree(folder: Path) -> None:
+def fsync_tree(folder: Path) -> None:
     for path in folder.iterdir():
         if path.is_file():
             with open(path, "rb") as f:
@@ -131,7 +131,7 @@ def save_checkpoint(
     if optimizer is not None:
         save_tensors(optimizer_tensors(optimizer), tmp / OPTIMIZER_FILE)
     atomic_write_json(tmp / STATE_FILE, {"step": step, **(trainer_state or {})})
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
     if final.exists():  # re-saving the same step (e.g. the final save after a periodic one)
         shutil.rmtree(final)
     os.rename(tmp, final)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from moekit.cli import main
+from moekit.errors import CheckpointError
 from moekit.models.encoder import EncoderClassifier, EncoderConfig
 from moekit.tasks.classify import load_classifier, predict, train_classifier
 
@@ -152,3 +153,38 @@ def test_demo_classify_runs_offline_on_builtin_sentences(tmp_path):
     result = task_demo("classify", time_budget="4s", out=str(tmp_path / "demo"), console=Console(file=io.StringIO()))
     assert 0.0 <= result["accuracy"] <= 1.0 and "| 1 |" in result["routing"]
     assert (tmp_path / "demo" / "routing_by_label.md").is_file()
+
+
+def _kill_after(run_dir, tmp_path, last_kept: str):
+    """A copy of a finished run as it stood when killed while writing its final checkpoint."""
+    import shutil
+
+    killed = tmp_path / "killed"
+    shutil.copytree(run_dir, killed)
+    for ckpt in killed.glob("checkpoint-*"):
+        if ckpt.name != last_kept:
+            shutil.rmtree(ckpt)
+    return killed
+
+
+def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
+    """Dropout on, so the restored RNG matters too; the resumed weights equal the uninterrupted ones exactly."""
+    train = _toy_text(tmp_path / "train.tsv")
+    args = dict(TINY, data=str(train), max_steps=30, checkpoint_interval=10, eval_interval=10)
+    full = train_classifier(out_dir=str(tmp_path / "full"), **args)
+    killed = _kill_after(full.run_dir, tmp_path, "checkpoint-00000020")
+    resumed = train_classifier(out_dir=str(killed), resume=True, **args)
+    assert resumed.step == 30 and resumed.accuracy == full.accuracy
+    a, b = load_classifier(full.run_dir)[0].state_dict(), load_classifier(killed)[0].state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(CheckpointError, match="already holds a model; choose another --out, or --resume"):
+        train_classifier(out_dir=str(killed), **args)
+
+
+def test_resume_refuses_data_that_changed(tmp_path):
+    train = _toy_text(tmp_path / "train.tsv")
+    args = dict(TINY, data=str(train), max_steps=4)
+    train_classifier(out_dir=str(tmp_path / "run"), **args)
+    train.write_text(train.read_text().replace("awful", "dreadful"))
+    with pytest.raises(CheckpointError, match=r"differs from the run .*\(in vocab\)"):
+        train_classifier(out_dir=str(tmp_path / "run"), resume=True, **args)

@@ -160,3 +160,24 @@ def test_demo_translate_runs_offline_on_builtin_pairs(tmp_path):
     assert "validation BLEU" in text and "encoder.1" in text and "decoder.1" in text  # expert load rows
     assert 0.0 <= result["bleu"]["greedy"] <= 100.0 and len(result["translations"]) == len(result["valid"])
     assert (tmp_path / "demo" / "model.safetensors").is_file()
+
+
+def test_resume_from_the_cli_continues_a_killed_run(tmp_path, capsys):
+    """A run killed after its step-8 checkpoint, resumed with ``--resume``, ends where the uninterrupted one does."""
+    import shutil
+
+    src, tgt = _write(tmp_path, PAIRS)
+    options = ["--source", str(src), "--target", str(tgt), "--max-steps", "12", "--checkpoint-interval", "4"]
+    options += ["--bleu-sentences", "0"] + [f"--{k}={str(v).lower()}" for k, v in TINY.items()]
+    assert main(["train", "--task", "translate", "--out", str(tmp_path / "full"), *options]) == 0
+    killed = tmp_path / "killed"
+    shutil.copytree(tmp_path / "full", killed)
+    shutil.rmtree(killed / "checkpoint-00000012")
+    capsys.readouterr()
+    assert main(["train", "--task", "translate", "--out", str(killed), "--resume", *options]) == 0
+    assert "step 12:" in capsys.readouterr().out
+    full, _ = load_translator(tmp_path / "full")
+    again, _ = load_translator(killed)
+    assert all(torch.equal(a, b) for a, b in zip(full.state_dict().values(), again.state_dict().values()))
+    assert main(["train", "--task", "translate", "--out", str(killed), "--resume", *options, "--lr", "0.1"]) == 2
+    assert "--resume: lr=0.1 differs" in capsys.readouterr().err

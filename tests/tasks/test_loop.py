@@ -1,0 +1,141 @@
+"""The task training loop: steps, budget, records, the non-finite guard and option parsing."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from moekit.errors import CheckpointError, ConfigError, NonFiniteError
+from moekit.tasks.classify import ClassifyConfig
+from moekit.tasks.loop import TaskStep, TaskTrainConfig, train_loop
+from moekit.tasks.translate import TranslateConfig
+
+
+def _inputs():
+    generator = torch.Generator().manual_seed(0)
+    while True:
+        yield torch.randn(16, 1, generator=generator)
+
+
+def _linear():
+    torch.manual_seed(0)
+    return torch.nn.Linear(1, 1)
+
+
+def _regression(tmp_path, cfg, poison_at: int | None = None, poison=None, watch=None, model=None, resume=False):
+    """Train a linear model on y = 2x with the loop; forward turns bad at step ``poison_at``."""
+    model = model or _linear()
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    calls = {"n": 0}
+
+    def forward(x) -> TaskStep:
+        if watch is not None:
+            watch.append([p.detach().clone() for p in model.parameters()])
+        loss = torch.nn.functional.mse_loss(model(x), 2 * x)
+        if calls["n"] == poison_at:
+            loss = poison(model, loss)
+        calls["n"] += 1
+        return TaskStep(loss, 0.0, [], len(x))
+
+    def evaluate() -> dict:
+        with torch.no_grad():
+            return {"error": float((model.weight - 2).abs())}
+
+    saved = []
+    run = train_loop(model, cfg, tmp_path, _inputs(), forward, evaluate, str, lambda: saved.append(1), resume=resume)
+    return run, model, saved
+
+
+def test_loop_trains_logs_and_evaluates(tmp_path):
+    cfg = TaskTrainConfig(
+        max_steps=300, lr=0.05, warmup_steps=5, weight_decay=0.0, log_interval=2, eval_interval=100, progress=False
+    )
+    run, model, saved = _regression(tmp_path, cfg)
+    assert len(saved) == 1  # the model files are written with the final checkpoint
+    assert run.step == 300 and run.items == 300 * 16
+    assert [r["step"] for r in run.history] == [100, 200, 300]
+    assert run.history[-1]["error"] < 0.05 < run.history[0]["error"] + 1  # it learnt y = 2x
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if "lr" in r]
+    assert [r["step"] for r in train_records] == list(range(2, 301, 2))
+    assert train_records[0]["lr"] < train_records[10]["lr"]  # warmup, then cosine decay
+    assert train_records[-1]["lr"] < train_records[10]["lr"]
+    assert [r["step"] for r in records if "error" in r] == [100, 200, 300]
+
+
+def test_time_budget_stops_the_loop_and_evaluates_the_last_step(tmp_path):
+    cfg = TaskTrainConfig(max_steps=10**9, time_budget=0.3, eval_interval=10**9, progress=False)
+    run, _, _ = _regression(tmp_path, cfg)
+    assert 0 < run.step < 10**9 and 0.3 <= run.seconds < 5
+    assert len(run.history) == 1 and run.history[0]["step"] == run.step
+
+
+@pytest.mark.parametrize(
+    "poison, message",
+    [
+        (lambda model, loss: loss * float("nan"), r"non-finite loss \(nan\)"),
+        # sqrt at 0: the loss is finite (0), its gradient is not
+        (lambda model, loss: loss + torch.sqrt(model.bias - model.bias.detach()).sum(), "non-finite gradient"),
+    ],
+)
+def test_non_finite_values_stop_before_a_weight_changes(tmp_path, poison, message):
+    seen, model = [], _linear()
+    cfg = TaskTrainConfig(max_steps=10, lr=0.05, warmup_steps=1, progress=False)
+    with pytest.raises(NonFiniteError, match=f"{message} at step 3"):
+        _regression(tmp_path, cfg, poison_at=3, poison=poison, watch=seen, model=model)
+    assert len(seen) == 4
+    assert all(torch.equal(a, b) for a, b in zip(seen[3], model.parameters()))
+
+
+def test_options_move_model_keys_and_name_the_closest_unknown_key():
+    cfg = ClassifyConfig.from_options({"model.top_k": 2, "batch-size": 8}, "classification config")
+    assert cfg.model_overrides == {"top_k": 2} and cfg.batch_size == 8
+    with pytest.raises(ConfigError, match="unknown translation config key 'lr_min_ratio'; did you mean 'min_lr_ratio'"):
+        TranslateConfig.from_options({"lr_min_ratio": 0.1}, "translation config")
+    with pytest.raises(ConfigError, match="EncoderConfig"):
+        ClassifyConfig.from_options({"model.num_expert": 4}, "classification config")
+
+
+def test_task_defaults_differ_but_validation_is_shared():
+    assert TranslateConfig().label_smoothing == 0.1 and ClassifyConfig().label_smoothing == 0.0
+    assert TranslateConfig().lr == 2e-3 and ClassifyConfig().lr == 1e-3
+    for config_class in (ClassifyConfig, TranslateConfig):
+        with pytest.raises(ConfigError, match="lr must be > 0"):
+            config_class(lr=0)
+        with pytest.raises(ConfigError, match="eval_interval"):
+            config_class(eval_interval=0)
+
+
+def test_resume_continues_exactly_and_a_partial_checkpoint_is_ignored(tmp_path):
+    cfg = TaskTrainConfig(
+        max_steps=30, lr=0.05, warmup_steps=3, checkpoint_interval=10, eval_interval=10, progress=False
+    )
+    full, full_model, _ = _regression(tmp_path / "full", cfg)
+    assert sorted(p.name for p in (tmp_path / "full").glob("checkpoint-*")) == [
+        "checkpoint-00000020",
+        "checkpoint-00000030",
+    ]
+    # a run killed while writing step 30: its checkpoint never got its final name
+    killed = tmp_path / "killed"
+    shutil.copytree(tmp_path / "full", killed)
+    (killed / "checkpoint-00000030").rename(killed / ".tmp-checkpoint-00000030-123")
+    resumed, resumed_model, saved = _regression(killed, cfg, model=_linear(), resume=True)
+    assert resumed.step == 30 and len(saved) == 1
+    assert all(torch.equal(a, b) for a, b in zip(full_model.parameters(), resumed_model.parameters()))
+    assert resumed.history[:2] == full.history[:2] and len(resumed.history) == 3  # restored, then step 30
+    assert resumed.history[-1]["error"] == full.history[-1]["error"]
+    assert not any(killed.glob(".tmp-*"))  # the partial one is cleaned up by the next save
+
+
+def test_resume_refuses_changed_settings_and_missing_checkpoints(tmp_path):
+    cfg = TaskTrainConfig(max_steps=5, progress=False)
+    _regression(tmp_path, cfg)
+    with pytest.raises(ConfigError, match=r"--resume: lr=0.5 differs .*\(lr=0.001\); only .*max_steps"):
+        _regression(tmp_path, cfg.replace(lr=0.5), resume=True)
+    longer, _, _ = _regression(tmp_path, cfg.replace(max_steps=8), resume=True)  # running longer is allowed
+    assert longer.step == 8
+    with pytest.raises(CheckpointError, match="no checkpoint to resume from"):
+        _regression(tmp_path / "empty", cfg, resume=True)
