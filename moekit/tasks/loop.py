@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from moekit.config import Config, require, unknown_key_error
+from moekit.config import require, unknown_key_error
 from moekit.errors import CheckpointError, ConfigError, NonFiniteError
 from moekit.interop.safe_io import atomic_write_json, load_tensors, save_tensors
 from moekit.train.checkpoint import (
@@ -40,48 +40,30 @@ from moekit.train.checkpoint import (
     model_tensors,
     optimizer_tensors,
 )
-from moekit.train.config import parse_duration
+from moekit.train.config import RunConfig
 from moekit.train.metrics import load_imbalance
 from moekit.train.optim import build_optimizer, lr_at
 from moekit.train.progress import TrainProgress
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class TaskTrainConfig(Config):
-    """Optimisation and run settings of a task; a task's config adds its data fields and may change defaults.
+class TaskTrainConfig(RunConfig):
+    """A task run's optimisation and run settings (:class:`RunConfig` with task defaults, plus label
+    smoothing); a task's config adds its data fields and may change defaults. ``model_overrides`` sets
+    fields of the task's model config (``--model.num_experts 4``)."""
 
-    ``model_overrides`` sets fields of the task's model config (``--model.num_experts 4``).
-    """
-
-    model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
     max_steps: int = 100_000
-    time_budget: float | None = None
     lr: float = 1e-3
     min_lr_ratio: float = 0.05
     warmup_steps: int = 100
     weight_decay: float = 0.05
-    beta1: float = 0.9
     beta2: float = 0.99
-    grad_clip: float = 1.0
-    aux_loss_scale: float = 1.0
-    label_smoothing: float = 0.0
-    eval_interval: int = 200
-    log_interval: int = 10  # steps between training records in metrics.jsonl
     checkpoint_interval: int = 1000  # steps between checkpoints (one is also written at the end)
-    seed: int = 1337
-    threads: int | None = None
-    out_dir: str | None = None
-    progress: bool = True
+    label_smoothing: float = 0.0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "time_budget", parse_duration(self.time_budget))
-        for name in ("max_steps", "eval_interval", "log_interval", "checkpoint_interval"):
-            value = getattr(self, name)
-            require(isinstance(value, int) and value >= 1, f"{name} must be a positive integer, got {value!r}")
-        require(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        super().__post_init__()
         require(0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        require(self.time_budget is None or self.time_budget > 0, "time_budget must be > 0")
-        require(isinstance(self.model_overrides, dict), "model_overrides must be a mapping of model config fields")
 
     @classmethod
     def from_options(cls, data: dict[str, Any], what: str):

@@ -33,22 +33,14 @@ def parse_duration(value: str | float | int | None) -> float | None:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class TrainConfig(Config):
-    """A training run. ``model`` is a preset name; ``model_overrides`` changes its fields."""
+class RunConfig(Config):
+    """What every training run has: the optimizer (AdamW or Muon, warmup + cosine), how long it runs, how it
+    reports and where it lives. :class:`TrainConfig` (language models) and
+    :class:`moekit.tasks.loop.TaskTrainConfig` (classification, translation) add their fields and defaults."""
 
-    model: str = "demo"
     model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
-    init_from: str | None = None  # a moekit checkpoint or run folder, or a Hugging Face model folder, to fine-tune
-    data: str | tuple[str, ...] | None = None  # text file, folder or JSONL (or several); None = built-in corpus
-    text_field: str = "text"
-    tokenizer: str = "byte"  # byte | char | path to a folder with an HF tokenizer.json
-    val_fraction: float = 0.1
-    block_size: int = 128
-    batch_size: int = 32
-    grad_accum: int = 1
     max_steps: int = 2000
     time_budget: float | None = None  # seconds; stop when spent (also stretches the LR schedule)
-    optimizer: OptimizerKind = OptimizerKind.ADAMW
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 50
@@ -57,44 +49,56 @@ class TrainConfig(Config):
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 disables clipping (the norm is still checked for NaN/inf)
     aux_loss_scale: float = 1.0  # multiplies the model's balancing losses (0 turns them off)
-    bias_update: bool = True  # aux-loss-free bias updates for sigmoid routers, once per step
-    trainable: str | None = None  # regex of parameter names to train (or "router", "experts"); None = all
-    precision: Precision = Precision.FP32
     eval_interval: int = 200
-    eval_batches: int = 20
     log_interval: int = 10
     checkpoint_interval: int = 500
-    keep_checkpoints: int = 2
     seed: int = 1337
     threads: int | None = None
     out_dir: str | None = None
-    tensorboard: bool = True
     progress: bool = True
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "precision", check_choice("precision", self.precision, Precision))
-        object.__setattr__(self, "optimizer", check_choice("optimizer", self.optimizer, OptimizerKind))
         object.__setattr__(self, "time_budget", parse_duration(self.time_budget))
-        for name in (
-            "block_size",
-            "batch_size",
-            "grad_accum",
-            "max_steps",
-            "eval_interval",
-            "eval_batches",
-            "log_interval",
-            "checkpoint_interval",
-            "keep_checkpoints",
-        ):
+        for name in ("max_steps", "eval_interval", "log_interval", "checkpoint_interval"):
             value = getattr(self, name)
             require(isinstance(value, int) and value >= 1, f"{name} must be a positive integer, got {value!r}")
-        require(0 < self.val_fraction < 1, f"val_fraction must be in (0, 1), got {self.val_fraction}")
         require(self.lr > 0, f"lr must be > 0, got {self.lr}")
         require(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         require(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
         require(self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip}")
         require(self.time_budget is None or self.time_budget > 0, f"time_budget must be > 0, got {self.time_budget}")
-        require(isinstance(self.model_overrides, dict), "model_overrides must be a mapping of LMConfig fields")
+        require(isinstance(self.model_overrides, dict), "model_overrides must be a mapping of model config fields")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig(RunConfig):
+    """A language-model training run. ``model`` is a preset name; ``model_overrides`` changes its fields."""
+
+    model: str = "demo"
+    init_from: str | None = None  # a moekit checkpoint or run folder, or a Hugging Face model folder, to fine-tune
+    data: str | tuple[str, ...] | None = None  # text file, folder or JSONL (or several); None = built-in corpus
+    text_field: str = "text"
+    tokenizer: str = "byte"  # byte | char | path to a folder with an HF tokenizer.json
+    val_fraction: float = 0.1
+    block_size: int = 128
+    batch_size: int = 32
+    grad_accum: int = 1
+    optimizer: OptimizerKind = OptimizerKind.ADAMW
+    bias_update: bool = True  # aux-loss-free bias updates for sigmoid routers, once per step
+    trainable: str | None = None  # regex of parameter names to train (or "router", "experts"); None = all
+    precision: Precision = Precision.FP32
+    eval_batches: int = 20
+    keep_checkpoints: int = 2
+    tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "precision", check_choice("precision", self.precision, Precision))
+        object.__setattr__(self, "optimizer", check_choice("optimizer", self.optimizer, OptimizerKind))
+        for name in ("block_size", "batch_size", "grad_accum", "eval_batches", "keep_checkpoints"):
+            value = getattr(self, name)
+            require(isinstance(value, int) and value >= 1, f"{name} must be a positive integer, got {value!r}")
+        require(0 < self.val_fraction < 1, f"val_fraction must be in (0, 1), got {self.val_fraction}")
 
 
 def apply_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
