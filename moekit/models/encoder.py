@@ -66,6 +66,9 @@ class EncoderConfig(Config):
     expert_choice_capacity: float = 1.0
     slots_per_expert: int = 1
     aux_loss_coef: float = 0.01
+    # Renormalise the chosen experts' weights to sum to 1. None: only when top_k > 1; with top-1 the weight
+    # would always be 1 and the router would learn nothing from the task loss (Switch scales by the gate).
+    norm_topk_prob: bool | None = None
     dropout: float = 0.1
     rms_norm_eps: float = 1e-6
     initializer_range: float = 0.02
@@ -113,6 +116,7 @@ class EncoderConfig(Config):
             capacity_factor=self.capacity_factor,
             expert_choice_capacity=self.expert_choice_capacity,
             aux_loss_coef=self.aux_loss_coef,
+            norm_topk_prob=self.top_k > 1 if self.norm_topk_prob is None else self.norm_topk_prob,
         )
 
 

@@ -75,6 +75,9 @@ class Seq2SeqConfig(Config):
     router: RouterType = RouterType.SOFTMAX_TOPK
     capacity_factor: float | None = None
     aux_loss_coef: float = 0.01
+    # Renormalise the chosen experts' weights to sum to 1. None: only when top_k > 1; with top-1 the weight
+    # would always be 1 and the router would learn nothing from the task loss (Switch scales by the gate).
+    norm_topk_prob: bool | None = None
     dropout: float = 0.1
     max_length: int = 128  # longest source the model is given (longer ones are cut) and default decode limit
     rms_norm_eps: float = 1e-6
@@ -135,6 +138,7 @@ class Seq2SeqConfig(Config):
             router=self.router,
             capacity_factor=self.capacity_factor,
             aux_loss_coef=self.aux_loss_coef,
+            norm_topk_prob=self.top_k > 1 if self.norm_topk_prob is None else self.norm_topk_prob,
         )
 
 

@@ -116,3 +116,25 @@ def test_config_refuses_routers_that_would_see_later_target_tokens():
         Seq2SeqConfig(vocab_size=1)
     with pytest.raises(ShapeError, match="source ids must be"):
         _model().encode(torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_top_k_routers_learn_from_the_task_loss(top_k):
+    """With top-1 and renormalised weights the gate would always be 1 and the router would get no gradient;
+    task models scale by the gate instead (Switch), so the router learns from the loss alone (no aux loss)."""
+    from moekit.models.encoder import EncoderClassifier, EncoderConfig
+
+    torch.manual_seed(0)
+    common = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64, num_experts=4, top_k=top_k)
+    seq2seq = Seq2SeqTransformer(Seq2SeqConfig(vocab_size=50, aux_loss_coef=0.0, **common))
+    seq2seq(torch.randint(4, 50, (2, 6)), torch.randint(4, 50, (2, 5))).logits.sum().backward()
+    encoder = EncoderClassifier(EncoderConfig(num_labels=2, vocab_size=50, aux_loss_coef=0.0, **common))
+    encoder(torch.randint(2, 50, (2, 6))).logits[:, 0].sum().backward()
+    for model in (seq2seq, encoder):
+        grads = [p.grad.abs().sum().item() for n, p in model.named_parameters() if n.endswith("router.weight")]
+        assert grads and min(grads) > 1e-3, grads
+    # the explicit setting still gives renormalised top-1 (the weight is then exactly 1: no router gradient)
+    fixed = Seq2SeqTransformer(Seq2SeqConfig(vocab_size=50, aux_loss_coef=0.0, norm_topk_prob=True, **common))
+    fixed(torch.randint(4, 50, (2, 6)), torch.randint(4, 50, (2, 5))).logits.sum().backward()
+    grads = [p.grad.abs().sum().item() for n, p in fixed.named_parameters() if n.endswith("router.weight")]
+    assert (max(grads) < 1e-4) == (top_k == 1), grads
