@@ -38,6 +38,11 @@ class FFNKind(str, enum.Enum):
     SOFT = "soft"  # Soft MoE every ``moe_every``-th layer
 
 
+class Pooling(str, enum.Enum):
+    MEAN = "mean"  # average of the real tokens' states
+    MAX = "max"  # per-feature maximum over the real tokens (Kim 2014's max-over-time)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class EncoderConfig(Config):
     """An encoder classifier. Exactly one of ``vocab_size`` (text) and ``image_size`` (images) is set.
@@ -70,12 +75,15 @@ class EncoderConfig(Config):
     # would always be 1 and the router would learn nothing from the task loss (Switch scales by the gate).
     norm_topk_prob: bool | None = None
     dropout: float = 0.1
+    token_dropout: float = 0.0  # text: in training, zero each input token's embedding with this probability
+    pooling: Pooling = Pooling.MEAN
     rms_norm_eps: float = 1e-6
     initializer_range: float = 0.02
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ffn", check_choice("ffn", self.ffn, FFNKind))
         object.__setattr__(self, "router", check_choice("router", self.router, RouterType))
+        object.__setattr__(self, "pooling", check_choice("pooling", self.pooling, Pooling))
         require((self.vocab_size is None) != (self.image_size is None), "set exactly one of vocab_size and image_size")
         for name in ("num_labels", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
             value = getattr(self, name)
@@ -85,6 +93,7 @@ class EncoderConfig(Config):
         require(self.hidden_size % self.num_attention_heads == 0, "hidden_size must be a multiple of the heads")
         require((self.hidden_size // self.num_attention_heads) % 2 == 0, "head size must be even (rotary)")
         require(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
+        require(0 <= self.token_dropout < 1, f"token_dropout must be in [0, 1), got {self.token_dropout}")
         if self.image_size is not None:
             require(
                 self.image_size % self.patch_size == 0,
@@ -221,6 +230,8 @@ class EncoderClassifier(nn.Module):
                 raise ShapeError(f"text input must be token ids [batch, seq] (long), got {tuple(inputs.shape)}")
             x = self.embed_tokens(inputs)  # [B, S, D]
             token_ids = inputs
+            if self.training and c.token_dropout > 0:  # word dropout: the model must not lean on any one word
+                x = x * (torch.rand(x.shape[:2], device=x.device) >= c.token_dropout).unsqueeze(-1).to(x.dtype)
         else:
             expected = (c.channels, c.image_size, c.image_size)
             if inputs.dim() != 4 or tuple(inputs.shape[1:]) != expected:
@@ -241,14 +252,21 @@ class EncoderClassifier(nn.Module):
                 aux = block.mlp.last_aux
             if aux is not None:
                 moe_aux.append(aux)
-        x = self.norm(x)
-        if valid is None:
-            pooled = x.mean(dim=1)
-        else:
-            weights = valid.to(x.dtype).unsqueeze(-1)
-            pooled = (x * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+        pooled = self._pool(self.norm(x), valid)
         logits = self.head(self.dropout(pooled))
         aux_loss = torch.zeros((), dtype=torch.float32, device=logits.device)
         for aux in moe_aux:
             aux_loss = aux_loss + aux.loss.to(aux_loss.device, torch.float32)
         return EncoderOutput(logits=logits, aux_loss=aux_loss, moe_aux=moe_aux)
+
+    def _pool(self, x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        """[B, S, D] -> [B, D] over the real tokens (``valid``; None = all)."""
+        if self.config.pooling == Pooling.MAX:
+            if valid is None:
+                return x.amax(dim=1)
+            pooled = x.masked_fill(~valid.unsqueeze(-1), float("-inf")).amax(dim=1)
+            return torch.where(valid.any(dim=1, keepdim=True), pooled, 0.0)  # an all-padding row pools to 0
+        if valid is None:
+            return x.mean(dim=1)
+        weights = valid.to(x.dtype).unsqueeze(-1)
+        return (x * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)

@@ -24,7 +24,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -271,6 +271,32 @@ def shuffled_rows(n: int, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
             continue
         for cursor in range(0, n - batch_size + 1, batch_size):
             yield order[cursor : cursor + batch_size]
+
+
+def length_bucketed_rows(
+    lengths: Sequence[int], batch_size: int, seed: int, pool_batches: int = 32
+) -> Iterator[torch.Tensor]:
+    """Like :func:`shuffled_rows`, but each batch holds rows of similar length, so padding stays small.
+
+    Each epoch shuffles the rows, sorts every pool of ``pool_batches`` batches by length, cuts the pools
+    into batches and shuffles the batches: the order stays random, the padding per batch is small.
+    """
+    n = len(lengths)
+    if n < batch_size:
+        yield from shuffled_rows(n, batch_size, seed)
+        return
+    length = torch.as_tensor(lengths)
+    generator = torch.Generator().manual_seed(seed)
+    pool = batch_size * pool_batches
+    while True:
+        order = torch.randperm(n, generator=generator)[: n - n % batch_size]
+        batches = []
+        for start in range(0, len(order), pool):
+            rows = order[start : start + pool]
+            rows = rows[torch.argsort(length[rows], stable=True)]
+            batches.extend(rows.split(batch_size))
+        for i in torch.randperm(len(batches), generator=generator).tolist():
+            yield batches[i]
 
 
 def check_run_dir(run_dir: Path, resume: bool, weights: str) -> None:

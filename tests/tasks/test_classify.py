@@ -31,19 +31,23 @@ def _toy_text(path, n=120):
     return path
 
 
-def test_encoder_is_bidirectional_and_ignores_padding():
+def _tiny_encoder(**fields) -> EncoderClassifier:
     torch.manual_seed(0)
-    model = EncoderClassifier(
-        EncoderConfig(
-            num_labels=3,
-            vocab_size=20,
-            hidden_size=32,
-            num_attention_heads=2,
-            intermediate_size=64,
-            num_experts=4,
-            dropout=0.0,
-        )
-    ).eval()
+    config = EncoderConfig(
+        num_labels=3,
+        vocab_size=20,
+        hidden_size=32,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_experts=4,
+        **fields,
+    )
+    return EncoderClassifier(config)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "max"])
+def test_encoder_is_bidirectional_and_ignores_padding(pooling):
+    model = _tiny_encoder(dropout=0.0, pooling=pooling).eval()
     ids = torch.tensor([[3, 4, 5, 0, 0]])
     mask = torch.tensor([[True, True, True, False, False]])
     padded = model(ids, mask).logits
@@ -51,6 +55,23 @@ def test_encoder_is_bidirectional_and_ignores_padding():
     changed = model(torch.tensor([[3, 4, 6]])).logits  # a later token changes the pooled output of earlier ones
     assert not torch.allclose(changed, padded, atol=1e-5)
     assert model.active_parameters() < model.num_parameters()
+
+
+def test_token_dropout_acts_in_training_only():
+    model = _tiny_encoder(dropout=0.0, token_dropout=0.5)
+    ids = torch.tensor([[3, 4, 5, 6, 7, 8]])
+    torch.manual_seed(1)
+    first, second = model(ids).logits, model(ids).logits
+    assert not torch.allclose(first, second)  # a different set of words dropped each time
+    model.eval()
+    assert torch.equal(model(ids).logits, model(ids).logits)
+    assert torch.allclose(model(ids).logits, _tiny_encoder(dropout=0.0).eval()(ids).logits)  # same weights, no drop
+
+
+def test_max_pooling_of_an_all_padding_row_is_finite():
+    model = _tiny_encoder(pooling="max").eval()
+    logits = model(torch.tensor([[3, 4], [0, 0]]), torch.tensor([[True, True], [False, False]])).logits
+    assert torch.isfinite(logits).all()
 
 
 def test_cli_trains_a_text_classifier_and_predicts(tmp_path, capsys):
