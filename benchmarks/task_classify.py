@@ -62,22 +62,24 @@ def main(argv=None) -> int:
     p.add_argument("--runs", default="runs/bench")
     p.add_argument("--out", required=True, help="markdown table path")
     p.add_argument("--json", default=None)
+    p.add_argument("--models", default="moe,dense", help="which of moe,dense to train, in order")
     p.add_argument(
         "--parallel", action="store_true", help="train MoE and dense at once, one core each (default: in turn)"
     )
     p.add_argument("--set", nargs="*", default=[], help="extra ClassifyConfig key=value (model.top_k=2 ...)")
     args = p.parse_args(argv)
     extra = parse_sets(args.set)
+    models = args.models.split(",")
     if args.parallel:
-        rows = run_side_by_side(_train_one, [(args, extra, "moe", os.getpid()), (args, extra, "dense", os.getpid())])
+        rows = run_side_by_side(_train_one, [(args, extra, ffn, os.getpid()) for ffn in models])
     else:
-        rows = [_train_one(args, extra, ffn) for ffn in ("moe", "dense")]
-    run_dir = Path(args.runs) / f"{args.task}-moe-{os.getpid()}"
-    model, vocab, names, _ = load_classifier(run_dir)
-    cfg = ClassifyConfig.from_dict({"task": args.task, "data": args.data, "valid": args.valid})
-    _, valid = load_task_data(cfg)
-    routing = Path(args.out).with_name(Path(args.out).stem + "-routing.md")
-    write_routing_report(model, encode(model, vocab, valid, names), names, routing)
+        rows = [_train_one(args, extra, ffn) for ffn in models]
+    if "moe" in models:
+        model, vocab, names, _ = load_classifier(Path(args.runs) / f"{args.task}-moe-{os.getpid()}")
+        cfg = ClassifyConfig.from_dict({"task": args.task, "data": args.data, "valid": args.valid})
+        _, valid = load_task_data(cfg)
+        routing = Path(args.out).with_name(Path(args.out).stem + "-routing.md")
+        write_routing_report(model, encode(model, vocab, valid, names), names, routing)
     columns = [
         ("accuracy", "accuracy", ".4f"),
         ("steps", "steps", "d"),

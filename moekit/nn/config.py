@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import logging
 
 from moekit.config import Config, check_choice, require
+
+logger = logging.getLogger(__name__)
 
 
 class RouterType(str, enum.Enum):
@@ -110,6 +113,12 @@ class MoEConfig(Config):
         require(self.router_jitter >= 0, f"router_jitter must be >= 0, got {self.router_jitter}")
         for name in ("aux_loss_coef", "seq_aux_loss_coef", "z_loss_coef", "bias_update_rate"):
             require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.router == RouterType.SOFTMAX_TOPK and self.top_k == 1 and self.norm_topk_prob:
+            # Allowed (checkpoints may say so), but a renormalised top-1 weight is always 1.
+            logger.warning(
+                "top_k=1 with norm_topk_prob=True: the chosen expert's weight is always 1, so the router "
+                "learns only from the balancing losses; set norm_topk_prob=False to scale by the gate (Switch)"
+            )
 
     @property
     def experts_per_token(self) -> int:

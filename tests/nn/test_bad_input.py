@@ -30,6 +30,17 @@ def test_bad_config(override, pattern):
         MoE(**{**BASE, **override})
 
 
+def test_renormalised_top1_warns_that_the_router_gets_no_task_gradient(caplog):
+    with caplog.at_level("WARNING", logger="moekit.nn.config"):
+        MoEConfig(**{**BASE, "top_k": 1})
+    assert "norm_topk_prob=False" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="moekit.nn.config"):
+        MoEConfig(**{**BASE, "top_k": 1, "norm_topk_prob": False})
+        MoEConfig(**BASE)
+    assert caplog.text == ""
+
+
 def test_unknown_key_names_closest():
     with pytest.raises(ConfigError, match=r"unknown MoEConfig key 'num_expert'; did you mean 'num_experts'"):
         MoE(**BASE, num_expert=3)
