@@ -125,7 +125,7 @@ class EncoderConfig(Config):
             capacity_factor=self.capacity_factor,
             expert_choice_capacity=self.expert_choice_capacity,
             aux_loss_coef=self.aux_loss_coef,
-            norm_topk_prob=self.top_k > 1 if self.norm_topk_prob is None else self.norm_topk_prob,
+            norm_topk_prob=self.norm_topk_prob,
         )
 
 
@@ -252,21 +252,22 @@ class EncoderClassifier(nn.Module):
                 aux = block.mlp.last_aux
             if aux is not None:
                 moe_aux.append(aux)
-        pooled = self._pool(self.norm(x), valid)
+        pooled = pool_tokens(self.norm(x), valid, c.pooling)
         logits = self.head(self.dropout(pooled))
         aux_loss = torch.zeros((), dtype=torch.float32, device=logits.device)
         for aux in moe_aux:
             aux_loss = aux_loss + aux.loss.to(aux_loss.device, torch.float32)
         return EncoderOutput(logits=logits, aux_loss=aux_loss, moe_aux=moe_aux)
 
-    def _pool(self, x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-        """[B, S, D] -> [B, D] over the real tokens (``valid``; None = all)."""
-        if self.config.pooling == Pooling.MAX:
-            if valid is None:
-                return x.amax(dim=1)
-            pooled = x.masked_fill(~valid.unsqueeze(-1), float("-inf")).amax(dim=1)
-            return torch.where(valid.any(dim=1, keepdim=True), pooled, 0.0)  # an all-padding row pools to 0
+
+def pool_tokens(x: torch.Tensor, valid: torch.Tensor | None, pooling: Pooling = Pooling.MEAN) -> torch.Tensor:
+    """[B, S, D] -> [B, D] over the real tokens (``valid`` [B, S] bool; None = all); an all-padding row gives 0."""
+    if pooling == Pooling.MAX:
         if valid is None:
-            return x.mean(dim=1)
-        weights = valid.to(x.dtype).unsqueeze(-1)
-        return (x * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+            return x.amax(dim=1)
+        pooled = x.masked_fill(~valid.unsqueeze(-1), float("-inf")).amax(dim=1)
+        return torch.where(valid.any(dim=1, keepdim=True), pooled, 0.0)
+    if valid is None:
+        return x.mean(dim=1)
+    weights = valid.to(x.dtype).unsqueeze(-1)
+    return (x * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from moekit.errors import ShapeError
-from moekit.models.encoder import EncoderOutput
+from moekit.models.encoder import EncoderOutput, pool_tokens
 from moekit.models.lm import MoELM
 
 
@@ -43,12 +43,7 @@ class LMClassifier(nn.Module):
         if inputs.dim() != 2 or inputs.dtype != torch.long:
             raise ShapeError(f"text input must be token ids [batch, seq] (long), got {tuple(inputs.shape)}")
         hidden, moe_aux = self.lm.hidden_states(inputs, mask, record_routing)  # [B, S, D]
-        if mask is None:
-            pooled = hidden.mean(dim=1)
-        else:
-            weights = mask.to(hidden.dtype).unsqueeze(-1)
-            pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
-        logits = self.head(pooled)
+        logits = self.head(pool_tokens(hidden, None if mask is None else mask.bool()))
         aux_loss = torch.zeros((), dtype=torch.float32, device=logits.device)
         for aux in moe_aux:
             aux_loss = aux_loss + aux.loss.to(aux_loss.device, torch.float32)

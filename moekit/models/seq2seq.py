@@ -138,7 +138,7 @@ class Seq2SeqConfig(Config):
             router=self.router,
             capacity_factor=self.capacity_factor,
             aux_loss_coef=self.aux_loss_coef,
-            norm_topk_prob=self.top_k > 1 if self.norm_topk_prob is None else self.norm_topk_prob,
+            norm_topk_prob=self.norm_topk_prob,
         )
 
 

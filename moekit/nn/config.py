@@ -57,7 +57,7 @@ class MoEConfig(Config):
     capacity_factor: float | None = None
     drop_policy: DropPolicy = DropPolicy.POSITION
     # Token-choice routers.
-    norm_topk_prob: bool = True  # renormalise the k chosen weights to sum to 1
+    norm_topk_prob: bool | None = True  # renormalise the k chosen weights to sum to 1; None: only when top_k > 1
     router_jitter: float = 0.0  # Switch: multiply router input by U(1-eps, 1+eps) in training
     # Sigmoid router (DeepSeek-V3).
     n_group: int = 1
@@ -78,6 +78,8 @@ class MoEConfig(Config):
         object.__setattr__(self, "router", check_choice("router", self.router, RouterType))
         object.__setattr__(self, "activation", check_choice("activation", self.activation, Activation))
         object.__setattr__(self, "drop_policy", check_choice("drop_policy", self.drop_policy, DropPolicy))
+        if self.norm_topk_prob is None:  # a renormalised top-1 weight is always 1: Switch scales by the gate instead
+            object.__setattr__(self, "norm_topk_prob", self.top_k > 1)
         for name in ("hidden_size", "num_experts", "expert_hidden_size", "top_k", "n_group", "topk_group"):
             value = getattr(self, name)
             require(isinstance(value, int) and value >= 1, f"{name} must be a positive integer, got {value!r}")

@@ -71,3 +71,8 @@ def test_soft_moe_bad_input():
         SoftMoE(8, 4, 0, 6)
     with pytest.raises(ShapeError, match=r"SoftMoE expects"):
         SoftMoE(8, 4, 2, 6)(torch.randn(2, 3, 5))
+
+
+def test_norm_topk_prob_none_renormalises_only_above_top1():
+    assert MoEConfig(**{**BASE, "norm_topk_prob": None}).norm_topk_prob is True
+    assert MoEConfig(**{**BASE, "top_k": 1, "norm_topk_prob": None}).norm_topk_prob is False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 from moekit.errors import CheckpointError, ConfigError, DataError, NonFiniteError
 from moekit.train import TrainConfig, Trainer, train
 from moekit.train.metrics import read_metrics
-from moekit.train.optim import parameter_groups
+from moekit.train.optim import build_optimizer, parameter_groups
 
 FAST = dict(
     model="tiny",
@@ -121,3 +122,23 @@ def test_unknown_keys_name_the_closest():
         Trainer(TrainConfig(model="tiny", model_overrides={"hiden_size": 8}, progress=False))
     with pytest.raises(ConfigError, match=r"block_size=100 exceeds the model's max_position_embeddings=64"):
         Trainer(TrainConfig(model="tiny", block_size=100, progress=False))
+
+
+def test_fused_adamw_matches_the_per_tensor_reference():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 4))
+    reference = copy.deepcopy(model)
+    config = TrainConfig(lr=1e-2, weight_decay=0.1)
+    fast = build_optimizer(model, config)
+    assert fast.defaults["fused"] is True
+    slow = torch.optim.AdamW(
+        parameter_groups(reference, 0.1), lr=1e-2, betas=(config.beta1, config.beta2), foreach=False
+    )
+    for step in range(5):
+        x = torch.randn(4, 8, generator=torch.Generator().manual_seed(step))
+        for net, opt in ((model, fast), (reference, slow)):
+            opt.zero_grad()
+            net(x).square().sum().backward()
+            opt.step()
+    for a, b in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
