@@ -60,14 +60,21 @@ def equal_tokens(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         trainers = {name: make_trainer(name, args.steps, Path(tmp), args) for name in ("demo", "dense-demo")}
         times: dict[str, list[float]] = {name: [] for name in trainers}
+        curve = []  # (step, MoE val, dense val) at every tenth of the run: where the gap opens
         for step in range(args.steps):
             for name, trainer in trainers.items():
                 t0 = time.perf_counter()
                 trainer.train_step(step / args.steps)
                 times[name].append(time.perf_counter() - t0)
-            if (step + 1) % max(1, args.steps // 10) == 0:
-                print(f"  step {step + 1}/{args.steps}", file=sys.stderr, flush=True)
-        losses = {name: trainer.evaluate(args.eval_batches) for name, trainer in trainers.items()}
+            if (step + 1) % max(1, args.steps // 10) == 0 or step + 1 == args.steps:
+                moe, dense = (trainers[name].evaluate(args.eval_batches) for name in ("demo", "dense-demo"))
+                curve.append((step + 1, moe, dense))
+                print(
+                    f"  step {step + 1}/{args.steps}: MoE {moe:.4f} dense {dense:.4f} gap {dense - moe:+.4f}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        losses = {"demo": curve[-1][1], "dense-demo": curve[-1][2]}
         params = {name: trainer.model.num_parameters() for name, trainer in trainers.items()}
     step_time = {name: statistics.median(t[5:] or t) for name, t in times.items()}
     result = {
@@ -79,6 +86,7 @@ def equal_tokens(args) -> dict:
         "step_time_ratio": step_time["demo"] / step_time["dense-demo"],
         "params_moe": params["demo"],
         "params_dense": params["dense-demo"],
+        "curve": [{"step": s, "val_loss_moe": m, "val_loss_dense": d} for s, m, d in curve],
     }
     print(
         f"equal tokens ({result['tokens']:,}): MoE val {result['val_loss_moe']:.4f} "
