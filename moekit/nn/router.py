@@ -82,7 +82,8 @@ class SoftmaxTopKRouter(Router):
     """Softmax over all experts, keep the top k (Switch k=1, Mixtral k=2, OLMoE/Qwen k=8).
 
     With ``norm_topk_prob`` the k kept probabilities are renormalised to sum to one (Mixtral's
-    softmax over the top-k logits is the same thing).
+    softmax over the top-k logits is the same thing), then multiplied by ``routed_scaling_factor``
+    (DeepSeek-V2's softmax gate; 1 in Mixtral, Qwen-MoE and OLMoE).
     """
 
     def forward(self, x_TD, valid_T=None, token_ids_T=None) -> Routing:
@@ -91,6 +92,8 @@ class SoftmaxTopKRouter(Router):
         weight_TK, topk_idx_TK = probs_TE.topk(self.config.top_k, dim=-1)
         if self.config.norm_topk_prob:
             weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True)
+        if self.config.routed_scaling_factor != 1.0:
+            weight_TK = weight_TK * self.config.routed_scaling_factor
         return _token_choice(topk_idx_TK, weight_TK, logits_TE, probs_TE, valid_T)
 
 

@@ -27,6 +27,17 @@ def test_norm_topk_prob_renormalises():
     assert torch.allclose(sums, torch.ones(5), atol=1e-6)
 
 
+def test_softmax_weights_are_scaled_after_renormalising():
+    x = torch.randn(5, 12)
+    torch.manual_seed(0)
+    plain = make_layer("softmax_topk", top_k=2, norm_topk_prob=True).route(x)
+    torch.manual_seed(0)
+    scaled = make_layer("softmax_topk", top_k=2, norm_topk_prob=True, routed_scaling_factor=2.0).route(x)
+    assert torch.equal(plain.expert_idx_A, scaled.expert_idx_A)
+    sums = torch.zeros(5).index_add_(0, scaled.token_idx_A, scaled.weight_A)
+    assert torch.allclose(sums, torch.full((5,), 2.0), atol=1e-6)
+
+
 def test_sigmoid_group_limited_matches_manual():
     layer = make_layer("sigmoid_topk", num_experts=8, top_k=3, n_group=4, topk_group=2, routed_scaling_factor=2.5)
     with torch.no_grad():
