@@ -32,6 +32,7 @@ _OPTIONAL_DEFAULTS = {
     **dict.fromkeys(MLA_FIELDS),
     "rope_interleave": False,
     "hf_config": None,
+    "dropout": 0.0,
 }
 
 
@@ -76,6 +77,9 @@ class LMConfig(Config):
     attention_bias: bool = False  # q/k/v biases (Qwen2)
     initializer_range: float = 0.02
     scaled_residual_init: bool = True  # std / sqrt(2 * layers) on o_proj and down projections (GPT-2)
+    # In training, zero this share of the embeddings and of each attention and FFN output before it joins
+    # the residual stream (nanoGPT's ``dropout``; GPT-2's residual dropout). 0 = none, as in pretraining.
+    dropout: float = 0.0
     moe: MoEConfig | None = None
     first_k_dense: int = 0
     moe_layer_freq: int = 1
@@ -111,6 +115,10 @@ class LMConfig(Config):
         require(
             self.hf_config is None or isinstance(self.hf_config, dict),
             f"hf_config must be a dict (a Hugging Face config.json) or None, got {type(self.hf_config).__name__}",
+        )
+        require(
+            isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1,
+            f"dropout must be in [0, 1), got {self.dropout!r}",
         )
         set_(self, "attention_type", check_choice("attention_type", self.attention_type, AttentionType))
         set_(self, "activation", check_choice("activation", self.activation, Activation))

@@ -68,6 +68,7 @@ class MoELM(nn.Module):
         self.config = config
         c = config
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.embed_dropout = nn.Dropout(c.dropout) if c.dropout > 0 else nn.Identity()
         self.rotary_emb = RotaryEmbedding(c.rope_dim, c.rope_theta)
         self.layers = nn.ModuleList([self._build_block(i) for i in range(c.num_hidden_layers)])
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
@@ -104,7 +105,7 @@ class MoELM(nn.Module):
                 output_bias=c.attention_out_bias,
             )
         ffn = MoE(c.moe_config(i)) if c.is_moe_layer(i) else MLP(c.hidden_size, c.intermediate_size, c.activation)
-        return Block(attn, ffn, c.hidden_size, c.rms_norm_eps)
+        return Block(attn, ffn, c.hidden_size, c.rms_norm_eps, c.dropout)
 
     # -- initialisation --------------------------------------------------------------------------
     @torch.no_grad()
@@ -197,7 +198,7 @@ class MoELM(nn.Module):
         position_ids_BS = self._positions(position_ids, key_valid_BK, B, P, S, input_ids.device)
         attn_mask, is_causal = build_attention_mask(key_valid_BK, P, S, input_ids.device, c.sliding_window)
 
-        x = self.embed_tokens(input_ids)  # [B, S, D]
+        x = self.embed_dropout(self.embed_tokens(input_ids))  # [B, S, D]
         cos, sin = self.rotary_emb(position_ids_BS, x.dtype)  # [B, S, hd] each
         moe_aux: list[MoEAux] = []
         for block in self.layers:

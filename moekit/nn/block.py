@@ -20,12 +20,16 @@ class Block(nn.Module):
     (the MoE sits at ``mlp`` too when the layer is sparse).
     """
 
-    def __init__(self, self_attn: nn.Module, mlp: nn.Module, hidden_size: int, rms_norm_eps: float = 1e-6):
+    def __init__(
+        self, self_attn: nn.Module, mlp: nn.Module, hidden_size: int, rms_norm_eps: float = 1e-6, dropout: float = 0.0
+    ):
         super().__init__()
         self.input_layernorm = RMSNorm(hidden_size, rms_norm_eps)
         self.self_attn = self_attn
         self.post_attention_layernorm = RMSNorm(hidden_size, rms_norm_eps)
         self.mlp = mlp
+        # residual dropout on each branch's output (training only); identity when 0
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     @property
     def is_moe(self) -> bool:
@@ -55,10 +59,10 @@ class Block(nn.Module):
         Returns:
             (x [B, S, D], the MoE's MoEAux or None for a dense block).
         """
-        h = x_BSD + self.self_attn(self.input_layernorm(x_BSD), cos, sin, attn_mask, is_causal, cache)
+        h = x_BSD + self.dropout(self.self_attn(self.input_layernorm(x_BSD), cos, sin, attn_mask, is_causal, cache))
         if self.is_moe:
             y, aux = self.mlp(
                 self.post_attention_layernorm(h), mask=pad_mask, token_ids=token_ids, record_routing=record_routing
             )
-            return h + y, aux
-        return h + self.mlp(self.post_attention_layernorm(h)), None
+            return h + self.dropout(y), aux
+        return h + self.dropout(self.mlp(self.post_attention_layernorm(h))), None

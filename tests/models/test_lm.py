@@ -316,6 +316,21 @@ def test_config_validation():
     assert lm_config(num_key_value_heads=None).replace(hidden_size=64, moe=None).head_size == 16
 
 
+@pytest.mark.parametrize("moe", [True, False])
+def test_dropout_acts_in_training_only(moe):
+    ids = torch.randint(0, 61, (2, 12))
+    plain = make_model(moe=moe)
+    dropped = make_model(moe=moe, dropout=0.5)  # same seed: the same weights
+    assert torch.equal(dropped(ids).logits, plain(ids).logits)  # eval mode: no dropout
+    dropped.train()
+    torch.manual_seed(1)
+    first, second = dropped(ids).logits, dropped(ids).logits
+    assert not torch.allclose(first, second)
+    assert "dropout" not in lm_config().to_dict() and lm_config(dropout=0.1).to_dict()["dropout"] == 0.1
+    with pytest.raises(ConfigError, match="dropout must be in"):
+        lm_config(dropout=1.0)
+
+
 def test_bf16_forward_runs():
     model = make_model(qk_norm="head").to(torch.bfloat16)
     out = model(torch.randint(0, 61, (2, 6)), labels=torch.randint(0, 61, (2, 6)))
