@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,7 @@ class ClassifyConfig(TaskTrainConfig):
     max_length: int = 64
     min_word_count: int = 1
     batch_size: int = 64
+    max_epochs: float | None = None  # stop after this many passes over the training rows (and max_steps)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -78,6 +80,7 @@ class ClassifyConfig(TaskTrainConfig):
             value = getattr(self, name)
             require(isinstance(value, int) and value >= 1, f"{name} must be a positive integer, got {value!r}")
         require(0 < self.valid_fraction < 1, f"valid_fraction must be in (0, 1), got {self.valid_fraction}")
+        require(self.max_epochs is None or self.max_epochs > 0, f"max_epochs must be > 0, got {self.max_epochs}")
         if self.init_from is not None:
             require(self.is_text, "init_from (a pretrained language model) needs task=classify (text)")
             require(not self.model_overrides, "init_from fine-tunes an existing model: --model.* options do not apply")
@@ -283,7 +286,7 @@ def train_classifier(
 
     run = train_loop(
         model,
-        cfg,
+        _with_epoch_limit(cfg, len(train_set)),
         run_dir,
         _training_batches(train_set, cfg),
         forward,
@@ -315,6 +318,14 @@ def train_classifier(
         },
     )
     return result
+
+
+def _with_epoch_limit(cfg: ClassifyConfig, rows: int) -> ClassifyConfig:
+    """``max_steps`` lowered to ``max_epochs`` passes over ``rows`` training rows (the schedule then ends there)."""
+    if cfg.max_epochs is None:
+        return cfg
+    steps_per_epoch = max(1, rows // cfg.batch_size)
+    return cfg.replace(max_steps=min(cfg.max_steps, max(1, math.ceil(cfg.max_epochs * steps_per_epoch))))
 
 
 def _training_batches(train_set: Examples, cfg: ClassifyConfig):

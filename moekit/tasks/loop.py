@@ -17,6 +17,7 @@ has its own :class:`moekit.train.Trainer` (expert parallelism, tokenizer state).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -60,10 +61,14 @@ class TaskTrainConfig(RunConfig):
     beta2: float = 0.99
     checkpoint_interval: int = 1000  # steps between checkpoints (one is also written at the end)
     label_smoothing: float = 0.0
+    # Evaluate and save an exponential moving average of the weights (Polyak averaging) with this decay;
+    # 0 = the weights as trained. The averaged weights are the run's model.
+    ema_decay: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         require(0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        require(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")
 
     @classmethod
     def from_options(cls, data: dict[str, Any], what: str):
@@ -105,7 +110,60 @@ RESUMABLE_CHANGES = frozenset(
 )
 CHECKPOINT_PREFIX = "checkpoint-"
 KEEP_CHECKPOINTS = 2  # the newest two: one to resume from, one more should the newest be damaged
-_WEIGHTS, _OPTIMIZER, _STATE = "model.safetensors", "optimizer.safetensors", "state.json"
+_WEIGHTS, _OPTIMIZER, _STATE, _AVERAGE = "model.safetensors", "optimizer.safetensors", "state.json", "ema.safetensors"
+
+
+class WeightAverage:
+    """An exponential moving average of a model's trainable parameters (Polyak & Juditsky 1992).
+
+    The decay ramps up as ``min(decay, (1 + t) / (10 + t))`` so that the first steps' random weights fade
+    quickly. ``applied()`` swaps the average into the model for a while (evaluation, saving).
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        self.shadow = [p.detach().clone() for _, p in self.named]
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        """Fold in the weights after optimizer step ``step`` (counted from 0)."""
+        decay = min(self.decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(self.shadow, [p.detach() for _, p in self.named], 1.0 - decay)
+
+    @torch.no_grad()
+    def _swap(self) -> None:
+        for (_, p), avg in zip(self.named, self.shadow):
+            held = p.detach().clone()
+            p.copy_(avg)
+            avg.copy_(held)
+
+    @torch.no_grad()
+    def copy_into_model(self) -> None:
+        torch._foreach_copy_([p for _, p in self.named], self.shadow)
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[None]:
+        self._swap()
+        try:
+            yield
+        finally:
+            self._swap()
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {name: avg for (name, _), avg in zip(self.named, self.shadow)}
+
+    @torch.no_grad()
+    def load(self, tensors: dict[str, torch.Tensor], source: Path) -> None:
+        names = [name for name, _ in self.named]
+        if sorted(tensors) != sorted(names):
+            raise CheckpointError(f"{source}: the averaged weights do not match the model's parameters")
+        for name, avg in zip(names, self.shadow):
+            if tensors[name].shape != avg.shape:
+                raise CheckpointError(
+                    f"{source}: {name} has shape {tuple(tensors[name].shape)}, not {tuple(avg.shape)}"
+                )
+            avg.copy_(tensors[name])
 
 
 def train_loop(
@@ -132,10 +190,12 @@ def train_loop(
         resume: continue from the last checkpoint in ``run_dir`` (CheckpointError when there is none).
     """
     optimizer = build_optimizer(model, cfg)
+    average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    averaged = average.applied if average else contextlib.nullcontext  # what evaluation and saving see
     history: list[dict[str, Any]] = []
     step, items, elapsed_before, last_loss = 0, 0, 0.0, None
     if resume:
-        step, items, elapsed_before, history = _restore(run_dir, cfg, model, optimizer)
+        step, items, elapsed_before, history = _restore(run_dir, cfg, model, optimizer, average)
         last_loss = history[-1]["loss"] if history else None
         batches = itertools.islice(batches, step, None)  # the batches the first run already trained on
     start = time.perf_counter() - elapsed_before
@@ -148,15 +208,18 @@ def train_loop(
             metrics.flush()
 
         def validate() -> None:
-            history.append({"step": step, "loss": last_loss, **evaluate(), "elapsed": time.perf_counter() - start})
+            with averaged():
+                metrics_now = evaluate()
+            history.append({"step": step, "loss": last_loss, **metrics_now, "elapsed": time.perf_counter() - start})
             log(history[-1])
 
         def checkpoint() -> None:
             nonlocal saved_step
             saved_step = step
             state = {"step": step, "items": items, "elapsed": time.perf_counter() - start, "history": history}
-            _save_checkpoint(run_dir, model, optimizer, {**state, "config": cfg.to_dict()})
-            save_model()
+            _save_checkpoint(run_dir, model, optimizer, {**state, "config": cfg.to_dict()}, average)
+            with averaged():
+                save_model()
 
         with TrainProgress(cfg, step, enabled=cfg.progress, console=console) as bar:
             while step < cfg.max_steps:
@@ -176,6 +239,8 @@ def train_loop(
                     raise NonFiniteError(f"non-finite gradient at step {step}; try a lower lr")
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                if average is not None:
+                    average.update(step)
                 step += 1
                 items += out.items
                 last_loss = out.loss.item()
@@ -200,6 +265,8 @@ def train_loop(
             validate()
         if saved_step != step:
             checkpoint()
+    if average is not None:  # the averaged weights are the run's model from here on
+        average.copy_into_model()
     return LoopResult(step, seconds, items, history)
 
 
@@ -213,13 +280,17 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return max(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]), default=None)
 
 
-def _save_checkpoint(run_dir: Path, model, optimizer, state: dict[str, Any]) -> Path:
+def _save_checkpoint(
+    run_dir: Path, model, optimizer, state: dict[str, Any], average: WeightAverage | None = None
+) -> Path:
     final = run_dir / f"{CHECKPOINT_PREFIX}{state['step']:08d}"
     tmp = run_dir / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_tensors(model_tensors(model), tmp / _WEIGHTS)
     save_tensors(optimizer_tensors(optimizer), tmp / _OPTIMIZER)
+    if average is not None:
+        save_tensors(average.tensors(), tmp / _AVERAGE)
     atomic_write_json(tmp / _STATE, state)
     fsync_tree(tmp)
     if final.exists():  # the end of a run that had just saved this step
@@ -233,7 +304,9 @@ def _save_checkpoint(run_dir: Path, model, optimizer, state: dict[str, Any]) -> 
     return final
 
 
-def _restore(run_dir: Path, cfg: TaskTrainConfig, model, optimizer) -> tuple[int, int, float, list[dict[str, Any]]]:
+def _restore(
+    run_dir: Path, cfg: TaskTrainConfig, model, optimizer, average: WeightAverage | None
+) -> tuple[int, int, float, list[dict[str, Any]]]:
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         raise CheckpointError(f"{run_dir} holds no checkpoint to resume from (no {CHECKPOINT_PREFIX}* folder)")
@@ -257,6 +330,8 @@ def _restore(run_dir: Path, cfg: TaskTrainConfig, model, optimizer) -> tuple[int
             )
     load_tensors_into(model, load_tensors(ckpt / _WEIGHTS), ckpt / _WEIGHTS)
     load_optimizer_tensors(optimizer, load_tensors(ckpt / _OPTIMIZER))
+    if average is not None:
+        average.load(load_tensors(ckpt / _AVERAGE), ckpt / _AVERAGE)
     return step, items, elapsed, history
 
 

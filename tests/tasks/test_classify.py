@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moekit.cli import main
-from moekit.errors import CheckpointError
+from moekit.errors import CheckpointError, ConfigError
 from moekit.models.encoder import EncoderClassifier, EncoderConfig
 from moekit.tasks.classify import load_classifier, predict, train_classifier
 
@@ -209,3 +209,12 @@ def test_resume_refuses_data_that_changed(tmp_path):
     train.write_text(train.read_text().replace("awful", "dreadful"))
     with pytest.raises(CheckpointError, match=r"differs from the run .*\(in vocab\)"):
         train_classifier(out_dir=str(tmp_path / "run"), resume=True, **args)
+
+
+def test_max_epochs_caps_the_steps_at_whole_passes(tmp_path):
+    data = _toy_text(tmp_path / "train.tsv", n=120)  # 12 rows held out for validation: 108 train rows
+    common = dict(data=str(data), max_steps=1000, batch_size=16, eval_interval=1000, **TINY)
+    result = train_classifier(out_dir=str(tmp_path / "run"), max_epochs=2, **common)
+    assert result.step == 2 * (108 // 16)
+    with pytest.raises(ConfigError, match="max_epochs must be > 0"):
+        train_classifier(out_dir=str(tmp_path / "bad"), max_epochs=0, **common)

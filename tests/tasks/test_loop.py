@@ -109,9 +109,16 @@ def test_task_defaults_differ_but_validation_is_shared():
             config_class(eval_interval=0)
 
 
-def test_resume_continues_exactly_and_a_partial_checkpoint_is_ignored(tmp_path):
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
+def test_resume_continues_exactly_and_a_partial_checkpoint_is_ignored(tmp_path, ema_decay):
     cfg = TaskTrainConfig(
-        max_steps=30, lr=0.05, warmup_steps=3, checkpoint_interval=10, eval_interval=10, progress=False
+        max_steps=30,
+        lr=0.05,
+        warmup_steps=3,
+        checkpoint_interval=10,
+        eval_interval=10,
+        progress=False,
+        ema_decay=ema_decay,
     )
     full, full_model, _ = _regression(tmp_path / "full", cfg)
     assert sorted(p.name for p in (tmp_path / "full").glob("checkpoint-*")) == [
@@ -128,6 +135,24 @@ def test_resume_continues_exactly_and_a_partial_checkpoint_is_ignored(tmp_path):
     assert resumed.history[:2] == full.history[:2] and len(resumed.history) == 3  # restored, then step 30
     assert resumed.history[-1]["error"] == full.history[-1]["error"]
     assert not any(killed.glob(".tmp-*"))  # the partial one is cleaned up by the next save
+
+
+def test_weight_average_is_what_evaluation_and_the_final_model_see(tmp_path):
+    cfg = TaskTrainConfig(max_steps=12, lr=0.05, warmup_steps=2, eval_interval=4, progress=False)
+    trained = []  # the weights each step starts from: the initial ones, then after steps 0..10
+    _, plain, _ = _regression(tmp_path / "plain", cfg, watch=trained)
+    path = [*trained[1:], [p.detach().clone() for p in plain.parameters()]]  # after steps 0..11
+    expected = [p.detach().clone() for p in trained[0]]
+    for step, weights in enumerate(path):
+        decay = min(0.8, (1 + step) / (10 + step))
+        expected = [decay * e + (1 - decay) * w for e, w in zip(expected, weights)]
+    run, averaged, saved = _regression(tmp_path / "averaged", cfg.replace(ema_decay=0.8))
+    for got, want, last in zip(averaged.parameters(), expected, path[-1]):
+        torch.testing.assert_close(got.detach(), want)
+        assert not torch.allclose(got.detach(), last)  # the average, not the last weights
+    assert run.history[-1]["error"] == pytest.approx(float((expected[0] - 2).abs()))
+    with pytest.raises(ConfigError, match="ema_decay must be in"):
+        TaskTrainConfig(ema_decay=1.0)
 
 
 def test_resume_refuses_changed_settings_and_missing_checkpoints(tmp_path):
