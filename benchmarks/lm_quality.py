@@ -5,6 +5,7 @@ the same batches (same seed), interleaved step by step in one process so that bo
 machine load; the script prints both validation losses, their gap and the step-time ratio.
 
     python benchmarks/lm_quality.py --steps 600            # equal tokens: MoE vs dense
+    python benchmarks/lm_quality.py --steps 2400 --dropout 0.2   # both with dropout, plus the dense without
     python benchmarks/lm_quality.py --demo-budget 120      # the demo preset under a 2-minute budget
 
 Targets (issue 3): MoE beats dense by >= 0.03 nats at equal tokens with step time <= 1.2x dense;
@@ -29,7 +30,7 @@ from moekit.train import TrainConfig, Trainer
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
 
-def make_trainer(model: str, steps: int, out: Path, args, **extra) -> Trainer:
+def make_trainer(model: str, steps: int, out: Path, args, dropout: float = 0.0, tag: str = "", **extra) -> Trainer:
     config = TrainConfig(
         model=model,
         data=str(SHARED) if SHARED.is_file() else None,  # the built-in corpus is the same text
@@ -43,11 +44,14 @@ def make_trainer(model: str, steps: int, out: Path, args, **extra) -> Trainer:
         seed=args.seed,
         progress=False,
         tensorboard=False,
-        out_dir=str(out / model),
+        out_dir=str(out / (model + tag)),
         **extra,
     )
+    overrides: dict = {"dropout": dropout} if dropout else {}
     if model == "demo" and args.moe:  # a variant of the demo's MoE layers, e.g. --moe num_experts=16
-        config = config.replace(model_overrides={"moe": dict(_moe_override(kv) for kv in args.moe)})
+        overrides["moe"] = dict(_moe_override(kv) for kv in args.moe)
+    if overrides:
+        config = config.replace(model_overrides=overrides)
     return Trainer(config)
 
 
@@ -57,50 +61,58 @@ def _moe_override(text: str) -> tuple[str, object]:
 
 
 def equal_tokens(args) -> dict:
+    """MoE vs dense on the same batches. With ``--dropout`` both train with it, and a third model, the dense
+    one without dropout, guards the comparison: the gap is taken against the better of the two dense runs."""
     with tempfile.TemporaryDirectory() as tmp:
-        trainers = {name: make_trainer(name, args.steps, Path(tmp), args) for name in ("demo", "dense-demo")}
+        out = Path(tmp)
+        trainers = {
+            "moe": make_trainer("demo", args.steps, out, args, args.dropout),
+            "dense": make_trainer("dense-demo", args.steps, out, args, args.dropout),
+        }
+        if args.dropout:
+            trainers["dense-no-dropout"] = make_trainer("dense-demo", args.steps, out, args, tag="-plain")
         times: dict[str, list[float]] = {name: [] for name in trainers}
-        curve = []  # (step, MoE val, dense val) at every tenth of the run: where the gap opens
+        curve = []  # validation losses at every tenth of the run: where the gap opens
         for step in range(args.steps):
             for name, trainer in trainers.items():
                 t0 = time.perf_counter()
                 trainer.train_step(step / args.steps)
                 times[name].append(time.perf_counter() - t0)
             if (step + 1) % max(1, args.steps // 10) == 0 or step + 1 == args.steps:
-                moe, dense = (trainers[name].evaluate(args.eval_batches) for name in ("demo", "dense-demo"))
-                curve.append((step + 1, moe, dense))
-                print(
-                    f"  step {step + 1}/{args.steps}: MoE {moe:.4f} dense {dense:.4f} gap {dense - moe:+.4f}",
-                    file=sys.stderr,
-                    flush=True,
-                )
-        losses = {"demo": curve[-1][1], "dense-demo": curve[-1][2]}
+                point = {"step": step + 1, **{name: t.evaluate(args.eval_batches) for name, t in trainers.items()}}
+                curve.append(point)
+                shown = " ".join(f"{name} {point[name]:.4f}" for name in trainers)
+                print(f"  step {step + 1}/{args.steps}: {shown}", file=sys.stderr, flush=True)
         params = {name: trainer.model.num_parameters() for name, trainer in trainers.items()}
+    losses = {name: loss for name, loss in curve[-1].items() if name != "step"}
+    best_dense = min((name for name in losses if name.startswith("dense")), key=losses.get)
     step_time = {name: statistics.median(t[5:] or t) for name, t in times.items()}
     result = {
         "steps": args.steps,
         "tokens": args.steps * args.batch_size * args.block_size,
-        "val_loss_moe": losses["demo"],
-        "val_loss_dense": losses["dense-demo"],
-        "gap_nats": losses["dense-demo"] - losses["demo"],
-        "step_time_ratio": step_time["demo"] / step_time["dense-demo"],
-        "params_moe": params["demo"],
-        "params_dense": params["dense-demo"],
-        "curve": [{"step": s, "val_loss_moe": m, "val_loss_dense": d} for s, m, d in curve],
+        "dropout": args.dropout,
+        "moe_variant": args.moe,
+        "val_loss": losses,
+        "best_dense": best_dense,
+        "gap_nats": losses[best_dense] - losses["moe"],
+        "step_time_ratio": step_time["moe"] / step_time["dense"],
+        "params": params,
+        "curve": curve,
     }
+    others = ", ".join(f"{name} {loss:.4f}" for name, loss in losses.items() if name != "moe")
     print(
-        f"equal tokens ({result['tokens']:,}): MoE val {result['val_loss_moe']:.4f} "
-        f"(active {params['demo']['active']:,} / total {params['demo']['total']:,}) vs dense "
-        f"{result['val_loss_dense']:.4f} (active {params['dense-demo']['active']:,}): gap "
-        f"{result['gap_nats']:+.4f} nats [target >= 0.03]; step time MoE/dense {result['step_time_ratio']:.2f}x "
-        f"[target <= 1.2x]"
+        f"equal tokens ({result['tokens']:,}, dropout {args.dropout}): MoE val {losses['moe']:.4f} "
+        f"(active {params['moe']['active']:,} / total {params['moe']['total']:,}) vs {others} "
+        f"(active {params['dense']['active']:,}): gap to the best dense {result['gap_nats']:+.4f} nats "
+        f"[target >= 0.03]; step time MoE/dense {result['step_time_ratio']:.2f}x [target <= 1.2x]"
     )
     return result
 
 
 def demo_budget(args) -> dict:
     """The demo preset with ``moekit demo``'s recipe (blocks of 64, batch 16) under a time budget."""
-    recipe = argparse.Namespace(**{**vars(args), **DEMO_RECIPE})
+    # exactly `moekit demo`'s model and recipe: the equal-tokens options (--dropout, --moe) do not apply
+    recipe = argparse.Namespace(**{**vars(args), **DEMO_RECIPE, "moe": []})
     with tempfile.TemporaryDirectory() as tmp:
         trainer = make_trainer("demo", 100_000, Path(tmp), recipe, time_budget=args.demo_budget, eval_interval=100_000)
         t0 = time.perf_counter()
@@ -130,6 +142,7 @@ def main() -> None:
     p.add_argument("--eval-batches", type=int, default=40)
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--dropout", type=float, default=0.0, help="dropout of both models (LMConfig.dropout)")
     p.add_argument("--moe", action="append", default=[], help="MoE field of the demo model, e.g. num_experts=16")
     p.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
     args = p.parse_args()
