@@ -155,6 +155,7 @@ def test_a_native_moekit_model_exports_to_the_family_that_expresses_it(tmp_path)
         (dict(router="hash"), "router"),
         (dict(activation="gelu"), "activation"),
         (dict(router_bias=True), "router_bias"),
+        (dict(routed_scaling_factor=2.0), "routed_scaling_factor"),
     ],
 )
 def test_export_refuses_what_the_family_cannot_express(tmp_path, change, field):

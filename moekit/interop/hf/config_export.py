@@ -241,6 +241,7 @@ def math_signature(config: LMConfig) -> dict[str, Any]:
         }
         if m.router in (RouterType.SOFTMAX_TOPK, RouterType.SIGMOID_TOPK):
             layer["norm_topk_prob"] = m.norm_topk_prob
+            layer["routed_scaling_factor"] = m.routed_scaling_factor
         if m.router == RouterType.SIGMOID_TOPK:
             groups = m.n_group > 1 and m.topk_group < m.n_group
             layer.update(
