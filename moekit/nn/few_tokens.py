@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from moekit.nn.config import Activation, RouterType
 from moekit.nn.grouped_mm import compute_dtype, intra_op_threads
-from moekit.nn.router import routing_dtype, sigmoid_topk_select
+from moekit.nn.router import routing_dtype, sigmoid_topk_select, softmax_topk_select
 from moekit.nn.routing import MoEAux
 
 MAX_TOKENS = 2  # beyond this the general path's batched expert GEMMs win
@@ -54,9 +54,7 @@ def _choose(layer, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
     logits_TE = F.linear(x_TD.to(dtype), router.weight.to(dtype), bias)
     if cfg.router == RouterType.SOFTMAX_TOPK:
         probs_TE = logits_TE.softmax(dim=-1)
-        weight_TK, idx_TK = probs_TE.topk(cfg.top_k, dim=-1)
-        if cfg.norm_topk_prob:
-            weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True)
+        idx_TK, weight_TK = softmax_topk_select(probs_TE, cfg)
         return idx_TK, weight_TK, probs_TE
     # Sigmoid scores, balancing bias for selection only, group-limited top-k (SigmoidTopKRouter).
     scores_TE = logits_TE.sigmoid()

@@ -89,11 +89,7 @@ class SoftmaxTopKRouter(Router):
     def forward(self, x_TD, valid_T=None, token_ids_T=None) -> Routing:
         logits_TE = self.logits(x_TD)
         probs_TE = logits_TE.softmax(dim=-1)
-        weight_TK, topk_idx_TK = probs_TE.topk(self.config.top_k, dim=-1)
-        if self.config.norm_topk_prob:
-            weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True)
-        if self.config.routed_scaling_factor != 1.0:
-            weight_TK = weight_TK * self.config.routed_scaling_factor
+        topk_idx_TK, weight_TK = softmax_topk_select(probs_TE, self.config)
         return _token_choice(topk_idx_TK, weight_TK, logits_TE, probs_TE, valid_T)
 
 
@@ -217,6 +213,17 @@ ROUTERS: dict[RouterType, type[nn.Module]] = {
 def build_router(config: MoEConfig) -> nn.Module:
     """The router module that ``config.router`` names."""
     return ROUTERS[config.router](config)
+
+
+def softmax_topk_select(probs_TE: torch.Tensor, cfg: MoEConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(expert ids [T, k], combine weights [T, k]) from softmax probabilities: the k largest, renormalised
+    to sum to one when ``norm_topk_prob``, then times ``routed_scaling_factor``. Shared with the few-token path."""
+    weight_TK, idx_TK = probs_TE.topk(cfg.top_k, dim=-1)
+    if cfg.norm_topk_prob:
+        weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True)
+    if cfg.routed_scaling_factor != 1.0:
+        weight_TK = weight_TK * cfg.routed_scaling_factor
+    return idx_TK, weight_TK
 
 
 def sigmoid_topk_select(

@@ -123,24 +123,25 @@ class WeightAverage:
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay
         self.named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-        self.shadow = [p.detach().clone() for _, p in self.named]
+        self.params = [p for _, p in self.named]
+        self.shadow = [p.detach().clone() for p in self.params]
 
     @torch.no_grad()
     def update(self, step: int) -> None:
-        """Fold in the weights after optimizer step ``step`` (counted from 0)."""
+        """Fold in the weights after optimizer step ``step`` (counted from 0): one fused op per step."""
         decay = min(self.decay, (1 + step) / (10 + step))
-        torch._foreach_lerp_(self.shadow, [p.detach() for _, p in self.named], 1.0 - decay)
+        torch._foreach_lerp_(self.shadow, self.params, 1.0 - decay)
 
     @torch.no_grad()
     def _swap(self) -> None:
-        for (_, p), avg in zip(self.named, self.shadow):
-            held = p.detach().clone()
+        for p, avg in zip(self.params, self.shadow):
+            held = p.clone()
             p.copy_(avg)
             avg.copy_(held)
 
     @torch.no_grad()
     def copy_into_model(self) -> None:
-        torch._foreach_copy_([p for _, p in self.named], self.shadow)
+        torch._foreach_copy_(self.params, self.shadow)
 
     @contextlib.contextmanager
     def applied(self) -> Iterator[None]:

@@ -9,6 +9,7 @@ from moekit.nn import MoE, few_tokens
 
 CASES = {
     "softmax": dict(num_experts=8, top_k=2),
+    "softmax_scaled": dict(num_experts=8, top_k=2, routed_scaling_factor=2.0),
     "softmax_unnormalised_shared_gate": dict(
         num_experts=6, top_k=3, norm_topk_prob=False, num_shared_experts=1, shared_expert_gate=True
     ),
