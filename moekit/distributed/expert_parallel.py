@@ -71,11 +71,13 @@ class ExpertParallel:
         )
 
     # -- experts ----------------------------------------------------------------------------------------
-    def run_experts(self, experts: nn.Module, x_ND: torch.Tensor, counts: tuple[int, ...]) -> torch.Tensor:
+    def run_experts(
+        self, experts: nn.Module, x_ND: torch.Tensor, counts: tuple[int, ...], dropout: float = 0.0
+    ) -> torch.Tensor:
         """Expert outputs for rows sorted by (global) expert, computed by the ranks that own the experts."""
         P, El = self.ctx.ep_size, self.local_experts
         if P == 1:
-            return experts(x_ND, counts)
+            return experts(x_ND, counts, dropout)
         group = self.ctx.ep_group
         send_PE = torch.tensor(counts, dtype=torch.long, device=x_ND.device).view(P, El)
         recv_PE = exchange_counts(send_PE, group).cpu()  # row i: rows rank i sends to each of my experts
@@ -88,7 +90,7 @@ class ExpertParallel:
         pieces = [torch.arange(starts_PE[i][e], starts_PE[i][e] + recv[i][e]) for e in range(El) for i in range(P)]
         order_R = torch.cat(pieces).to(x_RD.device) if pieces else torch.zeros(0, dtype=torch.long)
         local_counts = tuple(int(n) for n in recv_PE.sum(0).tolist())
-        y_RD = experts(x_RD.index_select(0, order_R), local_counts)
+        y_RD = experts(x_RD.index_select(0, order_R), local_counts, dropout)
         back_R = torch.empty_like(order_R)
         back_R[order_R] = torch.arange(order_R.numel(), device=order_R.device)
         y_RD = y_RD.index_select(0, back_R)  # source-major again
@@ -102,7 +104,8 @@ class ExpertParallel:
         routing = layer.route(x_TD, valid_T, ids_T)
         plan = dispatch(routing, cfg.num_experts, cfg.capacity_factor, cfg.drop_policy)
 
-        out_ND = self.run_experts(layer.experts, x_TD[plan.token_idx_N], plan.counts)
+        dropout = cfg.expert_dropout if layer.training else 0.0
+        out_ND = self.run_experts(layer.experts, x_TD[plan.token_idx_N], plan.counts, dropout)
         out_ND = out_ND * plan.weight_N.unsqueeze(-1).to(out_ND.dtype)  # only combine weights are cast
         y_TD = out_ND.new_zeros(x_TD.shape).index_add_(0, plan.token_idx_N, out_ND)
         if layer.shared_experts is not None:

@@ -59,6 +59,9 @@ class MoEConfig(Config):
     # Token-choice routers.
     norm_topk_prob: bool | None = True  # renormalise the k chosen weights to sum to 1; None: only when top_k > 1
     router_jitter: float = 0.0  # Switch: multiply router input by U(1-eps, 1+eps) in training
+    # Switch's "expert dropout": dropout on the routed experts' hidden activations, in training only
+    # (regularises the experts' extra capacity without slowing the rest of the model).
+    expert_dropout: float = 0.0
     # Sigmoid router (DeepSeek-V3).
     n_group: int = 1
     topk_group: int = 1
@@ -113,6 +116,7 @@ class MoEConfig(Config):
             )
         require(self.expert_choice_capacity > 0, "expert_choice_capacity must be > 0")
         require(self.router_jitter >= 0, f"router_jitter must be >= 0, got {self.router_jitter}")
+        require(0 <= self.expert_dropout < 1, f"expert_dropout must be in [0, 1), got {self.expert_dropout}")
         for name in ("aux_loss_coef", "seq_aux_loss_coef", "z_loss_coef", "bias_update_rate"):
             require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         if self.router == RouterType.SOFTMAX_TOPK and self.top_k == 1 and self.norm_topk_prob:

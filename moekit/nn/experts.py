@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moekit.errors import ShapeError
 from moekit.nn.config import Activation
 from moekit.nn.grouped_mm import compute_dtype, grouped_mm, intra_op_threads, run_jobs
 
@@ -122,7 +123,7 @@ class _Plan:
         return sum(1 for kind, *_ in self.jobs if kind == 1)
 
 
-def _forward(x_TD, token_idx_N, weight_N, w_in, w_out, sw_in, sw_out, sweight_T, plan: _Plan, saved=None):
+def _forward(x_TD, token_idx_N, weight_N, w_in, w_out, sw_in, sw_out, sweight_T, mask_NH, plan: _Plan, saved=None):
     """The layer output [T, D] (acc dtype); fills ``saved`` = (h_NX, sh_TX) for backward when given."""
     T, D = x_TD.shape
     device = x_TD.device
@@ -148,6 +149,8 @@ def _forward(x_TD, token_idx_N, weight_N, w_in, w_out, sw_in, sw_out, sweight_T,
             if hbuf is not None:
                 hbuf[lo:hi] = h
         a = _act_forward(h, plan.swiglu)
+        if kind == 0 and mask_NH is not None:
+            a.mul_(_to(mask_NH[lo:hi], cdt))
         if w is not None:
             a.mul_(_to(w[lo:hi], cdt).unsqueeze(1))
         _mm_into(out[lo:hi], a, wo)
@@ -158,18 +161,19 @@ def _forward(x_TD, token_idx_N, weight_N, w_in, w_out, sw_in, sw_out, sweight_T,
 
 class _MoEExperts(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_TD, token_idx_N, weight_N, w_in, w_out, sw_in, sw_out, sweight_T, plan: _Plan):
+    def forward(ctx, x_TD, token_idx_N, weight_N, w_in, w_out, sw_in, sw_out, sweight_T, mask_NH, plan: _Plan):
         dt, dev = x_TD.dtype, x_TD.device
         h_NX = torch.empty(token_idx_N.shape[0], w_in.shape[-1], dtype=dt, device=dev)
         sh_TX = torch.empty(x_TD.shape[0], sw_in.shape[-1], dtype=dt, device=dev) if plan.shared else None
-        y_TD = _forward(x_TD, token_idx_N, weight_N, w_in, w_out, sw_in, sw_out, sweight_T, plan, (h_NX, sh_TX))
-        ctx.save_for_backward(x_TD, token_idx_N, weight_N, w_in, w_out, sw_in, sw_out, sweight_T, h_NX, sh_TX)
+        args = (x_TD, token_idx_N, weight_N, w_in, w_out, sw_in, sw_out, sweight_T, mask_NH)
+        y_TD = _forward(*args, plan, (h_NX, sh_TX))
+        ctx.save_for_backward(*args, h_NX, sh_TX)
         ctx.plan = plan
         return _to(y_TD, dt)
 
     @staticmethod
     def backward(ctx, grad_TD):
-        x_TD, token_idx_N, weight_N, w_in, w_out, sw_in, sw_out, sweight_T, h_NX, sh_TX = ctx.saved_tensors
+        x_TD, token_idx_N, weight_N, w_in, w_out, sw_in, sw_out, sweight_T, mask_NH, h_NX, sh_TX = ctx.saved_tensors
         plan: _Plan = ctx.plan
         need = ctx.needs_input_grad
         need_x = need[0]
@@ -226,7 +230,10 @@ class _MoEExperts(torch.autograd.Function):
                 a = silu * h[:, H:]
             else:
                 silu, a = None, F.gelu(h)
-            ga = torch.mm(go, wo.t())  # grad of the (weighted) activation
+            mask = _to(mask_NH[lo:hi], cdt) if kind == 0 and mask_NH is not None else None
+            if mask is not None:
+                a.mul_(mask)  # the activation as the forward used it
+            ga = torch.mm(go, wo.t())  # grad of the (weighted, dropped-out) activation
             if w is not None:
                 w_n = _to(w[lo:hi], cdt).unsqueeze(1)
                 if g_w is not None:
@@ -235,6 +242,8 @@ class _MoEExperts(torch.autograd.Function):
                 ga.mul_(w_n)
             if g_wo is not None:
                 _mm_into(g_wo[e], a.t(), go)
+            if mask is not None:
+                ga.mul_(mask)
             grad_h = _act_backward(h, ga, plan.swiglu, silu)
             if g_wi is not None:
                 x_n = x_TD.index_select(0, tok) if kind == 0 else x_TD[lo:hi]
@@ -250,7 +259,7 @@ class _MoEExperts(torch.autograd.Function):
                 grad_x = _to(grad_x_TD.index_add_(0, token_idx_N, grad_x_ND), x_TD.dtype)
             g_swi = None if grads["sw_in"] is None else _to(grads["sw_in"].sum(0), sw_in.dtype)
             g_swo = None if grads["sw_out"] is None else _to(grads["sw_out"].sum(0), sw_out.dtype)
-        return grad_x, None, grads["weight"], grads["w_in"], grads["w_out"], g_swi, g_swo, grads["sweight"], None
+        return grad_x, None, grads["weight"], grads["w_in"], grads["w_out"], g_swi, g_swo, grads["sweight"], None, None
 
 
 def moe_experts(
@@ -265,6 +274,7 @@ def moe_experts(
     shared_w_out: torch.Tensor | None = None,
     shared_weight_T: torch.Tensor | None = None,
     threads: int | None = None,
+    dropout_mask_NH: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y[t] = sum over n with token_idx_N[n] == t of weight_N[n] * expert_e(n)(x[t])  (+ shared(x[t])).
 
@@ -279,6 +289,8 @@ def moe_experts(
             visits ([D, X_s], [S, D]; views are fine), scaled per token by ``shared_weight_T``
             ([T], e.g. Qwen2-MoE's sigmoid gate) when given.
         threads: workers to spread the experts over (default: this thread's intra-op threads).
+        dropout_mask_NH: optional [N, H] multiplier of the routed experts' hidden activations (expert
+            dropout: 0 or 1 / (1 - p), see :func:`expert_dropout_mask`); the shared experts are not masked.
 
     Returns:
         [T, D] in x's dtype (the autocast dtype under autocast); tokens without assignments get 0
@@ -301,11 +313,22 @@ def moe_experts(
         (shared_w_in.shape[-1] + shared_w_out.shape[-1]) if shared else 0,
         torch.get_num_threads() if threads is None else threads,
     )
-    args = (x_TD, token_idx_N, weight_N, w_in, w_out, shared_w_in, shared_w_out, shared_weight_T)
+    if dropout_mask_NH is not None and tuple(dropout_mask_NH.shape) != (token_idx_N.shape[0], w_out.shape[1]):
+        raise ShapeError(
+            f"dropout_mask_NH has shape {tuple(dropout_mask_NH.shape)}, expected "
+            f"[assignments, expert hidden] = {[token_idx_N.shape[0], w_out.shape[1]]}"
+        )
+    args = (x_TD, token_idx_N, weight_N, w_in, w_out, shared_w_in, shared_w_out, shared_weight_T, dropout_mask_NH)
     with torch.autocast(device.type, enabled=False):
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
             return _MoEExperts.apply(*args, plan)
         return _to(_forward(*args, plan), dt)
+
+
+def expert_dropout_mask(num_rows: int, width: int, p: float, dtype=torch.float32, device=None) -> torch.Tensor:
+    """[num_rows, width] of 0 (probability p) or 1 / (1 - p): inverted dropout, as ``F.dropout``."""
+    keep = torch.empty(num_rows, width, dtype=dtype, device=device).bernoulli_(1 - p)
+    return keep.div_(1 - p)
 
 
 class Experts(nn.Module):
@@ -321,12 +344,16 @@ class Experts(nn.Module):
         nn.init.normal_(self.w_in, std=hidden_size**-0.5)
         nn.init.normal_(self.w_out, std=expert_hidden_size**-0.5)
 
-    def forward(self, x_ND: torch.Tensor, counts: tuple[int, ...]) -> torch.Tensor:
-        """Run expert e on rows [sum(counts[:e]), sum(counts[:e+1])) of x_ND."""
+    def forward(self, x_ND: torch.Tensor, counts: tuple[int, ...], dropout: float = 0.0) -> torch.Tensor:
+        """Run expert e on rows [sum(counts[:e]), sum(counts[:e+1])) of x_ND (``dropout``: on the hidden
+        activations, as :func:`moe_experts`' mask)."""
         if torch.is_autocast_enabled(x_ND.device.type):
             x_ND = x_ND.to(torch.get_autocast_dtype(x_ND.device.type))
         h_NX = grouped_mm(x_ND, self.w_in, counts)
-        return grouped_mm(activate(h_NX, self.activation), self.w_out, counts)
+        a_NH = activate(h_NX, self.activation)
+        if dropout > 0:
+            a_NH = F.dropout(a_NH, dropout)
+        return grouped_mm(a_NH, self.w_out, counts)
 
     def forward_tokens(
         self, x_TD: torch.Tensor, token_idx_N: torch.Tensor, weight_N: torch.Tensor, counts: tuple[int, ...]

@@ -15,7 +15,7 @@ from moekit.errors import ShapeError
 from moekit.nn import few_tokens
 from moekit.nn.config import Activation, MoEConfig, RouterType
 from moekit.nn.dispatch import dispatch, expert_capacity
-from moekit.nn.experts import Experts, moe_experts
+from moekit.nn.experts import Experts, expert_dropout_mask, moe_experts
 from moekit.nn.grouped_mm import intra_op_threads
 from moekit.nn.losses import router_entropy, router_z_loss, sequence_aux_loss, switch_aux_loss
 from moekit.nn.mlp import MLP
@@ -110,6 +110,11 @@ class MoE(nn.Module):
             routing = self.route(x_TD, valid_T, ids_T)
             plan = dispatch(routing, cfg.num_experts, cfg.capacity_factor, cfg.drop_policy)
             shared = self._fusable_shared(x_TD)
+            mask_NH = None
+            if self.training and cfg.expert_dropout > 0:
+                mask_NH = expert_dropout_mask(
+                    plan.token_idx_N.shape[0], cfg.expert_hidden_size, cfg.expert_dropout, device=x.device
+                )
             # Gather, both GEMMs, activation, combine weights and the scatter back in one fused op.
             y_TD = moe_experts(
                 x_TD,
@@ -121,6 +126,7 @@ class MoE(nn.Module):
                 self.experts.activation,
                 *shared,
                 threads=threads,
+                dropout_mask_NH=mask_NH,
             )
         if self.shared_experts is not None and shared[0] is None:
             y_TD = y_TD + self._shared(x_TD).to(y_TD.dtype)

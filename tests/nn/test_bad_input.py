@@ -23,6 +23,7 @@ BASE = dict(hidden_size=8, num_experts=4, top_k=2, expert_hidden_size=6)
         ({"router": "sigmoid_topk", "n_group": 3}, r"num_experts=4 is not divisible by n_group=3"),
         ({"n_group": 2, "topk_group": 3}, r"topk_group=3 exceeds n_group=2"),
         ({"drop_policy": "random"}, r"drop_policy='random'"),
+        ({"expert_dropout": 1.0}, r"expert_dropout must be in \[0, 1\), got 1.0"),
     ],
 )
 def test_bad_config(override, pattern):

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from moekit.nn import MoE, reference_moe
 from moekit.nn.dispatch import dispatch
-from moekit.nn.experts import moe_experts
+from moekit.nn.experts import activate, expert_dropout_mask, moe_experts
 from moekit.nn.grouped_mm import compute_dtype, grouped_mm, grouped_mm_reference, intra_op_threads, run_jobs
 from tests.nn.helpers import grads_of, make_layer
 
@@ -153,6 +153,94 @@ def test_moe_experts_equals_plain_autograd(workers):
     got = torch.autograd.grad((fused() * g).sum(), params)
     for a, b in zip(got, ref):
         assert close(a, b)
+
+
+# -- expert dropout ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_moe_experts_with_a_dropout_mask_gradcheck_float64(activation):
+    torch.manual_seed(0)
+    T, D, E, H = 7, 5, 3, 4
+    width = 2 * H if activation == "swiglu" else H
+    x = torch.randn(T, D, dtype=torch.float64, requires_grad=True)
+    w_in = torch.randn(E, D, width, dtype=torch.float64, requires_grad=True)
+    w_out = torch.randn(E, H, D, dtype=torch.float64, requires_grad=True)
+    token_idx = torch.tensor([0, 3, 5, 1, 1, 2, 6, 4, 0])
+    counts = (3, 6, 0)
+    weight = torch.rand(9, dtype=torch.float64, requires_grad=True)
+    mask = expert_dropout_mask(9, H, 0.5, dtype=torch.float64)
+    assert (mask == 0).any() and (mask == 2).any()
+
+    def f(x, weight, w_in, w_out):
+        return moe_experts(x, token_idx, weight, counts, w_in, w_out, activation, threads=3, dropout_mask_NH=mask)
+
+    assert torch.autograd.gradcheck(f, (x, weight, w_in, w_out))
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_moe_experts_dropout_mask_equals_plain_autograd(workers):
+    torch.manual_seed(2)
+    layer = make_layer("softmax_topk", num_experts=5, top_k=2, num_shared_experts=1)
+    x = torch.randn(30, 12, requires_grad=True)
+    plan = dispatch(layer.route(x), 5)
+    ex, shared = layer.experts, layer._fusable_shared(x)
+    mask = expert_dropout_mask(plan.token_idx_N.shape[0], ex.expert_hidden_size, 0.3)
+
+    def plain():  # the masked hidden activations by hand; the shared expert is not masked
+        a = activate(grouped_mm_reference(x[plan.token_idx_N], ex.w_in, plan.counts), ex.activation) * mask
+        out = grouped_mm_reference(a, ex.w_out, plan.counts) * plan.weight_N.unsqueeze(-1)
+        return layer._shared(x).index_add(0, plan.token_idx_N, out)
+
+    def fused():
+        return moe_experts(
+            x,
+            plan.token_idx_N,
+            plan.weight_N,
+            plan.counts,
+            ex.w_in,
+            ex.w_out,
+            ex.activation,
+            *shared,
+            threads=workers,
+            dropout_mask_NH=mask,
+        )
+
+    g = torch.randn(30, 12)
+    params = (x, ex.w_in, ex.w_out, layer.router.weight, *layer.shared_experts.parameters())
+    ref = torch.autograd.grad((plain() * g).sum(), params, retain_graph=True)
+    got = torch.autograd.grad((fused() * g).sum(), params)
+    for a, b in zip(got, ref):
+        assert close(a, b)
+
+
+def test_expert_dropout_is_training_only_and_unbiased():
+    layer = make_layer("softmax_topk", expert_dropout=0.5, aux_loss_coef=0.0, z_loss_coef=0.0, seq_aux_loss_coef=0.0)
+    x = torch.randn(16, 12)
+    with torch.no_grad():
+        layer.eval()
+        y_eval = layer(x)[0]
+        assert close(y_eval, reference_moe(layer, x))
+        layer.train()
+        samples = torch.stack([layer(x)[0] for _ in range(4000)])
+    assert not torch.allclose(samples[0], y_eval, atol=1e-3)  # dropout acts in training
+    # Inverted dropout: the training output is the eval output on average (mean of 4000 draws).
+    spread = samples.std(0) / 4000**0.5
+    assert ((samples.mean(0) - y_eval).abs() <= 5 * spread + 1e-6).all()
+
+
+def test_experts_module_dropout_matches_the_fused_mask_semantics():
+    layer = make_layer("softmax_topk")
+    x = torch.randn(20, 12)
+    plan = dispatch(layer.route(x), layer.config.num_experts)
+    x_N = x[plan.token_idx_N]
+    ex = layer.experts
+    with torch.no_grad():
+        assert torch.equal(ex(x_N, plan.counts, 0.0), ex(x_N, plan.counts))
+        torch.manual_seed(5)
+        dropped = ex(x_N, plan.counts, 0.4)
+        torch.manual_seed(5)  # F.dropout draws the same keep pattern as an explicit mask times the activation
+        a = activate(grouped_mm_reference(x_N, ex.w_in, plan.counts), ex.activation)
+        by_hand = grouped_mm_reference(F.dropout(a, 0.4), ex.w_out, plan.counts)
+    assert close(dropped, by_hand)
 
 
 # -- half precision -------------------------------------------------------------------------------------
