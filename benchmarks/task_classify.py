@@ -40,9 +40,11 @@ def _train_one(args, extra: dict, ffn: str, run_tag: int | None = None) -> dict:
         eval_interval=1_000_000,
         **{"model.ffn": ffn, **extra},
     )
+    members = json.loads((run_dir / "run.json").read_text()).get("member_accuracy", [result.accuracy])
     row = {
         "model": ffn,
         "accuracy": result.accuracy,
+        "member_mean": sum(members) / len(members),  # an ensemble's members alone (a single model: itself)
         "steps": result.step,
         "seconds": result.seconds,
         "parameters": result.parameters,
@@ -82,6 +84,7 @@ def main(argv=None) -> int:
         write_routing_report(model, encode(model, vocab, valid, names), names, routing)
     columns = [
         ("accuracy", "accuracy", ".4f"),
+        ("members' mean accuracy", "member_mean", ".4f"),
         ("steps", "steps", "d"),
         ("seconds", "seconds", ".0f"),
         ("parameters", "parameters", ",d"),

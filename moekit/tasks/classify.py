@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from moekit.errors import CheckpointError, ConfigError, DataError
 from moekit.interop.safe_io import atomic_write_json, load_tensors, save_tensors
 from moekit.models.config import LMConfig
 from moekit.models.encoder import EncoderClassifier, EncoderConfig
+from moekit.models.ensemble import EnsembleClassifier
 from moekit.models.lm import MoELM
 from moekit.models.lm_classifier import LMClassifier
 from moekit.tasks.loop import (
@@ -37,6 +39,7 @@ from moekit.tasks.loop import (
     TaskTrainConfig,
     check_run_dir,
     check_same_meta,
+    latest_checkpoint,
     length_bucketed_rows,
     shuffled_rows,
     train_loop,
@@ -72,6 +75,9 @@ class ClassifyConfig(TaskTrainConfig):
     min_word_count: int = 1
     batch_size: int = 64
     max_epochs: float | None = None  # stop after this many passes over the training rows (and max_steps)
+    # Train this many models (seeds seed, seed+1, ...; each gets its share of time_budget, and max_steps/max_epochs
+    # each) and predict with the mean of their probabilities: see moekit.models.ensemble.
+    ensemble: int = 1
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -81,7 +87,12 @@ class ClassifyConfig(TaskTrainConfig):
             require(isinstance(value, int) and value >= 1, f"{name} must be a positive integer, got {value!r}")
         require(0 < self.valid_fraction < 1, f"valid_fraction must be in (0, 1), got {self.valid_fraction}")
         require(self.max_epochs is None or self.max_epochs > 0, f"max_epochs must be > 0, got {self.max_epochs}")
+        require(
+            isinstance(self.ensemble, int) and self.ensemble >= 1,
+            f"ensemble must be a positive integer, got {self.ensemble!r}",
+        )
         if self.init_from is not None:
+            require(self.ensemble == 1, "ensemble trains models from scratch: it does not apply to init_from")
             require(self.is_text, "init_from (a pretrained language model) needs task=classify (text)")
             require(not self.model_overrides, "init_from fine-tunes an existing model: --model.* options do not apply")
         names = EncoderConfig.field_names()
@@ -262,11 +273,20 @@ def train_classifier(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run_dir = Path(cfg.out_dir or f"runs/{cfg.task}-{time.strftime('%Y%m%d-%H%M%S')}")
-    check_run_dir(run_dir, resume, WEIGHTS)
+    if cfg.ensemble > 1:
+        _check_ensemble_dir(run_dir, resume)
+    else:
+        check_run_dir(run_dir, resume, WEIGHTS)
     train_data, valid_data = load_task_data(cfg)
     names = label_names(train_data.labels)
     if len(names) < 2:
         raise DataError(f"{train_data.path}: needs at least two distinct labels, found {names}")
+    if cfg.ensemble > 1:
+        return _train_ensemble(cfg, run_dir, train_data, valid_data, names, console, resume)
+    return _train_one(cfg, run_dir, train_data, valid_data, names, console, resume)
+
+
+def _train_one(cfg: ClassifyConfig, run_dir: Path, train_data, valid_data, names, console, resume) -> ClassifyResult:
     torch.manual_seed(cfg.seed)
     model, vocab, train_set = build_model(cfg, train_data, names)
     valid_set = encode(model, vocab, valid_data, names)
@@ -305,18 +325,71 @@ def train_classifier(
         model.active_parameters(),
         run.seconds,
     )
-    atomic_write_json(
-        run_dir / "run.json",
-        {
-            "train": cfg.to_dict(),
-            "model": (model.lm if isinstance(model, LMClassifier) else model).config.to_dict(),
-            "steps": run.step,
-            "seconds": run.seconds,
-            "accuracy": result.accuracy,
-            "parameters": result.parameters,
-            "active_parameters": result.active_parameters,
-        },
+    _write_run_json(run_dir, cfg, (model.lm if isinstance(model, LMClassifier) else model).config, result)
+    return result
+
+
+def _write_run_json(run_dir: Path, cfg: ClassifyConfig, model_config, result: ClassifyResult, **more: Any) -> None:
+    record = {
+        "train": cfg.to_dict(),
+        "model": model_config.to_dict(),
+        "steps": result.step,
+        "seconds": result.seconds,
+        "accuracy": result.accuracy,
+        "parameters": result.parameters,
+        "active_parameters": result.active_parameters,
+    }
+    atomic_write_json(run_dir / "run.json", {**record, **more})
+
+
+# -- ensembles -----------------------------------------------------------------------------------
+def _member_dir(run_dir: Path, k: int) -> Path:
+    return run_dir / f"member-{k}"
+
+
+def _check_ensemble_dir(run_dir: Path, resume: bool) -> None:
+    """A new ensemble needs a folder without a model or members; a resumed one, its first member."""
+    if resume:
+        if not _member_dir(run_dir, 0).is_dir():
+            raise CheckpointError(f"{run_dir} holds no ensemble members to resume ({_member_dir(run_dir, 0).name})")
+    elif (run_dir / WEIGHTS).exists() or _member_dir(run_dir, 0).exists():
+        raise CheckpointError(f"{run_dir} already holds a model; choose another --out, or --resume that run")
+
+
+def _train_ensemble(cfg: ClassifyConfig, run_dir: Path, train_data, valid_data, names, console, resume):
+    """``cfg.ensemble`` members in ``run_dir/member-K`` (seed + K, each its share of the time budget), then the
+    ensemble saved at ``run_dir``. On resume, finished members are kept and an unfinished one continues from
+    its last checkpoint."""
+    share = None if cfg.time_budget is None else cfg.time_budget / cfg.ensemble
+    members, results = [], []
+    for k in range(cfg.ensemble):
+        member_dir = _member_dir(run_dir, k)
+        member_cfg = cfg.replace(ensemble=1, seed=cfg.seed + k, time_budget=share, out_dir=str(member_dir))
+        if not (member_dir / "run.json").is_file():  # not finished
+            member_resume = resume and latest_checkpoint(member_dir) is not None
+            if resume and not member_resume and member_dir.exists():
+                shutil.rmtree(member_dir)  # killed before its first checkpoint: only a random init is lost
+            _train_one(member_cfg, member_dir, train_data, valid_data, names, console, member_resume)
+        members.append(load_classifier(member_dir)[0])
+        results.append(json.loads((member_dir / "run.json").read_text(encoding="utf-8")))
+    model = EnsembleClassifier(members)
+    vocab = load_classifier(_member_dir(run_dir, 0))[1]
+    meta = {**_meta(members[0], vocab, names, cfg.task), "ensemble": cfg.ensemble}
+    _save(run_dir, model, vocab, meta)
+    acc = accuracy(model, encode(members[0], vocab, valid_data, names))
+    steps = sum(r["steps"] for r in results)
+    history = [{"step": steps, "accuracy": acc}]
+    result = ClassifyResult(
+        run_dir,
+        steps,
+        acc,
+        history,
+        model.num_parameters(),
+        model.active_parameters(),
+        sum(r["seconds"] for r in results),
     )
+    member_accuracy = [r["accuracy"] for r in results]
+    _write_run_json(run_dir, cfg, members[0].config, result, member_accuracy=member_accuracy)
     return result
 
 
@@ -378,7 +451,12 @@ def load_classifier(path: str | Path) -> tuple[EncoderClassifier, WordVocab | No
             model = LMClassifier(lm, max(2, len(names)), int(meta["max_length"]))
             vocab = TokenizerVocab(load_tokenizer(run_dir))
         else:
-            model = EncoderClassifier(EncoderConfig.from_dict(meta["encoder"]))
+            config = EncoderConfig.from_dict(meta["encoder"])
+            members = int(meta.get("ensemble", 1))
+            if members > 1:
+                model = EnsembleClassifier([EncoderClassifier(config) for _ in range(members)])
+            else:
+                model = EncoderClassifier(config)
             vocab = WordVocab.from_dict(meta["vocab"]) if meta.get("vocab") else None
     except (ValueError, KeyError, TypeError, ConfigError, DataError) as e:
         raise CheckpointError(f"{run_dir / META}: not a valid classifier description ({e})") from None

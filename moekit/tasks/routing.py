@@ -11,11 +11,17 @@ from pathlib import Path
 import torch
 
 from moekit.analysis.recorder import capture_routing, find_moe_layers, layer_routing
+from moekit.models.ensemble import EnsembleClassifier
 
 
 @torch.no_grad()
 def routing_by_label(model, examples, num_labels: int, max_examples: int = 2000, batch_size: int = 256):
-    """{MoE layer index: counts [num_labels, E]} of tokens whose top-1 expert is e, by their example's label."""
+    """{MoE layer index: counts [num_labels, E]} of tokens whose top-1 expert is e, by their example's label.
+
+    An ensemble reports its first member (each member learns its own division of labour).
+    """
+    if isinstance(model, EnsembleClassifier):
+        model = model.members[0]
     layers = find_moe_layers(model)
     if not layers:
         return {}

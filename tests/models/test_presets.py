@@ -12,8 +12,8 @@ from moekit.models import PRESETS, LMConfig, MoELM, dense_equivalent, get_preset
 
 # name -> (total, active) parameters, in millions, as documented in presets.py (rounded as there).
 DOCUMENTED = {
-    "demo": (3.45, 1.09),
-    "dense-demo": (1.08, 1.08),
+    "demo": (1.47, 0.47),
+    "dense-demo": (0.47, 0.47),
     "small": (35.9, 20.0),
     "olmoe-1b-7b": (6920, 1280),  # OLMoE paper: 6.9B total, 1.3B active
     "qwen3-30b-a3b": (30500, 3350),  # Qwen3 report: 30.5B total, 3.3B active

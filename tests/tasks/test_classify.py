@@ -1,6 +1,8 @@
 """Text and image classification end to end: the CLI trains, predicts and reports routing by label."""
 
 import io
+import os
+import shutil
 
 import pytest
 import torch
@@ -8,7 +10,7 @@ import torch
 from moekit.cli import main
 from moekit.errors import CheckpointError, ConfigError
 from moekit.models.encoder import EncoderClassifier, EncoderConfig
-from moekit.tasks.classify import load_classifier, predict, train_classifier
+from moekit.tasks.classify import encode, load_classifier, predict, train_classifier
 
 TINY = {
     "model.hidden_size": 32,
@@ -178,8 +180,6 @@ def test_demo_classify_runs_offline_on_builtin_sentences(tmp_path):
 
 def _kill_after(run_dir, tmp_path, last_kept: str):
     """A copy of a finished run as it stood when killed while writing its final checkpoint."""
-    import shutil
-
     killed = tmp_path / "killed"
     shutil.copytree(run_dir, killed)
     for ckpt in killed.glob("checkpoint-*"):
@@ -218,3 +218,49 @@ def test_max_epochs_caps_the_steps_at_whole_passes(tmp_path):
     assert result.step == 2 * (108 // 16)
     with pytest.raises(ConfigError, match="max_epochs must be > 0"):
         train_classifier(out_dir=str(tmp_path / "bad"), max_epochs=0, **common)
+
+
+def test_an_ensemble_predicts_the_mean_of_its_members_probabilities(tmp_path):
+    train, dev = _toy_text(tmp_path / "train.tsv"), _toy_text(tmp_path / "dev.tsv", n=24)
+    args = dict(TINY, data=str(train), valid=str(dev), max_steps=8, eval_interval=1000)
+    result = train_classifier(out_dir=str(tmp_path / "ens"), ensemble=3, seed=5, **args)
+    run = result.run_dir
+    ensemble, vocab, names, _ = load_classifier(run)
+    members = [load_classifier(run / f"member-{k}")[0] for k in range(3)]
+    # Member k is the single run with seed 5 + k: same weights as training it alone.
+    alone = load_classifier(train_classifier(out_dir=str(tmp_path / "alone"), seed=6, **args).run_dir)[0]
+    assert all(torch.equal(a, b) for a, b in zip(members[1].state_dict().values(), alone.state_dict().values()))
+    assert not torch.equal(members[0].embed_tokens.weight, members[1].embed_tokens.weight)
+    rows, predictions, acc = predict(run, dev)
+    examples = encode(members[0], vocab, rows, names)
+    x, mask, y = next(examples.batches(256))
+    mean = torch.stack([m(x, mask).logits.softmax(-1) for m in members]).mean(0)
+    assert torch.allclose(ensemble(x, mask).logits.exp(), mean, atol=1e-6)
+    assert predictions == [names[i] for i in mean.argmax(-1).tolist()]
+    assert result.accuracy == acc and result.step == 3 * 8
+    assert result.parameters == 3 * members[0].num_parameters()
+    with pytest.raises(CheckpointError, match="already holds a model"):
+        train_classifier(out_dir=str(run), ensemble=3, **args)
+
+
+def test_a_killed_ensemble_resumes_keeping_its_finished_members(tmp_path):
+    train = _toy_text(tmp_path / "train.tsv")
+    args = dict(TINY, data=str(train), max_steps=20, checkpoint_interval=10, eval_interval=10, ensemble=2)
+    full = train_classifier(out_dir=str(tmp_path / "full"), **args)
+    killed = tmp_path / "killed"
+    shutil.copytree(full.run_dir, killed)
+    for path in ("model.safetensors", "model.json", "run.json", "member-1/run.json", "member-1/checkpoint-00000020"):
+        (shutil.rmtree if (killed / path).is_dir() else os.remove)(killed / path)
+    finished = (killed / "member-0" / "model.safetensors").stat().st_mtime_ns
+    resumed = train_classifier(out_dir=str(killed), resume=True, **args)
+    assert (killed / "member-0" / "model.safetensors").stat().st_mtime_ns == finished  # not retrained
+    assert resumed.accuracy == full.accuracy
+    a, b = load_classifier(full.run_dir)[0].state_dict(), load_classifier(killed)[0].state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ensemble_bad_settings():
+    with pytest.raises(ConfigError, match="ensemble must be a positive integer, got 0"):
+        train_classifier(ensemble=0)
+    with pytest.raises(ConfigError, match="ensemble trains models from scratch"):
+        train_classifier(ensemble=2, init_from="somewhere")
