@@ -370,10 +370,10 @@ def _train_ensemble(cfg: ClassifyConfig, run_dir: Path, train_data, valid_data, 
             if resume and not member_resume and member_dir.exists():
                 shutil.rmtree(member_dir)  # killed before its first checkpoint: only a random init is lost
             _train_one(member_cfg, member_dir, train_data, valid_data, names, console, member_resume)
-        members.append(load_classifier(member_dir)[0])
+        member, vocab, _, _ = load_classifier(member_dir)  # every member has the same vocabulary
+        members.append(member)
         results.append(json.loads((member_dir / "run.json").read_text(encoding="utf-8")))
     model = EnsembleClassifier(members)
-    vocab = load_classifier(_member_dir(run_dir, 0))[1]
     meta = {**_meta(members[0], vocab, names, cfg.task), "ensemble": cfg.ensemble}
     _save(run_dir, model, vocab, meta)
     acc = accuracy(model, encode(members[0], vocab, valid_data, names))
