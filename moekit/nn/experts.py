@@ -10,7 +10,7 @@ Two ways to run them:
 * ``Experts(x_ND, counts)``: rows already gathered and sorted by expert (two grouped GEMMs).
 * :func:`moe_experts` (``Experts.forward_tokens``): the MoE layer's fast path. One autograd
   Function does gather -> GEMM -> activation -> combine weight -> GEMM -> combine, one expert at a
-  time on single-threaded workers (:func:`moekit.nn.grouped_mm.run_jobs`), so per-expert
+  time (on single-threaded workers or inline: :func:`moekit.nn.grouped_mm.run_jobs`), so per-expert
   intermediates stay in cache and the [N, D] gathered input is never materialised or saved. The
   combine weight scales the activation (H wide) before the second GEMM, so its gradient needs no
   saved expert output. Backward recomputes the activation from the saved first-GEMM output and
@@ -29,7 +29,7 @@ from torch import nn
 
 from moekit.errors import ShapeError
 from moekit.nn.config import Activation
-from moekit.nn.grouped_mm import compute_dtype, grouped_mm, intra_op_threads, run_jobs
+from moekit.nn.grouped_mm import compute_dtype, grouped_mm, intra_op_threads, job_threads, run_jobs
 
 
 def activate(h_NX: torch.Tensor, activation: Activation) -> torch.Tensor:
@@ -135,6 +135,10 @@ def _forward(x_TD, token_idx_N, weight_N, w_in, w_out, sw_in, sw_out, sweight_T,
     h_NX, sh_TX = saved if saved is not None else (None, None)
 
     def job(j):
+        with job_threads(j[3] - j[2]):
+            forward_job(j)
+
+    def forward_job(j):
         kind, e, lo, hi = j
         if kind == 0:
             x_n = x_TD.index_select(0, token_idx_N[lo:hi])
@@ -155,7 +159,7 @@ def _forward(x_TD, token_idx_N, weight_N, w_in, w_out, sw_in, sw_out, sweight_T,
             a.mul_(_to(w[lo:hi], cdt).unsqueeze(1))
         _mm_into(out[lo:hi], a, wo)
 
-    run_jobs(job, plan.fwd_jobs, device, cost=plan.fwd_cost, threads=plan.threads)
+    run_jobs(job, plan.jobs, device, plan.cost, plan.threads, worker_jobs=plan.fwd_jobs, worker_cost=plan.fwd_cost)
     return y_TD.index_add_(0, token_idx_N, o_ND)
 
 
@@ -213,6 +217,10 @@ class _MoEExperts(torch.autograd.Function):
                 grad_x_TD = None
 
         def job(j):
+            with job_threads(j[3] - j[2]):
+                backward_job(j)
+
+        def backward_job(j):
             kind, e, lo, hi = j
             if kind == 0:
                 tok = token_idx_N[lo:hi]

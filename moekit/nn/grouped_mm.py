@@ -6,12 +6,13 @@ and sum them (what makes per-expert loops slow in backward at many experts).
 
 Also the two CPU helpers every per-expert loop of moekit uses:
 
-* :func:`run_jobs` runs per-expert jobs on a small pool of worker threads, each with ONE intra-op
-  thread, instead of one multi-threaded GEMM after another. A per-expert GEMM is small; giving
-  each its own OpenMP fork/join costs a barrier per call, and when other processes share the cores
-  a barrier waits for a descheduled thread (measured on a loaded 2-core box: 2.4 GF/s for a loop
-  of 64 [192, 512] x [512, 256] GEMMs on 2 OpenMP threads vs 20 GF/s with two single-threaded
-  workers, the same as one batched GEMM).
+* :func:`run_jobs` runs per-expert jobs either on a small pool of worker threads, each with ONE
+  intra-op thread, or inline, one multi-threaded op after another, whichever a call site measured
+  faster. A per-expert GEMM is small; giving each its own OpenMP fork/join costs a barrier per
+  call, and when other processes share the cores a barrier waits for a descheduled thread
+  (measured on a loaded 2-core box: 2.4 GF/s for a loop of 64 [192, 512] x [512, 256] GEMMs on 2
+  OpenMP threads vs 20 GF/s with two single-threaded workers). On an idle machine inline wins
+  instead: the caller's OpenMP threads spin after each parallel op and take a core from the workers.
 * :func:`compute_dtype` is the dtype the GEMMs run in. bf16/fp16 GEMMs on a CPU without native
   support (no AVX512-BF16/AMX: oneDNN is not used and ATen falls back to scalar loops, 1-10 GF/s
   vs 60 GF/s for fp32 on AVX2) are done in fp32 on the widened operands; this is exactly a bf16
@@ -27,6 +28,7 @@ import functools
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -139,28 +141,123 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_WORKERS.reset_after_fork)
 
 
+# -- schedules -------------------------------------------------------------------------------------
+SCHEDULES = ("auto", "workers", "inline")
+
+
+class _ScheduleChooser:
+    """Which CPU schedule a call site of :func:`run_jobs` uses, from the speed it measured.
+
+    * ``workers``: the jobs spread over single-threaded worker threads. Wins when other processes
+      hold the cores: no per-op OpenMP barrier waits for a descheduled thread.
+    * ``inline``: the jobs one after another in the caller, each op on the caller's intra-op
+      threads. Wins on an idle machine: after each parallel op the caller's OpenMP threads
+      spin-wait for a few milliseconds, and while they spin they take a core from the workers.
+
+    Measured on a 2-core box, one training step of the 3 x 96 demo MoE (4,096 tokens): idle, 114 ms
+    inline vs 144 ms on workers; beside one busy process, 388 ms vs 235 ms. Neither wins everywhere,
+    so each call site keeps a moving average of seconds per unit of job cost for both, runs the
+    faster and re-tries the other every ``EXPLORE_EVERY``-th call. Both schedules run the same ops
+    on the same rows, so the choice changes the speed, not the result (tested bit for bit).
+    """
+
+    EXPLORE_EVERY = 16
+    SMOOTHING = 0.3
+
+    def __init__(self) -> None:
+        self.sites: dict = {}
+
+    def choose(self, site) -> str:
+        state = self.sites.setdefault(site, {"calls": 0, "workers": None, "inline": None})
+        state["calls"] += 1
+        for schedule in ("workers", "inline"):
+            if state[schedule] is None:
+                return schedule
+        fast, slow = sorted(("workers", "inline"), key=state.get)
+        return slow if state["calls"] % self.EXPLORE_EVERY == 0 else fast
+
+    def record(self, site, schedule: str, seconds_per_cost: float) -> None:
+        state = self.sites[site]
+        old = state[schedule]
+        state[schedule] = seconds_per_cost if old is None else old + self.SMOOTHING * (seconds_per_cost - old)
+
+
+_CHOOSER = _ScheduleChooser()
+
+# MKL's sgemm gives other low bits on 2 threads than on 1 for 5-11 rows (measured with torch 2.13's CPU
+# build; every other row count agrees). So small inline jobs run on one thread, which they barely
+# lose by, and the two schedules give the same bits (tests/nn/test_fast_paths.py checks it).
+SMALL_JOB_ROWS = 32
+
+
+def job_threads(rows: int):
+    """Context for the ops of one job of ``rows`` rows: one intra-op thread when it is small."""
+    return intra_op_threads(1) if rows < SMALL_JOB_ROWS else contextlib.nullcontext()
+
+
+_schedule = os.environ.get("MOEKIT_EXPERT_SCHEDULE", "auto")
+
+
+@contextlib.contextmanager
+def expert_schedule(name: str):
+    """Force :func:`run_jobs`' CPU schedule in the block: ``workers``, ``inline`` or ``auto``
+    (the default; ``MOEKIT_EXPERT_SCHEDULE`` sets it for a whole process)."""
+    global _schedule
+    if name not in SCHEDULES:
+        raise ValueError(f"expert schedule must be one of {SCHEDULES}, got {name!r}")
+    before, _schedule = _schedule, name
+    try:
+        yield
+    finally:
+        _schedule = before
+
+
 def run_jobs(
     fn: Callable,
     jobs: Sequence,
     device: torch.device,
     cost: Sequence[int] | None = None,
     threads: int | None = None,
+    worker_jobs: Sequence | None = None,
+    worker_cost: Sequence[int] | None = None,
 ) -> None:
-    """Call ``fn(job)`` for every job; on CPU spread over single-threaded workers.
+    """Call ``fn(job)`` for every job, on CPU by one of two schedules (:class:`_ScheduleChooser`).
 
-    Jobs must write disjoint outputs. They are handed out largest ``cost`` first, each to whichever
-    worker is free, so a worker slowed by other processes just takes fewer. The caller waits;
-    workers run with its grad and inference mode, and their exceptions are re-raised here.
-    ``threads`` (default: the caller's intra-op thread count) is how many workers to use. With one
-    thread, fewer jobs than threads, a non-CPU device or a non-OpenMP build, the jobs run in a loop
-    here with ``threads`` intra-op threads.
+    Jobs must write disjoint outputs. ``threads`` (default: the caller's intra-op thread count) is
+    how many workers, or intra-op threads inline, to use. On workers, jobs are handed out largest
+    ``cost`` first, each to whichever worker is free, so a worker slowed by other processes just
+    takes fewer; ``worker_jobs`` / ``worker_cost``, when given, are the same work cut finer for
+    that balance. The caller waits; workers run with its grad and inference mode, and their
+    exceptions are re-raised here. With one thread, fewer jobs than threads, a non-CPU device or a
+    non-OpenMP build, the jobs run inline.
     """
     nthreads = torch.get_num_threads() if threads is None else threads
     if device.type != "cpu" or nthreads <= 1 or len(jobs) < nthreads or not _openmp_backend():
-        with intra_op_threads(nthreads) if device.type == "cpu" else contextlib.nullcontext():
-            for job in jobs:
-                fn(job)
+        _run_inline(fn, jobs, device, nthreads)
         return
+    schedule, site = _schedule, fn.__code__  # one site per call site: its job function
+    measured = schedule == "auto"
+    if measured:
+        schedule = _CHOOSER.choose(site)
+        t0 = time.perf_counter()
+    if schedule == "inline":
+        _run_inline(fn, jobs, device, nthreads)
+    elif worker_jobs is not None:
+        _run_on_workers(fn, worker_jobs, worker_cost, nthreads)
+    else:
+        _run_on_workers(fn, jobs, cost, nthreads)
+    if measured:
+        work = sum(cost) if cost is not None else len(jobs)
+        _CHOOSER.record(site, schedule, (time.perf_counter() - t0) / max(1, work))
+
+
+def _run_inline(fn: Callable, jobs: Sequence, device: torch.device, nthreads: int) -> None:
+    with intra_op_threads(nthreads) if device.type == "cpu" else contextlib.nullcontext():
+        for job in jobs:
+            fn(job)
+
+
+def _run_on_workers(fn: Callable, jobs: Sequence, cost: Sequence[int] | None, nthreads: int) -> None:
     if cost is not None:
         jobs = [jobs[i] for i in sorted(range(len(jobs)), key=lambda i: -cost[i])]
     helpers = min(nthreads, len(jobs))
@@ -204,10 +301,11 @@ class _GroupedMM(torch.autograd.Function):
 
         def job(s):
             e, lo, hi = s
-            if cdt == x_NI.dtype:
-                torch.mm(x_NI[lo:hi], w_EIO[e], out=out_NO[lo:hi])
-            else:
-                out_NO[lo:hi] = torch.mm(_to(x_NI[lo:hi], cdt), _to(w_EIO[e], cdt))
+            with job_threads(hi - lo):
+                if cdt == x_NI.dtype:
+                    torch.mm(x_NI[lo:hi], w_EIO[e], out=out_NO[lo:hi])
+                else:
+                    out_NO[lo:hi] = torch.mm(_to(x_NI[lo:hi], cdt), _to(w_EIO[e], cdt))
 
         slices = list(_slices(counts))
         run_jobs(job, slices, x_NI.device, cost=[hi - lo for _, lo, hi in slices])
@@ -231,17 +329,18 @@ class _GroupedMM(torch.autograd.Function):
 
         def job(s):
             e, lo, hi = s
-            g = _to(grad_NO[lo:hi], cdt)
-            if need_x:
-                if cdt == x_NI.dtype:
-                    torch.mm(g, w_EIO[e].t(), out=grad_x[lo:hi])
-                else:
-                    grad_x[lo:hi] = torch.mm(g, _to(w_EIO[e], cdt).t())
-            if need_w:
-                if cdt == x_NI.dtype:
-                    torch.mm(x_NI[lo:hi].t(), g, out=grad_w[e])
-                else:
-                    grad_w[e] = torch.mm(_to(x_NI[lo:hi], cdt).t(), g)
+            with job_threads(hi - lo):
+                g = _to(grad_NO[lo:hi], cdt)
+                if need_x:
+                    if cdt == x_NI.dtype:
+                        torch.mm(g, w_EIO[e].t(), out=grad_x[lo:hi])
+                    else:
+                        grad_x[lo:hi] = torch.mm(g, _to(w_EIO[e], cdt).t())
+                if need_w:
+                    if cdt == x_NI.dtype:
+                        torch.mm(x_NI[lo:hi].t(), g, out=grad_w[e])
+                    else:
+                        grad_w[e] = torch.mm(_to(x_NI[lo:hi], cdt).t(), g)
 
         slices = list(_slices(ctx.counts))
         run_jobs(job, slices, x_NI.device, cost=[hi - lo for _, lo, hi in slices])

@@ -2,11 +2,13 @@
 
 * :func:`moekit.nn.experts.moe_experts` (gather + experts + combine + fused shared experts, with a
   hand-written backward) against :func:`moekit.nn.moe.reference_moe` and plain autograd;
-* :func:`moekit.nn.grouped_mm.run_jobs` (single-threaded expert workers) against a plain loop;
+* :func:`moekit.nn.grouped_mm.run_jobs` (single-threaded expert workers, or inline) against a plain
+  loop, and its two schedules against each other, bit for bit;
 * the worker path of :func:`moekit.nn.grouped_mm.grouped_mm` against ``grouped_mm_reference``;
 * the half-precision GEMM policy (:func:`moekit.nn.grouped_mm.compute_dtype`).
 
-Worker threads are forced on (``threads=3``) whatever the machine's core count.
+Worker threads are forced on (``threads=3``) whatever the machine's core count; tests about one
+schedule force it with ``expert_schedule``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,16 @@ import torch.nn.functional as F
 from moekit.nn import MoE, reference_moe
 from moekit.nn.dispatch import dispatch
 from moekit.nn.experts import activate, expert_dropout_mask, moe_experts
-from moekit.nn.grouped_mm import compute_dtype, grouped_mm, grouped_mm_reference, intra_op_threads, run_jobs
+from moekit.nn.grouped_mm import (
+    SMALL_JOB_ROWS,
+    _ScheduleChooser,
+    compute_dtype,
+    expert_schedule,
+    grouped_mm,
+    grouped_mm_reference,
+    intra_op_threads,
+    run_jobs,
+)
 from tests.nn.helpers import grads_of, make_layer
 
 TOL = 1e-5
@@ -131,8 +142,9 @@ def test_moe_experts_gradcheck_float64():
     assert torch.autograd.gradcheck(f, (x, weight, w_in, w_out, sw_in, sw_out, sweight))
 
 
+@pytest.mark.parametrize("schedule", ["workers", "inline"])
 @pytest.mark.parametrize("workers", [1, 3])
-def test_moe_experts_equals_plain_autograd(workers):
+def test_moe_experts_equals_plain_autograd(workers, schedule):
     torch.manual_seed(1)
     layer = make_layer("softmax_topk", num_experts=5, top_k=2)
     x = torch.randn(30, 12, requires_grad=True)
@@ -150,7 +162,8 @@ def test_moe_experts_equals_plain_autograd(workers):
     g = torch.randn(30, 12)
     params = (x, ex.w_in, ex.w_out, layer.router.weight)
     ref = torch.autograd.grad((plain() * g).sum(), params, retain_graph=True)
-    got = torch.autograd.grad((fused() * g).sum(), params)
+    with expert_schedule(schedule):
+        got = torch.autograd.grad((fused() * g).sum(), params)
     for a, b in zip(got, ref):
         assert close(a, b)
 
@@ -318,7 +331,8 @@ def test_run_jobs_runs_every_job_once_on_workers():
         assert torch.get_num_threads() == 1  # workers use one intra-op thread
 
     before = torch.get_num_threads()
-    run_jobs(job, list(range(20)), torch.device("cpu"), cost=list(range(20)), threads=3)
+    with expert_schedule("workers"):
+        run_jobs(job, list(range(20)), torch.device("cpu"), cost=list(range(20)), threads=3)
     assert sorted(seen) == list(range(20))
     assert all(n.startswith("moekit-expert") for n in names)
     assert torch.get_num_threads() == before
@@ -336,14 +350,88 @@ def test_run_jobs_reraises_and_keeps_modes():
         if j == 5:
             raise ValueError("job 5")
 
-    with pytest.raises(ValueError, match="job 5"):
-        run_jobs(boom, list(range(10)), torch.device("cpu"), threads=3)
     modes = []
-    with torch.inference_mode():
-        run_jobs(lambda j: modes.append(torch.is_inference_mode_enabled()), [0, 1, 2], torch.device("cpu"), threads=3)
-    with torch.no_grad():
-        run_jobs(lambda j: modes.append(not torch.is_grad_enabled()), [0, 1, 2], torch.device("cpu"), threads=3)
-    assert all(modes) and len(modes) == 6
+    cpu = torch.device("cpu")
+    for schedule in ("workers", "inline"):
+        with expert_schedule(schedule):
+            with pytest.raises(ValueError, match="job 5"):
+                run_jobs(boom, list(range(10)), cpu, threads=3)
+            with torch.inference_mode():
+                run_jobs(lambda j: modes.append(torch.is_inference_mode_enabled()), [0, 1, 2], cpu, threads=3)
+            with torch.no_grad():
+                run_jobs(lambda j: modes.append(not torch.is_grad_enabled()), [0, 1, 2], cpu, threads=3)
+    assert all(modes) and len(modes) == 12
+
+
+def test_run_jobs_inline_runs_on_the_caller_with_its_threads():
+    seen = []
+
+    def job(j):
+        seen.append((j, threading.current_thread().name, torch.get_num_threads()))
+
+    before = torch.get_num_threads()
+    with expert_schedule("inline"):
+        run_jobs(job, [0, 1, 2, 3], torch.device("cpu"), threads=3, worker_jobs=[9], worker_cost=[1])
+    assert seen == [(j, threading.current_thread().name, 3) for j in range(4)]  # `jobs`, not `worker_jobs`
+    assert torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="expert schedule must be one of"):
+        with expert_schedule("fastest"):
+            pass
+
+
+def test_schedule_chooser_runs_the_faster_and_retries_the_other():
+    chooser = _ScheduleChooser()
+    site = "site"
+    assert chooser.choose(site) == "workers"  # each is measured once first
+    chooser.record(site, "workers", 2.0)
+    assert chooser.choose(site) == "inline"
+    chooser.record(site, "inline", 1.0)
+    picks = [chooser.choose(site) for _ in range(3 * chooser.EXPLORE_EVERY)]
+    assert picks.count("workers") == 3 and picks.count("inline") == 3 * chooser.EXPLORE_EVERY - 3
+    # The machine gets busy: inline slows down, and the moving average moves the site to the workers.
+    for _ in range(10):
+        chooser.record(site, "inline", 5.0)
+    assert chooser.choose(site) == "workers"
+    assert chooser.choose("another site") == "workers"  # sites are measured apart
+
+
+def test_auto_schedule_measures_each_call_site():
+    def job(j):
+        pass
+
+    with expert_schedule("auto"):
+        for _ in range(3):
+            run_jobs(job, [0, 1, 2], torch.device("cpu"), cost=[1, 2, 3], threads=3)
+    from moekit.nn.grouped_mm import _CHOOSER
+
+    state = _CHOOSER.sites[job.__code__]
+    assert state["calls"] == 3 and state["workers"] > 0 and state["inline"] > 0
+
+
+def test_schedules_give_the_same_bits():
+    """The auto schedule switches by measured speed, so both schedules must compute the same bits (or an
+    fp32 resume would stop being bit-exact). Expert sizes cover MKL's 5-11-row GEMMs, which differ on 2
+    threads (hence SMALL_JOB_ROWS), and large ones on 2 threads."""
+    torch.manual_seed(5)
+    D, H = 24, 40
+    counts = (300, 5, 7, 0, 11, SMALL_JOB_ROWS, 9, 200)
+    E, N, T = len(counts), sum(counts), 400
+    x = torch.randn(T, D, requires_grad=True)
+    token_idx = torch.randint(0, T, (N,))
+    weight = torch.rand(N, requires_grad=True)
+    w_in = torch.randn(E, D, 2 * H, requires_grad=True)
+    w_out = torch.randn(E, H, D, requires_grad=True)
+    x_N = torch.randn(N, D, requires_grad=True)
+    g_T, g_N = torch.randn(T, D), torch.randn(N, 2 * H)
+    results = {}
+    for schedule in ("workers", "inline"):
+        with expert_schedule(schedule), threads(2):
+            y = moe_experts(x, token_idx, weight, counts, w_in, w_out, "swiglu", threads=2)
+            grads = torch.autograd.grad(y, (x, weight, w_in, w_out), g_T)
+            z = grouped_mm(x_N, w_in, counts)
+            results[schedule] = (y, *grads, z, *torch.autograd.grad(z, (x_N, w_in), g_N))
+    for a, b in zip(results["workers"], results["inline"]):
+        assert torch.equal(a, b)
 
 
 def test_intra_op_threads_restores():
@@ -358,7 +446,7 @@ def test_layer_uses_workers_for_shared_and_routed_experts():
     torch.manual_seed(3)
     layer = MoE(hidden_size=16, num_experts=6, top_k=2, expert_hidden_size=8, num_shared_experts=2)
     x = torch.randn(50, 16)
-    with threads(3), torch.no_grad():
+    with threads(3), torch.no_grad(), expert_schedule("workers"):
         fused = layer(x)[0]
         routing = layer.route(x)
         plan = dispatch(routing, 6)
@@ -375,5 +463,5 @@ def test_few_large_experts_split_into_row_pieces_in_forward():
     x = torch.randn(300, 12)
     _, aux = layer(x)
     assert aux.tokens_per_expert.max() > 64  # more rows than one piece
-    with threads(3):
+    with threads(3), expert_schedule("workers"):
         assert_layer_matches_reference(layer, x)
