@@ -50,6 +50,8 @@ def make_trainer(model: str, steps: int, out: Path, args, dropout: float = 0.0, 
     overrides: dict = {"dropout": dropout} if dropout else {}
     if model == "demo" and args.moe:  # a variant of the demo's MoE layers, e.g. --moe num_experts=16
         overrides["moe"] = dict(_moe_override(kv) for kv in args.moe)
+    if model == "demo" and getattr(args, "lm", None):  # a variant of the demo model, e.g. --lm first_k_dense=1
+        overrides.update(_moe_override(kv) for kv in args.lm)
     if overrides:
         config = config.replace(model_overrides=overrides)
     return Trainer(config)
@@ -92,6 +94,7 @@ def equal_tokens(args) -> dict:
         "tokens": args.steps * args.batch_size * args.block_size,
         "dropout": args.dropout,
         "moe_variant": args.moe,
+        "model_variant": args.lm,
         "val_loss": losses,
         "best_dense": best_dense,
         "gap_nats": losses[best_dense] - losses["moe"],
@@ -112,7 +115,7 @@ def equal_tokens(args) -> dict:
 def demo_budget(args) -> dict:
     """The demo preset with ``moekit demo``'s recipe (blocks of 64, batch 16) under a time budget."""
     # exactly `moekit demo`'s model and recipe: the equal-tokens options (--dropout, --moe) do not apply
-    recipe = argparse.Namespace(**{**vars(args), **DEMO_RECIPE, "moe": []})
+    recipe = argparse.Namespace(**{**vars(args), **DEMO_RECIPE, "moe": [], "lm": []})
     with tempfile.TemporaryDirectory() as tmp:
         trainer = make_trainer("demo", 100_000, Path(tmp), recipe, time_budget=args.demo_budget, eval_interval=100_000)
         t0 = time.perf_counter()
@@ -144,6 +147,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--dropout", type=float, default=0.0, help="dropout of both models (LMConfig.dropout)")
     p.add_argument("--moe", action="append", default=[], help="MoE field of the demo model, e.g. num_experts=16")
+    p.add_argument("--lm", action="append", default=[], help="model field of the demo model, e.g. first_k_dense=1")
     p.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
     args = p.parse_args()
     if args.threads:

@@ -59,14 +59,16 @@ def demo(time_budget="2m", out=None, prompt="ROMEO:", max_new_tokens=300, seed=1
 
     val_tokens = _val_tokens(model, tokenizer)
     layers, load = expert_load(model, (x for x, _ in iter_eval_batches(val_tokens, 128, 16, max_batches=8)))
+    # One column per MoE layer and one row per expert, so that many experts still fit a terminal's width.
+    share = load.float() / load.sum(dim=1, keepdim=True) * 100
     table = Table(title="share of tokens per expert (%), validation data")
-    table.add_column("layer")
+    table.add_column("expert")
+    for layer in layers:
+        table.add_column(f"layer {layer}", justify="right")
     for e in range(load.shape[1]):
-        table.add_column(f"e{e}", justify="right")
-    table.add_column("max/mean", justify="right")
-    for layer, row in zip(layers, load):
-        share = row.float() / row.sum() * 100
-        table.add_row(str(layer), *(f"{s:.1f}" for s in share), f"{(row.max() / row.float().mean()).item():.2f}")
+        table.add_row(f"e{e}", *(f"{s:.1f}" for s in share[:, e]))
+    imbalance = load.max(dim=1).values / load.float().mean(dim=1)
+    table.add_row("max/mean", *(f"{v:.2f}" for v in imbalance), style="bold")
     console.print(table)
     report = _routing_report(result.run_dir, console)
     console.print(f"routing report: [bold]{report}[/] (open it in a browser)")

@@ -48,11 +48,14 @@ TINY = LMConfig(
 )
 
 # CPU demo: byte-level tiny-shakespeare in ~2 minutes on 2 cores (nanoGPT's shakespeare_char scale,
-# shrunk). 8 experts top-2 of width 192: each token sees a SwiGLU FFN of 384 = 4 x hidden, like a
-# standard transformer, while the model holds 4x those expert weights. Three layers of width 96 (heads of
-# 32) rather than four of 128: on 2 cores the step count within two minutes matters more than the width
-# (1,653 steps to val 1.62 in 86 s against 897 steps to 1.75 for 4 x 128; benchmarks/results/demo_recipe_trials.md).
-# 1.47M parameters in total, 0.47M active per token.
+# shrunk). Three layers of width 96 (heads of 32) rather than four of 128: on 2 cores the step count within two
+# minutes matters more than the width (1,653 steps to val 1.62 in 86 s against 897 steps to 1.75 for 4 x 128;
+# benchmarks/results/demo_recipe_trials.md). Layers 1 and 2 are MoE, 16 experts top-2 of width 192: each token
+# sees a SwiGLU FFN of 384 = 4 x hidden, like a standard transformer, while a layer holds 8x those expert weights.
+# Layer 0 is dense (DeepSeek's first_k_dense_replace): at equal tokens (benchmarks/lm_quality.py, 600 steps) it
+# costs 0.017 nats of the MoE's lead over the equal-active dense model (+0.037 instead of +0.054) and cuts the
+# step-time premium from 1.16-1.20x to 1.08x; 16 experts beat 8 and 32 (benchmarks/results/lm_quality.txt).
+# 2.02M parameters in total, 0.47M active per token.
 DEMO = LMConfig(
     vocab_size=256,
     hidden_size=96,
@@ -61,7 +64,8 @@ DEMO = LMConfig(
     num_attention_heads=3,
     max_position_embeddings=128,
     tie_word_embeddings=True,
-    moe=MoEConfig(hidden_size=96, num_experts=8, top_k=2, expert_hidden_size=192, aux_loss_coef=0.01),
+    first_k_dense=1,
+    moe=MoEConfig(hidden_size=96, num_experts=16, top_k=2, expert_hidden_size=192, aux_loss_coef=0.01),
 )
 
 # A small model for a 32k BPE vocabulary (Llama/Mistral tokenizer size); moekit's own sizes, laid out like

@@ -154,11 +154,12 @@ class _ScheduleChooser:
       threads. Wins on an idle machine: after each parallel op the caller's OpenMP threads
       spin-wait for a few milliseconds, and while they spin they take a core from the workers.
 
-    Measured on a 2-core box, one training step of the 3 x 96 demo MoE (4,096 tokens): idle, 114 ms
-    inline vs 144 ms on workers; beside one busy process, 388 ms vs 235 ms. Neither wins everywhere,
-    so each call site keeps a moving average of seconds per unit of job cost for both, runs the
-    faster and re-tries the other every ``EXPLORE_EVERY``-th call. Both schedules run the same ops
-    on the same rows, so the choice changes the speed, not the result (tested bit for bit).
+    Measured on a 2-core box (benchmarks/expert_schedule.py), one training step of the demo MoE (4,096
+    tokens): idle, 125 ms inline vs 140 ms on workers; beside one busy process, 431 ms vs 281 ms.
+    Neither wins everywhere, so each call site keeps a moving average of seconds per unit of job
+    cost for both, runs the faster and re-tries the other every ``EXPLORE_EVERY``-th call. Both
+    schedules run the same ops on the same rows, so the choice changes the speed, not the result
+    (tested bit for bit).
     """
 
     EXPLORE_EVERY = 16

@@ -12,7 +12,7 @@ from moekit.models import PRESETS, LMConfig, MoELM, dense_equivalent, get_preset
 
 # name -> (total, active) parameters, in millions, as documented in presets.py (rounded as there).
 DOCUMENTED = {
-    "demo": (1.47, 0.47),
+    "demo": (2.02, 0.47),
     "dense-demo": (0.47, 0.47),
     "small": (35.9, 20.0),
     "olmoe-1b-7b": (6920, 1280),  # OLMoE paper: 6.9B total, 1.3B active
