@@ -53,8 +53,8 @@ TINY = LMConfig(
 # benchmarks/results/demo_recipe_trials.md). Layers 1 and 2 are MoE, 16 experts top-2 of width 192: each token
 # sees a SwiGLU FFN of 384 = 4 x hidden, like a standard transformer, while a layer holds 8x those expert weights.
 # Layer 0 is dense (DeepSeek's first_k_dense_replace): at equal tokens (benchmarks/lm_quality.py, 600 steps) it
-# costs 0.017 nats of the MoE's lead over the equal-active dense model (+0.037 instead of +0.054) and cuts the
-# step-time premium from 1.16-1.20x to 1.08x; 16 experts beat 8 and 32 (benchmarks/results/lm_quality.txt).
+# costs ~0.015 nats of the MoE's lead over the equal-active dense model (+0.039 instead of +0.054) and cuts the
+# step-time premium from 1.16-1.20x to 1.08-1.13x; 16 experts beat 8 and 32 (benchmarks/results/lm_quality.txt).
 # 2.02M parameters in total, 0.47M active per token.
 DEMO = LMConfig(
     vocab_size=256,

@@ -29,7 +29,7 @@ from torch import nn
 
 from moekit.errors import ShapeError
 from moekit.nn.config import Activation
-from moekit.nn.grouped_mm import compute_dtype, grouped_mm, intra_op_threads, job_threads, run_jobs
+from moekit.nn.grouped_mm import compute_dtype, grouped_mm, intra_op_threads, run_jobs
 
 
 def activate(h_NX: torch.Tensor, activation: Activation) -> torch.Tensor:
@@ -135,10 +135,6 @@ def _forward(x_TD, token_idx_N, weight_N, w_in, w_out, sw_in, sw_out, sweight_T,
     h_NX, sh_TX = saved if saved is not None else (None, None)
 
     def job(j):
-        with job_threads(j[3] - j[2]):
-            forward_job(j)
-
-    def forward_job(j):
         kind, e, lo, hi = j
         if kind == 0:
             x_n = x_TD.index_select(0, token_idx_N[lo:hi])
@@ -217,10 +213,6 @@ class _MoEExperts(torch.autograd.Function):
                 grad_x_TD = None
 
         def job(j):
-            with job_threads(j[3] - j[2]):
-                backward_job(j)
-
-        def backward_job(j):
             kind, e, lo, hi = j
             if kind == 0:
                 tok = token_idx_N[lo:hi]

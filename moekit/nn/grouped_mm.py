@@ -6,13 +6,12 @@ and sum them (what makes per-expert loops slow in backward at many experts).
 
 Also the two CPU helpers every per-expert loop of moekit uses:
 
-* :func:`run_jobs` runs per-expert jobs either on a small pool of worker threads, each with ONE
-  intra-op thread, or inline, one multi-threaded op after another, whichever a call site measured
-  faster. A per-expert GEMM is small; giving each its own OpenMP fork/join costs a barrier per
-  call, and when other processes share the cores a barrier waits for a descheduled thread
-  (measured on a loaded 2-core box: 2.4 GF/s for a loop of 64 [192, 512] x [512, 256] GEMMs on 2
-  OpenMP threads vs 20 GF/s with two single-threaded workers). On an idle machine inline wins
-  instead: the caller's OpenMP threads spin after each parallel op and take a core from the workers.
+* :func:`run_jobs` runs per-expert jobs inline, one multi-threaded op after another (the default),
+  or on a small pool of worker threads, each with ONE intra-op thread (see :class:`_ScheduleChooser`).
+  On an idle machine inline wins: the caller's OpenMP threads spin after each parallel op and take
+  a core from the workers. When other processes share the cores the workers win: each op's OpenMP
+  barrier waits for a descheduled thread (measured on a loaded 2-core box: 2.4 GF/s for a loop of
+  64 [192, 512] x [512, 256] GEMMs on 2 OpenMP threads vs 20 GF/s with two single-threaded workers).
 * :func:`compute_dtype` is the dtype the GEMMs run in. bf16/fp16 GEMMs on a CPU without native
   support (no AVX512-BF16/AMX: oneDNN is not used and ATen falls back to scalar loops, 1-10 GF/s
   vs 60 GF/s for fp32 on AVX2) are done in fp32 on the widened operands; this is exactly a bf16
@@ -142,7 +141,7 @@ if hasattr(os, "register_at_fork"):
 
 
 # -- schedules -------------------------------------------------------------------------------------
-SCHEDULES = ("auto", "workers", "inline")
+SCHEDULES = ("inline", "workers", "auto")
 
 
 class _ScheduleChooser:
@@ -157,9 +156,9 @@ class _ScheduleChooser:
     Measured on a 2-core box (benchmarks/expert_schedule.py), one training step of the demo MoE (4,096
     tokens): idle, 125 ms inline vs 140 ms on workers; beside one busy process, 431 ms vs 281 ms.
     Neither wins everywhere, so each call site keeps a moving average of seconds per unit of job
-    cost for both, runs the faster and re-tries the other every ``EXPLORE_EVERY``-th call. Both
-    schedules run the same ops on the same rows, so the choice changes the speed, not the result
-    (tested bit for bit).
+    cost for both, runs the faster and re-tries the other every ``EXPLORE_EVERY``-th call. The two
+    round differently in the last bits (MKL's GEMMs do not give the same bits on 1 and N threads for
+    every shape), so a run under ``auto`` is not bit-reproducible; ``inline``, the default, is.
     """
 
     EXPLORE_EVERY = 16
@@ -184,25 +183,16 @@ class _ScheduleChooser:
 
 
 _CHOOSER = _ScheduleChooser()
-
-# MKL's sgemm gives other low bits on 2 threads than on 1 for 5-11 rows (measured with torch 2.13's CPU
-# build; every other row count agrees). So small inline jobs run on one thread, which they barely
-# lose by, and the two schedules give the same bits (tests/nn/test_fast_paths.py checks it).
-SMALL_JOB_ROWS = 32
-
-
-def job_threads(rows: int):
-    """Context for the ops of one job of ``rows`` rows: one intra-op thread when it is small."""
-    return intra_op_threads(1) if rows < SMALL_JOB_ROWS else contextlib.nullcontext()
-
-
-_schedule = os.environ.get("MOEKIT_EXPERT_SCHEDULE", "auto")
+_schedule = os.environ.get("MOEKIT_EXPERT_SCHEDULE", "inline")
+if _schedule not in SCHEDULES:
+    raise ValueError(f"MOEKIT_EXPERT_SCHEDULE must be one of {SCHEDULES}, got {_schedule!r}")
 
 
 @contextlib.contextmanager
 def expert_schedule(name: str):
-    """Force :func:`run_jobs`' CPU schedule in the block: ``workers``, ``inline`` or ``auto``
-    (the default; ``MOEKIT_EXPERT_SCHEDULE`` sets it for a whole process)."""
+    """:func:`run_jobs`' CPU schedule in the block: ``inline`` (the default; deterministic), ``workers``
+    (for a machine shared with other busy processes) or ``auto`` (the faster of the two by measurement,
+    not bit-reproducible). ``MOEKIT_EXPERT_SCHEDULE`` sets it for a whole process."""
     global _schedule
     if name not in SCHEDULES:
         raise ValueError(f"expert schedule must be one of {SCHEDULES}, got {name!r}")
@@ -302,11 +292,10 @@ class _GroupedMM(torch.autograd.Function):
 
         def job(s):
             e, lo, hi = s
-            with job_threads(hi - lo):
-                if cdt == x_NI.dtype:
-                    torch.mm(x_NI[lo:hi], w_EIO[e], out=out_NO[lo:hi])
-                else:
-                    out_NO[lo:hi] = torch.mm(_to(x_NI[lo:hi], cdt), _to(w_EIO[e], cdt))
+            if cdt == x_NI.dtype:
+                torch.mm(x_NI[lo:hi], w_EIO[e], out=out_NO[lo:hi])
+            else:
+                out_NO[lo:hi] = torch.mm(_to(x_NI[lo:hi], cdt), _to(w_EIO[e], cdt))
 
         slices = list(_slices(counts))
         run_jobs(job, slices, x_NI.device, cost=[hi - lo for _, lo, hi in slices])
@@ -330,18 +319,17 @@ class _GroupedMM(torch.autograd.Function):
 
         def job(s):
             e, lo, hi = s
-            with job_threads(hi - lo):
-                g = _to(grad_NO[lo:hi], cdt)
-                if need_x:
-                    if cdt == x_NI.dtype:
-                        torch.mm(g, w_EIO[e].t(), out=grad_x[lo:hi])
-                    else:
-                        grad_x[lo:hi] = torch.mm(g, _to(w_EIO[e], cdt).t())
-                if need_w:
-                    if cdt == x_NI.dtype:
-                        torch.mm(x_NI[lo:hi].t(), g, out=grad_w[e])
-                    else:
-                        grad_w[e] = torch.mm(_to(x_NI[lo:hi], cdt).t(), g)
+            g = _to(grad_NO[lo:hi], cdt)
+            if need_x:
+                if cdt == x_NI.dtype:
+                    torch.mm(g, w_EIO[e].t(), out=grad_x[lo:hi])
+                else:
+                    grad_x[lo:hi] = torch.mm(g, _to(w_EIO[e], cdt).t())
+            if need_w:
+                if cdt == x_NI.dtype:
+                    torch.mm(x_NI[lo:hi].t(), g, out=grad_w[e])
+                else:
+                    grad_w[e] = torch.mm(_to(x_NI[lo:hi], cdt).t(), g)
 
         slices = list(_slices(ctx.counts))
         run_jobs(job, slices, x_NI.device, cost=[hi - lo for _, lo, hi in slices])
