@@ -61,7 +61,7 @@ def demo(time_budget="2m", out=None, prompt="ROMEO:", max_new_tokens=300, seed=1
     layers, load = expert_load(model, (x for x, _ in iter_eval_batches(val_tokens, 128, 16, max_batches=8)))
     # One column per MoE layer and one row per expert, so that many experts still fit a terminal's width.
     share = load.float() / load.sum(dim=1, keepdim=True) * 100
-    table = Table(title="share of tokens per expert (%), validation data")
+    table = Table(title="share of tokens per expert (%)", caption="validation data")
     table.add_column("expert")
     for layer in layers:
         table.add_column(f"layer {layer}", justify="right")
