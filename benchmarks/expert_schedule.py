@@ -48,7 +48,7 @@ def measure(args, busy: int) -> dict:
         p.start()
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            # One trainer per schedule, so each auto call site learns from its own calls only.
+            # One trainer per schedule (same seed and batches); only the auto one's calls feed the chooser.
             trainers = {f"moe/{s}": make_trainer("demo", args.steps, Path(tmp), recipe, tag=f"-{s}") for s in SCHEDULES}
             trainers["dense"] = make_trainer("dense-demo", args.steps, Path(tmp), recipe)
             times: dict[str, list[float]] = {name: [] for name in trainers}

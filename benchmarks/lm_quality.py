@@ -49,15 +49,15 @@ def make_trainer(model: str, steps: int, out: Path, args, dropout: float = 0.0, 
     )
     overrides: dict = {"dropout": dropout} if dropout else {}
     if model == "demo" and args.moe:  # a variant of the demo's MoE layers, e.g. --moe num_experts=16
-        overrides["moe"] = dict(_moe_override(kv) for kv in args.moe)
+        overrides["moe"] = dict(_field_value(kv) for kv in args.moe)
     if model == "demo" and getattr(args, "lm", None):  # a variant of the demo model, e.g. --lm first_k_dense=1
-        overrides.update(_moe_override(kv) for kv in args.lm)
+        overrides.update(_field_value(kv) for kv in args.lm)
     if overrides:
         config = config.replace(model_overrides=overrides)
     return Trainer(config)
 
 
-def _moe_override(text: str) -> tuple[str, object]:
+def _field_value(text: str) -> tuple[str, object]:
     key, _, value = text.partition("=")
     return key, json.loads(value) if value[:1] in "0123456789-[{tf" or value == "null" else value
 

@@ -32,6 +32,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from moekit.errors import ConfigError
+
 
 def _slices(counts: tuple[int, ...]):
     start = 0
@@ -182,10 +184,14 @@ class _ScheduleChooser:
         state[schedule] = seconds_per_cost if old is None else old + self.SMOOTHING * (seconds_per_cost - old)
 
 
+def _checked_schedule(name: str, source: str) -> str:
+    if name not in SCHEDULES:
+        raise ConfigError(f"{source} must be one of {', '.join(SCHEDULES)}; got {name!r}")
+    return name
+
+
 _CHOOSER = _ScheduleChooser()
-_schedule = os.environ.get("MOEKIT_EXPERT_SCHEDULE", "inline")
-if _schedule not in SCHEDULES:
-    raise ValueError(f"MOEKIT_EXPERT_SCHEDULE must be one of {SCHEDULES}, got {_schedule!r}")
+_schedule = _checked_schedule(os.environ.get("MOEKIT_EXPERT_SCHEDULE", "inline"), "MOEKIT_EXPERT_SCHEDULE")
 
 
 @contextlib.contextmanager
@@ -194,9 +200,7 @@ def expert_schedule(name: str):
     (for a machine shared with other busy processes) or ``auto`` (the faster of the two by measurement,
     not bit-reproducible). ``MOEKIT_EXPERT_SCHEDULE`` sets it for a whole process."""
     global _schedule
-    if name not in SCHEDULES:
-        raise ValueError(f"expert schedule must be one of {SCHEDULES}, got {name!r}")
-    before, _schedule = _schedule, name
+    before, _schedule = _schedule, _checked_schedule(name, "expert schedule")
     try:
         yield
     finally:

@@ -14,12 +14,16 @@ schedule force it with ``expert_schedule``.
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
 import threading
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from moekit.errors import ConfigError
 from moekit.nn import MoE, reference_moe
 from moekit.nn.dispatch import dispatch
 from moekit.nn.experts import activate, expert_dropout_mask, moe_experts
@@ -373,9 +377,16 @@ def test_run_jobs_inline_runs_on_the_caller_with_its_threads():
         run_jobs(job, [0, 1, 2, 3], torch.device("cpu"), threads=3, worker_jobs=[9], worker_cost=[1])
     assert seen == [(j, threading.current_thread().name, 3) for j in range(4)]  # `jobs`, not `worker_jobs`
     assert torch.get_num_threads() == before
-    with pytest.raises(ValueError, match="expert schedule must be one of"):
+    with pytest.raises(ConfigError, match="expert schedule must be one of inline, workers, auto; got 'fastest'"):
         with expert_schedule("fastest"):
             pass
+
+
+def test_a_bad_schedule_in_the_environment_is_refused_at_import():
+    env = {**os.environ, "MOEKIT_EXPERT_SCHEDULE": "fastest"}
+    done = subprocess.run([sys.executable, "-c", "import moekit.nn"], env=env, capture_output=True, text=True)
+    assert done.returncode != 0
+    assert "MOEKIT_EXPERT_SCHEDULE must be one of inline, workers, auto; got 'fastest'" in done.stderr
 
 
 def test_schedule_chooser_runs_the_faster_and_retries_the_other():
