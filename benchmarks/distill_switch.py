@@ -35,12 +35,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from moekit.checkpoint import load_model
 from moekit.data.loader import iter_eval_batches
 from moekit.models import LMConfig, dense_equivalent
 from moekit.nn.config import MoEConfig
 from moekit.recipes.distill import distill
 from moekit.train import TrainConfig, Trainer
-from moekit.train.checkpoint import load_model
 from moekit.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parent

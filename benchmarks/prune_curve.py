@@ -26,12 +26,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from moekit.checkpoint import load_model, save_checkpoint
 from moekit.data.loader import iter_eval_batches
 from moekit.models import LMConfig
 from moekit.nn.config import MoEConfig
 from moekit.recipes import calibration_batches, collect_expert_stats, merge, prune
 from moekit.train import TrainConfig, Trainer
-from moekit.train.checkpoint import load_model, save_checkpoint
 
 ROOT = Path(__file__).resolve().parent
 FRACTIONS = (1.0, 0.75, 0.5, 0.25)

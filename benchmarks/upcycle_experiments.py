@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 
 from moekit.analysis.load import expert_load
+from moekit.checkpoint import load_model, save_checkpoint
 from moekit.data.loader import iter_eval_batches
 from moekit.data.text import load_text
 from moekit.recipes.upcycle import mix_experts, upcycle
 from moekit.train import TrainConfig, Trainer
-from moekit.train.checkpoint import load_model, save_checkpoint
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "multidomain"
 TRAIN = {

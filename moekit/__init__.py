@@ -11,7 +11,7 @@ def load(path, device="cpu"):
     Its forward on ``input_ids`` [batch, seq] returns an object whose ``.logits`` is
     [batch, seq, vocab]. Use :func:`moekit.train.load_model` to get the tokenizer too.
     """
-    from moekit.train.checkpoint import load_model
+    from moekit.checkpoint import load_model
 
     return load_model(path, device)[0]
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from moekit.analysis.plots import Plot
 from moekit.analysis.readings import readings
-from moekit.interop.safe_io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from moekit.io.safe_io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 # -- HTML -----------------------------------------------------------------------------------------
 CSS = """

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from moekit.errors import ConfigError
-from moekit.interop.safe_io import atomic_write_json, load_tensors, save_tensors
+from moekit.io.safe_io import atomic_write_json, load_tensors, save_tensors
 
 if TYPE_CHECKING:
     from moekit.analysis.recorder import LayerRouting, RoutingRecorder

@@ -65,7 +65,7 @@ def _load_model(checkpoint, hf_model, device):
     if (checkpoint is None) == (hf_model is None):
         raise ConfigError("give exactly one of --checkpoint (moekit) or --model (Hugging Face folder)")
     if checkpoint is not None:
-        from moekit.train.checkpoint import load_model
+        from moekit.checkpoint import load_model
 
         model, tokenizer = load_model(checkpoint, device)
         return model, tokenizer, str(checkpoint)
@@ -162,7 +162,7 @@ def _metrics_records(metrics, checkpoint) -> list[dict[str, Any]]:
         return read_metrics(p.parent if p.is_file() else p)
     if checkpoint is None:
         return []
-    from moekit.train.checkpoint import resolve_checkpoint
+    from moekit.checkpoint import resolve_checkpoint
 
     try:
         ckpt = resolve_checkpoint(checkpoint)

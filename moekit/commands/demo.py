@@ -11,9 +11,9 @@ from rich.console import Console
 from rich.table import Table
 
 from moekit.analysis.load import expert_load
+from moekit.checkpoint import load_model
 from moekit.commands.generate import stream_text
 from moekit.data.loader import iter_eval_batches
-from moekit.train.checkpoint import load_model
 from moekit.train.trainer import train
 
 

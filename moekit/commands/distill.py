@@ -6,7 +6,7 @@ import argparse
 
 from rich.console import Console
 
-from moekit.commands.options import parse_overrides, read_config_file
+from moekit.config import parse_overrides, read_config_file
 from moekit.recipes.distill import distill
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from moekit.commands.options import parse_overrides
+from moekit.config import parse_overrides
 from moekit.errors import ConfigError
 from moekit.recipes.btx import STAGES, branch_train_mix
 

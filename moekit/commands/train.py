@@ -16,7 +16,7 @@ import sys
 
 from rich.console import Console
 
-from moekit.commands.options import parse_overrides, read_config_file
+from moekit.config import parse_overrides, read_config_file
 from moekit.errors import ConfigError
 from moekit.train.config import apply_overrides
 from moekit.train.trainer import train

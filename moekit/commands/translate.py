@@ -14,7 +14,7 @@ from pathlib import Path
 
 from moekit.data.parallel import read_lines
 from moekit.errors import ConfigError, DataError
-from moekit.interop.safe_io import atomic_write_text
+from moekit.io.safe_io import atomic_write_text
 from moekit.tasks.translate import corpus_bleu, load_translator
 from moekit.tasks.translate import translate as translate_sentences
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from moekit.checkpoint import save_checkpoint
 from moekit.recipes.btx import load_dense
 from moekit.recipes.upcycle import upcycle
-from moekit.train.checkpoint import save_checkpoint
 
 
 def add_parser(verbs) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from moekit.data.tokenizers import TOKENIZER_FILE
 from moekit.errors import DataError
-from moekit.interop.safe_io import atomic_write_text
+from moekit.io.safe_io import atomic_write_text
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3

@@ -18,7 +18,7 @@ from typing import Any
 
 from moekit.config import closest
 from moekit.errors import ConfigError, DataError
-from moekit.interop.safe_io import atomic_write_bytes, atomic_write_json
+from moekit.io.safe_io import atomic_write_bytes, atomic_write_json
 
 __all__ = [
     "TOKENIZER_FILE",

@@ -4,12 +4,12 @@ With expert parallelism (P > 1), ranks 0..P-1 (dp_rank 0: one copy of every expe
 ``model-ep{r}-of-{P}.safetensors`` and ``optimizer-ep{r}-of-{P}.safetensors`` holding their experts'
 slices; rank 0's files also hold every replicated tensor (and the torch RNG state). Rank 0 then writes
 config, tokenizer, trainer state and ``model-ep.index.json``, fsyncs and renames the folder, exactly as
-:func:`moekit.train.checkpoint.save_checkpoint` does, so a kill mid-save leaves the previous
+:func:`moekit.checkpoint.save_checkpoint` does, so a kill mid-save leaves the previous
 checkpoint intact. The folder is shared: on several nodes ``--out`` must be on a shared file system.
 
 Without expert parallelism every rank holds the whole model; rank 0 writes the single-process format.
 
-Reading (:func:`moekit.train.checkpoint.read_model_tensors`) merges the shards into the single-process
+Reading (:func:`moekit.checkpoint.read_model_tensors`) merges the shards into the single-process
 tensors, so a checkpoint saved at one EP degree loads at any other, or in one process.
 """
 
@@ -23,13 +23,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from moekit import checkpoint as ckpt
 from moekit.data.tokenizers import Tokenizer
 from moekit.distributed.collectives import barrier
 from moekit.distributed.expert_parallel import expert_parameters
 from moekit.distributed.mesh import DistContext
 from moekit.errors import CheckpointError
-from moekit.interop.safe_io import atomic_write_json, atomic_write_text, save_tensors
-from moekit.train import checkpoint as ckpt
+from moekit.io.atomic import atomic_write_json, atomic_write_text, fsync_tree
+from moekit.io.safe_io import save_tensors
 
 
 def optimizer_params(optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:
@@ -149,7 +150,7 @@ def save_distributed_checkpoint(
             "optimizer_expert_tensors": opt_split,
         }
         atomic_write_json(tmp / ckpt.EP_INDEX_FILE, index)
-        ckpt.fsync_tree(tmp)
+        fsync_tree(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 import moekit
+from moekit import checkpoint as ckpt
 from moekit.data.loader import TokenDataset
 from moekit.distributed.checkpoint import save_distributed_checkpoint, shard_optimizer_tensors
 from moekit.distributed.expert_parallel import expert_parameters, shard_model
@@ -31,7 +32,6 @@ from moekit.distributed.gradients import clip_grad_norm_
 from moekit.distributed.mesh import DistContext, init_distributed, run_guarded
 from moekit.errors import ConfigError
 from moekit.models import MoELM
-from moekit.train import checkpoint as ckpt
 from moekit.train.config import TrainConfig, apply_overrides
 from moekit.train.trainer import Trainer, TrainResult
 

@@ -15,10 +15,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from moekit.checkpoint import load_model, save_checkpoint
 from moekit.errors import ConfigError
 from moekit.interop.hf.api import is_hf_checkpoint, load_hf_for_training
 from moekit.recipes.upcycle import mix_experts
-from moekit.train.checkpoint import load_model, save_checkpoint
 from moekit.train.trainer import train
 
 STAGES = ("branch", "mix", "router", "finetune")

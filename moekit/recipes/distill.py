@@ -19,7 +19,7 @@ Teacher logits come on the fly (a no-grad forward of the teacher, in eval mode, 
 from a cache folder (``cache_teacher``): before training, the teacher runs once over exactly the
 micro-batches the run will draw (the loader is deterministic in (seed, step)), and writes their input
 ids and top-k values (fp16) + ids (int32), or full logits (fp16) without top-k, as safetensors chunks
-through :mod:`moekit.interop.safe_io`. A later run with the same data, seed, batch and block size (and
+through :mod:`moekit.io.safe_io`. A later run with the same data, seed, batch and block size (and
 any student) reads it instead of running the teacher; every cached batch's input ids are checked
 against the batch drawn.
 
@@ -39,14 +39,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from moekit.commands.options import read_config_file
-from moekit.config import Config, require
+from moekit.checkpoint import load_model, read_model_config, resolve_checkpoint
+from moekit.config import Config, read_config_file, require
 from moekit.data.tokenizers import Tokenizer, load_tokenizer
 from moekit.errors import CheckpointError, ConfigError
-from moekit.interop.safe_io import atomic_write_json, load_tensors, save_tensors
+from moekit.io.safe_io import atomic_write_json, load_tensors, save_tensors
 from moekit.models import LMConfig, MoELM
 from moekit.models.presets import PRESETS
-from moekit.train.checkpoint import load_model, read_model_config, resolve_checkpoint
 from moekit.train.config import TrainConfig, apply_overrides
 from moekit.train.trainer import Trainer, TrainResult
 

@@ -29,13 +29,13 @@ from typing import Any
 
 import torch
 
+from moekit.checkpoint import load_model, read_trainer_state, resolve_checkpoint, save_checkpoint
 from moekit.config import check_choice
 from moekit.errors import CheckpointError, ConfigError
-from moekit.interop.safe_io import atomic_write_json
+from moekit.io.safe_io import atomic_write_json
 from moekit.models import MoELM
 from moekit.nn.config import RouterType
 from moekit.recipes.calibration import Criterion, LayerStats, calibration_batches, collect_expert_stats
-from moekit.train.checkpoint import load_model, read_trainer_state, resolve_checkpoint, save_checkpoint
 
 logger = logging.getLogger(__name__)
 

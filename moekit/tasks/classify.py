@@ -6,7 +6,7 @@ checkpoint, or a Hugging Face MoE folder) with a head over its pooled hidden sta
 
 Data -> :class:`Examples` (inputs the model takes, label ids) -> the shared task loop
 (:mod:`moekit.tasks.loop`: AdamW with warmup + cosine, cross-entropy + the MoE balancing loss, evaluation
-on the validation set) -> a run folder holding ``model.safetensors`` (moekit.interop.safe_io),
+on the validation set) -> a run folder holding ``model.safetensors`` (moekit.io.safe_io),
 ``model.json`` (encoder config, label names, vocabulary) and ``metrics.jsonl``.
 """
 
@@ -23,12 +23,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from moekit.checkpoint import load_tensors_into, model_tensors
 from moekit.config import require, unknown_key_error
 from moekit.data.images import LabelledImages, builtin_digits, check_image_size, read_images
 from moekit.data.labelled import BUILTIN_SENTIMENT, WordVocab, label_ids, label_names, read_labelled
 from moekit.data.tokenizers import Tokenizer, load_tokenizer
 from moekit.errors import CheckpointError, ConfigError, DataError
-from moekit.interop.safe_io import atomic_write_json, load_tensors, save_tensors
+from moekit.io.safe_io import atomic_write_json, load_tensors, save_tensors
 from moekit.models.config import LMConfig
 from moekit.models.encoder import EncoderClassifier, EncoderConfig
 from moekit.models.ensemble import EnsembleClassifier
@@ -44,7 +45,6 @@ from moekit.tasks.loop import (
     shuffled_rows,
     train_loop,
 )
-from moekit.train.checkpoint import load_tensors_into, model_tensors
 
 TASKS = ("classify", "image-classify")
 
@@ -208,9 +208,9 @@ class TokenizerVocab:
 
 def _pretrained_lm(path: str):
     """(MoELM, tokenizer) from a moekit run/checkpoint folder or a Hugging Face model folder."""
+    from moekit.checkpoint import load_model, resolve_checkpoint
     from moekit.interop.hf import is_hf_checkpoint
     from moekit.interop.hf.api import load_hf_for_training
-    from moekit.train.checkpoint import load_model, resolve_checkpoint
 
     if is_hf_checkpoint(path):
         return load_hf_for_training(path)

@@ -31,16 +31,16 @@ from typing import Any
 
 import torch
 
-from moekit.config import require, unknown_key_error
-from moekit.errors import CheckpointError, ConfigError, NonFiniteError
-from moekit.interop.safe_io import atomic_write_json, load_tensors, save_tensors
-from moekit.train.checkpoint import (
-    fsync_tree,
+from moekit.checkpoint import (
     load_optimizer_tensors,
     load_tensors_into,
     model_tensors,
     optimizer_tensors,
 )
+from moekit.config import require, unknown_key_error
+from moekit.errors import CheckpointError, ConfigError, NonFiniteError
+from moekit.io.atomic import atomic_write_json, fsync_tree
+from moekit.io.safe_io import load_tensors, save_tensors
 from moekit.train.config import RunConfig
 from moekit.train.metrics import load_imbalance
 from moekit.train.optim import build_optimizer, lr_at

@@ -25,7 +25,7 @@ from moekit.config import require, unknown_key_error
 from moekit.data.bpe import BOS_ID, EOS_ID, PAD_ID, SubwordTokenizer
 from moekit.data.parallel import BUILTIN_SOURCE, BUILTIN_TARGET, ParallelText, read_parallel
 from moekit.errors import CheckpointError, ConfigError, DataError
-from moekit.interop.safe_io import atomic_write_json, load_tensors, save_tensors
+from moekit.io.safe_io import atomic_write_json, load_tensors, save_tensors
 from moekit.models.seq2seq import Seq2SeqConfig, Seq2SeqTransformer
 from moekit.tasks.decoding import beam_search, greedy_search
 from moekit.tasks.loop import TaskStep, TaskTrainConfig, check_run_dir, check_same_meta, train_loop

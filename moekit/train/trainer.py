@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from moekit import checkpoint as ckpt
 from moekit.analysis.health import CollapseMonitor
 from moekit.data.corpus import builtin_corpus
 from moekit.data.loader import TokenLoader, iter_eval_batches, split_tokens
@@ -23,10 +24,9 @@ from moekit.data.text import load_text
 from moekit.data.tokenizers import Tokenizer, build_tokenizer
 from moekit.errors import CheckpointError, ConfigError, NonFiniteError
 from moekit.interop.hf.api import is_hf_checkpoint, load_hf_for_training
-from moekit.interop.safe_io import atomic_write_json
+from moekit.io.safe_io import atomic_write_json
 from moekit.models import LMConfig, MoELM
 from moekit.models.presets import get_preset
-from moekit.train import checkpoint as ckpt
 from moekit.train.config import Precision, TrainConfig
 from moekit.train.metrics import MetricsLogger, load_imbalance
 from moekit.train.optim import build_optimizer, lr_at

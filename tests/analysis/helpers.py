@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from moekit.checkpoint import save_checkpoint
 from moekit.data.tokenizers import ByteTokenizer
 from moekit.models import MoELM
 from moekit.models.presets import TINY
 from moekit.nn.routing import MoEAux, Routing
-from moekit.train.checkpoint import save_checkpoint
 
 
 def make_aux(experts_TK, weights_TK=None, num_experts=4, probs_TE=None) -> MoEAux:

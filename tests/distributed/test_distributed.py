@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import moekit
+from moekit.checkpoint import EP_INDEX_FILE, load_model, read_model_tensors
 from moekit.data.corpus import builtin_corpus
 from moekit.distributed import DistContext, shard_model
 from moekit.distributed.launch import launch
@@ -26,7 +27,6 @@ from moekit.errors import CheckpointError, ConfigError
 from moekit.models import MoELM
 from moekit.models.presets import TINY
 from moekit.train import train
-from moekit.train.checkpoint import EP_INDEX_FILE, load_model, read_model_tensors
 from moekit.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -151,7 +151,7 @@ def test_each_rank_writes_only_its_shard(runs):
     ckpt = runs["ep2"] / "checkpoints" / "step-000020"
     index = json.loads((ckpt / EP_INDEX_FILE).read_text())
     assert index["ep_size"] == 2 and not (ckpt / "model.safetensors").exists()
-    from moekit.interop.safe_io import load_tensors
+    from moekit.io.safe_io import load_tensors
 
     shard0, shard1 = (load_tensors(ckpt / f) for f in index["files"])
     experts = set(index["expert_tensors"])

@@ -182,7 +182,7 @@ def compare_masked_layer(ctx, seed=0) -> dict:
 
 def compare_checkpoint(ctx, checkpoint: str) -> dict:
     """A checkpoint (saved at any EP degree) loaded and sharded at this mesh's degree gives one process's logits."""
-    from moekit.train.checkpoint import load_model
+    from moekit.checkpoint import load_model
 
     model, _ = load_model(checkpoint)
     x = torch.randint(0, 256, (ctx.world_size * 2, 12), generator=torch.Generator().manual_seed(3))

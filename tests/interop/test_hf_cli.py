@@ -10,7 +10,7 @@ import torch
 
 import moekit
 from moekit.cli import main
-from moekit.interop.safe_io import load_weights
+from moekit.io.safe_io import load_weights
 from tests.interop.hf_models import corpus, one_torch_thread, save_hf_model, transformers, write_tokenizer  # noqa: F401
 
 

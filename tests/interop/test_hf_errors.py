@@ -12,7 +12,7 @@ import pytest
 import moekit
 from moekit.errors import CheckpointError, ConfigError, UnsafeFileError
 from moekit.interop.hf import lm_config_from_hf
-from moekit.interop.safe_io import INDEX_NAME, load_tensors, save_tensors
+from moekit.io.safe_io import INDEX_NAME, load_tensors, save_tensors
 from tests.interop.hf_models import one_torch_thread, save_hf_model  # noqa: F401
 
 

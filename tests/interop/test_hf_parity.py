@@ -67,7 +67,7 @@ def test_greedy_generation_matches_transformers_generate(exported, name):
 def test_fused_transformers_layout_imports_the_same_weights(exported, tmp_path, name):
     hf, folder = exported(name)
     hf.save_pretrained(tmp_path, save_original_format=False)  # experts.gate_up_proj / experts.down_proj
-    from moekit.interop.safe_io import load_weights
+    from moekit.io.safe_io import load_weights
 
     assert any(k.endswith("experts.gate_up_proj") for k in load_weights(tmp_path))
     a, b = moekit.from_hf(folder).state_dict(), moekit.from_hf(tmp_path).state_dict()

@@ -10,7 +10,7 @@ import torch
 
 import moekit
 from moekit.errors import ConfigError
-from moekit.interop.safe_io import INDEX_NAME, load_sharded, load_tensors, load_weights
+from moekit.io.safe_io import INDEX_NAME, load_sharded, load_tensors, load_weights
 from moekit.models import LMConfig, MoELM
 from moekit.nn.config import MoEConfig
 from tests.interop.hf_models import (  # noqa: F401

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from moekit.checkpoint import save_checkpoint
 from moekit.data.corpus import builtin_corpus
 from moekit.data.tokenizers import ByteTokenizer
 from moekit.models import MoELM, get_preset
-from moekit.train.checkpoint import save_checkpoint
 
 TINY = get_preset("tiny")
 FAST = dict(batch_size=4, block_size=16, eval_interval=1000, eval_batches=2, progress=False, tensorboard=False)

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import moekit
+from moekit.checkpoint import load_model
 from moekit.errors import CheckpointError, ConfigError
 from moekit.recipes import DistillConfig, DistillTrainer, distill, distillation_loss, kd_loss
 from moekit.train import TrainConfig
-from moekit.train.checkpoint import load_model
 
 from .helpers import FAST, TINY, save_model, text_file, tiny_model
 

@@ -3,12 +3,12 @@
 import pytest
 import torch
 
+from moekit.checkpoint import load_model, resolve_checkpoint
 from moekit.cli import main
 from moekit.errors import ConfigError
 from moekit.models.lm_classifier import LMClassifier
 from moekit.tasks.classify import load_classifier, predict, train_classifier
 from moekit.train import train
-from moekit.train.checkpoint import load_model, resolve_checkpoint
 from tests.interop.hf_models import WORDS, save_hf_model, write_tokenizer
 
 FAST = dict(threads=1, progress=False, batch_size=16, eval_interval=20, warmup_steps=5, lr=3e-3)

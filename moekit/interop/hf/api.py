@@ -2,7 +2,7 @@
 
 An HF model folder holds ``config.json`` (with ``model_type``), weights as ``model.safetensors`` or
 ``model.safetensors.index.json`` + shards, and tokenizer files. Weights are read and written only
-through :mod:`moekit.interop.safe_io`: headers are validated before any data is mapped, and pickle
+through :mod:`moekit.io.safe_io`: headers are validated before any data is mapped, and pickle
 checkpoints (``pytorch_model.bin``) are refused, never unpickled.
 
 Import keeps the checkpoint's dtype (bf16 stays bf16; ``e_score_correction_bias`` stays fp32 as in
@@ -26,7 +26,7 @@ from moekit.errors import CheckpointError, ConfigError, DataError
 from moekit.interop.hf.config_export import hf_config_from_lm, infer_family
 from moekit.interop.hf.config_map import lm_config_from_hf
 from moekit.interop.hf.weights_map import HFTensors, hf_to_moekit, moekit_to_hf
-from moekit.interop.safe_io import (
+from moekit.io.safe_io import (
     INDEX_NAME,
     SINGLE_FILE_NAME,
     atomic_write_bytes,
@@ -167,7 +167,7 @@ def load_for_inference(checkpoint: str | os.PathLike | None = None, hf_dir: str 
     if (checkpoint is None) == (hf_dir is None):
         raise ConfigError("give exactly one of a moekit checkpoint or a Hugging Face model folder")
     if checkpoint is not None:
-        from moekit.train.checkpoint import load_model
+        from moekit.checkpoint import load_model
 
         return load_model(checkpoint)
     model, tokenizer = load_hf(hf_dir)
@@ -341,7 +341,7 @@ def _carry_tokenizer(model: MoELM, tokenizer, out: Path) -> None:
 def save_moekit_checkpoint(model: MoELM, folder: str | os.PathLike, tokenizer_source: str | os.PathLike | None) -> Path:
     """Write a moekit checkpoint folder (config.json + model.safetensors + tokenizer files) that
     :func:`moekit.load` and ``moekit generate/eval --checkpoint`` read."""
-    from moekit.train import checkpoint as ckpt
+    from moekit import checkpoint as ckpt
 
     out = Path(folder)
     if out.exists() and any(out.iterdir()):
@@ -387,7 +387,7 @@ def convert_to_hf(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> Path:
     """moekit checkpoint (or run) folder -> HF model folder, in the checkpoint's dtype unless ``dtype`` is given."""
-    from moekit.train import checkpoint as ckpt
+    from moekit import checkpoint as ckpt
 
     folder = ckpt.resolve_checkpoint(checkpoint)
     model, tokenizer = ckpt.load_model(folder)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from moekit.commands.options import parse_overrides
+from moekit.config import parse_overrides
 from moekit.errors import ConfigError
 
 

@@ -2,7 +2,7 @@
 
 Bytes go to a temporary file in the destination folder (``os.replace`` is only atomic within one
 filesystem), are flushed and fsynced, then renamed over the destination; the folder is fsynced so the
-rename itself survives a power cut. :mod:`moekit.interop.safe_io` builds its weight writes on this.
+rename itself survives a power cut. :mod:`moekit.io.safe_io` builds its weight writes on this.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_target", "atomic_write_bytes", "atomic_write_json", "atomic_write_text"]
+__all__ = ["atomic_target", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "fsync_tree"]
 
 
 @contextlib.contextmanager
@@ -95,3 +95,13 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int = 2, sor
     """
     text = json.dumps(obj, indent=indent, sort_keys=sort_keys, ensure_ascii=False)
     atomic_write_text(path, text + "\n")
+
+
+def fsync_tree(folder: str | os.PathLike) -> None:
+    """Flush every file directly in ``folder`` and the folder itself to disk: call before renaming a
+    temporary folder into place, so the new name never points at half-written files."""
+    folder = Path(folder)
+    for path in folder.iterdir():
+        if path.is_file():
+            _fsync_file(path)
+    _fsync_dir(folder)

@@ -5,7 +5,7 @@ Why a choke point: a checkpoint from the internet is untrusted input. Pickle-bas
 data, but a hostile or truncated one can still lie about sizes and offsets; :func:`read_safetensors_header`
 checks every claim in the header against the file before the ``safetensors`` library maps any data.
 
-Writes are atomic (see :mod:`moekit.interop.atomic`, whose helpers are re-exported here): a crash leaves
+Writes are atomic (see :mod:`moekit.io.atomic`, whose helpers are re-exported here): a crash leaves
 either the old file or the new one, never half of one.
 
 safetensors layout: ``u64 little-endian N`` | ``N bytes of JSON header`` | data section. The header maps each
@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from moekit.errors import CheckpointError, ConfigError, UnsafeFileError
-from moekit.interop.atomic import atomic_target, atomic_write_bytes, atomic_write_json, atomic_write_text
+from moekit.io.atomic import atomic_target, atomic_write_bytes, atomic_write_json, atomic_write_text
 
 __all__ = [
     "INDEX_NAME",

@@ -40,7 +40,8 @@ from torch import nn
 
 from moekit.data.tokenizers import Tokenizer, load_tokenizer
 from moekit.errors import CheckpointError
-from moekit.interop.safe_io import atomic_write_json, atomic_write_text, load_tensors, save_tensors
+from moekit.io.atomic import atomic_write_json, atomic_write_text, fsync_tree
+from moekit.io.safe_io import load_tensors, save_tensors
 from moekit.models import LMConfig, MoELM
 
 FORMAT = "moekit"
@@ -52,18 +53,6 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 EP_INDEX_FILE = "model-ep.index.json"
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
-
-
-def fsync_tree(folder: Path) -> None:
-    for path in folder.iterdir():
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:

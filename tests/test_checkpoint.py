@@ -52,7 +52,7 @@ def test_kill_during_training_keeps_a_loadable_checkpoint(tmp_path):
 def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     result = train(max_steps=2, out_dir=str(tmp_path / "r"), **FAST)
     good = resolve_checkpoint(tmp_path / "r")
-    from moekit.train import checkpoint as ckpt
+    from moekit import checkpoint as ckpt
 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")

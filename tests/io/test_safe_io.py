@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from moekit.errors import CheckpointError, ConfigError, UnsafeFileError
-from moekit.interop import atomic
-from moekit.interop.safe_io import (
+from moekit.io import atomic
+from moekit.io.safe_io import (
     INDEX_NAME,
     atomic_write_json,
     atomic_write_text,
