@@ -1,4 +1,7 @@
-"""Expert load per layer over a data set: the demo's table and the analysis report's heatmap."""
+"""Tokens each expert processed, per MoE layer, over some batches: the demo's expert table.
+
+(The report's load heatmap comes from :class:`~moekit.analysis.recorder.RoutingRecorder`.)
+"""
 
 from __future__ import annotations
 

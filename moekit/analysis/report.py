@@ -15,11 +15,13 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from moekit.analysis.plots import Plot
 from moekit.analysis.readings import readings
 from moekit.io.safe_io import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+if TYPE_CHECKING:  # plots imports matplotlib, which only drawing needs
+    from moekit.analysis.plots import Plot
 
 # -- HTML -----------------------------------------------------------------------------------------
 CSS = """

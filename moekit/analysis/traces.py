@@ -27,7 +27,8 @@ from moekit.errors import ConfigError
 from moekit.io.safe_io import atomic_write_json, load_tensors, save_tensors
 
 if TYPE_CHECKING:
-    from moekit.analysis.recorder import LayerRouting, RoutingRecorder
+    from moekit.analysis.capture import LayerRouting
+    from moekit.analysis.recorder import RoutingRecorder
 
 TRACE_FORMAT = "moekit-routing-trace"
 TRACE_VERSION = 1
