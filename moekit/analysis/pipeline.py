@@ -35,39 +35,9 @@ class AnalysisResult:
     traces: Path | None
 
 
-@dataclasses.dataclass
-class Recording:
-    """The recorders after routing every window: the analysed model's, and the compared one's with drift."""
-
-    recorder: RoutingRecorder
-    reference: RoutingRecorder | None
-    drift: DriftMeter | None
-    traces: Path | None
-
-
 def _progress(enabled: bool, console: Console | None) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("batches"),
-        TimeRemainingColumn(),
-        console=console,
-        disable=not enabled,
-        transient=True,
-    )
-
-
-def _reference_recorder(recorder: RoutingRecorder, compare: str | Path, device: str) -> RoutingRecorder:
-    """A recorder on the checkpoint to compare with, which must have the same MoE layers."""
-    reference = RoutingRecorder(load_model(compare, device)[0])
-    shapes_a = [agg.num_experts for agg in recorder.layers]
-    shapes_b = [agg.num_experts for agg in reference.layers]
-    if shapes_a != shapes_b:
-        raise ConfigError(
-            f"--compare {compare}: its MoE layers have experts {shapes_b}, the analysed model's {shapes_a}"
-        )
-    return reference
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("batches"))
+    return Progress(*columns, TimeRemainingColumn(), console=console, disable=not enabled, transient=True)
 
 
 @torch.no_grad()
@@ -80,11 +50,19 @@ def record_routing(
     trace_dir: Path | None = None,
     progress: bool = True,
     console: Console | None = None,
-) -> Recording:
-    """Route every window through ``model`` (and the ``compare`` checkpoint, token by token) and record it."""
+) -> tuple[RoutingRecorder, list[dict[str, Any]] | None]:
+    """Route every window through ``model`` and record it; with ``compare`` (a checkpoint with the same MoE
+    layers), also the drift between the two, token by token. Returns the recorder (its ``close()`` writes
+    the traces) and the drift."""
     recorder = RoutingRecorder(model, label_names=inputs.label_names, trace_dir=trace_dir)
-    reference = _reference_recorder(recorder, compare, device) if compare is not None else None
-    drift = DriftMeter(len(recorder.layers)) if reference is not None else None
+    reference = RoutingRecorder(load_model(compare, device)[0]) if compare is not None else None
+    if reference is not None:
+        shapes, reference_shapes = ([agg.num_experts for agg in r.layers] for r in (recorder, reference))
+        if shapes != reference_shapes:
+            raise ConfigError(
+                f"--compare {compare}: its MoE layers have experts {reference_shapes}, the analysed model's {shapes}"
+            )
+    drift = DriftMeter(len(recorder.layers))
     model.eval()
     with _progress(progress, console) as bar:
         task = bar.add_task("routing tokens", total=sum(1 for _ in batches(inputs.windows, batch_size)))
@@ -95,28 +73,23 @@ def record_routing(
                 reference.update(x)
                 drift.add(recorder.last, reference.last)
             bar.advance(task)
-    return Recording(recorder, reference, drift, recorder.close())
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if reference is None:
+        return recorder, None
+    return recorder, stats.drift_summary(recorder.aggregates(), reference.aggregates(), drift)
 
 
 def metrics_records(metrics: str | Path | None, checkpoint: str | Path | None) -> list[dict[str, Any]]:
     """The training log for the imbalance plot: ``metrics`` (a metrics.jsonl or its run folder), else the run's."""
-    if metrics is not None:
-        p = Path(metrics)
-        p = p if p.is_file() else p / "metrics.jsonl"
-        return _read_jsonl(p) if p.is_file() else []
-    if checkpoint is None:
-        return []
-    try:
-        ckpt = resolve_checkpoint(checkpoint)
-    except Exception:  # not a moekit checkpoint: there is no training log to show
-        return []
-    for run in (ckpt, ckpt.parent, ckpt.parent.parent):
-        if (run / "metrics.jsonl").is_file():
-            return _read_jsonl(run / "metrics.jsonl")
+    files = [Path(metrics), Path(metrics) / "metrics.jsonl"] if metrics is not None else []
+    if metrics is None and checkpoint is not None:
+        try:
+            ckpt = resolve_checkpoint(checkpoint)
+            files = [run / "metrics.jsonl" for run in (ckpt, ckpt.parent, ckpt.parent.parent)]
+        except Exception:  # not a moekit checkpoint: there is no training log to show
+            pass
+    for file in files:
+        if file.is_file():
+            return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
     return []
 
 
@@ -124,22 +97,20 @@ def summarize_recording(
     model: torch.nn.Module,
     source: str,
     inputs: AnalysisInputs,
-    recording: Recording,
+    recorder: RoutingRecorder,
+    drift: list[dict[str, Any]] | None,
     max_tokens: int,
     compare: str | Path | None = None,
     training_records: Sequence[dict[str, Any]] = (),
 ) -> dict[str, Any]:
     """The JSON-ready summary behind stats.json: routing statistics plus what was analysed."""
-    rec, ref = recording.recorder, recording.reference
-    agg = rec.aggregates()
-    drift = stats.drift_summary(agg, ref.aggregates(), recording.drift) if ref is not None else None
-    routers = sorted({moe.config.router.value for _, _, moe in rec.moe_layers})
+    routers = sorted({moe.config.router.value for _, _, moe in recorder.moe_layers})
     meta = {
         "model": {
             "source": source,
             "type": type(model).__name__,
             "router": "/".join(routers),
-            "moe_layers": len(rec.layers),
+            "moe_layers": len(recorder.layers),
             "parameters": model.num_parameters() if hasattr(model, "num_parameters") else None,
         },
         "data": {
@@ -151,7 +122,7 @@ def summarize_recording(
         },
     }
     training = stats.training_summary(training_records)
-    return stats.summarize(agg, drift=drift, training=training, meta=meta)
+    return stats.summarize(recorder.aggregates(), drift=drift, training=training, meta=meta)
 
 
 def token_views(
@@ -168,13 +139,6 @@ def token_views(
         }
         for label, text in inputs.texts
     ]
-
-
-def write_analysis(out: Path, summary: dict[str, Any], samples: Sequence[dict[str, Any]]) -> dict[str, Path]:
-    """Draw the plots and write report.html, stats.json and the PNGs into ``out``; returns their paths."""
-    from moekit.analysis import plots  # matplotlib: a quarter second that every other verb would pay at startup
-
-    return report.write_report(out, summary, plots.make_plots(summary), samples)
 
 
 def analyze(
@@ -228,10 +192,14 @@ def analyze(
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     trace_dir = out_dir / "traces" if raw_traces else None
-    recording = record_routing(net, inputs, batch_size, device, compare, trace_dir, progress, console)
+    recorder, drift = record_routing(net, inputs, batch_size, device, compare, trace_dir, progress, console)
+    traces = recorder.close()
     source = str(checkpoint if checkpoint is not None else model)
     training = metrics_records(metrics, checkpoint)
-    summary = summarize_recording(net, source, inputs, recording, max_tokens, compare, training)
-    paths = write_analysis(out_dir, summary, token_views(net, tokenizer, inputs, view_tokens, device))
+    summary = summarize_recording(net, source, inputs, recorder, drift, max_tokens, compare, training)
+    from moekit.analysis import plots  # matplotlib: a quarter second that every other verb would pay at startup
+
+    samples = token_views(net, tokenizer, inputs, view_tokens, device)
+    paths = report.write_report(out_dir, summary, plots.make_plots(summary), samples)
     summary = report.load_stats(paths["stats"])  # what stats.json holds (JSON-safe numbers)
-    return AnalysisResult(out_dir, paths["report"], paths["stats"], summary, recording.traces)
+    return AnalysisResult(out_dir, paths["report"], paths["stats"], summary, traces)

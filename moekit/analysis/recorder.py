@@ -221,16 +221,11 @@ class RoutingRecorder:
         for n, (a, b) in enumerate(zip(records, records[1:])):
             ok = (a.top1_T >= 0) & (b.top1_T >= 0)
             E_b = self.layers[n + 1].num_experts
-            pair = a.top1_T[ok] * E_b + b.top1_T[ok]
-            self.transitions[n] += torch.bincount(pair, minlength=self.transitions[n].numel()).view_as(
-                self.transitions[n]
-            )
+            t = self.transitions[n]
+            t += torch.bincount(a.top1_T[ok] * E_b + b.top1_T[ok], minlength=t.numel()).view_as(t)
         if self._traces is not None:
             self._traces.add(records, input_ids, labels_T, self.sequences)
-        if input_ids is not None and input_ids.dim() == 2:
-            self.sequences += input_ids.shape[0]
-        else:
-            self.sequences += 1
+        self.sequences += input_ids.shape[0] if input_ids is not None and input_ids.dim() == 2 else 1
         self.last = records
         return records
 
@@ -239,12 +234,7 @@ class RoutingRecorder:
         if labels is None:
             return None
         labels = torch.as_tensor(labels).cpu().long()
-        if (
-            input_ids is not None
-            and labels.dim() == 1
-            and input_ids.dim() == 2
-            and labels.numel() == input_ids.shape[0]
-        ):
+        if input_ids is not None and input_ids.dim() == 2 and labels.shape == input_ids.shape[:1]:
             labels = labels.unsqueeze(1).expand(input_ids.shape)  # one label per sequence
         labels = labels.reshape(-1)
         if labels.numel() != T:

@@ -28,23 +28,14 @@ Window = tuple[torch.Tensor, torch.Tensor]  # (token ids [S], label ids [S]; -1 
 
 @dataclasses.dataclass
 class AnalysisInputs:
-    """The tokens an analysis routes, and what they are labelled with.
+    """The tokens an analysis routes, and what they are labelled with."""
 
-    Attributes:
-        mode: the label mode in effect (``file``, ``category`` or ``none``; never ``auto``).
-        label_names: the names of the label ids in ``windows``.
-        block: window length in tokens.
-        sources: ``{"label", "path", "tokens"}`` per source, as stats.json records them.
-        texts: ``(label, text)`` per source, for the coloured token view.
-        windows: the windows to route, in source order.
-    """
-
-    mode: str
-    label_names: list[str]
-    block: int
-    sources: list[dict[str, Any]]
-    texts: list[tuple[str, str]]
-    windows: list[Window]
+    mode: str  # the label mode in effect: file, category or none (never auto)
+    label_names: list[str]  # the names of the label ids in ``windows``
+    block: int  # window length in tokens
+    sources: list[dict[str, Any]]  # {"label", "path", "tokens"} per source, as stats.json records them
+    texts: list[tuple[str, str]]  # (label, text) per source, for the coloured token view
+    windows: list[Window]  # what to route, in source order
 
 
 def _split_entry(entry: str) -> tuple[str | None, Path]:

@@ -195,7 +195,6 @@ def layer_summary(agg: LayerAggregate, label_names: Sequence[str], dead_fraction
     load = _arr(agg.routed)
     share = load_share(load)
     tokens = max(agg.tokens, 1)
-    ent_hist = _arr(agg.entropy_hist)
     out: dict[str, Any] = {
         "layer": agg.layer,
         "name": agg.name,
@@ -224,37 +223,43 @@ def layer_summary(agg: LayerAggregate, label_names: Sequence[str], dead_fraction
         # Derivable from the counts; kept for readable E only, so stats.json stays small for 256-expert models.
         "coactivation_conditional": _nums(coactivation_conditional(agg.coactivation)) if E <= 64 else None,
     }
-    if agg.has_scores and ent_hist.sum() > 0:
-        n = ent_hist.sum()
-        out["entropy"] = {
-            "mean_nats": _num(agg.entropy_sum / n),
-            "mean_normalised": _num(agg.entropy_sum / n / math.log(E)) if E > 1 else 0.0,
-            "max_nats": _num(math.log(E)),
-            "bin_edges": _nums(np.linspace(0.0, 1.0, agg.entropy_bins + 1)),
-            "histogram": [int(v) for v in agg.entropy_hist.tolist()],
-        }
-    else:
-        out["entropy"] = None
-    if label_names and int(agg.label_tokens.sum()) > 0:
-        spec = specialisation(agg.label_routed, label_names)
-        out["specialisation"] = {
-            "label_tokens": [int(v) for v in agg.label_tokens.tolist()],
-            "counts": agg.label_routed.tolist(),
-            "top1_counts": agg.label_top1.tolist(),
-            "distribution": _nums(spec["distribution"]),
-            "lift": _nums(spec["lift"]),
-            "mi_bits": _num(spec["mi_bits"]),
-            "mi_top1_bits": _num(mutual_information(agg.label_top1)),
-            "label_entropy_bits": _num(spec["label_entropy_bits"]),
-            "mi_normalised": _num(spec["mi_normalised"]),
-            "top_experts": {
-                name: [{k: _num(v) if isinstance(v, float) else v for k, v in d.items()} for d in lst]
-                for name, lst in spec["top_experts"].items()
-            },
-        }
-    else:
-        out["specialisation"] = None
+    out["entropy"] = _entropy_summary(agg)
+    out["specialisation"] = _specialisation_summary(agg, label_names)
     return out
+
+
+def _entropy_summary(agg: LayerAggregate) -> dict[str, Any] | None:
+    n, E = int(agg.entropy_hist.sum()), agg.num_experts
+    if not agg.has_scores or n <= 0:
+        return None
+    return {
+        "mean_nats": _num(agg.entropy_sum / n),
+        "mean_normalised": _num(agg.entropy_sum / n / math.log(E)) if E > 1 else 0.0,
+        "max_nats": _num(math.log(E)),
+        "bin_edges": _nums(np.linspace(0.0, 1.0, agg.entropy_bins + 1)),
+        "histogram": [int(v) for v in agg.entropy_hist.tolist()],
+    }
+
+
+def _specialisation_summary(agg: LayerAggregate, label_names: Sequence[str]) -> dict[str, Any] | None:
+    if not label_names or int(agg.label_tokens.sum()) <= 0:
+        return None
+    spec = specialisation(agg.label_routed, label_names)
+    return {
+        "label_tokens": [int(v) for v in agg.label_tokens.tolist()],
+        "counts": agg.label_routed.tolist(),
+        "top1_counts": agg.label_top1.tolist(),
+        "distribution": _nums(spec["distribution"]),
+        "lift": _nums(spec["lift"]),
+        "mi_bits": _num(spec["mi_bits"]),
+        "mi_top1_bits": _num(mutual_information(agg.label_top1)),
+        "label_entropy_bits": _num(spec["label_entropy_bits"]),
+        "mi_normalised": _num(spec["mi_normalised"]),
+        "top_experts": {
+            name: [{k: _num(v) if isinstance(v, float) else v for k, v in d.items()} for d in lst]
+            for name, lst in spec["top_experts"].items()
+        },
+    }
 
 
 def drift_summary(a: RoutingAggregates, b: RoutingAggregates, meter: DriftMeter) -> list[dict[str, Any]]:

@@ -62,15 +62,8 @@ def demo(
     console = console or Console()
     out = out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}"
     console.rule("[bold]moekit demo: an MoE language model on tiny-shakespeare")
-    result = train(
-        model="demo",
-        eval_interval=100,
-        out_dir=out,
-        seed=seed,
-        time_budget=time_budget,
-        max_steps=100_000,
-        **DEMO_RECIPE,
-    )
+    budget = {"time_budget": time_budget, "max_steps": 100_000}
+    result = train(model="demo", eval_interval=100, out_dir=out, seed=seed, **budget, **DEMO_RECIPE)
     model, tokenizer = load_model(result.checkpoint)
     console.print(f"\n[bold]validation loss by step[/] ({result.tokens_per_second:,.0f} tokens/s):")
     for step, loss in result.val_losses:
@@ -158,6 +151,9 @@ TRANSLATE_DEMO = {
     "lr": 3e-3,
     "warmup_steps": 30,
     "valid_fraction": 0.1,
+    "eval_interval": 100,
+    "threads": 1,
+    "bleu_sentences": 0,
 }
 
 
@@ -169,15 +165,7 @@ def translate_demo(
     console = console or Console()
     out = out or f"runs/demo-translate-{time.strftime('%Y%m%d-%H%M%S')}"
     console.rule("[bold]moekit demo: an MoE encoder-decoder on the built-in English-German pairs")
-    result = translate.train_translator(
-        time_budget=time_budget,
-        out_dir=out,
-        seed=seed,
-        eval_interval=100,
-        threads=1,
-        bleu_sentences=0,
-        **TRANSLATE_DEMO,
-    )
+    result = translate.train_translator(time_budget=time_budget, out_dir=out, seed=seed, **TRANSLATE_DEMO)
     for record in result.history:
         console.print(f"  step {record['step']:>5}  valid loss {record['valid_loss']:.4f}")
     model, tokenizer = translate.load_translator(result.run_dir)
