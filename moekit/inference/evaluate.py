@@ -23,19 +23,8 @@ def evaluate_file(
     max_batches: int | None = None,
     hf_model: str | Path | None = None,
 ) -> dict[str, float]:
-    """Mean next-token loss (nats/token) of a checkpoint over non-overlapping windows of a file.
-
-    Args:
-        checkpoint: a moekit checkpoint or run folder (None with ``hf_model``).
-        data: a text file, folder or JSONL.
-        block_size: window length (default 128, capped by the model's context).
-        batch_size: windows per forward pass.
-        max_batches: evaluate at most this many batches (None: the whole file).
-        hf_model: a Hugging Face model folder instead of ``checkpoint``.
-
-    Returns:
-        ``{"val_loss", "perplexity", "tokens"}``.
-    """
+    """Mean next-token loss (nats/token), perplexity and token count of a checkpoint (or, with ``hf_model`` and
+    ``checkpoint=None``, a Hugging Face folder) over non-overlapping windows (default 128 tokens) of a file."""
     model, tokenizer = load_for_inference(checkpoint, hf_model)
     block = min(block_size or 128, model.config.max_position_embeddings)
     ids = tokenizer.encode(load_text(data))
