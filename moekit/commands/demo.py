@@ -14,13 +14,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from moekit.analysis.load import expert_load
-from moekit.analysis.pipeline import analyze
+from moekit.analysis.pipeline import AnalysisResult, analyze
 from moekit.checkpoint import load_model
 from moekit.data.corpus import builtin_corpus
-from moekit.data.loader import iter_eval_batches
 from moekit.inference.generate import stream_text
-from moekit.models import MoELM
 from moekit.tasks import classify, translate
 from moekit.tasks.routing import routing_by_label, routing_table
 from moekit.train.trainer import train
@@ -74,43 +71,35 @@ def demo(
     sample = prompt + "".join(pieces)
     console.print(sample, markup=False, highlight=False)
 
-    valid = _validation_text()
-    console.print(_expert_load_table(model, torch.tensor(tokenizer.encode(valid))))
-    report = _routing_report(result.run_dir, valid, console)
-    console.print(f"routing report: [bold]{report}[/] (open it in a browser)")
+    analysis = _routing_report(result.run_dir, console)
+    console.print(_expert_load_table(analysis.summary["layers"]))
+    console.print(f"routing report: [bold]{analysis.report}[/] (open it in a browser)")
     console.print(f"\nrun folder: [bold]{result.run_dir}[/] (checkpoint {result.checkpoint.name}, metrics.jsonl, tb/)")
     console.print(f"next: moekit generate --checkpoint {result.run_dir} --prompt 'JULIET:'")
-    return {"run_dir": result.run_dir, "val_losses": result.val_losses, "sample": sample, "report": report}
+    return {"run_dir": result.run_dir, "val_losses": result.val_losses, "sample": sample, "report": analysis.report}
 
 
-def _validation_text() -> str:
-    """The corpus' last tenth: the text the trainer held out for validation."""
+def _routing_report(run_dir: Path, console: Console) -> AnalysisResult:
+    """Analyse the routing on the corpus' last tenth, the text the trainer held out for validation."""
     text = builtin_corpus()
-    return text[int(len(text) * 0.9) :]
+    out = Path(run_dir) / "analysis"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "validation.txt").write_text(text[int(len(text) * 0.9) :], encoding="utf-8")
+    return analyze(run_dir, [out / "validation.txt"], out, max_tokens=16384, progress=False, console=console)
 
 
-def _expert_load_table(model: MoELM, val_tokens: torch.Tensor) -> Table:
-    """Each expert's share of the validation tokens, one column per MoE layer and one row per expert (so that
-    many experts still fit a terminal's width)."""
-    layers, load = expert_load(model, (x for x, _ in iter_eval_batches(val_tokens, 128, 16, max_batches=8)))
-    share = load.float() / load.sum(dim=1, keepdim=True) * 100
+def _expert_load_table(layers: list[dict[str, Any]]) -> Table:
+    """Each expert's share of the validation tokens' assignments, one column per MoE layer and one row per
+    expert (so that many experts still fit a terminal's width)."""
     table = Table(title="share of tokens per expert (%)", caption="validation data")
     table.add_column("expert")
     for layer in layers:
-        table.add_column(f"layer {layer}", justify="right")
-    for e in range(load.shape[1]):
-        table.add_row(f"e{e}", *(f"{s:.1f}" for s in share[:, e]))
-    imbalance = load.max(dim=1).values / load.float().mean(dim=1)
-    table.add_row("max/mean", *(f"{v:.2f}" for v in imbalance), style="bold")
+        table.add_column(f"layer {layer['layer']}", justify="right")
+    for e in range(max(layer["num_experts"] for layer in layers)):
+        shares = (layer["load_share"][e] if e < layer["num_experts"] else 0.0 for layer in layers)
+        table.add_row(f"e{e}", *(f"{100 * s:.1f}" for s in shares))
+    table.add_row("max/mean", *(f"{layer['imbalance']:.2f}" for layer in layers), style="bold")
     return table
-
-
-def _routing_report(run_dir: Path, valid: str, console: Console) -> Path:
-    """The analysis report on the validation text: which experts take which kinds of characters."""
-    out = Path(run_dir) / "analysis"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "validation.txt").write_text(valid, encoding="utf-8")
-    return analyze(run_dir, [out / "validation.txt"], out, max_tokens=16384, progress=False, console=console).report
 
 
 def task_demo(
