@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -95,6 +95,17 @@ def layer_routing(aux: MoEAux, num_experts: int) -> LayerRouting:
         dropped_tokens=int(aux.dropped_tokens),
         dropped_assignments=int(aux.dropped_assignments),
     )
+
+
+def stack_layers(records: Sequence[LayerRouting], k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """All layers' experts_TLK (long, -1 = none) and weights_TLK (fp32), padded to at least ``k`` choices."""
+    K = max(k, *(r.experts_TK.shape[1] for r in records))  # expert choice: layers may differ
+    experts_TLK = torch.full((records[0].experts_TK.shape[0], len(records), K), -1, dtype=torch.long)
+    weights_TLK = torch.zeros(experts_TLK.shape)
+    for n, r in enumerate(records):
+        experts_TLK[:, n, : r.experts_TK.shape[1]] = r.experts_TK
+        weights_TLK[:, n, : r.weights_TK.shape[1]] = r.weights_TK
+    return experts_TLK, weights_TLK
 
 
 def find_moe_layers(model: nn.Module) -> list[tuple[int, str, MoE]]:

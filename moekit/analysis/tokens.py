@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moekit.analysis.capture import capture_routing, find_moe_layers, layer_routing
+from moekit.analysis.capture import capture_routing, find_moe_layers, layer_routing, stack_layers
 from moekit.data.tokenizers import Tokenizer
 
 CATEGORIES = ("letters", "digits", "punctuation", "whitespace", "other")
@@ -98,12 +98,7 @@ def token_routes(
         with capture_routing(model) as seen:
             model(x)
         records = [layer_routing(aux, moe.config.num_experts) for (_, aux), (_, _, moe) in zip(seen, layers)]
-        K = max(r.experts_TK.shape[1] for r in records)  # expert choice: layers may differ
-        e_TLK = torch.full((x.shape[1], len(records), K), -1, dtype=torch.long)
-        w_TLK = torch.zeros((x.shape[1], len(records), K))
-        for n, r in enumerate(records):
-            e_TLK[:, n, : r.experts_TK.shape[1]] = r.experts_TK
-            w_TLK[:, n, : r.weights_TK.shape[1]] = r.weights_TK
+        e_TLK, w_TLK = stack_layers(records)
         experts.extend(e_TLK.tolist())
         weights.extend([[[round(w, 4) for w in k] for k in layer] for layer in w_TLK.tolist()])
     model.train(was_training)
