@@ -1,7 +1,5 @@
-"""Tokens each expert processed, per MoE layer, over some batches: the demo's expert table.
-
-(The report's load heatmap comes from :class:`~moekit.analysis.recorder.RoutingRecorder`.)
-"""
+"""Tokens each expert processed per MoE layer over some batches: a quick load count without the
+bookkeeping of :class:`~moekit.analysis.recorder.RoutingRecorder` (whose ``processed`` totals agree)."""
 
 from __future__ import annotations
 

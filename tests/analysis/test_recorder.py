@@ -66,7 +66,7 @@ def test_streaming_equals_one_shot():
         assert la.tokens == lb.tokens == 144
     for ta, tb in zip(a.transitions, b.transitions):
         assert torch.equal(ta, tb)
-    # ... and both agree with the plain per-layer loads of the demo's expert_load().
+    # ... and both agree with the plain per-layer loads of expert_load().
     _, load = expert_load(model, batches)
     assert torch.equal(torch.stack([layer.routed for layer in a.layers]), load)
 
