@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from moekit.commands.analyze import analyze
+from moekit.analysis.pipeline import analyze
 from moekit.train.trainer import train
 
 HERE = Path(__file__).resolve().parent
@@ -124,8 +124,8 @@ def main(argv=None) -> dict:
     )
     analyse_s = time.perf_counter() - t0
 
-    s = by_domain["summary"]
-    c = by_category["summary"]
+    s = by_domain.summary
+    c = by_category.summary
     brief = {
         "steps": step,
         "train_seconds": round(train_s) if train_s is not None else None,
@@ -153,7 +153,7 @@ def main(argv=None) -> dict:
     }
     (out / "summary.json").write_text(json.dumps(brief, indent=2) + "\n")
     print(json.dumps(brief, indent=2))
-    print(f"report: {by_domain['report']}\nby token category: {by_category['report']}")
+    print(f"report: {by_domain.report}\nby token category: {by_category.report}")
     return brief
 
 

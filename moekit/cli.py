@@ -6,32 +6,23 @@ import argparse
 import logging
 import sys
 
-from moekit.commands import analyze, convert, demo, evaluate, generate
-from moekit.commands import distill as distill_command
-from moekit.commands import merge as merge_command
-from moekit.commands import mix as mix_command
-from moekit.commands import predict as predict_command
-from moekit.commands import prune as prune_command
-from moekit.commands import train as train_command
-from moekit.commands import translate as translate_command
-from moekit.commands import upcycle as upcycle_command
-from moekit.errors import MoekitError
-
-VERBS = (
-    train_command,
+from moekit.commands import (
+    analyze,
+    compress,
+    convert,
+    demo,
+    distill,
     evaluate,
     generate,
-    demo,
-    analyze,
-    distill_command,
-    prune_command,
-    merge_command,
-    convert,
-    upcycle_command,
-    mix_command,
-    predict_command,
-    translate_command,
+    mix,
+    predict,
+    train,
+    translate,
+    upcycle,
 )
+from moekit.errors import MoekitError
+
+VERBS = (train, evaluate, generate, demo, analyze, distill, compress, convert, upcycle, mix, predict, translate)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,5 @@
-"""Expert load per layer over a data set: the demo's table and the analysis report's heatmap."""
+"""Tokens each expert processed per MoE layer over some batches: a quick load count without the
+bookkeeping of :class:`~moekit.analysis.recorder.RoutingRecorder` (whose ``processed`` totals agree)."""
 
 from __future__ import annotations
 

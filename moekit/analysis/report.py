@@ -15,11 +15,13 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from moekit.analysis.plots import Plot
 from moekit.analysis.readings import readings
 from moekit.io.safe_io import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+if TYPE_CHECKING:  # plots imports matplotlib, which only drawing needs
+    from moekit.analysis.plots import Plot
 
 # -- HTML -----------------------------------------------------------------------------------------
 CSS = """
@@ -86,17 +88,25 @@ def expert_colour(e: int, num_experts: int) -> str:
 
 
 def _fmt(value: Any, fmt: str) -> str:
-    if value is None:
-        return "n/a"
-    if fmt == "%":
-        return f"{value:.1%}"
-    return format(value, fmt)
+    return "n/a" if value is None else f"{value:.1%}" if fmt == "%" else format(value, fmt)
 
 
 def _stat(path: str, value: Any, fmt: str = ".2f", tag: str = "td") -> str:
     """A cell showing ``value`` that names its place in stats.json."""
     attrs = f'data-stat="{html.escape(path)}" data-fmt="{html.escape(fmt)}"'
     return f"<{tag} {attrs}>{html.escape(_fmt(value, fmt))}</{tag}>"
+
+
+Cell = str | tuple[str, Any, str]  # ready HTML, or (key under the row's stats.json path, value, format)
+
+
+def _row(first: str, path: str, cells: Sequence[Cell]) -> str:
+    body = "".join(c if isinstance(c, str) else _stat(f"{path}.{c[0]}", c[1], c[2]) for c in cells)
+    return f"<tr><td>{first}</td>{body}</tr>"
+
+
+def _table(head: Sequence[str], rows: Sequence[str]) -> str:
+    return "<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + f"</tr>{''.join(rows)}</table>"
 
 
 def _reading(lines: Sequence[str]) -> str:
@@ -116,105 +126,64 @@ def _figure(plot: Plot) -> str:
 def _load_table(summary: dict[str, Any]) -> str:
     rows = []
     for n, layer in enumerate(summary["layers"]):
-        p = f"layers.{n}"
         ent = layer.get("entropy")
-        rows.append(
-            "<tr>"
-            f"<td>layer {layer['layer']}</td>"
-            + _stat(f"{p}.imbalance", layer["imbalance"])
-            + _stat(f"{p}.cv", layer["cv"])
-            + _stat(f"{p}.max_expert", layer["max_expert"], "d")
-            + _stat(f"{p}.max_token_share", layer["max_token_share"], "%")
-            + f"<td>{html.escape(', '.join(map(str, layer['dead_experts'])) or '-')}</td>"
-            + (_stat(f"{p}.entropy.mean_normalised", ent["mean_normalised"]) if ent else "<td>n/a</td>")
-            + _stat(f"{p}.dropped_token_share", layer["dropped_token_share"], "%")
-            + _stat(f"{p}.tokens", layer["tokens"], ",d")
-            + "</tr>"
-        )
-    head = (
-        "<tr><th>layer</th><th>max/mean</th><th>CV</th><th>busiest expert</th><th>its token share</th>"
-        "<th>dead experts</th><th>entropy / ln E</th><th>dropped</th><th>tokens</th></tr>"
+        cells: list[Cell] = [("imbalance", layer["imbalance"], ".2f"), ("cv", layer["cv"], ".2f")]
+        cells += [("max_expert", layer["max_expert"], "d"), ("max_token_share", layer["max_token_share"], "%")]
+        cells.append(f"<td>{html.escape(', '.join(map(str, layer['dead_experts'])) or '-')}</td>")
+        cells.append(("entropy.mean_normalised", ent["mean_normalised"], ".2f") if ent else "<td>n/a</td>")
+        cells += [("dropped_token_share", layer["dropped_token_share"], "%"), ("tokens", layer["tokens"], ",d")]
+        rows.append(_row(f"layer {layer['layer']}", f"layers.{n}", cells))
+    head = ["layer", "max/mean", "CV", "busiest expert", "its token share", "dead experts", "entropy / ln E"]
+    return _table([*head, "dropped", "tokens"], rows)
+
+
+def _top_expert_cell(path: str, top: Sequence[dict[str, Any]]) -> str:
+    if not top:
+        return "<td>-</td>"
+    q = html.escape(f"{path}.0")
+    return (
+        f'<td>e<span data-stat="{q}.expert" data-fmt="d">{top[0]["expert"]}</span> '
+        f'(lift <span data-stat="{q}.lift" data-fmt=".2f">{top[0]["lift"]:.2f}</span>)</td>'
     )
-    return f"<table>{head}{''.join(rows)}</table>"
 
 
 def _specialisation_tables(summary: dict[str, Any]) -> str:
     names = summary["label_names"]
     rows, top_rows = [], []
     for n, layer in enumerate(summary["layers"]):
-        spec = layer.get("specialisation")
-        if not spec:
+        if not (spec := layer.get("specialisation")):
             continue
-        p = f"layers.{n}.specialisation"
-        rows.append(
-            f"<tr><td>layer {layer['layer']}</td>"
-            + _stat(f"{p}.mi_bits", spec["mi_bits"], ".3f")
-            + _stat(f"{p}.mi_normalised", spec["mi_normalised"], "%")
-            + _stat(f"{p}.mi_top1_bits", spec["mi_top1_bits"], ".3f")
-            + _stat(f"{p}.label_entropy_bits", spec["label_entropy_bits"], ".3f")
-            + "</tr>"
-        )
-        cells = []
-        for name in names:
-            top = spec["top_experts"].get(name) or []
-            if not top:
-                cells.append("<td>-</td>")
-                continue
-            t = top[0]
-            q = f"{p}.top_experts.{name}.0"
-            cells.append(
-                f'<td>e<span data-stat="{html.escape(q)}.expert" data-fmt="d">{t["expert"]}</span> '
-                f'(lift <span data-stat="{html.escape(q)}.lift" data-fmt=".2f">{t["lift"]:.2f}</span>)</td>'
-            )
-        top_rows.append(f"<tr><td>layer {layer['layer']}</td>{''.join(cells)}</tr>")
+        p, first = f"layers.{n}.specialisation", f"layer {layer['layer']}"
+        keys = (("mi_bits", ".3f"), ("mi_normalised", "%"), ("mi_top1_bits", ".3f"), ("label_entropy_bits", ".3f"))
+        rows.append(_row(first, p, [(key, spec[key], fmt) for key, fmt in keys]))
+        cells = [_top_expert_cell(f"{p}.top_experts.{name}", spec["top_experts"].get(name) or []) for name in names]
+        top_rows.append(f"<tr><td>{first}</td>{''.join(cells)}</tr>")
     if not rows:
         return ""
-    mi = (
-        "<table><tr><th>layer</th><th>MI(label; expert) bits</th><th>share of H(label)</th>"
-        "<th>MI with top-1 only</th><th>H(label) bits</th></tr>" + "".join(rows) + "</table>"
-    )
-    head = "".join(f"<th>{html.escape(name)}</th>" for name in names)
-    top = (
-        "<h3>Most specific expert per label (highest lift)</h3>"
-        f"<table><tr><th>layer</th>{head}</tr>{''.join(top_rows)}</table>"
-    )
-    return mi + top
+    head = ["layer", "MI(label; expert) bits", "share of H(label)", "MI with top-1 only", "H(label) bits"]
+    top_head = ["layer", *(html.escape(name) for name in names)]
+    return _table(head, rows) + "<h3>Most specific expert per label (highest lift)</h3>" + _table(top_head, top_rows)
 
 
 def _transition_table(summary: dict[str, Any]) -> str:
     trans = summary.get("transitions") or []
     if not trans:
         return '<p class="note">Only one MoE layer: nothing to compare.</p>'
-    rows = []
-    for n, t in enumerate(trans):
-        p = f"transitions.{n}"
-        rows.append(
-            f"<tr><td>{t['from']} &rarr; {t['to']}</td>"
-            + _stat(f"{p}.nmi", t["nmi"])
-            + _stat(f"{p}.mi_bits", t["mi_bits"], ".3f")
-            + _stat(f"{p}.predictability", t["predictability"], "%")
-            + _stat(f"{p}.same_expert", t["same_expert"], "%")
-            + "</tr>"
-        )
-    head = (
-        "<tr><th>layers</th><th>NMI</th><th>MI bits</th><th>follows the usual path</th><th>same expert index</th></tr>"
-    )
-    return f"<table>{head}{''.join(rows)}</table>"
+    keys = (("nmi", ".2f"), ("mi_bits", ".3f"), ("predictability", "%"), ("same_expert", "%"))
+    rows = [
+        _row(f"{t['from']} &rarr; {t['to']}", f"transitions.{n}", [(k, t[k], fmt) for k, fmt in keys])
+        for n, t in enumerate(trans)
+    ]
+    return _table(["layers", "NMI", "MI bits", "follows the usual path", "same expert index"], rows)
 
 
 def _drift_table(summary: dict[str, Any]) -> str:
-    rows = []
-    for n, d in enumerate(summary["drift"]):
-        p = f"drift.{n}"
-        rows.append(
-            f"<tr><td>layer {d['layer']}</td>"
-            + _stat(f"{p}.top1_changed", d["top1_changed"], "%")
-            + _stat(f"{p}.topk_overlap", d["topk_overlap"], "%")
-            + _stat(f"{p}.load_tv", d["load_tv"], ".3f")
-            + "</tr>"
-        )
-    head = "<tr><th>layer</th><th>top-1 changed</th><th>top-k overlap</th><th>load TV distance</th></tr>"
-    return f"<table>{head}{''.join(rows)}</table>"
+    keys = (("top1_changed", "%"), ("topk_overlap", "%"), ("load_tv", ".3f"))
+    rows = [
+        _row(f"layer {d['layer']}", f"drift.{n}", [(k, d[k], fmt) for k, fmt in keys])
+        for n, d in enumerate(summary["drift"])
+    ]
+    return _table(["layer", "top-1 changed", "top-k overlap", "load TV distance"], rows)
 
 
 def _token_view(samples: Sequence[dict[str, Any]], summary: dict[str, Any]) -> str:

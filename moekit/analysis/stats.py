@@ -1,8 +1,8 @@
 """Routing statistics: balance, entropy, co-activation, layer agreement, drift and specialisation.
 
 Pure functions of counts (lists, numpy arrays or tensors), plus :func:`summarize`, which turns a
-recorder's aggregates into the JSON-ready dict behind ``stats.json`` and the report, and
-:func:`token_routes`, the per-token view of one text.
+recorder's aggregates into the JSON-ready dict behind ``stats.json`` and the report. Token categories
+and the per-token view of one text are in :mod:`moekit.analysis.tokens`.
 
 Conventions:
 - *load* of an expert = assignments the router sent to it (a top-2 token counts once for each of
@@ -19,16 +19,14 @@ Conventions:
 from __future__ import annotations
 
 import math
-import unicodedata
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from moekit.analysis.recorder import DriftMeter, LayerAggregate, RoutingAggregates, capture_routing, layer_routing
+from moekit.analysis.recorder import DriftMeter, LayerAggregate, RoutingAggregates
 
-CATEGORIES = ("letters", "digits", "punctuation", "whitespace", "other")
 DEAD_FRACTION = 0.01
 ANALYSIS_FORMAT = "moekit-analysis"
 ANALYSIS_VERSION = 1
@@ -190,102 +188,6 @@ def specialisation(label_expert, label_names: Sequence[str], top: int = 3) -> di
     }
 
 
-# -- token categories ---------------------------------------------------------------------------
-def token_category(text: str) -> str:
-    """letters / digits / punctuation / whitespace / other for a decoded token.
-
-    Surrounding whitespace is ignored (``" the"`` is letters); a token that is only whitespace is
-    whitespace; punctuation includes symbols (``+``, ``$``); mixtures and undecodable bytes are other.
-    """
-    core = text.strip()
-    if not core:
-        return "whitespace" if text else "other"
-    if "\ufffd" in core:
-        return "other"
-    if all(c.isalpha() for c in core):
-        return "letters"
-    if all(c.isdigit() for c in core):
-        return "digits"
-    if all(unicodedata.category(c)[0] in "PS" for c in core):
-        return "punctuation"
-    return "other"
-
-
-def category_table(tokenizer, vocab_size: int | None = None) -> torch.Tensor:
-    """Category index (into :data:`CATEGORIES`) of every token id [V] (long), from each decoded token."""
-    V = vocab_size or tokenizer.vocab_size
-    index = {name: i for i, name in enumerate(CATEGORIES)}
-    out = torch.full((V,), index["other"], dtype=torch.long)
-    for i in range(min(V, tokenizer.vocab_size)):
-        try:
-            out[i] = index[token_category(tokenizer.decode([i]))]
-        except Exception:  # special or unused ids some tokenizers refuse to decode
-            continue
-    return out
-
-
-def token_pieces(tokenizer, ids: Sequence[int]) -> list[str]:
-    """The text each token adds, by incremental decoding.
-
-    A multi-byte character split over byte tokens shows on the token that completes it; a few
-    preceding tokens are decoded along, so tokenizers that drop a leading space when a token is
-    decoded alone (SentencePiece) still give ``" word"``.
-    """
-    ids = list(ids)
-    pieces, start = [], 0  # start: first token whose text is not shown yet
-    for i in range(len(ids)):
-        text_ctx = max(0, start - 4)
-        before = tokenizer.decode(ids[text_ctx:start]) if start > text_ctx else ""
-        text = tokenizer.decode(ids[text_ctx : i + 1])
-        if text.endswith("\ufffd") and i + 1 < len(ids) and i - start < 3:
-            pieces.append("")  # an incomplete character
-            continue
-        pieces.append(text[len(before) :] if text.startswith(before) else tokenizer.decode(ids[start : i + 1]))
-        start = i + 1
-    return pieces
-
-
-@torch.no_grad()
-def token_routes(model, tokenizer, text: str, max_tokens: int = 256, device=None) -> dict[str, Any]:
-    """Which experts each token of ``text`` went to, in every MoE layer.
-
-    The first ``max_tokens`` tokens are routed in consecutive windows as long as the model's context
-    (``config.max_position_embeddings``; one window when it has none).
-
-    Returns:
-        ``{"tokens": [str], "ids": [int], "layers": [layer index], "experts": [T][L][K] (-1 = none),
-        "weights": [T][L][K], "window": int}``.
-    """
-    from moekit.analysis.recorder import find_moe_layers
-
-    layers = find_moe_layers(model)
-    ids = tokenizer.encode(text)[:max_tokens]
-    window = getattr(getattr(model, "config", None), "max_position_embeddings", None) or max(len(ids), 1)
-    out: dict[str, Any] = {"tokens": [], "ids": ids, "layers": [i for i, _, _ in layers], "experts": []}
-    out.update(weights=[], window=window)
-    if not ids:
-        return out
-    was_training = model.training
-    model.eval()
-    experts, weights = [], []
-    for start in range(0, len(ids), window):
-        x = torch.tensor([ids[start : start + window]], dtype=torch.long, device=device)
-        with capture_routing(model) as seen:
-            model(x)
-        records = [layer_routing(aux, moe.config.num_experts) for (_, aux), (_, _, moe) in zip(seen, layers)]
-        K = max(r.experts_TK.shape[1] for r in records)  # expert choice: layers may differ
-        e_TLK = torch.full((x.shape[1], len(records), K), -1, dtype=torch.long)
-        w_TLK = torch.zeros((x.shape[1], len(records), K))
-        for n, r in enumerate(records):
-            e_TLK[:, n, : r.experts_TK.shape[1]] = r.experts_TK
-            w_TLK[:, n, : r.weights_TK.shape[1]] = r.weights_TK
-        experts.extend(e_TLK.tolist())
-        weights.extend([[[round(w, 4) for w in k] for k in layer] for layer in w_TLK.tolist()])
-    model.train(was_training)
-    out.update(tokens=token_pieces(tokenizer, ids), experts=experts, weights=weights)
-    return out
-
-
 # -- summary -----------------------------------------------------------------------------------
 def layer_summary(agg: LayerAggregate, label_names: Sequence[str], dead_fraction: float = DEAD_FRACTION) -> dict:
     """The numbers of one layer (JSON-ready)."""
@@ -293,7 +195,6 @@ def layer_summary(agg: LayerAggregate, label_names: Sequence[str], dead_fraction
     load = _arr(agg.routed)
     share = load_share(load)
     tokens = max(agg.tokens, 1)
-    ent_hist = _arr(agg.entropy_hist)
     out: dict[str, Any] = {
         "layer": agg.layer,
         "name": agg.name,
@@ -322,37 +223,43 @@ def layer_summary(agg: LayerAggregate, label_names: Sequence[str], dead_fraction
         # Derivable from the counts; kept for readable E only, so stats.json stays small for 256-expert models.
         "coactivation_conditional": _nums(coactivation_conditional(agg.coactivation)) if E <= 64 else None,
     }
-    if agg.has_scores and ent_hist.sum() > 0:
-        n = ent_hist.sum()
-        out["entropy"] = {
-            "mean_nats": _num(agg.entropy_sum / n),
-            "mean_normalised": _num(agg.entropy_sum / n / math.log(E)) if E > 1 else 0.0,
-            "max_nats": _num(math.log(E)),
-            "bin_edges": _nums(np.linspace(0.0, 1.0, agg.entropy_bins + 1)),
-            "histogram": [int(v) for v in agg.entropy_hist.tolist()],
-        }
-    else:
-        out["entropy"] = None
-    if label_names and int(agg.label_tokens.sum()) > 0:
-        spec = specialisation(agg.label_routed, label_names)
-        out["specialisation"] = {
-            "label_tokens": [int(v) for v in agg.label_tokens.tolist()],
-            "counts": agg.label_routed.tolist(),
-            "top1_counts": agg.label_top1.tolist(),
-            "distribution": _nums(spec["distribution"]),
-            "lift": _nums(spec["lift"]),
-            "mi_bits": _num(spec["mi_bits"]),
-            "mi_top1_bits": _num(mutual_information(agg.label_top1)),
-            "label_entropy_bits": _num(spec["label_entropy_bits"]),
-            "mi_normalised": _num(spec["mi_normalised"]),
-            "top_experts": {
-                name: [{k: _num(v) if isinstance(v, float) else v for k, v in d.items()} for d in lst]
-                for name, lst in spec["top_experts"].items()
-            },
-        }
-    else:
-        out["specialisation"] = None
+    out["entropy"] = _entropy_summary(agg)
+    out["specialisation"] = _specialisation_summary(agg, label_names)
     return out
+
+
+def _entropy_summary(agg: LayerAggregate) -> dict[str, Any] | None:
+    n, E = int(agg.entropy_hist.sum()), agg.num_experts
+    if not agg.has_scores or n <= 0:
+        return None
+    return {
+        "mean_nats": _num(agg.entropy_sum / n),
+        "mean_normalised": _num(agg.entropy_sum / n / math.log(E)) if E > 1 else 0.0,
+        "max_nats": _num(math.log(E)),
+        "bin_edges": _nums(np.linspace(0.0, 1.0, agg.entropy_bins + 1)),
+        "histogram": [int(v) for v in agg.entropy_hist.tolist()],
+    }
+
+
+def _specialisation_summary(agg: LayerAggregate, label_names: Sequence[str]) -> dict[str, Any] | None:
+    if not label_names or int(agg.label_tokens.sum()) <= 0:
+        return None
+    spec = specialisation(agg.label_routed, label_names)
+    return {
+        "label_tokens": [int(v) for v in agg.label_tokens.tolist()],
+        "counts": agg.label_routed.tolist(),
+        "top1_counts": agg.label_top1.tolist(),
+        "distribution": _nums(spec["distribution"]),
+        "lift": _nums(spec["lift"]),
+        "mi_bits": _num(spec["mi_bits"]),
+        "mi_top1_bits": _num(mutual_information(agg.label_top1)),
+        "label_entropy_bits": _num(spec["label_entropy_bits"]),
+        "mi_normalised": _num(spec["mi_normalised"]),
+        "top_experts": {
+            name: [{k: _num(v) if isinstance(v, float) else v for k, v in d.items()} for d in lst]
+            for name, lst in spec["top_experts"].items()
+        },
+    }
 
 
 def drift_summary(a: RoutingAggregates, b: RoutingAggregates, meter: DriftMeter) -> list[dict[str, Any]]:

@@ -23,11 +23,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from moekit.analysis.capture import LayerRouting, stack_layers
 from moekit.errors import ConfigError
 from moekit.io.safe_io import atomic_write_json, load_tensors, save_tensors
 
 if TYPE_CHECKING:
-    from moekit.analysis.recorder import LayerRouting, RoutingRecorder
+    from moekit.analysis.recorder import RoutingRecorder
 
 TRACE_FORMAT = "moekit-routing-trace"
 TRACE_VERSION = 1
@@ -52,14 +53,8 @@ class TraceWriter:
     def add(self, records: Sequence[LayerRouting], input_ids, labels_T, first_sequence: int) -> None:
         valid_T = records[0].valid_T
         T = valid_T.numel()
-        K = max(self.k, max(r.experts_TK.shape[1] for r in records))
-        if K > self.k:
-            self.k = K  # expert choice / dense can give more choices than top_k: widen (older rows padded)
-        experts = torch.full((T, len(records), K), -1, dtype=torch.int16)
-        weights = torch.zeros((T, len(records), K), dtype=torch.float16)
-        for n, r in enumerate(records):
-            experts[:, n, : r.experts_TK.shape[1]] = r.experts_TK.to(torch.int16)
-            weights[:, n, : r.weights_TK.shape[1]] = r.weights_TK.to(torch.float16)
+        experts, weights = stack_layers(records, self.k)
+        self.k = experts.shape[2]  # expert choice / dense can give more choices than top_k: widen (older rows padded)
         if input_ids is not None and input_ids.dim() == 2:
             S = input_ids.shape[1]
             ids = input_ids.reshape(-1).cpu().to(torch.int32)
@@ -70,8 +65,8 @@ class TraceWriter:
             "token_ids": ids,
             "sequence": (torch.arange(T) // S + first_sequence).to(torch.int32),
             "position": (torch.arange(T) % S).to(torch.int32),
-            "experts": experts,
-            "weights": weights,
+            "experts": experts.to(torch.int16),
+            "weights": weights.to(torch.float16),
         }
         if labels_T is not None:
             rows["labels"] = labels_T.to(torch.int16)
@@ -85,14 +80,7 @@ class TraceWriter:
         if not self.buffer:
             return
         K = self.k
-        parts: dict[str, list[torch.Tensor]] = {}
-        for rows in self.buffer:
-            for key, v in rows.items():
-                if key in ("experts", "weights") and v.shape[2] < K:
-                    pad = torch.full((*v.shape[:2], K - v.shape[2]), -1 if key == "experts" else 0, dtype=v.dtype)
-                    v = torch.cat([v, pad], dim=2)
-                parts.setdefault(key, []).append(v)
-        tensors = {key: torch.cat(vs) for key, vs in parts.items()}
+        tensors = _concat_padded(self.buffer, K)
         name = f"traces-{len(self.shards):05d}.safetensors"
         save_tensors(tensors, self.dir / name, metadata={"format": TRACE_FORMAT})
         self.shards.append({"file": name, "tokens": int(tensors["token_ids"].numel()), "k": K})
@@ -132,12 +120,16 @@ def read_traces(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str,
     index = json.loads((d / TRACE_INDEX).read_text())
     if index.get("format") != TRACE_FORMAT:
         raise ConfigError(f"{d / TRACE_INDEX} is not a {TRACE_FORMAT} index")
-    parts: dict[str, list[torch.Tensor]] = {}
-    K = index["k"]
-    for shard in index["shards"]:
-        for key, v in load_tensors(d / shard["file"]).items():
+    return index, _concat_padded([load_tensors(d / shard["file"]) for shard in index["shards"]], index["k"])
+
+
+def _concat_padded(parts: Sequence[dict[str, torch.Tensor]], K: int) -> dict[str, torch.Tensor]:
+    """Concatenate trace columns, widening narrower experts/weights to K choices (-1 / 0)."""
+    columns: dict[str, list[torch.Tensor]] = {}
+    for rows in parts:
+        for key, v in rows.items():
             if key in ("experts", "weights") and v.shape[2] < K:
                 pad = torch.full((*v.shape[:2], K - v.shape[2]), -1 if key == "experts" else 0, dtype=v.dtype)
                 v = torch.cat([v, pad], dim=2)
-            parts.setdefault(key, []).append(v)
-    return index, {key: torch.cat(vs) for key, vs in parts.items()}
+            columns.setdefault(key, []).append(v)
+    return {key: torch.cat(vs) for key, vs in columns.items()}

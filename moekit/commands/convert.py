@@ -14,7 +14,7 @@ import re
 from moekit.errors import ConfigError
 
 
-def add_parser(verbs) -> None:
+def add_parser(verbs: argparse._SubParsersAction) -> None:
     p = verbs.add_parser(
         "convert", help="convert Hugging Face <-> moekit checkpoints", description=__doc__, allow_abbrev=False
     )

@@ -5,22 +5,28 @@ two minutes, print validation loss by step, sample text, and show each layer's e
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
+from typing import Any
 
+import torch
 from rich.console import Console
 from rich.table import Table
 
-from moekit.analysis.load import expert_load
+from moekit.analysis.pipeline import AnalysisResult, analyze
 from moekit.checkpoint import load_model
-from moekit.commands.generate import stream_text
-from moekit.data.loader import iter_eval_batches
+from moekit.data.corpus import builtin_corpus
+from moekit.inference.generate import stream_text
+from moekit.tasks import classify, translate
+from moekit.tasks.routing import routing_by_label, routing_table
 from moekit.train.trainer import train
 
 
-def add_parser(verbs) -> None:
+def add_parser(verbs: argparse._SubParsersAction) -> None:
     p = verbs.add_parser("demo", help="train, sample and analyse a small MoE LM (about 2 minutes)", description=__doc__)
-    p.add_argument("--time-budget", default="2m", help="training time (e.g. 90s, 2m)")
-    p.add_argument("--out", default=None, help="run folder (default: runs/demo-<time>)")
+    p.add_argument("--time-budget", help="training time, e.g. 90s or 2m (default: 2m for lm, 40s for the other tasks)")
+    p.add_argument("--out", help="run folder (default: runs/demo-<time>)")
     p.add_argument("--prompt", default="ROMEO:", help="text to continue after training")
     p.add_argument("--max-new-tokens", type=int, default=300)
     p.add_argument("--seed", type=int, default=1337)
@@ -40,8 +46,16 @@ def add_parser(verbs) -> None:
 DEMO_RECIPE = {"block_size": 64, "batch_size": 16, "lr": 3e-3}
 
 
-def demo(time_budget="2m", out=None, prompt="ROMEO:", max_new_tokens=300, seed=1337, console=None) -> dict:
-    """Run the demo; returns the run folder, the validation losses and the sample."""
+def demo(
+    time_budget: str = "2m",
+    out: str | Path | None = None,
+    prompt: str = "ROMEO:",
+    max_new_tokens: int = 300,
+    seed: int = 1337,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Train the demo LM, sample it and analyse its routing; returns the run folder, validation losses, sample
+    and report (``out=None``: runs/demo-<time>)."""
     console = console or Console()
     out = out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}"
     console.rule("[bold]moekit demo: an MoE language model on tiny-shakespeare")
@@ -53,75 +67,59 @@ def demo(time_budget="2m", out=None, prompt="ROMEO:", max_new_tokens=300, seed=1
         console.print(f"  step {step:>5}  val_loss {loss:.4f}")
 
     console.print(f"\n[bold]sample[/] (temperature 0.8, seed {seed}):")
-    pieces = list(stream_text(model, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=0.8, seed=seed))
+    pieces = stream_text(model, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=0.8, seed=seed)
     sample = prompt + "".join(pieces)
     console.print(sample, markup=False, highlight=False)
 
-    val_tokens = _val_tokens(model, tokenizer)
-    layers, load = expert_load(model, (x for x, _ in iter_eval_batches(val_tokens, 128, 16, max_batches=8)))
-    # One column per MoE layer and one row per expert, so that many experts still fit a terminal's width.
-    share = load.float() / load.sum(dim=1, keepdim=True) * 100
-    table = Table(title="share of tokens per expert (%)", caption="validation data")
-    table.add_column("expert")
-    for layer in layers:
-        table.add_column(f"layer {layer}", justify="right")
-    for e in range(load.shape[1]):
-        table.add_row(f"e{e}", *(f"{s:.1f}" for s in share[:, e]))
-    imbalance = load.max(dim=1).values / load.float().mean(dim=1)
-    table.add_row("max/mean", *(f"{v:.2f}" for v in imbalance), style="bold")
-    console.print(table)
-    report = _routing_report(result.run_dir, console)
-    console.print(f"routing report: [bold]{report}[/] (open it in a browser)")
+    analysis = _routing_report(result.run_dir, console)
+    console.print(_expert_load_table(analysis.summary["layers"]))
+    console.print(f"routing report: [bold]{analysis.report}[/] (open it in a browser)")
     console.print(f"\nrun folder: [bold]{result.run_dir}[/] (checkpoint {result.checkpoint.name}, metrics.jsonl, tb/)")
     console.print(f"next: moekit generate --checkpoint {result.run_dir} --prompt 'JULIET:'")
-    return {"run_dir": result.run_dir, "val_losses": result.val_losses, "sample": sample, "report": report}
+    return {"run_dir": result.run_dir, "val_losses": result.val_losses, "sample": sample, "report": analysis.report}
 
 
-def _routing_report(run_dir, console):
-    """moekit analyze on the corpus' validation tenth: which experts take which kinds of characters."""
-    from pathlib import Path
-
-    from moekit.commands.analyze import analyze
-    from moekit.data.corpus import builtin_corpus
-
+def _routing_report(run_dir: Path, console: Console) -> AnalysisResult:
+    """Analyse the routing on the corpus' last tenth, the text the trainer held out for validation."""
     text = builtin_corpus()
     out = Path(run_dir) / "analysis"
     out.mkdir(parents=True, exist_ok=True)
-    valid = out / "validation.txt"
-    valid.write_text(text[int(len(text) * 0.9) :], encoding="utf-8")
-    return analyze(checkpoint=run_dir, data=[valid], out=out, max_tokens=16384, progress=False, console=console)[
-        "report"
-    ]
+    (out / "validation.txt").write_text(text[int(len(text) * 0.9) :], encoding="utf-8")
+    return analyze(run_dir, [out / "validation.txt"], out, max_tokens=16384, progress=False, console=console)
 
 
-def _val_tokens(model, tokenizer):
-    import torch
+def _expert_load_table(layers: list[dict[str, Any]]) -> Table:
+    """Each expert's share of the validation tokens' assignments, one column per MoE layer and one row per
+    expert (so that many experts still fit a terminal's width)."""
+    table = Table(title="share of tokens per expert (%)", caption="validation data")
+    table.add_column("expert")
+    for layer in layers:
+        table.add_column(f"layer {layer['layer']}", justify="right")
+    for e in range(max(layer["num_experts"] for layer in layers)):
+        shares = (layer["load_share"][e] if e < layer["num_experts"] else 0.0 for layer in layers)
+        table.add_row(f"e{e}", *(f"{100 * s:.1f}" for s in shares))
+    table.add_row("max/mean", *(f"{layer['imbalance']:.2f}" for layer in layers), style="bold")
+    return table
 
-    from moekit.data.corpus import builtin_corpus
-    from moekit.data.loader import split_tokens
 
-    _, val = split_tokens(torch.tensor(tokenizer.encode(builtin_corpus())), 0.1)
-    return val
-
-
-def task_demo(task: str, time_budget="40s", out=None, seed=1337, console=None) -> dict:
+def task_demo(
+    task: str, time_budget: str = "40s", out: str | Path | None = None, seed: int = 1337, console: Console | None = None
+) -> dict[str, Any]:
     """Train a small MoE classifier on built-in data (offline), print its accuracy and routing by label."""
-    from moekit.tasks.classify import encode, load_classifier, load_task_data, train_classifier
-    from moekit.tasks.routing import routing_by_label, routing_table
-
     console = console or Console()
     out = out or f"runs/demo-{task}-{time.strftime('%Y%m%d-%H%M%S')}"
     what = "sentiment sentences" if task == "classify" else "scikit-learn's 8x8 digits"
     console.rule(f"[bold]moekit demo: an MoE classifier on the built-in {what}")
     fields = {"model.patch_size": 2} if task == "image-classify" else {}
-    result = train_classifier(
+    result = classify.train_classifier(
         task=task, time_budget=time_budget, out_dir=out, seed=seed, eval_interval=100, threads=1, **fields
     )
     for record in result.history:
         console.print(f"  step {record['step']:>5}  valid accuracy {record['accuracy']:.4f}")
-    model, vocab, names, _ = load_classifier(result.run_dir)
-    _, valid = load_task_data(train_config_of(result.run_dir))
-    table = routing_table(routing_by_label(model, encode(model, vocab, valid, names), len(names)), names)
+    model, vocab, names, _ = classify.load_classifier(result.run_dir)
+    _, valid = classify.load_task_data(_run_config(result.run_dir, classify.ClassifyConfig))
+    examples = classify.encode(model, vocab, valid, names)
+    table = routing_table(routing_by_label(model, examples, len(names)), names)
     (result.run_dir / "routing_by_label.md").write_text(table, encoding="utf-8")
     console.print(table, markup=False, highlight=False)
     console.print(f"run folder: [bold]{result.run_dir}[/]")
@@ -142,41 +140,28 @@ TRANSLATE_DEMO = {
     "lr": 3e-3,
     "warmup_steps": 30,
     "valid_fraction": 0.1,
+    "eval_interval": 100,
+    "threads": 1,
+    "bleu_sentences": 0,
 }
 
 
-def translate_demo(time_budget="40s", out=None, seed=1337, console=None) -> dict:
+def translate_demo(
+    time_budget: str = "40s", out: str | Path | None = None, seed: int = 1337, console: Console | None = None
+) -> dict[str, Any]:
     """Train a small MoE encoder-decoder on the built-in English-German pairs (offline); print validation
     loss, BLEU (greedy and beam 4), sample translations and each MoE layer's expert load."""
-    from moekit.tasks.translate import (
-        corpus_bleu,
-        encode_pairs,
-        load_task_data,
-        load_translator,
-        train_translator,
-        translate,
-        validation_loss,
-    )
-
     console = console or Console()
     out = out or f"runs/demo-translate-{time.strftime('%Y%m%d-%H%M%S')}"
     console.rule("[bold]moekit demo: an MoE encoder-decoder on the built-in English-German pairs")
-    result = train_translator(
-        time_budget=time_budget,
-        out_dir=out,
-        seed=seed,
-        eval_interval=100,
-        threads=1,
-        bleu_sentences=0,
-        **TRANSLATE_DEMO,
-    )
+    result = translate.train_translator(time_budget=time_budget, out_dir=out, seed=seed, **TRANSLATE_DEMO)
     for record in result.history:
         console.print(f"  step {record['step']:>5}  valid loss {record['valid_loss']:.4f}")
-    model, tokenizer = load_translator(result.run_dir)
-    _, valid = load_task_data(train_config_of(result.run_dir, task="translate"))
-    greedy = translate(model, tokenizer, valid.sources)
-    beam = translate(model, tokenizer, valid.sources, beam=4)
-    bleu = {"greedy": corpus_bleu(greedy, valid.targets), "beam4": corpus_bleu(beam, valid.targets)}
+    model, tokenizer = translate.load_translator(result.run_dir)
+    _, valid = translate.load_task_data(_run_config(result.run_dir, translate.TranslateConfig))
+    greedy = translate.translate(model, tokenizer, valid.sources)
+    beam = translate.translate(model, tokenizer, valid.sources, beam=4)
+    bleu = {"greedy": translate.corpus_bleu(greedy, valid.targets), "beam4": translate.corpus_bleu(beam, valid.targets)}
     console.print(
         f"\n[bold]validation BLEU[/] ({len(valid)} held-out pairs): greedy {bleu['greedy']:.1f}, "
         f"beam 4 {bleu['beam4']:.1f}  ({result.active_parameters:,} of {result.parameters:,} parameters active)"
@@ -187,38 +172,37 @@ def translate_demo(time_budget="40s", out=None, seed=1337, console=None) -> dict
     for i in range(min(5, len(valid))):
         table.add_row(valid.sources[i], beam[i], valid.targets[i])
     console.print(table)
-    _, loads = validation_loss(model, encode_pairs(tokenizer, valid))
-    names = [f"encoder.{i}" for i, b in enumerate(model.encoder) if b.is_moe]
-    names += [f"decoder.{i}" for i, b in enumerate(model.decoder) if b.is_moe]
-    load_table = Table(title="share of validation tokens per expert (%)")
-    load_table.add_column("layer")
-    for e in range(model.config.num_experts):
-        load_table.add_column(f"e{e}", justify="right")
-    for name, row in zip(names, loads):
-        load_table.add_row(name, *(f"{s:.0f}" for s in (row.float() / row.sum().clamp_min(1) * 100).tolist()))
-    console.print(load_table)
+    _, loads = translate.validation_loss(model, translate.encode_pairs(tokenizer, valid))
+    console.print(_seq2seq_load_table(model, loads))
     console.print(f"run folder: [bold]{result.run_dir}[/]")
     console.print(f'next: moekit translate --checkpoint {result.run_dir} --text "A little dog is running in the snow."')
     return {"run_dir": result.run_dir, "bleu": bleu, "translations": beam, "valid": valid}
 
 
-def train_config_of(run_dir, task: str = "classify"):
-    import json
+def _seq2seq_load_table(model: torch.nn.Module, loads: list[torch.Tensor]) -> Table:
+    """Each MoE layer's share of the validation tokens per expert, one row per layer."""
+    names = [f"encoder.{i}" for i, b in enumerate(model.encoder) if b.is_moe]
+    names += [f"decoder.{i}" for i, b in enumerate(model.decoder) if b.is_moe]
+    table = Table(title="share of validation tokens per expert (%)")
+    table.add_column("layer")
+    for e in range(model.config.num_experts):
+        table.add_column(f"e{e}", justify="right")
+    for name, row in zip(names, loads):
+        table.add_row(name, *(f"{s:.0f}" for s in (row.float() / row.sum().clamp_min(1) * 100).tolist()))
+    return table
 
-    if task == "translate":
-        from moekit.tasks.translate import TranslateConfig as config_class
-    else:
-        from moekit.tasks.classify import ClassifyConfig as config_class
 
+def _run_config(run_dir: Path, config_class: type) -> Any:
+    """The task config a run folder's run.json records."""
     return config_class.from_dict(json.loads((run_dir / "run.json").read_text())["train"])
 
 
 def run(args: argparse.Namespace) -> int:
+    budget = {} if args.time_budget is None else {"time_budget": args.time_budget}  # each demo has its own default
     if args.task == "translate":
-        translate_demo(args.time_budget if args.time_budget != "2m" else "40s", args.out, args.seed)
-        return 0
-    if args.task != "lm":
-        task_demo(args.task, args.time_budget if args.time_budget != "2m" else "40s", args.out, args.seed)
-        return 0
-    demo(args.time_budget, args.out, args.prompt, args.max_new_tokens, args.seed)
+        translate_demo(out=args.out, seed=args.seed, **budget)
+    elif args.task != "lm":
+        task_demo(args.task, out=args.out, seed=args.seed, **budget)
+    else:
+        demo(out=args.out, prompt=args.prompt, max_new_tokens=args.max_new_tokens, seed=args.seed, **budget)
     return 0

@@ -10,7 +10,7 @@ from moekit.config import parse_overrides, read_config_file
 from moekit.recipes.distill import distill
 
 
-def add_parser(verbs) -> None:
+def add_parser(verbs: argparse._SubParsersAction) -> None:
     p = verbs.add_parser(
         "distill",
         help="distil a teacher model into a dense or smaller MoE student",

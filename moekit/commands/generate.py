@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterator
 
-from moekit.inference.generate import GenerationConfig, stream_generate
+from moekit.inference.generate import stream_text
 from moekit.interop.hf.api import load_for_inference
 
 
-def add_parser(verbs) -> None:
+def add_parser(verbs: argparse._SubParsersAction) -> None:
     p = verbs.add_parser("generate", help="generate text from a checkpoint", description=__doc__)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="checkpoint or run folder")
@@ -27,25 +26,6 @@ def add_parser(verbs) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop when this text appears (repeatable)")
     p.add_argument("--seed", type=int, default=None)
     p.set_defaults(func=run)
-
-
-def stream_text(model, tokenizer, prompt: str, stop: list[str] | None = None, **generation) -> Iterator[str]:
-    """Yield pieces of generated text as tokens arrive; stops at (and excludes) any stop string."""
-    config = GenerationConfig(**{"vocab_limit": tokenizer.vocab_size, **generation})
-    ids = tokenizer.encode(prompt)
-    new: list[int] = []
-    shown = ""
-    for token in stream_generate(model, ids, config):
-        new.append(token)
-        text = tokenizer.decode(new)
-        if text.endswith("\ufffd"):  # a multi-byte character is still incomplete
-            continue
-        cut = min((text.find(s) for s in stop or [] if s and s in text), default=-1)
-        if cut >= 0:
-            yield text[len(shown) : cut]
-            return
-        yield text[len(shown) :]
-        shown = text
 
 
 def run(args: argparse.Namespace) -> int:

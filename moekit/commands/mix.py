@@ -11,7 +11,7 @@ from moekit.errors import ConfigError
 from moekit.recipes.btx import STAGES, branch_train_mix
 
 
-def add_parser(verbs) -> None:
+def add_parser(verbs: argparse._SubParsersAction) -> None:
     p = verbs.add_parser("mix", help="Branch-Train-MiX: domain experts from a dense seed", description=__doc__)
     p.add_argument("--seed", dest="seed_model", help="seed dense model (moekit or HF folder) for the branch stage")
     p.add_argument("--domain", action="append", default=[], metavar="NAME=PATH", help="a domain corpus (repeat)")

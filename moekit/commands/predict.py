@@ -13,7 +13,7 @@ from pathlib import Path
 from moekit.tasks.classify import predict
 
 
-def add_parser(verbs) -> None:
+def add_parser(verbs: argparse._SubParsersAction) -> None:
     p = verbs.add_parser("predict", help="label text or images with a trained classifier", description=__doc__)
     p.add_argument("--checkpoint", required=True, help="run folder of moekit train --task classify|image-classify")
     p.add_argument("--data", required=True, help="file to label")

@@ -19,7 +19,7 @@ from moekit.tasks.translate import corpus_bleu, load_translator
 from moekit.tasks.translate import translate as translate_sentences
 
 
-def add_parser(verbs) -> None:
+def add_parser(verbs: argparse._SubParsersAction) -> None:
     p = verbs.add_parser("translate", help="translate text with a trained translation model", description=__doc__)
     p.add_argument("--checkpoint", required=True, help="run folder of moekit train --task translate")
     source = p.add_mutually_exclusive_group(required=True)

@@ -9,7 +9,7 @@ from moekit.recipes.btx import load_dense
 from moekit.recipes.upcycle import upcycle
 
 
-def add_parser(verbs) -> None:
+def add_parser(verbs: argparse._SubParsersAction) -> None:
     p = verbs.add_parser("upcycle", help="turn a dense model into an MoE (sparse upcycling)", description=__doc__)
     p.add_argument(
         "--from", dest="source", required=True, help="moekit dense checkpoint or HF llama/mistral/qwen folder"

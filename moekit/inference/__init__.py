@@ -1,5 +1,6 @@
-"""moekit.inference: generation with a KV cache."""
+"""moekit.inference: generation with a KV cache, and the loss of a model on a text file."""
 
-from moekit.inference.generate import ContextOverflow, GenerationConfig, generate, stream_generate
+from moekit.inference.evaluate import evaluate_file
+from moekit.inference.generate import ContextOverflow, GenerationConfig, generate, stream_generate, stream_text
 
-__all__ = ["ContextOverflow", "GenerationConfig", "generate", "stream_generate"]
+__all__ = ["ContextOverflow", "GenerationConfig", "evaluate_file", "generate", "stream_generate", "stream_text"]

@@ -1,5 +1,5 @@
 """Autoregressive generation with a KV cache: greedy or sampled (temperature, top-k, top-p,
-repetition penalty), batched prompts left-padded, and a streaming variant for batch 1.
+repetition penalty), batched prompts left-padded, and streaming variants for batch 1 (token ids or text).
 
 Cached decoding reproduces uncached decoding token for token for token-choice routers without a
 capacity limit (tested). Expert-choice routing (non-causal: a token's experts depend on the other
@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from moekit.config import Config, check_choice, require
+from moekit.data.tokenizers import Tokenizer
 from moekit.errors import ShapeError
 
 
@@ -144,6 +145,29 @@ def stream_generate(
     rows = _as_rows([prompt])
     _check_prompts(rows, config, model.config.vocab_size, model.config.max_position_embeddings)  # fail now
     return _stream(model, rows, config)
+
+
+def stream_text(
+    model: torch.nn.Module, tokenizer: Tokenizer, prompt: str, stop: Sequence[str] = (), **generation: Any
+) -> Iterator[str]:
+    """Yield pieces of generated text as tokens arrive; stops at (and excludes) any ``stop`` string.
+
+    ``generation`` holds :class:`GenerationConfig` fields; sampling is limited to the tokenizer's vocabulary.
+    """
+    config = GenerationConfig(**{"vocab_limit": tokenizer.vocab_size, **generation})
+    new: list[int] = []
+    shown = ""
+    for token in stream_generate(model, tokenizer.encode(prompt), config):
+        new.append(token)
+        text = tokenizer.decode(new)
+        if text.endswith("\ufffd"):  # a multi-byte character is still incomplete
+            continue
+        cut = min((text.find(s) for s in stop if s and s in text), default=-1)
+        if cut >= 0:
+            yield text[len(shown) : cut]
+            return
+        yield text[len(shown) :]
+        shown = text
 
 
 def _stream(model, rows: list[list[int]], config: GenerationConfig) -> Iterator[int]:

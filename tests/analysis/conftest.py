@@ -34,7 +34,7 @@ def tiny_run(tmp_path_factory):
 @pytest.fixture(scope="session")
 def analysis(tiny_run, tmp_path_factory):
     """``analyze`` with file labels, a comparison with the same checkpoint and raw traces."""
-    from moekit.commands.analyze import analyze
+    from moekit.analysis.pipeline import analyze
 
     run, data = tiny_run
     out = tmp_path_factory.mktemp("report") / "out"

@@ -25,7 +25,7 @@ def test_headless_chromium_screenshot_is_not_blank(analysis, tmp_path):
         subprocess.run(
             [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
              "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
-             f"--screenshot={shot}", "--window-size=1200,2000", analysis["report"].resolve().as_uri()],
+             f"--screenshot={shot}", "--window-size=1200,2000", analysis.report.resolve().as_uri()],
             capture_output=True, timeout=120, check=False,
         )  # fmt: skip
     assert shot.is_file(), "Chromium wrote no screenshot"

@@ -23,7 +23,7 @@ def _byte_level_tokenizer(folder):
 
 
 def test_analyze_an_imported_hf_model(tmp_path):
-    from moekit.commands.analyze import analyze
+    from moekit.analysis.pipeline import analyze
 
     folder = tmp_path / "hf"
     hf.to_hf(tiny_model(), folder)
@@ -34,7 +34,7 @@ def test_analyze_an_imported_hf_model(tmp_path):
         model=folder, data=[tmp_path / "code.py", tmp_path / "prose.txt"], out=tmp_path / "out", max_tokens=600,
         view_tokens=32, progress=False,
     )  # fmt: skip
-    s = json.loads(result["stats"].read_text())
+    s = json.loads(result.stats.read_text())
     assert s["model"]["source"] == str(folder) and s["label_names"] == ["code", "prose"]
     assert len(s["layers"]) == 2 and all(sum(layer["load"]) == 2 * s["tokens"] for layer in s["layers"])
     assert "".join(s["token_view"][1]["tokens"]) == PROSE[: len("".join(s["token_view"][1]["tokens"]))]

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moekit.analysis import stats
+from moekit.analysis import stats, tokens
+from moekit.analysis.capture import capture_routing, find_moe_layers
 from moekit.analysis.load import expert_load
-from moekit.analysis.recorder import DriftMeter, RoutingRecorder, capture_routing, find_moe_layers
+from moekit.analysis.recorder import DriftMeter, RoutingRecorder
 from moekit.analysis.traces import read_traces
 from moekit.errors import ConfigError
 from moekit.nn import MoE
@@ -65,7 +66,7 @@ def test_streaming_equals_one_shot():
         assert la.tokens == lb.tokens == 144
     for ta, tb in zip(a.transitions, b.transitions):
         assert torch.equal(ta, tb)
-    # ... and both agree with the plain per-layer loads of the demo's expert_load().
+    # ... and both agree with the plain per-layer loads of expert_load().
     _, load = expert_load(model, batches)
     assert torch.equal(torch.stack([layer.routed for layer in a.layers]), load)
 
@@ -162,7 +163,7 @@ def test_token_routes_cover_texts_longer_than_the_context():
 
     model, tok = tiny_model(), ByteTokenizer()
     text = "Routing: which expert took which token? 0123456789 " * 4  # 204 bytes, context 64
-    view = stats.token_routes(model, tok, text, max_tokens=150)
+    view = tokens.token_routes(model, tok, text, max_tokens=150)
     assert view["window"] == 64 and len(view["tokens"]) == len(view["experts"]) == 150
     assert "".join(view["tokens"]) == text[:150]
     assert all(len(per_layer) == 2 and len(per_layer[0]) == 2 for per_layer in view["experts"])

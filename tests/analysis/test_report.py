@@ -11,7 +11,7 @@ from html.parser import HTMLParser
 
 import pytest
 
-from moekit.analysis import stats
+from moekit.analysis import stats, tokens
 from moekit.analysis.traces import read_traces
 
 
@@ -61,7 +61,7 @@ def _format(value, fmt):
 
 @pytest.fixture(scope="module")
 def page(analysis):
-    html = analysis["report"].read_text(encoding="utf-8")
+    html = analysis.report.read_text(encoding="utf-8")
     parser = Page()
     parser.feed(html)
     parser.close()
@@ -69,8 +69,8 @@ def page(analysis):
 
 
 def test_outputs_exist(analysis):
-    out = analysis["out"]
-    summary = json.loads(analysis["stats"].read_text())
+    out = analysis.out
+    summary = json.loads(analysis.stats.read_text())
     assert (out / "report.html").is_file() and (out / "stats.json").is_file()
     names = [f["file"] for f in summary["figures"]]
     assert {"load_heatmap.png", "imbalance_training.png", "specialisation.png", "coactivation.png", "entropy.png",
@@ -81,14 +81,14 @@ def test_outputs_exist(analysis):
 
 def test_report_is_self_contained_and_holds_every_plot(analysis, page):
     html, parser = page
-    summary = json.loads(analysis["stats"].read_text())
+    summary = json.loads(analysis.stats.read_text())
     assert parser.tags[0] == "html" and "body" in parser.tags
     srcs = [img["src"] for img in parser.images]
     assert len(srcs) == len(summary["figures"])
     assert all(src.startswith("data:image/png;base64,") for src in srcs)
     embedded = {base64.b64decode(src.split(",", 1)[1]) for src in srcs}
     for fig in summary["figures"]:
-        assert (analysis["out"] / fig["file"]).read_bytes() in embedded
+        assert (analysis.out / fig["file"]).read_bytes() in embedded
     assert "http://" not in html and "https://" not in html
     for tag, key, value in parser.attributes:
         if key in ("src", "href"):
@@ -99,14 +99,14 @@ def test_report_is_self_contained_and_holds_every_plot(analysis, page):
 
 def test_report_numbers_match_stats_json(analysis, page):
     _, parser = page
-    summary = json.loads(analysis["stats"].read_text())
+    summary = json.loads(analysis.stats.read_text())
     assert len(parser.stats) > 20
     for path, fmt, text in parser.stats:
         assert text == _format(_lookup(summary, path), fmt), path
 
 
 def test_stats_content(analysis):
-    s = json.loads(analysis["stats"].read_text())
+    s = json.loads(analysis.stats.read_text())
     assert s["label_names"] == ["code", "prose"] and s["data"]["labels"] == "file"
     assert s["tokens"] == sum(src["tokens"] for src in s["data"]["sources"]) == 1200
     for layer in s["layers"]:
@@ -122,8 +122,8 @@ def test_stats_content(analysis):
 
 
 def test_traces_match_the_aggregates(analysis):
-    index, t = read_traces(analysis["out"] / "traces")
-    s = json.loads(analysis["stats"].read_text())
+    index, t = read_traces(analysis.out / "traces")
+    s = json.loads(analysis.stats.read_text())
     assert index["tokens"] == s["tokens"] and index["label_names"] == ["code", "prose"]
     for n, layer in enumerate(s["layers"]):
         top1 = t["experts"][:, n, 0].long()
@@ -132,7 +132,7 @@ def test_traces_match_the_aggregates(analysis):
 
 def test_token_view_is_coloured_per_layer(page, analysis):
     html, _ = page
-    s = json.loads(analysis["stats"].read_text())
+    s = json.loads(analysis.stats.read_text())
     for n in range(len(s["layers"])):
         assert f'id="tv-l{n}"' in html and f"tv-layer-{n}" in html
     assert html.count('title="layer ') >= 2 * 48
@@ -149,7 +149,7 @@ def test_cli_category_labels(tiny_run, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "report:" in proc.stdout and re.search(r"analysed [\d,]+ tokens", proc.stdout)
     s = json.loads((out / "stats.json").read_text())
-    assert s["label_names"] == list(stats.CATEGORIES)
+    assert s["label_names"] == list(tokens.CATEGORIES)
     counts = dict(zip(s["label_names"], s["layers"][0]["specialisation"]["label_tokens"]))
     assert counts["letters"] > 0 and counts["digits"] > 0 and counts["whitespace"] > 0
     assert s["drift"] is None

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from moekit.analysis import stats
+from moekit.analysis import stats, tokens
 from moekit.analysis.recorder import RoutingRecorder
 from moekit.data.tokenizers import ByteTokenizer
 from tests.analysis.helpers import FakeMoEModel, make_aux
@@ -92,12 +92,12 @@ def test_layer_agreement():
      ("$+", "punctuation"), ("\n", "whitespace"), ("  ", "whitespace"), ("a1", "other"), ("\ufffd", "other")],
 )  # fmt: skip
 def test_token_category(text, category):
-    assert stats.token_category(text) == category
+    assert tokens.token_category(text) == category
 
 
 def test_category_table_of_byte_tokenizer():
-    table = stats.category_table(ByteTokenizer())
-    names = [stats.CATEGORIES[i] for i in table.tolist()]
+    table = tokens.category_table(ByteTokenizer())
+    names = [tokens.CATEGORIES[i] for i in table.tolist()]
     assert names[ord("a")] == "letters" and names[ord("7")] == "digits"
     assert names[ord(" ")] == "whitespace" and names[ord(";")] == "punctuation"
     assert names[0xC3] == "other"  # a lone UTF-8 lead byte
@@ -106,7 +106,7 @@ def test_category_table_of_byte_tokenizer():
 def test_token_pieces_keep_multibyte_characters_whole():
     tok = ByteTokenizer()
     text = "héllo ✓ ok"
-    pieces = stats.token_pieces(tok, tok.encode(text))
+    pieces = tokens.token_pieces(tok, tok.encode(text))
     assert "".join(pieces) == text
     assert len(pieces) == len(tok.encode(text))
     assert "é" in pieces and "✓" in pieces
