@@ -27,13 +27,11 @@ import torch
 from moekit.commands.demo import DEMO_RECIPE
 from moekit.train import TrainConfig, Trainer
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
-
 
 def make_trainer(model: str, steps: int, out: Path, args, dropout: float = 0.0, tag: str = "", **extra) -> Trainer:
     config = TrainConfig(
         model=model,
-        data=str(SHARED) if SHARED.is_file() else None,  # the built-in corpus is the same text
+        data=getattr(args, "data", None),  # None: the built-in copy of tiny-shakespeare
         tokenizer="char",
         block_size=args.block_size,
         batch_size=args.batch_size,
@@ -136,6 +134,7 @@ def demo_budget(args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=None, help="tiny-shakespeare input.txt (default: the built-in copy)")
     p.add_argument("--steps", type=int, default=600, help="steps for the equal-tokens comparison (0 = skip)")
     p.add_argument("--demo-budget", type=float, default=0, help="seconds for the demo-budget run (0 = skip)")
     p.add_argument("--batch-size", type=int, default=32)

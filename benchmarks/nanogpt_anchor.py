@@ -28,7 +28,6 @@ from moekit.data.corpus import builtin_corpus
 from moekit.data.loader import iter_eval_batches, split_tokens
 from moekit.data.tokenizers import CharTokenizer
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
 ISSUE_SECONDS, ISSUE_ITERS = 100.0, 2000  # the issue's figure for this recipe on its 2-core machine
 ISSUE_LOSS = 1.886
 
@@ -78,8 +77,8 @@ def lr_at(step: int, iters: int, lr: float = 1e-3, min_lr: float = 1e-4, warmup:
     return min_lr + 0.5 * (1 + math.cos(math.pi * ratio)) * (lr - min_lr)
 
 
-def run_anchor(iters: int = 2000, seed: int = 1337, block: int = 64, batch: int = 12) -> dict:
-    text = SHARED.read_text(encoding="utf-8") if SHARED.is_file() else builtin_corpus()
+def run_anchor(iters: int = 2000, seed: int = 1337, block: int = 64, batch: int = 12, data: Path | None = None) -> dict:
+    text = data.read_text(encoding="utf-8") if data else builtin_corpus()
     tokenizer = CharTokenizer.from_text(text)
     train, val = split_tokens(tokenizer.encode(text), 0.1)
     torch.manual_seed(seed)
@@ -128,13 +127,14 @@ def describe(result: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=None, help="tiny-shakespeare input.txt (default: the built-in copy)")
     p.add_argument("--iters", type=int, default=2000)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = run_anchor(args.iters)
+    result = run_anchor(args.iters, data=args.data)
     print(describe(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

@@ -1,4 +1,4 @@
-"""Issue 5's experiments on ../shared/data/multidomain (code, math, prose), byte-level.
+"""Issue 5's experiments on the multidomain set (--data: code, math, prose), byte-level.
 
 (a) upcycle: a dense seed, then the same extra tokens either as dense continuation or as an
     upcycled MoE (8 experts, top-2): validation loss per domain and overall.
@@ -6,9 +6,10 @@
     compute (BTX's MoE steps are counted at their measured cost in dense steps); validation loss
     per domain, and the share of each domain's tokens that each expert receives, per layer.
 
-    python benchmarks/upcycle_experiments.py --experiment upcycle --out results/upcycle
-    python benchmarks/upcycle_experiments.py --experiment btx --out results/btx
-    python benchmarks/upcycle_experiments.py --experiment both --quick    # a smoke run
+    DATA=../shared/data/multidomain   # code_networkx/, math_gsm8k/, prose_warpeace/
+    python benchmarks/upcycle_experiments.py --data $DATA --experiment upcycle --out results/upcycle
+    python benchmarks/upcycle_experiments.py --data $DATA --experiment btx --out results/btx
+    python benchmarks/upcycle_experiments.py --data $DATA --experiment both --quick    # a smoke run
 
 Each writes results.md, results.json and a plot into --out.
 """
@@ -29,24 +30,16 @@ from moekit.data.text import load_text
 from moekit.recipes.upcycle import mix_experts, upcycle
 from moekit.train import TrainConfig, Trainer
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "multidomain"
-TRAIN = {
-    "code": DATA / "code_networkx" / "train.txt",
-    "math": DATA / "math_gsm8k" / "train.txt",
-    "prose": DATA / "prose_warpeace" / "train.txt",
-}
-VALID = {
-    "code": DATA / "code_networkx" / "valid.txt",
-    "math": DATA / "math_gsm8k" / "test.txt",
-    "prose": DATA / "prose_warpeace" / "valid.txt",
-}
+# Each domain's training and held-out file, relative to --data.
+TRAIN = {"code": "code_networkx/train.txt", "math": "math_gsm8k/train.txt", "prose": "prose_warpeace/train.txt"}
+VALID = {"code": "code_networkx/valid.txt", "math": "math_gsm8k/test.txt", "prose": "prose_warpeace/valid.txt"}
 
 
-def run_training(out: Path, steps: int, args, data, init_from=None, trainable=None, lr=None) -> Path:
+def run_training(out: Path, steps: int, args, domains, init_from=None, trainable=None, lr=None) -> Path:
     config = TrainConfig(
         model=args.model,
         init_from=str(init_from) if init_from else None,
-        data=tuple(str(p) for p in data),
+        data=tuple(str(args.data / TRAIN[d]) for d in domains),
         tokenizer="byte",
         block_size=args.block_size,
         batch_size=args.batch_size,
@@ -71,7 +64,7 @@ def domain_losses(model, tokenizer, args) -> dict[str, float]:
     model.eval()
     with torch.no_grad():
         for name, path in VALID.items():
-            tokens = torch.tensor(tokenizer.encode(load_text(path)[: args.valid_bytes]))
+            tokens = torch.tensor(tokenizer.encode(load_text(args.data / path)[: args.valid_bytes]))
             total, count = 0.0, 0
             for x, y in iter_eval_batches(tokens, args.block_size, 16):
                 logits = model(x).logits
@@ -86,7 +79,7 @@ def domain_expert_shares(model, tokenizer, args) -> dict[str, list[list[float]]]
     """domain -> [layer][expert] share of the domain's routed assignments."""
     shares = {}
     for name, path in VALID.items():
-        tokens = torch.tensor(tokenizer.encode(load_text(path)[: args.valid_bytes]))
+        tokens = torch.tensor(tokenizer.encode(load_text(args.data / path)[: args.valid_bytes]))
         batches = (x for x, _ in iter_eval_batches(tokens, args.block_size, 16))
         _, load = expert_load(model, batches)
         shares[name] = (load.float() / load.sum(dim=1, keepdim=True)).tolist()
@@ -130,7 +123,7 @@ def step_cost_ratio(moe_ckpt: Path, dense_ckpt: Path, args) -> float:
     for name, ckpt in (("moe", moe_ckpt), ("dense", dense_ckpt)):
         cfg = TrainConfig(
             init_from=str(ckpt),
-            data=str(TRAIN["prose"]),
+            data=str(args.data / TRAIN["prose"]),
             block_size=args.block_size,
             batch_size=args.batch_size,
             max_steps=100,
@@ -149,11 +142,11 @@ def step_cost_ratio(moe_ckpt: Path, dense_ckpt: Path, args) -> float:
 
 
 def experiment_upcycle(args, out: Path, seed: Path) -> dict:
-    dense_cont = run_training(out / "dense-continued", args.extra_steps, args, TRAIN.values(), init_from=seed)
+    dense_cont = run_training(out / "dense-continued", args.extra_steps, args, TRAIN, init_from=seed)
     dense, tokenizer = load_model(seed)
     moe = upcycle(dense, args.experts, args.top_k, noise=args.noise, seed=args.seed)
     upcycled0 = save_checkpoint(out / "upcycled-step0", 0, moe, tokenizer)
-    moe_cont = run_training(out / "upcycled-trained", args.extra_steps, args, TRAIN.values(), init_from=upcycled0)
+    moe_cont = run_training(out / "upcycled-trained", args.extra_steps, args, TRAIN, init_from=upcycled0)
     rows = {
         "seed (dense)": domain_losses(load_model(seed)[0], tokenizer, args),
         f"dense +{args.extra_steps} steps": domain_losses(load_model(dense_cont)[0], tokenizer, args),
@@ -175,18 +168,18 @@ def experiment_upcycle(args, out: Path, seed: Path) -> dict:
 
 def experiment_btx(args, out: Path, seed: Path) -> dict:
     branches = []
-    for name, path in TRAIN.items():
-        branches.append(run_training(out / f"branch-{name}", args.branch_steps, args, [path], init_from=seed))
+    for name in TRAIN:
+        branches.append(run_training(out / f"branch-{name}", args.branch_steps, args, [name], init_from=seed))
     models = [load_model(b)[0] for b in branches]
     tokenizer = load_model(seed)[1]
     mixed = save_checkpoint(out / "mixed", 0, mix_experts(models, top_k=args.top_k, seed=args.seed), tokenizer)
     routed = run_training(
-        out / "router", args.router_steps, args, TRAIN.values(), init_from=mixed, trainable="router", lr=args.lr
+        out / "router", args.router_steps, args, TRAIN, init_from=mixed, trainable="router", lr=args.lr
     )
-    final = run_training(out / "finetune", args.finetune_steps, args, TRAIN.values(), init_from=routed)
+    final = run_training(out / "finetune", args.finetune_steps, args, TRAIN, init_from=routed)
     cost = step_cost_ratio(final, seed, args)
     dense_steps = round(len(TRAIN) * args.branch_steps + (args.router_steps + args.finetune_steps) * cost)
-    dense_cont = run_training(out / "dense-continued", dense_steps, args, TRAIN.values(), init_from=seed)
+    dense_cont = run_training(out / "dense-continued", dense_steps, args, TRAIN, init_from=seed)
     btx_model = load_model(final)[0]
     rows = {
         "seed (dense)": domain_losses(load_model(seed)[0], tokenizer, args),
@@ -234,6 +227,7 @@ def experiment_btx(args, out: Path, seed: Path) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--experiment", choices=["upcycle", "btx", "both"], default="both")
+    p.add_argument("--data", type=Path, required=True, help="the multidomain folder (code_networkx/, math_gsm8k/, ...)")
     p.add_argument("--out", type=Path, default=Path("results/upcycle_experiments"))
     p.add_argument("--model", default="dense-demo")
     p.add_argument("--seed-steps", type=int, default=300)
@@ -257,7 +251,7 @@ def main() -> None:
         args.router_steps = args.finetune_steps = 2
         args.valid_bytes = 5_000
     args.out.mkdir(parents=True, exist_ok=True)
-    seed = run_training(args.out / "seed", args.seed_steps, args, TRAIN.values())
+    seed = run_training(args.out / "seed", args.seed_steps, args, TRAIN)
     results = {"args": {k: str(v) for k, v in vars(args).items()}}
     if args.experiment in ("upcycle", "both"):
         results["upcycle"] = experiment_upcycle(args, args.out / "upcycle", seed)

@@ -1,9 +1,10 @@
 """Worked example: train a small MoE on code + math + prose, then ask which experts handle what.
 
-    python examples/analysis_multidomain.py                       # 400 steps: ~3-4 minutes on one core
-    python examples/analysis_multidomain.py --steps 3000 --out results/analysis_multidomain_long
+    DATA=../shared/data/multidomain   # code_networkx/, math_gsm8k/, prose_warpeace/
+    python examples/analysis_multidomain.py --data $DATA            # 400 steps: ~3-4 minutes on one core
+    python examples/analysis_multidomain.py --data $DATA --steps 3000 --out results/analysis_multidomain_long
 
-1. Mixes the three training sets of ``../shared/data/multidomain`` (networkx source code, GSM8K
+1. Mixes the three training sets of the ``--data`` folder (networkx source code, GSM8K
    math word problems, War and Peace) into one byte-level corpus, interleaved in ~4 KB chunks and
    balanced by size.
 2. Trains a small byte-level MoE (the ``demo`` preset narrowed to hidden size 64: 4 layers, 8 experts,
@@ -28,8 +29,6 @@ import torch
 from moekit.analysis.pipeline import analyze
 from moekit.train.trainer import train
 
-HERE = Path(__file__).resolve().parent
-DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "multidomain"
 # The demo preset narrowed so that a few minutes on 2 shared cores buy a few hundred steps.
 MODEL_OVERRIDES = {"hidden_size": 64, "intermediate_size": 256, "moe": {"expert_hidden_size": 128}}
 DOMAINS = {  # label -> (training file, held-out file) inside the data folder
@@ -96,7 +95,9 @@ def previous_run(run_dir: Path) -> tuple[int, float, None]:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    ap.add_argument(
+        "--data", type=Path, required=True, help="the multidomain folder (code_networkx/, math_gsm8k/, ...)"
+    )
     ap.add_argument("--out", type=Path, default=Path("results/analysis_multidomain"))
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--time-budget", default=None, help="stop earlier when this is spent (e.g. 3m)")

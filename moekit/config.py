@@ -12,6 +12,7 @@ import difflib
 import enum
 import json
 import re
+import sys
 import types
 import typing
 from pathlib import Path
@@ -127,9 +128,9 @@ def _coerce(hint: Any, value: Any) -> Any:
 
 # -- config files and command-line overrides -------------------------------------------------------
 
-try:
+if sys.version_info >= (3, 11):
     import tomllib
-except ModuleNotFoundError:  # Python 3.10
+else:  # Python 3.10 has no TOML reader
     tomllib = None
 
 

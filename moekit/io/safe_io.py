@@ -107,13 +107,13 @@ def _check_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, s
     for name, t in tensors.items():
         if t.numel() == 0 or t.device.type == "meta":
             continue
-        key = (str(t.device), t.untyped_storage().data_ptr())
-        if key in owners:
+        storage = (str(t.device), t.untyped_storage().data_ptr())
+        if storage in owners:
             raise CheckpointError(
-                f"tensors {owners[key]!r} and {name!r} share memory (tied weights?); save only one of them "
+                f"tensors {owners[storage]!r} and {name!r} share memory (tied weights?); save only one of them "
                 f"and re-tie after loading, or pass a .clone() of one"
             )
-        owners[key] = name
+        owners[storage] = name
 
 
 def save_tensors(
