@@ -33,10 +33,9 @@ def routing_sums(
     sums = {
         "n_valid": torch.as_tensor(n_valid, dtype=dtype, device=device),
         "routed_E": torch.bincount(routing.expert_idx_A, minlength=num_experts).to(dtype),
-        "entropy": torch.zeros((), dtype=dtype, device=device),
     }
     if probs_TE is None:
-        return sums
+        return {**sums, "entropy": torch.zeros((), dtype=dtype, device=device)}
     valid_probs = probs_TE if routing.valid_T is None else probs_TE[routing.valid_T]
     p = valid_probs.detach()
     sums["entropy"] = -(p * p.clamp_min(1e-30).log()).sum()

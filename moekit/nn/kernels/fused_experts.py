@@ -32,18 +32,11 @@ from moekit.nn.kernels.schedule import intra_op_threads, run_jobs
 
 
 def activate(h_NX: torch.Tensor, activation: Activation) -> torch.Tensor:
-    """SwiGLU on [gate | up] halves, or GELU."""
+    """SwiGLU on [gate | up] halves, or GELU (the product in place on silu's fresh output: autograd-safe)."""
     if activation == Activation.SWIGLU:
         gate, up = h_NX.chunk(2, dim=-1)
-        return F.silu(gate) * up
-    return F.gelu(h_NX)
-
-
-def _act_forward(h: torch.Tensor, swiglu: bool) -> torch.Tensor:
-    if swiglu:
-        gate, up = h.chunk(2, dim=-1)
         return F.silu(gate).mul_(up)
-    return F.gelu(h)
+    return F.gelu(h_NX)
 
 
 def _act_backward(h: torch.Tensor, grad_a: torch.Tensor, swiglu: bool, silu: torch.Tensor | None) -> torch.Tensor:
@@ -130,7 +123,7 @@ def _forward(x_TD, token_idx_N, weight_N, w_in, w_out, sw_in, sw_out, sweight_T,
             h = torch.mm(x_n, wi)
             if hbuf is not None:
                 hbuf[lo:hi] = h
-        a = _act_forward(h, plan.swiglu)
+        a = activate(h, Activation.SWIGLU if plan.swiglu else Activation.GELU)
         if kind == 0 and mask_NH is not None:
             a.mul_(cast(mask_NH[lo:hi], cdt))
         if w is not None:
