@@ -1,6 +1,6 @@
 """The CPU expert schedules side by side: the demo MoE LM's training step on workers, inline and auto.
 
-``moekit.nn.grouped_mm.run_jobs`` runs the per-expert jobs either on single-threaded worker
+``moekit.nn.kernels.schedule.run_jobs`` runs the per-expert jobs either on single-threaded worker
 threads or inline (one op after another on the caller's intra-op threads); ``auto`` measures both
 per call site and runs the faster. This script times one training step of the ``demo`` MoE model
 and of its equal-active dense baseline (lm_quality's recipe: blocks of 128 x batch 32) under each
@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lm_quality import make_trainer  # noqa: E402
 
-from moekit.nn.grouped_mm import expert_schedule  # noqa: E402
+from moekit.nn.kernels.schedule import expert_schedule  # noqa: E402
 
 SCHEDULES = ("workers", "inline", "auto")
 

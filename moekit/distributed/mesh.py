@@ -68,10 +68,6 @@ class DistContext:
     owns_process_group: bool = False
 
     @property
-    def world_group(self):
-        return None
-
-    @property
     def is_main(self) -> bool:
         return self.rank == 0
 

@@ -1,6 +1,7 @@
 """moekit.nn: MoE layers, routers, experts and balancing losses."""
 
 from moekit.nn.config import Activation, DropPolicy, MoEConfig, RouterType
+from moekit.nn.executor import ExpertExecutor
 from moekit.nn.experts import Experts
 from moekit.nn.mlp import MLP
 from moekit.nn.moe import MoE, reference_moe
@@ -10,6 +11,7 @@ from moekit.nn.soft_moe import SoftMoE, reference_soft_moe
 __all__ = [
     "Activation",
     "DropPolicy",
+    "ExpertExecutor",
     "Experts",
     "MLP",
     "MoE",

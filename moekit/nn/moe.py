@@ -14,10 +14,11 @@ from torch import nn
 from moekit.errors import ShapeError
 from moekit.nn import few_tokens
 from moekit.nn.config import Activation, MoEConfig, RouterType
-from moekit.nn.dispatch import dispatch, expert_capacity
-from moekit.nn.experts import Experts, expert_dropout_mask, moe_experts
-from moekit.nn.grouped_mm import intra_op_threads
-from moekit.nn.losses import router_entropy, router_z_loss, sequence_aux_loss, switch_aux_loss
+from moekit.nn.dispatch import Dispatch, dispatch, expert_capacity
+from moekit.nn.executor import ExpertExecutor, LocalExperts, SharedWeights
+from moekit.nn.experts import Experts
+from moekit.nn.kernels.schedule import intra_op_threads
+from moekit.nn.losses import losses_from_sums, routing_sums
 from moekit.nn.mlp import MLP
 from moekit.nn.router import build_router
 from moekit.nn.routing import MoEAux, Routing
@@ -61,9 +62,9 @@ class MoE(nn.Module):
             if config.num_shared_experts and config.shared_expert_gate
             else None
         )
-        # Set by moekit.distributed.shard_model: this rank then holds E / P experts and forward() hands
-        # the layer to it (tokens travel to their experts by all-to-all; statistics are global).
-        self.expert_parallel = None
+        # Runs the experts and sums the statistics over a global batch; moekit.distributed.shard_model
+        # replaces it (this rank then holds E / P experts; tokens travel to them by all-to-all).
+        self.executor: ExpertExecutor = LocalExperts()
 
     def extra_repr(self) -> str:
         c = self.config
@@ -97,52 +98,24 @@ class MoE(nn.Module):
         return self.router(x_TD, valid_T, token_ids_T)
 
     def forward(self, x, mask=None, token_ids=None, record_routing: bool = False):
-        if self.expert_parallel is not None:
-            return self.expert_parallel.forward(self, x, mask, token_ids, record_routing)
         if few_tokens.applies(self, x, mask, record_routing):
             return few_tokens.forward(self, x)
         cfg = self.config
         threads = torch.get_num_threads()
-        # The many small ops run on one intra-op thread (see moekit.nn.grouped_mm.intra_op_threads);
+        # The many small ops run on one intra-op thread (see moekit.nn.kernels.schedule.intra_op_threads);
         # the experts (and shared experts) spread over `threads` single-threaded workers.
         with intra_op_threads(1):
             x_TD, valid_T, ids_T, seq_len = self._flatten_inputs(x, mask, token_ids)
             routing = self.route(x_TD, valid_T, ids_T)
             plan = dispatch(routing, cfg.num_experts, cfg.capacity_factor, cfg.drop_policy)
-            shared = self._fusable_shared(x_TD)
-            mask_NH = None
-            if self.training and cfg.expert_dropout > 0:
-                mask_NH = expert_dropout_mask(
-                    plan.token_idx_N.shape[0], cfg.expert_hidden_size, cfg.expert_dropout, device=x.device
-                )
-            # Gather, both GEMMs, activation, combine weights and the scatter back in one fused op.
-            y_TD = moe_experts(
-                x_TD,
-                plan.token_idx_N,
-                plan.weight_N,
-                plan.counts,
-                self.experts.w_in,
-                self.experts.w_out,
-                self.experts.activation,
-                *shared,
-                threads=threads,
-                dropout_mask_NH=mask_NH,
-            )
-        if self.shared_experts is not None and shared[0] is None:
+            shared = self._fusable_shared(x_TD) if self.executor.fuses_shared else None
+            dropout = cfg.expert_dropout if self.training else 0.0
+            y_TD = self.executor(x_TD, plan, self.experts, dropout=dropout, shared=shared, threads=threads)
+        if self.shared_experts is not None and shared is None:
             y_TD = y_TD + self._shared(x_TD).to(y_TD.dtype)
         with intra_op_threads(1):
             y_TD = y_TD.to(x.dtype)
-            losses = self._losses(routing, seq_len)
-            total = sum((coef * losses[name] for name, coef in self._loss_coefs() if name in losses), torch.zeros(()))
-            aux = MoEAux(
-                loss=total,
-                losses=losses,
-                tokens_per_expert=plan.tokens_per_expert_E,
-                dropped_assignments=plan.dropped_assignments,
-                dropped_tokens=plan.dropped_tokens,
-                router_entropy=router_entropy(routing),
-                routing=routing if record_routing else None,
-            )
+            aux = self._aux(routing, plan, seq_len, record_routing)
         return y_TD.view(x.shape), aux
 
     def _shared(self, x_TD: torch.Tensor) -> torch.Tensor:
@@ -151,18 +124,16 @@ class MoE(nn.Module):
             shared_TD = torch.sigmoid(self.shared_expert_gate(x_TD)) * shared_TD
         return shared_TD
 
-    def _fusable_shared(self, x_TD: torch.Tensor):
-        """(w_in, w_out, weight_T) of the shared experts for :func:`moe_experts`, or Nones when the
-        shared MLP (or its gate) is not the stock module (hooks, adapters), which then runs as is."""
-        none = (None, None, None)
+    def _fusable_shared(self, x_TD: torch.Tensor) -> SharedWeights | None:
+        """(w_in, w_out, weight_T) of the shared experts for the fused kernel, or None when there are none or
+        the shared MLP (or its gate) is not the stock module (hooks, adapters), which then runs as is."""
         mlp, gate = self.shared_experts, self.shared_expert_gate
         if mlp is None or type(mlp) is not MLP or (gate is not None and type(gate) is not nn.Linear):
-            return none
+            return None
         mods = [mlp, *mlp.children(), *([gate] if gate is not None else [])]
-        if any(m._forward_hooks or m._forward_pre_hooks for m in mods):
-            return none
-        if any(type(m) is not nn.Linear or m.bias is not None for m in mlp.children()):
-            return none
+        hooked = any(m._forward_hooks or m._forward_pre_hooks for m in mods)
+        if hooked or any(type(m) is not nn.Linear or m.bias is not None for m in mlp.children()):
+            return None
         if mlp.activation == Activation.SWIGLU:
             w_in = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).t()
         else:
@@ -170,23 +141,29 @@ class MoE(nn.Module):
         weight_T = None if gate is None else torch.sigmoid(gate(x_TD)).squeeze(-1)
         return w_in, mlp.down_proj.weight.t(), weight_T
 
-    def _loss_coefs(self):
+    def _aux(self, routing: Routing, plan: Dispatch, seq_len: int, record_routing: bool) -> MoEAux:
+        """Losses and statistics of the global batch: this batch's sums, summed by the executor, then ratios."""
         c = self.config
-        return (("aux", c.aux_loss_coef), ("seq_aux", c.seq_aux_loss_coef), ("z", c.z_loss_coef))
-
-    def _losses(self, routing: Routing, seq_len: int) -> dict[str, torch.Tensor]:
-        c = self.config
-        losses: dict[str, torch.Tensor] = {}
-        if routing.logits_TE is None:
-            return losses
-        if c.router in _BALANCED_BY_LOSS:
-            if c.aux_loss_coef > 0:
-                losses["aux"] = switch_aux_loss(routing, c.num_experts)
-            if c.seq_aux_loss_coef > 0:
-                losses["seq_aux"] = sequence_aux_loss(routing, c.num_experts, seq_len)
-        if c.z_loss_coef > 0:
-            losses["z"] = router_z_loss(routing)
-        return losses
+        coefs = {"aux": c.aux_loss_coef, "seq_aux": c.seq_aux_loss_coef, "z": c.z_loss_coef}
+        if c.router not in _BALANCED_BY_LOSS:
+            coefs["aux"] = coefs["seq_aux"] = 0.0
+        sums = routing_sums(routing, c.num_experts, seq_len, [name for name, coef in coefs.items() if coef > 0])
+        sums.update(kept_E=plan.tokens_per_expert_E, dropped_assignments=plan.dropped_assignments)
+        sums.update(dropped_tokens=plan.dropped_tokens)
+        sums = self.executor.reduce(sums)
+        if self.router.training and hasattr(self.router, "load_since_update"):
+            with torch.no_grad():  # the load the aux-loss-free bias update balances (global under EP)
+                self.router.load_since_update += sums["routed_E"].to(self.router.load_since_update.dtype)
+        losses = losses_from_sums(sums, c.num_experts)
+        return MoEAux(
+            loss=sum((coefs[name] * loss for name, loss in losses.items()), torch.zeros(())),
+            losses=losses,
+            tokens_per_expert=sums["kept_E"],
+            dropped_assignments=sums["dropped_assignments"],
+            dropped_tokens=sums["dropped_tokens"],
+            router_entropy=sums["entropy"] / sums["n_valid"].clamp(min=1),
+            routing=routing if record_routing else None,
+        )
 
     @torch.no_grad()
     def update_bias(self, load_E: torch.Tensor | None = None) -> None:

@@ -23,7 +23,8 @@ def routing_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 class Router(nn.Module):
-    """Base class: a linear gate whose logits are computed in fp32."""
+    """Base class: a linear gate whose logits are computed in fp32; ``forward(x_TD, valid_T, token_ids_T)``
+    of a subclass returns the Routing."""
 
     def __init__(self, config: MoEConfig):
         super().__init__()
@@ -38,14 +39,11 @@ class Router(nn.Module):
             eps = self.config.router_jitter
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - eps, 1.0 + eps)
         dtype = routing_dtype(x_TD.dtype)
-        with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            bias = None if self.bias is None else self.bias.to(dtype)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        if not torch.is_autocast_enabled(x_TD.device.type):  # entering the context costs a decode step 3 us
             return F.linear(x_TD.to(dtype), self.weight.to(dtype), bias)
-
-    def forward(
-        self, x_TD: torch.Tensor, valid_T: torch.Tensor | None = None, token_ids_T: torch.Tensor | None = None
-    ) -> Routing:
-        raise NotImplementedError
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            return F.linear(x_TD.to(dtype), self.weight.to(dtype), bias)
 
 
 def _token_choice(
@@ -78,7 +76,20 @@ def _token_choice(
     )
 
 
-class SoftmaxTopKRouter(Router):
+class _TopKRouter(Router):
+    """Token choice: each token picks its top k experts from the scores that :meth:`choose` derives."""
+
+    def choose(self, logits_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(expert ids [T, k], combine weights [T, k], normalised scores [T, E]); few_tokens calls it too."""
+        raise NotImplementedError
+
+    def forward(self, x_TD, valid_T=None, token_ids_T=None) -> Routing:
+        logits_TE = self.logits(x_TD)
+        topk_idx_TK, weight_TK, probs_TE = self.choose(logits_TE)
+        return _token_choice(topk_idx_TK, weight_TK, logits_TE, probs_TE, valid_T)
+
+
+class SoftmaxTopKRouter(_TopKRouter):
     """Softmax over all experts, keep the top k (Switch k=1, Mixtral k=2, OLMoE/Qwen k=8).
 
     With ``norm_topk_prob`` the k kept probabilities are renormalised to sum to one (Mixtral's
@@ -86,14 +97,18 @@ class SoftmaxTopKRouter(Router):
     (DeepSeek-V2's softmax gate; 1 in Mixtral, Qwen-MoE and OLMoE).
     """
 
-    def forward(self, x_TD, valid_T=None, token_ids_T=None) -> Routing:
-        logits_TE = self.logits(x_TD)
+    def choose(self, logits_TE):
+        cfg = self.config
         probs_TE = logits_TE.softmax(dim=-1)
-        topk_idx_TK, weight_TK = softmax_topk_select(probs_TE, self.config)
-        return _token_choice(topk_idx_TK, weight_TK, logits_TE, probs_TE, valid_T)
+        weight_TK, idx_TK = probs_TE.topk(cfg.top_k, dim=-1)
+        if cfg.norm_topk_prob:
+            weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True)
+        if cfg.routed_scaling_factor != 1.0:
+            weight_TK = weight_TK * cfg.routed_scaling_factor
+        return idx_TK, weight_TK, probs_TE
 
 
-class SigmoidTopKRouter(Router):
+class SigmoidTopKRouter(_TopKRouter):
     """DeepSeek-V3 routing: sigmoid scores, aux-loss-free balancing bias, group-limited top-k.
 
     The per-expert bias ``e_score_correction_bias`` is added to the scores for *selection only*;
@@ -105,20 +120,28 @@ class SigmoidTopKRouter(Router):
     def __init__(self, config: MoEConfig):
         super().__init__(config)
         self.register_buffer("e_score_correction_bias", torch.zeros(config.num_experts, dtype=torch.float32))
-        # Load observed since the last update_bias(), summed over micro-batches.
+        # Load observed since the last update_bias(), summed over micro-batches by the MoE layer in training
+        # (over all ranks under expert parallelism).
         self.register_buffer("load_since_update", torch.zeros(config.num_experts), persistent=False)
 
-    def forward(self, x_TD, valid_T=None, token_ids_T=None) -> Routing:
+    def choose(self, logits_TE):
         cfg = self.config
-        logits_TE = self.logits(x_TD)
         scores_TE = logits_TE.sigmoid()
-        topk_idx_TK, weight_TK = sigmoid_topk_select(scores_TE, self.e_score_correction_bias, cfg)
-        probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
-        routing = _token_choice(topk_idx_TK, weight_TK, logits_TE, probs_TE, valid_T)
-        if self.training:
-            with torch.no_grad():
-                self.load_since_update += torch.bincount(routing.expert_idx_A, minlength=cfg.num_experts).float()
-        return routing
+        choice_TE = scores_TE.detach() + self.e_score_correction_bias.to(scores_TE.dtype)
+        if cfg.n_group > 1:
+            T = choice_TE.shape[0]
+            grouped_TGe = choice_TE.view(T, cfg.n_group, -1)
+            # A group's score is the sum of its top-2 experts (DeepSeek-V3); top-1 for 1-expert groups.
+            group_score_TG = grouped_TGe.topk(min(2, grouped_TGe.shape[-1]), dim=-1).values.sum(-1)
+            keep_group_TG = torch.zeros_like(group_score_TG, dtype=torch.bool)
+            keep_group_TG.scatter_(1, group_score_TG.topk(cfg.topk_group, dim=-1).indices, True)
+            choice_TE = grouped_TGe.masked_fill(~keep_group_TG.unsqueeze(-1), float("-inf")).view(T, -1)
+        # The balancing bias steers only which experts are chosen; the weights come from the raw scores.
+        idx_TK = choice_TE.topk(cfg.top_k, dim=-1).indices
+        weight_TK = scores_TE.gather(1, idx_TK)
+        if cfg.norm_topk_prob:
+            weight_TK = weight_TK / (weight_TK.sum(dim=-1, keepdim=True) + 1e-20)
+        return idx_TK, weight_TK * cfg.routed_scaling_factor, scores_TE / scores_TE.sum(dim=-1, keepdim=True)
 
     @torch.no_grad()
     def update_bias(self, load_E: torch.Tensor | None = None) -> None:
@@ -190,15 +213,13 @@ class HashRouter(nn.Module):
         return _token_choice(expert_TK, weight_TK, None, None, valid_T)
 
 
-class DenseRouter(Router):
+class DenseRouter(_TopKRouter):
     """Classic soft mixture (Jacobs et al. 1991): every expert runs, weighted by the softmax."""
 
-    def forward(self, x_TD, valid_T=None, token_ids_T=None) -> Routing:
-        logits_TE = self.logits(x_TD)
+    def choose(self, logits_TE):
         probs_TE = logits_TE.softmax(dim=-1)
         T, E = probs_TE.shape
-        all_TE = torch.arange(E, device=x_TD.device).expand(T, E)
-        return _token_choice(all_TE, probs_TE, logits_TE, probs_TE, valid_T)
+        return torch.arange(E, device=logits_TE.device).expand(T, E), probs_TE, probs_TE
 
 
 ROUTERS: dict[RouterType, type[nn.Module]] = {
@@ -213,37 +234,3 @@ ROUTERS: dict[RouterType, type[nn.Module]] = {
 def build_router(config: MoEConfig) -> nn.Module:
     """The router module that ``config.router`` names."""
     return ROUTERS[config.router](config)
-
-
-def softmax_topk_select(probs_TE: torch.Tensor, cfg: MoEConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """(expert ids [T, k], combine weights [T, k]) from softmax probabilities: the k largest, renormalised
-    to sum to one when ``norm_topk_prob``, then times ``routed_scaling_factor``. Shared with the few-token path."""
-    weight_TK, idx_TK = probs_TE.topk(cfg.top_k, dim=-1)
-    if cfg.norm_topk_prob:
-        weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True)
-    if cfg.routed_scaling_factor != 1.0:
-        weight_TK = weight_TK * cfg.routed_scaling_factor
-    return idx_TK, weight_TK
-
-
-def sigmoid_topk_select(
-    scores_TE: torch.Tensor, bias_E: torch.Tensor, cfg: MoEConfig
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """DeepSeek-V3 selection: (expert ids [T, k], gate weights [T, k]) from sigmoid scores.
-
-    The balancing bias steers only which experts are chosen; the weights come from the raw scores.
-    """
-    choice_TE = scores_TE.detach() + bias_E.to(scores_TE.dtype)
-    if cfg.n_group > 1:
-        T = choice_TE.shape[0]
-        grouped_TGe = choice_TE.view(T, cfg.n_group, -1)
-        # A group's score is the sum of its top-2 experts (DeepSeek-V3); top-1 for 1-expert groups.
-        group_score_TG = grouped_TGe.topk(min(2, grouped_TGe.shape[-1]), dim=-1).values.sum(-1)
-        keep_group_TG = torch.zeros_like(group_score_TG, dtype=torch.bool)
-        keep_group_TG.scatter_(1, group_score_TG.topk(cfg.topk_group, dim=-1).indices, True)
-        choice_TE = grouped_TGe.masked_fill(~keep_group_TG.unsqueeze(-1), float("-inf")).view(T, -1)
-    idx_TK = choice_TE.topk(cfg.top_k, dim=-1).indices
-    weight_TK = scores_TE.gather(1, idx_TK)
-    if cfg.norm_topk_prob:
-        weight_TK = weight_TK / (weight_TK.sum(dim=-1, keepdim=True) + 1e-20)
-    return idx_TK, weight_TK * cfg.routed_scaling_factor

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import re
 import time
 from pathlib import Path
@@ -413,7 +412,3 @@ def train(config: TrainConfig | dict | None = None, resume: bool = False, **over
     base = config.to_dict() if isinstance(config, TrainConfig) else dict(config or {})
     cfg = TrainConfig.from_dict(apply_overrides(base, overrides))
     return Trainer(cfg, resume=resume).run()
-
-
-def default_threads() -> int:
-    return max(1, os.cpu_count() or 1)

@@ -1,11 +1,11 @@
 """The MoE layer's CPU fast paths against their oracles.
 
-* :func:`moekit.nn.experts.moe_experts` (gather + experts + combine + fused shared experts, with a
+* :func:`moekit.nn.kernels.fused_experts.moe_experts` (gather + experts + combine + fused shared experts, with a
   hand-written backward) against :func:`moekit.nn.moe.reference_moe` and plain autograd;
-* :func:`moekit.nn.grouped_mm.run_jobs` (single-threaded expert workers, or inline) against a plain
+* :func:`moekit.nn.kernels.schedule.run_jobs` (single-threaded expert workers, or inline) against a plain
   loop, and its two schedules against each other, bit for bit;
-* the worker path of :func:`moekit.nn.grouped_mm.grouped_mm` against ``grouped_mm_reference``;
-* the half-precision GEMM policy (:func:`moekit.nn.grouped_mm.compute_dtype`).
+* the worker path of :func:`moekit.nn.kernels.grouped_mm.grouped_mm` against ``grouped_mm_reference``;
+* the half-precision GEMM policy (:func:`moekit.nn.kernels.grouped_mm.compute_dtype`).
 
 Worker threads are forced on (``threads=3``) whatever the machine's core count; tests about one
 schedule force it with ``expert_schedule``.
@@ -26,16 +26,10 @@ import torch.nn.functional as F
 from moekit.errors import ConfigError
 from moekit.nn import MoE, reference_moe
 from moekit.nn.dispatch import dispatch
-from moekit.nn.experts import activate, expert_dropout_mask, moe_experts
-from moekit.nn.grouped_mm import (
-    _ScheduleChooser,
-    compute_dtype,
-    expert_schedule,
-    grouped_mm,
-    grouped_mm_reference,
-    intra_op_threads,
-    run_jobs,
-)
+from moekit.nn.experts import activate, expert_dropout_mask
+from moekit.nn.kernels.fused_experts import moe_experts
+from moekit.nn.kernels.grouped_mm import compute_dtype, grouped_mm, grouped_mm_reference
+from moekit.nn.kernels.schedule import _ScheduleChooser, expert_schedule, intra_op_threads, run_jobs
 from tests.nn.helpers import grads_of, make_layer
 
 TOL = 1e-5
@@ -412,7 +406,7 @@ def test_auto_schedule_measures_each_call_site():
     with expert_schedule("auto"):
         for _ in range(3):
             run_jobs(job, [0, 1, 2], torch.device("cpu"), cost=[1, 2, 3], threads=3)
-    from moekit.nn.grouped_mm import _CHOOSER
+    from moekit.nn.kernels.schedule import _CHOOSER
 
     state = _CHOOSER.sites[job.__code__]
     assert state["calls"] == 3 and state["workers"] > 0 and state["inline"] > 0

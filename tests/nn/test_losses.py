@@ -4,8 +4,21 @@ from __future__ import annotations
 
 import torch
 
-from moekit.nn.losses import router_z_loss, sequence_aux_loss, switch_aux_loss
+from moekit.nn.losses import losses_from_sums, routing_sums
 from moekit.nn.routing import Routing
+
+
+def switch_aux_loss(r: Routing, num_experts: int) -> torch.Tensor:
+    return losses_from_sums(routing_sums(r, num_experts, losses=["aux"]), num_experts)["aux"]
+
+
+def sequence_aux_loss(r: Routing, num_experts: int, seq_len: int) -> torch.Tensor:
+    return losses_from_sums(routing_sums(r, num_experts, seq_len, ["seq_aux"]), num_experts)["seq_aux"]
+
+
+def router_z_loss(r: Routing) -> torch.Tensor:
+    E = r.logits_TE.shape[1]
+    return losses_from_sums(routing_sums(r, E, losses=["z"]), E)["z"]
 
 
 def routing_from(choices: list[list[int]], probs: torch.Tensor, valid=None, logits=None) -> Routing:
@@ -65,6 +78,15 @@ def test_z_loss_by_hand():
     r = routing_from([[1], [0]], logits.softmax(-1), logits=logits)
     expected = torch.logsumexp(logits, -1).square().mean()
     assert torch.allclose(router_z_loss(r), expected)
+
+
+def test_sums_name_only_the_losses_asked_for_and_survive_empty_batches():
+    probs = torch.tensor([[0.9, 0.1], [0.2, 0.8]])
+    r = routing_from([[0], [1]], probs, valid=torch.tensor([False, False]))
+    sums = routing_sums(r, 2, 2, ["z"])
+    assert set(sums) == {"n_valid", "routed_E", "entropy", "z"}
+    losses = losses_from_sums(routing_sums(r, 2, 2), 2)  # every token masked: zeros, not NaN
+    assert set(losses) == {"aux", "seq_aux", "z"} and all(float(v) == 0.0 for v in losses.values())
 
 
 def test_layer_loss_is_weighted_sum():

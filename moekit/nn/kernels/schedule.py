@@ -1,23 +1,6 @@
-"""Grouped matrix multiply over contiguous row slices: out[rows of e] = x[rows of e] @ w[e].
-
-A hand-written backward writes each expert's weight gradient straight into one [E, ...] buffer.
-Indexing ``w[e]`` inside autograd would instead materialise a full-size zero gradient per expert
-and sum them (what makes per-expert loops slow in backward at many experts).
-
-Also the two CPU helpers every per-expert loop of moekit uses:
-
-* :func:`run_jobs` runs per-expert jobs inline, one multi-threaded op after another (the default),
-  or on a small pool of worker threads, each with ONE intra-op thread (see :class:`_ScheduleChooser`).
-  On an idle machine inline wins: the caller's OpenMP threads spin after each parallel op and take
-  a core from the workers. When other processes share the cores the workers win: each op's OpenMP
-  barrier waits for a descheduled thread (measured on a loaded 2-core box: 2.4 GF/s for a loop of
-  64 [192, 512] x [512, 256] GEMMs on 2 OpenMP threads vs 20 GF/s with two single-threaded workers).
-* :func:`compute_dtype` is the dtype the GEMMs run in. bf16/fp16 GEMMs on a CPU without native
-  support (no AVX512-BF16/AMX: oneDNN is not used and ATen falls back to scalar loops, 1-10 GF/s
-  vs 60 GF/s for fp32 on AVX2) are done in fp32 on the widened operands; this is exactly a bf16
-  GEMM with fp32 accumulation (the products of two bf16 values are exact in fp32), only faster.
-
-Shape legend: N rows (kept assignments sorted by expert), E experts, I input, O output features.
+"""The CPU job scheduler every per-expert loop of moekit runs on: :func:`run_jobs` runs the jobs inline or on
+single-threaded workers (:class:`_ScheduleChooser` says which wins when), :func:`intra_op_threads` sets
+this thread's OpenMP threads. On other devices the jobs run inline (the device queues them).
 """
 
 from __future__ import annotations
@@ -33,38 +16,6 @@ from collections.abc import Callable, Sequence
 import torch
 
 from moekit.errors import ConfigError
-
-
-def _slices(counts: tuple[int, ...]):
-    start = 0
-    for expert, n in enumerate(counts):
-        if n:
-            yield expert, start, start + n
-        start += n
-
-
-# -- GEMM dtype policy -----------------------------------------------------------------------------
-@functools.cache
-def _cpu_has_native(dtype: torch.dtype) -> bool:
-    try:
-        if dtype == torch.bfloat16:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        if dtype == torch.float16:
-            return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
-    except (AttributeError, RuntimeError):  # pragma: no cover - builds without oneDNN
-        return False
-    return True
-
-
-def compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """The dtype moekit runs a GEMM of ``dtype`` operands in on ``device`` (see module docstring)."""
-    if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not _cpu_has_native(dtype):
-        return torch.float32
-    return dtype
-
-
-def _to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return t if t.dtype == dtype else t.to(dtype)
 
 
 # -- threads -------------------------------------------------------------------------------------
@@ -150,7 +101,9 @@ class _ScheduleChooser:
     """Which CPU schedule a call site of :func:`run_jobs` uses, from the speed it measured.
 
     * ``workers``: the jobs spread over single-threaded worker threads. Wins when other processes
-      hold the cores: no per-op OpenMP barrier waits for a descheduled thread.
+      hold the cores: no per-op OpenMP barrier waits for a descheduled thread (measured on a loaded
+      2-core box: 2.4 GF/s for a loop of 64 [192, 512] x [512, 256] GEMMs on 2 OpenMP threads vs
+      20 GF/s with two single-threaded workers).
     * ``inline``: the jobs one after another in the caller, each op on the caller's intra-op
       threads. Wins on an idle machine: after each parallel op the caller's OpenMP threads
       spin-wait for a few milliseconds, and while they spin they take a core from the workers.
@@ -285,78 +238,3 @@ def _run_on_workers(fn: Callable, jobs: Sequence, cost: Sequence[int] | None, nt
         done.acquire()
     if errors:
         raise errors[0]
-
-
-# -- grouped GEMM ----------------------------------------------------------------------------------
-class _GroupedMM(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x_NI: torch.Tensor, w_EIO: torch.Tensor, counts: tuple[int, ...]) -> torch.Tensor:
-        cdt = compute_dtype(x_NI.dtype, x_NI.device)
-        out_NO = x_NI.new_empty(x_NI.shape[0], w_EIO.shape[-1])
-
-        def job(s):
-            e, lo, hi = s
-            if cdt == x_NI.dtype:
-                torch.mm(x_NI[lo:hi], w_EIO[e], out=out_NO[lo:hi])
-            else:
-                out_NO[lo:hi] = torch.mm(_to(x_NI[lo:hi], cdt), _to(w_EIO[e], cdt))
-
-        slices = list(_slices(counts))
-        run_jobs(job, slices, x_NI.device, cost=[hi - lo for _, lo, hi in slices])
-        ctx.save_for_backward(x_NI, w_EIO)
-        ctx.counts = counts
-        return out_NO
-
-    @staticmethod
-    def backward(ctx, grad_NO: torch.Tensor):
-        x_NI, w_EIO = ctx.saved_tensors
-        grad_NO = grad_NO.contiguous()
-        cdt = compute_dtype(x_NI.dtype, x_NI.device)
-        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_x = x_NI.new_empty(x_NI.shape) if need_x else None
-        grad_w = None
-        if need_w:
-            grad_w = torch.empty_like(w_EIO)
-            empty = [e for e, n in enumerate(ctx.counts) if n == 0]
-            if empty:
-                grad_w[empty] = 0
-
-        def job(s):
-            e, lo, hi = s
-            g = _to(grad_NO[lo:hi], cdt)
-            if need_x:
-                if cdt == x_NI.dtype:
-                    torch.mm(g, w_EIO[e].t(), out=grad_x[lo:hi])
-                else:
-                    grad_x[lo:hi] = torch.mm(g, _to(w_EIO[e], cdt).t())
-            if need_w:
-                if cdt == x_NI.dtype:
-                    torch.mm(x_NI[lo:hi].t(), g, out=grad_w[e])
-                else:
-                    grad_w[e] = torch.mm(_to(x_NI[lo:hi], cdt).t(), g)
-
-        slices = list(_slices(ctx.counts))
-        run_jobs(job, slices, x_NI.device, cost=[hi - lo for _, lo, hi in slices])
-        return grad_x, grad_w, None
-
-
-def grouped_mm(x_NI: torch.Tensor, w_EIO: torch.Tensor, counts: tuple[int, ...]) -> torch.Tensor:
-    """Rows of x in expert-sorted slices of sizes ``counts``, each times its expert's matrix.
-
-    Args:
-        x_NI: [N, I] rows sorted by expert, N == sum(counts).
-        w_EIO: [E, I, O] stacked weights.
-        counts: rows per expert (python ints), len(counts) == E.
-
-    Returns:
-        [N, O], in x's dtype.
-    """
-    if x_NI.dtype != w_EIO.dtype:
-        w_EIO = w_EIO.to(x_NI.dtype)
-    return _GroupedMM.apply(x_NI.contiguous(), w_EIO, counts)
-
-
-def grouped_mm_reference(x_NI: torch.Tensor, w_EIO: torch.Tensor, counts: tuple[int, ...]) -> torch.Tensor:
-    """Plain-autograd version of :func:`grouped_mm`, the oracle its tests compare with."""
-    pieces = torch.split(x_NI, list(counts))
-    return torch.cat([p @ w_EIO[e] for e, p in enumerate(pieces)], dim=0)
