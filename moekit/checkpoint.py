@@ -108,13 +108,15 @@ def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, 
 
 
 def write_model_folder(
-    folder: str | os.PathLike, tensors: dict[str, torch.Tensor], description: dict[str, Any], tokenizer=None
+    folder: str | os.PathLike, tensors: dict[str, torch.Tensor] | None, description: dict[str, Any], tokenizer=None
 ) -> Path:
-    """Write a model folder: ``model.safetensors``, ``config.json`` (format, version and ``description``,
-    e.g. ``{"model": LMConfig dict}``) and the tokenizer's files when given."""
+    """Write a model folder: ``model.safetensors`` (unless ``tensors`` is None: expert-parallel shards),
+    ``config.json`` (format, version and ``description``, e.g. ``{"model": LMConfig dict}``) and the tokenizer's
+    files when given."""
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
-    save_tensors(tensors, out / WEIGHTS_FILE, metadata={"format": FORMAT})
+    if tensors is not None:
+        save_tensors(tensors, out / WEIGHTS_FILE, metadata={"format": FORMAT})
     atomic_write_json(out / CONFIG_FILE, {"format": FORMAT, "version": FORMAT_VERSION, **description})
     if tokenizer is not None:
         tokenizer.save(out)
