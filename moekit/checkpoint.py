@@ -248,7 +248,9 @@ def read_model_tensors(checkpoint: str | os.PathLike) -> dict[str, torch.Tensor]
 
 def read_optimizer_tensors(checkpoint: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The optimizer tensors of a checkpoint (see :func:`optimizer_tensors`), merged like the model's."""
-    ckpt = resolve_checkpoint(checkpoint)
+    ckpt = Path(checkpoint)
+    if not (ckpt / OPTIMIZER_FILE).is_file():
+        ckpt = resolve_checkpoint(ckpt)
     if (ckpt / OPTIMIZER_FILE).is_file():
         return load_tensors(ckpt / OPTIMIZER_FILE)
     if (ckpt / EP_INDEX_FILE).is_file():

@@ -78,9 +78,7 @@ def run(args: argparse.Namespace) -> int:
 
         if args.ep > world:
             raise ConfigError(f"--ep {args.ep} needs at least {args.ep} processes (--nproc N or torchrun), got {world}")
-        result = train_distributed(
-            base, resume=args.resume, ep=args.ep, timeout=args.dist_timeout, **overrides
-        )
+        result = train_distributed(base, resume=args.resume, ep=args.ep, timeout=args.dist_timeout, **overrides)
         if int(os.environ.get("RANK", "0")) != 0:
             return 0
     else:

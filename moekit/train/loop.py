@@ -360,5 +360,6 @@ class Loop:
             if metrics is not None:
                 metrics.close()
         if self.average is not None:  # the averaged weights are the run's model from here on
-            torch._foreach_copy_(self.average.params, self.average.shadow)
+            with torch.no_grad():
+                torch._foreach_copy_(self.average.params, self.average.shadow)
         return TrainResult(self.run_dir, checkpoint, self.step, train_losses, self.history, seconds, self.items)
