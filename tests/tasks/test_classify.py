@@ -198,7 +198,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     assert resumed.step == 30 and resumed.accuracy == full.accuracy
     a, b = load_classifier(full.run_dir)[0].state_dict(), load_classifier(killed)[0].state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    with pytest.raises(CheckpointError, match="already holds a run; pass --resume to continue it, or choose another --out"):
+    with pytest.raises(CheckpointError, match="already holds a run; pass --resume to continue it, or choose another"):
         train_classifier(out_dir=str(killed), **args)
 
 
@@ -249,7 +249,8 @@ def test_a_killed_ensemble_resumes_keeping_its_finished_members(tmp_path):
     full = train_classifier(out_dir=str(tmp_path / "full"), **args)
     killed = tmp_path / "killed"
     shutil.copytree(full.run_dir, killed)
-    for path in ("model.safetensors", "model.json", "run.json", "member-1/run.json", "member-1/checkpoints/step-000020"):
+    gone = ("model.safetensors", "model.json", "run.json", "member-1/run.json", "member-1/checkpoints/step-000020")
+    for path in gone:
         (shutil.rmtree if (killed / path).is_dir() else os.remove)(killed / path)
     finished = (killed / "member-0" / "model.safetensors").stat().st_mtime_ns
     resumed = train_classifier(out_dir=str(killed), resume=True, **args)
