@@ -317,7 +317,10 @@ class ClassifyTask:
         _save(run_dir, self.model, self.vocab, self.meta)
 
 
-def _train_one(cfg: ClassifyConfig, run_dir: Path, train_data, valid_data, names, console, resume) -> ClassifyResult:
+def classify_loop(
+    cfg: ClassifyConfig, run_dir: Path, train_data, valid_data, names, console=None, resume=False
+) -> Loop:
+    """The training loop of one classifier in ``run_dir`` (resumed from its last checkpoint with ``resume``)."""
     source = open_run(run_dir, resume)
     torch.manual_seed(cfg.seed)
     model, vocab, train_set = build_model(cfg, train_data, names)
@@ -327,7 +330,12 @@ def _train_one(cfg: ClassifyConfig, run_dir: Path, train_data, valid_data, names
         ckpt.check_same_description(run_dir / META, meta)
         load_tensors_into(model, load_tensors(source / WEIGHTS), source / WEIGHTS)
     task = ClassifyTask(cfg, model, vocab, train_set, valid_set, meta)
-    run = Loop(_with_epoch_limit(cfg, len(train_set)), task, run_dir, source, console).run()
+    return Loop(_with_epoch_limit(cfg, len(train_set)), task, run_dir, source, console)
+
+
+def _train_one(cfg: ClassifyConfig, run_dir: Path, train_data, valid_data, names, console, resume) -> ClassifyResult:
+    loop = classify_loop(cfg, run_dir, train_data, valid_data, names, console, resume)
+    run, model = loop.run(), loop.model
     result = ClassifyResult(
         run_dir,
         run.step,

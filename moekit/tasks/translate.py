@@ -229,17 +229,8 @@ class TranslateTask:
         save_translator(run_dir, self.model, self.tokenizer)
 
 
-def train_translator(
-    config: TranslateConfig | dict | None = None, console=None, resume: bool = False, **overrides: Any
-) -> TranslateResult:
-    """Train an encoder-decoder translator; the function behind ``moekit train --task translate``.
-
-    ``resume=True`` continues the run in ``out_dir`` from its last checkpoint (same data and settings).
-    """
-    base = config.to_dict() if isinstance(config, TranslateConfig) else dict(config or {})
-    cfg = TranslateConfig.from_options({**base, **overrides}, "translation config")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+def translate_loop(cfg: TranslateConfig, resume: bool = False, console=None) -> tuple[Loop, ParallelText]:
+    """The training loop of a translator in ``cfg.out_dir``, and the validation pairs."""
     run_dir = Path(cfg.out_dir or f"runs/translate-{time.strftime('%Y%m%d-%H%M%S')}")
     source = open_run(run_dir, resume)
     train_data, valid_data = load_task_data(cfg)
@@ -255,13 +246,28 @@ def train_translator(
     if source is not None:
         ckpt.check_same_description(run_dir / META, _meta(model))
         ckpt.load_tensors_into(model, load_tensors(source / WEIGHTS), source / WEIGHTS)
-    run = Loop(cfg, TranslateTask(cfg, model, tokenizer, train_set, valid_set), run_dir, source, console).run()
+    return Loop(cfg, TranslateTask(cfg, model, tokenizer, train_set, valid_set), run_dir, source, console), valid_data
+
+
+def train_translator(
+    config: TranslateConfig | dict | None = None, console=None, resume: bool = False, **overrides: Any
+) -> TranslateResult:
+    """Train an encoder-decoder translator; the function behind ``moekit train --task translate``.
+
+    ``resume=True`` continues the run in ``out_dir`` from its last checkpoint (same data and settings).
+    """
+    base = config.to_dict() if isinstance(config, TranslateConfig) else dict(config or {})
+    cfg = TranslateConfig.from_options({**base, **overrides}, "translation config")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    loop, valid_data = translate_loop(cfg, resume, console)
+    run, model, tokenizer, train_set = loop.run(), loop.model, loop.task.tokenizer, loop.task.train_set
     bleu = None
     if cfg.bleu_sentences:
         n = min(cfg.bleu_sentences, len(valid_data))
         bleu = corpus_bleu(translate(model, tokenizer, valid_data.sources[:n]), valid_data.targets[:n])
     result = TranslateResult(
-        run_dir,
+        loop.run_dir,
         run.step,
         run.history[-1]["valid_loss"],
         bleu,
@@ -272,7 +278,7 @@ def train_translator(
         run.items / max(run.seconds, 1e-9),
     )
     atomic_write_json(
-        run_dir / "run.json",
+        loop.run_dir / "run.json",
         {
             "train": cfg.to_dict(),
             "model": model.config.to_dict(),

@@ -227,6 +227,7 @@ class Loop:
     def train_step(self, progress: float) -> dict[str, Any]:
         """One optimizer step over ``grad_accum`` micro-batches; returns its metrics."""
         cfg = self.config
+        self.parallel.heartbeat(self.step)
         lr = lr_at(self.step, progress, cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -338,7 +339,6 @@ class Loop:
                     progress = self.step / cfg.max_steps
                     if cfg.time_budget is not None:
                         progress = max(progress, elapsed / cfg.time_budget)
-                    self.parallel.heartbeat(self.step)
                     t0 = time.perf_counter()
                     record = self.train_step(progress)
                     record["tokens_per_sec"] = record.pop("items") / max(time.perf_counter() - t0, 1e-9)
@@ -356,6 +356,9 @@ class Loop:
                     validate(bar)
                 if saved_step != self.step:
                     checkpoint = self.save(seconds)
+        except BaseException:
+            self.parallel.heartbeat(self.step)  # the step in progress, for the error report of a multi-rank run
+            raise
         finally:
             if metrics is not None:
                 metrics.close()
