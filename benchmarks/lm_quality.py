@@ -79,7 +79,8 @@ def equal_tokens(args) -> dict:
                 trainer.train_step(step / args.steps)
                 times[name].append(time.perf_counter() - t0)
             if (step + 1) % max(1, args.steps // 10) == 0 or step + 1 == args.steps:
-                point = {"step": step + 1, **{name: t.evaluate(args.eval_batches) for name, t in trainers.items()}}
+                losses = {name: t.evaluate(max_batches=args.eval_batches)["val_loss"] for name, t in trainers.items()}
+                point = {"step": step + 1, **losses}
                 curve.append(point)
                 shown = " ".join(f"{name} {point[name]:.4f}" for name in trainers)
                 print(f"  step {step + 1}/{args.steps}: {shown}", file=sys.stderr, flush=True)

@@ -10,6 +10,13 @@ Layout of a run folder::
         latest                  name of the newest complete checkpoint (written atomically)
         step-000500/            one checkpoint: written as .tmp-*, fsynced, then renamed
           config.json  model.safetensors  tokenizer.json  trainer_state.json  optimizer.safetensors
+          trained.safetensors   with an EMA of the weights: model.safetensors holds the average (the run's
+                                model), this file the weights as trained (to resume)
+
+Every kind of run writes this layout: a language model's ``config.json`` holds ``{"model": LMConfig}``, a
+task's its description (``{"task": "classify", "encoder": ...}``). Task runs written before this layout
+(``run/checkpoint-00000100/`` with ``model``/``optimizer``/``ema.safetensors`` and ``state.json``) are still
+found and read by :func:`find_checkpoint` and :func:`read_trainer_state`; a resumed one writes this layout.
 
 A run with expert parallelism over P ranks (``moekit train --ep P``, see :mod:`moekit.distributed`) writes,
 instead of the two ``.safetensors`` files, one shard per expert-parallel rank and an index::
@@ -39,7 +46,7 @@ import torch
 from torch import nn
 
 from moekit.data.tokenizers import Tokenizer, load_tokenizer
-from moekit.errors import CheckpointError
+from moekit.errors import CheckpointError, ConfigError
 from moekit.io.atomic import atomic_write_json, atomic_write_text, fsync_tree
 from moekit.io.safe_io import load_tensors, save_tensors
 from moekit.models import LMConfig, MoELM
@@ -51,8 +58,16 @@ WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 EP_INDEX_FILE = "model-ep.index.json"
+TRAINED_FILE = "trained.safetensors"
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
+# The task-run layout before one format: run/checkpoint-00000100/{model,optimizer,ema}.safetensors + state.json.
+OLD_TASK_PREFIX, OLD_TASK_STATE, OLD_TASK_EMA = "checkpoint-", "state.json", "ema.safetensors"
+# Settings a resumed run may change: how long it runs and how it reports, not what a step computes.
+RESUMABLE_CHANGES = frozenset(
+    {"max_steps", "time_budget", "eval_interval", "eval_batches", "log_interval", "checkpoint_interval",
+     "keep_checkpoints", "threads", "out_dir", "tensorboard", "progress"}
+)  # fmt: skip
 
 
 def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -92,49 +107,86 @@ def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, 
         torch.set_rng_state(tensors["rng.torch"])
 
 
-def save_checkpoint(
-    run_dir: str | os.PathLike,
-    step: int,
-    model: MoELM,
-    tokenizer: Tokenizer,
-    optimizer: torch.optim.Optimizer | None = None,
-    trainer_state: dict[str, Any] | None = None,
-    keep: int = 2,
+def write_model_folder(
+    folder: str | os.PathLike, tensors: dict[str, torch.Tensor] | None, description: dict[str, Any], tokenizer=None
 ) -> Path:
-    """Write ``run_dir/checkpoints/step-XXXXXX`` atomically and point ``latest`` at it.
+    """Write a model folder: ``model.safetensors`` (unless ``tensors`` is None: expert-parallel shards),
+    ``config.json`` (format, version and ``description``, e.g. ``{"model": LMConfig dict}``) and the tokenizer's
+    files when given."""
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    if tensors is not None:
+        save_tensors(tensors, out / WEIGHTS_FILE, metadata={"format": FORMAT})
+    atomic_write_json(out / CONFIG_FILE, {"format": FORMAT, "version": FORMAT_VERSION, **description})
+    if tokenizer is not None:
+        tokenizer.save(out)
+    return out
 
-    Returns:
-        The checkpoint folder.
-    """
+
+def begin_checkpoint(run_dir: str | os.PathLike, step: int, tag: str = "") -> tuple[Path, Path]:
+    """(temporary folder to write checkpoint ``step`` into, its final name); see :func:`commit_checkpoint`."""
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
-    name = f"step-{step:06d}"
-    final = root / name
-    tmp = root / f".tmp-{name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    final = root / f"step-{step:06d}"
+    tmp = root / f".tmp-{final.name}-{tag or os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_tensors(model_tensors(model), tmp / WEIGHTS_FILE, metadata={"format": FORMAT})
-    atomic_write_json(tmp / CONFIG_FILE, {"format": FORMAT, "version": FORMAT_VERSION, "model": model.config.to_dict()})
-    tokenizer.save(tmp)
-    if optimizer is not None:
-        save_tensors(optimizer_tensors(optimizer), tmp / OPTIMIZER_FILE)
-    atomic_write_json(tmp / STATE_FILE, {"step": step, **(trainer_state or {})})
+    return tmp, final
+
+
+def commit_checkpoint(tmp: Path, final: Path, state: dict[str, Any], keep: int) -> Path:
+    """Write the trainer state, fsync, rename ``tmp`` to ``final``, point ``latest`` at it, prune old ones."""
+    atomic_write_json(tmp / STATE_FILE, state)
     fsync_tree(tmp)
     if final.exists():  # re-saving the same step (e.g. the final save after a periodic one)
         shutil.rmtree(final)
     os.rename(tmp, final)
-    atomic_write_text(root / LATEST, name + "\n")
-    _prune(root, keep)
+    root = final.parent
+    atomic_write_text(root / LATEST, final.name + "\n")
+    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in [*root.glob(".tmp-*"), *root.parent.glob(f".tmp-{OLD_TASK_PREFIX}*")]:  # left by a killed run
+        shutil.rmtree(stale, ignore_errors=True)
     return final
 
 
-def _prune(root: Path, keep: int) -> None:
-    steps = sorted(p for p in root.glob("step-*") if p.is_dir())
-    for old in steps[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(".tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+def save_checkpoint(
+    run_dir: str | os.PathLike,
+    step: int,
+    model: nn.Module,
+    tokenizer=None,
+    optimizer: torch.optim.Optimizer | None = None,
+    trainer_state: dict[str, Any] | None = None,
+    keep: int = 2,
+    description: dict[str, Any] | None = None,
+    extra: dict[str, dict[str, torch.Tensor]] | None = None,
+) -> Path:
+    """Write ``run_dir/checkpoints/step-XXXXXX`` atomically and point ``latest`` at it.
+
+    Args:
+        description: what ``config.json`` says besides the format (default: ``{"model": model.config}``).
+        extra: more safetensors files by name (``trained.safetensors`` under an EMA).
+
+    Returns:
+        The checkpoint folder.
+    """
+    tmp, final = begin_checkpoint(run_dir, step)
+    write_model_folder(tmp, model_tensors(model), description or {"model": model.config.to_dict()}, tokenizer)
+    if optimizer is not None:
+        save_tensors(optimizer_tensors(optimizer), tmp / OPTIMIZER_FILE)
+    for name, tensors in (extra or {}).items():
+        save_tensors(tensors, tmp / name)
+    return commit_checkpoint(tmp, final, {"step": step, **(trainer_state or {})}, keep)
+
+
+def find_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint of a run folder (either layout), or None."""
+    try:
+        return resolve_checkpoint(run_dir)
+    except CheckpointError:
+        pass
+    old = [p for p in Path(run_dir).glob(f"{OLD_TASK_PREFIX}*") if p.name[len(OLD_TASK_PREFIX) :].isdigit()]
+    return max(old, key=lambda p: int(p.name[len(OLD_TASK_PREFIX) :]), default=None)
 
 
 def has_weights(folder: Path) -> bool:
@@ -196,7 +248,9 @@ def read_model_tensors(checkpoint: str | os.PathLike) -> dict[str, torch.Tensor]
 
 def read_optimizer_tensors(checkpoint: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The optimizer tensors of a checkpoint (see :func:`optimizer_tensors`), merged like the model's."""
-    ckpt = resolve_checkpoint(checkpoint)
+    ckpt = Path(checkpoint)
+    if not (ckpt / OPTIMIZER_FILE).is_file():
+        ckpt = resolve_checkpoint(ckpt)
     if (ckpt / OPTIMIZER_FILE).is_file():
         return load_tensors(ckpt / OPTIMIZER_FILE)
     if (ckpt / EP_INDEX_FILE).is_file():
@@ -283,7 +337,43 @@ def load_tensors_into(model: nn.Module, tensors: dict[str, torch.Tensor], weight
 
 
 def read_trainer_state(checkpoint: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint's trainer state; an old-layout task checkpoint's ``state.json`` in today's keys."""
+    folder = Path(checkpoint)
+    if (folder / OLD_TASK_STATE).is_file() and folder.name.startswith(OLD_TASK_PREFIX):
+        try:
+            state = json.loads((folder / OLD_TASK_STATE).read_text(encoding="utf-8"))
+            config = state.pop("config")
+            return {**state, "train_config": config, "loader": {"drawn": int(state["step"])}}
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{folder / OLD_TASK_STATE}: not a readable checkpoint state ({e})") from None
     file = resolve_checkpoint(checkpoint) / STATE_FILE
     if not file.is_file():
         raise CheckpointError(f"{file} is missing: this checkpoint cannot be resumed")
     return json.loads(file.read_text())
+
+
+def check_resumable(saved: dict[str, Any], now: dict[str, Any], defaults: dict[str, Any], run_dir: Path) -> None:
+    """ConfigError naming the first setting outside :data:`RESUMABLE_CHANGES` that differs from the saved run's
+    (a setting the run predates counts as its default)."""
+    for key in sorted(set(saved) | set(now)):
+        before = saved.get(key, defaults.get(key))
+        if key not in RESUMABLE_CHANGES and before != now.get(key):
+            raise ConfigError(
+                f"--resume: {key}={now.get(key)!r} differs from the run in {run_dir} ({key}={before!r}); "
+                f"only {', '.join(sorted(RESUMABLE_CHANGES))} may change"
+            )
+
+
+def check_same_description(path: Path, meta: dict[str, Any]) -> None:
+    """On resume: the model description rebuilt from the data and settings must be the one the run saved."""
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read the run's model description ({e})") from None
+    meta = json.loads(json.dumps(meta))
+    if saved != meta:
+        differ = sorted(k for k in set(saved) | set(meta) if saved.get(k) != meta.get(k))
+        raise CheckpointError(
+            f"--resume: the model built from this data and these settings differs from the run in {path.parent} "
+            f"(in {', '.join(differ)}); resume with the data and settings the run started with"
+        )

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 import moekit
 from moekit.errors import CheckpointError
+from moekit.inference.generate import generate
+from moekit.io.safe_io import load_tensors
 from moekit.train import load_model, resolve_checkpoint, train
 
 FAST = dict(model="tiny", batch_size=4, block_size=16, eval_interval=1000, progress=False, tensorboard=False)
@@ -79,3 +83,61 @@ def test_missing_checkpoint_is_clear(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="no checkpoint in"):
         load_model(tmp_path / "empty")
+
+
+# -- run folders written before one checkpoint format (tests/fixtures/old-runs/README.md) ---------------------
+OLD_RUNS = Path(__file__).parent / "fixtures" / "old-runs"
+OLD_LM = dict(
+    model="tiny", data="corpus.txt", checkpoint_interval=2, eval_interval=2, eval_batches=1, batch_size=2,
+    block_size=16, progress=False, tensorboard=False, tokenizer="char",
+    model_overrides={"hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+                     "num_key_value_heads": 1, "head_dim": 8, "moe": {"num_experts": 4, "expert_hidden_size": 8}},
+)  # fmt: skip
+OLD_CLASSIFY = dict(
+    task="classify", checkpoint_interval=2, eval_interval=2, batch_size=8, ema_decay=0.5, progress=False,
+    model_overrides={"hidden_size": 8, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 8,
+                     "num_experts": 2, "max_length": 16},
+)  # fmt: skip
+
+
+def _weights(run) -> dict[str, torch.Tensor]:
+    return load_tensors(resolve_checkpoint(run) / "model.safetensors")
+
+
+def test_an_old_language_model_run_loads_generates_exports_and_resumes_exactly(tmp_path, monkeypatch):
+    shutil.copytree(OLD_RUNS, tmp_path / "old")
+    monkeypatch.chdir(tmp_path / "old")  # the run's data path is relative
+    model, tokenizer = load_model("lm-run")
+    assert resolve_checkpoint("lm-run").name == "step-000004"
+    new = generate(model, [tokenizer.encode("the quick")], max_new_tokens=5, temperature=0)
+    assert len(new[0]) == 5
+    hf = pytest.importorskip("moekit.interop.hf")
+    back = hf.from_hf(hf.convert_to_hf("lm-run", tmp_path / "hf"))
+    back = back[0] if isinstance(back, tuple) else back
+    x = torch.tensor([tokenizer.encode("the lazy dog")])
+    torch.testing.assert_close(back(x).logits, model(x).logits, atol=1e-5, rtol=0)
+    # Today's code from scratch to step 6 equals the old run resumed from its step 4, bit for bit.
+    resumed = train(max_steps=6, out_dir="lm-run", resume=True, **OLD_LM)
+    whole = train(max_steps=6, out_dir="whole", **OLD_LM)
+    assert resumed.step == 6 and whole.train_losses[4:] == resumed.train_losses
+    a, b = _weights("lm-run"), _weights("whole")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_old_layout_task_run_predicts_and_resumes_into_the_new_layout(tmp_path):
+    from moekit.data.labelled import BUILTIN_SENTIMENT
+    from moekit.tasks.classify import load_classifier, predict, train_classifier
+
+    old = shutil.copytree(OLD_RUNS / "classify-run", tmp_path / "old")
+    model, _, names, task = load_classifier(old)
+    assert task == "classify" and len(names) == 2
+    _, predictions, acc = predict(old, BUILTIN_SENTIMENT)
+    assert set(predictions) <= set(names) and 0 <= acc <= 1
+    resumed = train_classifier(out_dir=str(old), resume=True, max_steps=6, **OLD_CLASSIFY)
+    assert resumed.step == 6 and [r["step"] for r in resumed.history] == [2, 4, 6]
+    assert (old / "checkpoints" / "step-000006" / "trained.safetensors").is_file()  # the new layout from here on
+    # ... and it equals today's run of 6 steps from scratch, EMA included.
+    whole = train_classifier(out_dir=str(tmp_path / "whole"), max_steps=6, **OLD_CLASSIFY)
+    assert whole.accuracy == resumed.accuracy
+    a, b = load_classifier(old)[0].state_dict(), load_classifier(whole.run_dir)[0].state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

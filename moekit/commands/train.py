@@ -18,7 +18,6 @@ from rich.console import Console
 
 from moekit.config import parse_overrides, read_config_file
 from moekit.errors import ConfigError
-from moekit.train.config import apply_overrides
 from moekit.train.trainer import train
 
 
@@ -79,13 +78,11 @@ def run(args: argparse.Namespace) -> int:
 
         if args.ep > world:
             raise ConfigError(f"--ep {args.ep} needs at least {args.ep} processes (--nproc N or torchrun), got {world}")
-        result = train_distributed(
-            apply_overrides(base, {}), resume=args.resume, ep=args.ep, timeout=args.dist_timeout, **overrides
-        )
+        result = train_distributed(base, resume=args.resume, ep=args.ep, timeout=args.dist_timeout, **overrides)
         if int(os.environ.get("RANK", "0")) != 0:
             return 0
     else:
-        result = train(apply_overrides(base, {}), resume=args.resume, **overrides)
+        result = train(base, resume=args.resume, **overrides)
     console = Console()
     step, val = result.val_losses[-1]
     console.print(f"step {step}: val_loss={val:.4f}  ({result.tokens_per_second:,.0f} tok/s)")

@@ -16,7 +16,6 @@ tensors, so a checkpoint saved at one EP degree loads at any other, or in one pr
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +23,11 @@ import torch
 from torch import nn
 
 from moekit import checkpoint as ckpt
-from moekit.data.tokenizers import Tokenizer
 from moekit.distributed.collectives import barrier
 from moekit.distributed.expert_parallel import expert_parameters
 from moekit.distributed.mesh import DistContext
 from moekit.errors import CheckpointError
-from moekit.io.atomic import atomic_write_json, atomic_write_text, fsync_tree
+from moekit.io.atomic import atomic_write_json
 from moekit.io.safe_io import save_tensors
 
 
@@ -89,29 +87,29 @@ def save_distributed_checkpoint(
     run_dir: str | os.PathLike,
     step: int,
     model: nn.Module,
-    tokenizer: Tokenizer,
+    tokenizer=None,
     optimizer: torch.optim.Optimizer | None = None,
     trainer_state: dict[str, Any] | None = None,
     keep: int = 2,
+    description: dict[str, Any] | None = None,
+    extra: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
-    """Collective: every rank calls it; returns the checkpoint folder (on every rank)."""
-    root = Path(run_dir) / ckpt.CHECKPOINTS
-    name = f"step-{step:06d}"
-    final = root / name
+    """Collective: every rank calls it with :func:`moekit.checkpoint.save_checkpoint`'s arguments; returns the
+    checkpoint folder (on every rank)."""
+    final = Path(run_dir) / ckpt.CHECKPOINTS / f"step-{step:06d}"
     if ctx.ep_size == 1:
         if ctx.is_main:
-            ckpt.save_checkpoint(run_dir, step, model, tokenizer, optimizer, trainer_state, keep=keep)
+            ckpt.save_checkpoint(
+                run_dir, step, model, tokenizer, optimizer, trainer_state, keep, description=description, extra=extra
+            )
         barrier()
         return final
 
     P, r = ctx.ep_size, ctx.ep_rank
-    tmp = root / f".tmp-{name}-ep"
     if ctx.is_main:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
+        ckpt.begin_checkpoint(run_dir, step, tag="ep")
     barrier()
+    tmp = final.parent / f".tmp-{final.name}-ep"
 
     expert = expert_parameters(model)
     expert_ids = {id(p) for p in expert}
@@ -136,10 +134,12 @@ def save_distributed_checkpoint(
     barrier()
 
     if ctx.is_main:
-        config = {"format": ckpt.FORMAT, "version": ckpt.FORMAT_VERSION, "model": model.config.to_dict()}
-        atomic_write_json(tmp / ckpt.CONFIG_FILE, config)
-        tokenizer.save(tmp)
-        atomic_write_json(tmp / ckpt.STATE_FILE, {"step": step, **(trainer_state or {})})
+        description = description or {"model": model.config.to_dict()}
+        atomic_write_json(
+            tmp / ckpt.CONFIG_FILE, {"format": ckpt.FORMAT, "version": ckpt.FORMAT_VERSION, **description}
+        )
+        if tokenizer is not None:
+            tokenizer.save(tmp)
         index = {
             "format": "moekit-ep",
             "version": 1,
@@ -150,11 +150,6 @@ def save_distributed_checkpoint(
             "optimizer_expert_tensors": opt_split,
         }
         atomic_write_json(tmp / ckpt.EP_INDEX_FILE, index)
-        fsync_tree(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        atomic_write_text(root / ckpt.LATEST, name + "\n")
-        ckpt._prune(root, keep)
+        ckpt.commit_checkpoint(tmp, final, {"step": step, **(trainer_state or {})}, keep)
     barrier()
     return final

@@ -23,7 +23,7 @@ through :mod:`moekit.io.safe_io`. A later run with the same data, seed, batch an
 any student) reads it instead of running the teacher; every cached batch's input ids are checked
 against the batch drawn.
 
-The training loop is :class:`moekit.train.Trainer` with its ``compute_loss`` overridden.
+The training loop is the language-model :class:`moekit.train.Trainer` with this loss as its task loss.
 """
 
 from __future__ import annotations
@@ -46,8 +46,9 @@ from moekit.errors import CheckpointError, ConfigError
 from moekit.io.safe_io import atomic_write_json, load_tensors, save_tensors
 from moekit.models import LMConfig, MoELM
 from moekit.models.presets import PRESETS
-from moekit.train.config import TrainConfig, apply_overrides
-from moekit.train.trainer import Trainer, TrainResult
+from moekit.train.config import TrainConfig
+from moekit.train.loop import TrainResult
+from moekit.train.trainer import Trainer
 
 logger = logging.getLogger(__name__)
 
@@ -328,7 +329,7 @@ class TeacherCache:
 
 # -- the trainer -----------------------------------------------------------------------------------
 class DistillTrainer(Trainer):
-    """A :class:`Trainer` whose loss is :func:`distillation_loss` against ``teacher``.
+    """The language-model :class:`Trainer` with :func:`distillation_loss` against ``teacher`` as its task loss.
 
     Args:
         config: the student's TrainConfig (``model``/``model_overrides`` or ``init_from`` make the student).
@@ -359,6 +360,7 @@ class DistillTrainer(Trainer):
         if distill.cache_teacher:
             steps = config.max_steps * config.grad_accum
             self.cache = TeacherCache.open_or_build(distill.cache_teacher, self, teacher, distill, steps)
+        self.task.compute_loss = self.distillation_loss
 
     @torch.no_grad()
     def teacher_targets(self, x: torch.Tensor):
@@ -370,7 +372,8 @@ class DistillTrainer(Trainer):
             return top_k_logits(logits, self.distill.top_k_logits)
         return logits
 
-    def compute_loss(self, x: torch.Tensor, y: torch.Tensor, out) -> torch.Tensor:
+    def distillation_loss(self, x: torch.Tensor, y: torch.Tensor, out) -> torch.Tensor:
+        """The task loss of one micro-batch: :func:`distillation_loss` against the teacher (cached or on the fly)."""
         d = self.distill
         if d.alpha == 0:  # plain cross-entropy: no teacher needed
             return distillation_loss(out.logits, y, alpha=0.0)
@@ -453,7 +456,7 @@ def distill(
     explicit = isinstance(config, TrainConfig) and config.tokenizer != TrainConfig().tokenizer
     if "tokenizer" in overrides or explicit or (not isinstance(config, TrainConfig) and "tokenizer" in base):
         made.pop("tokenizer", None)  # the user's tokenizer (checked against the teacher's below)
-    cfg = TrainConfig.from_dict(apply_overrides(base, {**made, **overrides}))
+    cfg = TrainConfig.from_options({**base, **made, **overrides})
     # Fail before anything is built: the student's vocabulary is known from its config.
     if cfg.init_from:
         student_vocab = read_model_config(cfg.init_from).vocab_size

@@ -4,10 +4,10 @@ Text can also be classified by fine-tuning a pretrained language model (``init_f
 checkpoint, or a Hugging Face MoE folder) with a head over its pooled hidden states
 (:class:`moekit.models.lm_classifier.LMClassifier`); it reads the text with the LM's own tokenizer.
 
-Data -> :class:`Examples` (inputs the model takes, label ids) -> the shared task loop
-(:mod:`moekit.tasks.loop`: AdamW with warmup + cosine, cross-entropy + the MoE balancing loss, evaluation
-on the validation set) -> a run folder holding ``model.safetensors`` (moekit.io.safe_io),
-``model.json`` (encoder config, label names, vocabulary) and ``metrics.jsonl``.
+Data -> :class:`Examples` (inputs the model takes, label ids) -> the one training loop
+(:mod:`moekit.train.loop`, with :class:`ClassifyTask`: cross-entropy + the MoE balancing loss, accuracy on
+the validation set) -> a run folder holding ``model.safetensors`` (moekit.io.safe_io), ``model.json``
+(encoder config, label names, vocabulary), ``metrics.jsonl`` and ``checkpoints/``.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from moekit import checkpoint as ckpt
 from moekit.checkpoint import load_tensors_into, model_tensors
 from moekit.config import require, unknown_key_error
 from moekit.data.images import LabelledImages, builtin_digits, check_image_size, read_images
@@ -35,16 +36,9 @@ from moekit.models.encoder import EncoderClassifier, EncoderConfig
 from moekit.models.ensemble import EnsembleClassifier
 from moekit.models.lm import MoELM
 from moekit.models.lm_classifier import LMClassifier
-from moekit.tasks.loop import (
-    TaskStep,
-    TaskTrainConfig,
-    check_run_dir,
-    check_same_meta,
-    latest_checkpoint,
-    length_bucketed_rows,
-    shuffled_rows,
-    train_loop,
-)
+from moekit.tasks.batches import Batches, length_bucketed_rows, shuffled_rows
+from moekit.train.config import TaskTrainConfig
+from moekit.train.loop import Loop, StepLoss, open_run
 
 TASKS = ("classify", "image-classify")
 
@@ -276,7 +270,7 @@ def train_classifier(
     if cfg.ensemble > 1:
         _check_ensemble_dir(run_dir, resume)
     else:
-        check_run_dir(run_dir, resume, WEIGHTS)
+        open_run(run_dir, resume)  # fail before reading the data
     train_data, valid_data = load_task_data(cfg)
     names = label_names(train_data.labels)
     if len(names) < 2:
@@ -286,36 +280,62 @@ def train_classifier(
     return _train_one(cfg, run_dir, train_data, valid_data, names, console, resume)
 
 
-def _train_one(cfg: ClassifyConfig, run_dir: Path, train_data, valid_data, names, console, resume) -> ClassifyResult:
+class ClassifyTask:
+    """Classification as a task of the one loop: row batches of ``train_set``, cross-entropy (with label
+    smoothing), validation accuracy; the run folder's model files are rewritten with each checkpoint."""
+
+    def __init__(self, cfg: ClassifyConfig, model, vocab, train_set: Examples, valid_set: Examples, meta):
+        self.cfg, self.model, self.vocab, self.train_set, self.valid_set, self.meta = (
+            cfg, model, vocab, train_set, valid_set, meta
+        )  # fmt: skip
+        self.tokenizer = vocab.tokenizer if isinstance(model, LMClassifier) else None
+        self.batches = Batches(_training_batches(train_set, cfg))
+        self.state_dict, self.load_state_dict = self.batches.state_dict, self.batches.load_state_dict
+
+    def next_batch(self):
+        return self.train_set.batch(self.batches.next())
+
+    def loss(self, batch) -> StepLoss:
+        x, mask, y = batch
+        out = self.model(x, mask)
+        loss = F.cross_entropy(out.logits.float(), y, label_smoothing=self.cfg.label_smoothing)
+        return StepLoss(loss, out.aux_loss, out.moe_aux, len(y))
+
+    def evaluate(self, step: int) -> dict[str, Any]:
+        return {"accuracy": accuracy(self.model, self.valid_set)}
+
+    def summary(self, record: dict[str, Any]) -> str:
+        return f"valid accuracy {record['accuracy']:.4f}"
+
+    def describe(self) -> dict[str, Any]:
+        return self.meta
+
+    def start(self, run_dir: Path) -> None:
+        pass
+
+    def export(self, run_dir: Path) -> None:
+        _save(run_dir, self.model, self.vocab, self.meta)
+
+
+def classify_loop(
+    cfg: ClassifyConfig, run_dir: Path, train_data, valid_data, names, console=None, resume=False
+) -> Loop:
+    """The training loop of one classifier in ``run_dir`` (resumed from its last checkpoint with ``resume``)."""
+    source = open_run(run_dir, resume)
     torch.manual_seed(cfg.seed)
     model, vocab, train_set = build_model(cfg, train_data, names)
     valid_set = encode(model, vocab, valid_data, names)
     meta = _meta(model, vocab, names, cfg.task)
-    if resume:
-        check_same_meta(run_dir / META, meta)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_model = lambda: _save(run_dir, model, vocab, meta)  # noqa: E731
-    if not resume:
-        save_model()
+    if source is not None:
+        ckpt.check_same_description(run_dir / META, meta)
+        load_tensors_into(model, load_tensors(source / WEIGHTS), source / WEIGHTS)
+    task = ClassifyTask(cfg, model, vocab, train_set, valid_set, meta)
+    return Loop(_with_epoch_limit(cfg, len(train_set)), task, run_dir, source, console)
 
-    def forward(rows: torch.Tensor) -> TaskStep:
-        x, mask, y = train_set.batch(rows)
-        out = model(x, mask)
-        loss = F.cross_entropy(out.logits.float(), y, label_smoothing=cfg.label_smoothing)
-        return TaskStep(loss, out.aux_loss, out.moe_aux, len(y))
 
-    run = train_loop(
-        model,
-        _with_epoch_limit(cfg, len(train_set)),
-        run_dir,
-        _training_batches(train_set, cfg),
-        forward,
-        lambda: {"accuracy": accuracy(model, valid_set)},
-        lambda r: f"valid accuracy {r['accuracy']:.4f}",
-        save_model,
-        resume=resume,
-        console=console,
-    )
+def _train_one(cfg: ClassifyConfig, run_dir: Path, train_data, valid_data, names, console, resume) -> ClassifyResult:
+    loop = classify_loop(cfg, run_dir, train_data, valid_data, names, console, resume)
+    run, model = loop.run(), loop.model
     result = ClassifyResult(
         run_dir,
         run.step,
@@ -353,7 +373,7 @@ def _check_ensemble_dir(run_dir: Path, resume: bool) -> None:
         if not _member_dir(run_dir, 0).is_dir():
             raise CheckpointError(f"{run_dir} holds no ensemble members to resume ({_member_dir(run_dir, 0).name})")
     elif (run_dir / WEIGHTS).exists() or _member_dir(run_dir, 0).exists():
-        raise CheckpointError(f"{run_dir} already holds a model; choose another --out, or --resume that run")
+        raise CheckpointError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --out")
 
 
 def _train_ensemble(cfg: ClassifyConfig, run_dir: Path, train_data, valid_data, names, console, resume):
@@ -366,7 +386,7 @@ def _train_ensemble(cfg: ClassifyConfig, run_dir: Path, train_data, valid_data, 
         member_dir = _member_dir(run_dir, k)
         member_cfg = cfg.replace(ensemble=1, seed=cfg.seed + k, time_budget=share, out_dir=str(member_dir))
         if not (member_dir / "run.json").is_file():  # not finished
-            member_resume = resume and latest_checkpoint(member_dir) is not None
+            member_resume = resume and ckpt.find_checkpoint(member_dir) is not None
             if resume and not member_resume and member_dir.exists():
                 shutil.rmtree(member_dir)  # killed before its first checkpoint: only a random init is lost
             _train_one(member_cfg, member_dir, train_data, valid_data, names, console, member_resume)
@@ -397,7 +417,7 @@ def _with_epoch_limit(cfg: ClassifyConfig, rows: int) -> ClassifyConfig:
     """``max_steps`` lowered to ``max_epochs`` passes over ``rows`` training rows (the schedule then ends there)."""
     if cfg.max_epochs is None:
         return cfg
-    steps_per_epoch = max(1, rows // cfg.batch_size)
+    steps_per_epoch = max(1, rows // (cfg.batch_size * cfg.grad_accum))
     return cfg.replace(max_steps=min(cfg.max_steps, max(1, math.ceil(cfg.max_epochs * steps_per_epoch))))
 
 

@@ -2,10 +2,10 @@
 
 Parallel files (moekit.data.parallel) -> a joint byte-level BPE learnt on the training sources and targets
 (moekit.data.bpe) -> batches of similar-length pairs holding about ``batch_tokens`` tokens a side -> the
-shared task loop (:mod:`moekit.tasks.loop`: AdamW with warmup + cosine, checkpoints, resume), label-smoothed
-cross-entropy + the MoE balancing loss -> validation loss every ``eval_interval`` steps and greedy BLEU
-(sacrebleu) at the end. The run folder holds ``model.safetensors``, ``model.json`` (task, model config),
-``tokenizer.json``, ``run.json``, ``metrics.jsonl`` and the last checkpoint.
+one training loop (:mod:`moekit.train.loop` with :class:`TranslateTask`), label-smoothed cross-entropy + the
+MoE balancing loss -> validation loss every ``eval_interval`` steps and greedy BLEU (sacrebleu) at the end.
+The run folder holds ``model.safetensors``, ``model.json`` (task, model config), ``tokenizer.json``,
+``run.json``, ``metrics.jsonl`` and ``checkpoints/``.
 """
 
 from __future__ import annotations
@@ -21,14 +21,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from moekit import checkpoint as ckpt
 from moekit.config import require, unknown_key_error
 from moekit.data.bpe import BOS_ID, EOS_ID, PAD_ID, SubwordTokenizer
 from moekit.data.parallel import BUILTIN_SOURCE, BUILTIN_TARGET, ParallelText, read_parallel
 from moekit.errors import CheckpointError, ConfigError, DataError
 from moekit.io.safe_io import atomic_write_json, load_tensors, save_tensors
 from moekit.models.seq2seq import Seq2SeqConfig, Seq2SeqTransformer
+from moekit.tasks.batches import Batches
 from moekit.tasks.decoding import beam_search, greedy_search
-from moekit.tasks.loop import TaskStep, TaskTrainConfig, check_run_dir, check_same_meta, train_loop
+from moekit.train.config import TaskTrainConfig
+from moekit.train.loop import Loop, StepLoss, open_run
 from moekit.train.metrics import load_imbalance
 
 log = logging.getLogger(__name__)
@@ -185,6 +188,67 @@ class TranslateResult:
     tokens_per_second: float  # source + target tokens trained on per second
 
 
+class TranslateTask:
+    """Translation as a task of the one loop: batches of similar-length pairs, label-smoothed cross-entropy,
+    validation loss and expert loads; the run folder's model files are rewritten with each checkpoint."""
+
+    def __init__(self, cfg: TranslateConfig, model: Seq2SeqTransformer, tokenizer, train_set: Pairs, valid_set: Pairs):
+        self.cfg, self.model, self.tokenizer, self.train_set, self.valid_set = (
+            cfg,
+            model,
+            tokenizer,
+            train_set,
+            valid_set,
+        )
+        self.batches = Batches(_shuffled_batches(train_set, cfg.batch_tokens, cfg.seed))
+        self.state_dict, self.load_state_dict = self.batches.state_dict, self.batches.load_state_dict
+
+    def next_batch(self):
+        return self.train_set.batch(self.batches.next())
+
+    def loss(self, batch) -> StepLoss:
+        src, src_mask, tgt_in, labels, tgt_mask = batch
+        out = self.model(src, tgt_in, src_mask, tgt_mask, logits_mask=tgt_mask)
+        loss = F.cross_entropy(out.logits.float(), labels[tgt_mask], label_smoothing=self.cfg.label_smoothing)
+        return StepLoss(loss, out.aux_loss, out.moe_aux, int(src_mask.sum()) + int(tgt_mask.sum()))
+
+    def evaluate(self, step: int) -> dict[str, Any]:
+        valid_loss, loads = validation_loss(self.model, self.valid_set, self.cfg.batch_tokens)
+        return {"valid_loss": valid_loss, "valid_layer_imbalance": [load_imbalance(a) for a in loads]}
+
+    def summary(self, record: dict[str, Any]) -> str:
+        return f"valid loss {record['valid_loss']:.4f}"
+
+    def describe(self) -> dict[str, Any]:
+        return _meta(self.model)
+
+    def start(self, run_dir: Path) -> None:
+        pass
+
+    def export(self, run_dir: Path) -> None:
+        save_translator(run_dir, self.model, self.tokenizer)
+
+
+def translate_loop(cfg: TranslateConfig, resume: bool = False, console=None) -> tuple[Loop, ParallelText]:
+    """The training loop of a translator in ``cfg.out_dir``, and the validation pairs."""
+    run_dir = Path(cfg.out_dir or f"runs/translate-{time.strftime('%Y%m%d-%H%M%S')}")
+    source = open_run(run_dir, resume)
+    train_data, valid_data = load_task_data(cfg)
+    if resume:  # the run's own subwords, not a new tokenizer learnt from the data given now
+        tokenizer = SubwordTokenizer.load(run_dir)
+    else:
+        tokenizer = SubwordTokenizer.train([*train_data.sources, *train_data.targets], cfg.vocab_size)
+    train_set = encode_pairs(tokenizer, train_data, cfg.max_length)
+    valid_set = encode_pairs(tokenizer, valid_data)
+    torch.manual_seed(cfg.seed)
+    fields = {"vocab_size": tokenizer.vocab_size, "max_length": cfg.max_length, **cfg.model_overrides}
+    model = Seq2SeqTransformer(Seq2SeqConfig.from_dict(fields))
+    if source is not None:
+        ckpt.check_same_description(run_dir / META, _meta(model))
+        ckpt.load_tensors_into(model, load_tensors(source / WEIGHTS), source / WEIGHTS)
+    return Loop(cfg, TranslateTask(cfg, model, tokenizer, train_set, valid_set), run_dir, source, console), valid_data
+
+
 def train_translator(
     config: TranslateConfig | dict | None = None, console=None, resume: bool = False, **overrides: Any
 ) -> TranslateResult:
@@ -196,52 +260,14 @@ def train_translator(
     cfg = TranslateConfig.from_options({**base, **overrides}, "translation config")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    run_dir = Path(cfg.out_dir or f"runs/translate-{time.strftime('%Y%m%d-%H%M%S')}")
-    check_run_dir(run_dir, resume, WEIGHTS)
-    train_data, valid_data = load_task_data(cfg)
-    if resume:  # the run's own subwords, not a new tokenizer learnt from the data given now
-        tokenizer = SubwordTokenizer.load(run_dir)
-    else:
-        tokenizer = SubwordTokenizer.train([*train_data.sources, *train_data.targets], cfg.vocab_size)
-    train_set = encode_pairs(tokenizer, train_data, cfg.max_length)
-    valid_set = encode_pairs(tokenizer, valid_data)
-    torch.manual_seed(cfg.seed)
-    fields = {"vocab_size": tokenizer.vocab_size, "max_length": cfg.max_length, **cfg.model_overrides}
-    model = Seq2SeqTransformer(Seq2SeqConfig.from_dict(fields))
-    if resume:
-        check_same_meta(run_dir / META, _meta(model))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        save_translator(run_dir, model, tokenizer)
-
-    def forward(rows: list[int]) -> TaskStep:
-        src, src_mask, tgt_in, labels, tgt_mask = train_set.batch(rows)
-        out = model(src, tgt_in, src_mask, tgt_mask, logits_mask=tgt_mask)
-        loss = F.cross_entropy(out.logits.float(), labels[tgt_mask], label_smoothing=cfg.label_smoothing)
-        return TaskStep(loss, out.aux_loss, out.moe_aux, int(src_mask.sum()) + int(tgt_mask.sum()))
-
-    def evaluate() -> dict[str, Any]:
-        valid_loss, loads = validation_loss(model, valid_set, cfg.batch_tokens)
-        return {"valid_loss": valid_loss, "valid_layer_imbalance": [load_imbalance(a) for a in loads]}
-
-    run = train_loop(
-        model,
-        cfg,
-        run_dir,
-        _shuffled_batches(train_set, cfg.batch_tokens, cfg.seed),
-        forward,
-        evaluate,
-        lambda r: f"valid loss {r['valid_loss']:.4f}",
-        lambda: save_translator(run_dir, model, tokenizer),
-        resume=resume,
-        console=console,
-    )
+    loop, valid_data = translate_loop(cfg, resume, console)
+    run, model, tokenizer, train_set = loop.run(), loop.model, loop.task.tokenizer, loop.task.train_set
     bleu = None
     if cfg.bleu_sentences:
         n = min(cfg.bleu_sentences, len(valid_data))
         bleu = corpus_bleu(translate(model, tokenizer, valid_data.sources[:n]), valid_data.targets[:n])
     result = TranslateResult(
-        run_dir,
+        loop.run_dir,
         run.step,
         run.history[-1]["valid_loss"],
         bleu,
@@ -252,7 +278,7 @@ def train_translator(
         run.items / max(run.seconds, 1e-9),
     )
     atomic_write_json(
-        run_dir / "run.json",
+        loop.run_dir / "run.json",
         {
             "train": cfg.to_dict(),
             "model": model.config.to_dict(),

@@ -34,40 +34,78 @@ def parse_duration(value: str | float | int | None) -> float | None:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RunConfig(Config):
-    """What every training run has: the optimizer (AdamW or Muon, warmup + cosine), how long it runs, how it
-    reports and where it lives. :class:`TrainConfig` (language models) and
-    :class:`moekit.tasks.loop.TaskTrainConfig` (classification, translation) add their fields and defaults."""
+    """What every training run has (the one loop, :mod:`moekit.train.loop`, reads these): the optimizer (AdamW
+    or Muon, warmup + cosine), accumulation, precision, weight averaging, how long it runs, how it reports and
+    where it lives. :class:`TrainConfig` (language models) and :class:`TaskTrainConfig` (classification,
+    translation) add their fields and defaults; ``model_overrides`` changes fields of the model's config."""
 
     model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
     max_steps: int = 2000
     time_budget: float | None = None  # seconds; stop when spent (also stretches the LR schedule)
+    optimizer: OptimizerKind = OptimizerKind.ADAMW
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 50
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
+    grad_accum: int = 1  # micro-batches per optimizer step (their mean gradient)
     grad_clip: float = 1.0  # 0 disables clipping (the norm is still checked for NaN/inf)
+    precision: Precision = Precision.FP32
     aux_loss_scale: float = 1.0  # multiplies the model's balancing losses (0 turns them off)
+    bias_update: bool = True  # aux-loss-free bias updates for sigmoid routers, once per step
+    trainable: str | None = None  # regex of parameter names to train (or "router", "experts"); None = all
+    # Evaluate and save an exponential moving average of the weights (Polyak averaging) with this decay;
+    # 0 = the weights as trained. The averaged weights are the run's model.
+    ema_decay: float = 0.0
     eval_interval: int = 200
+    eval_batches: int = 20
     log_interval: int = 10
     checkpoint_interval: int = 500
+    keep_checkpoints: int = 2
     seed: int = 1337
     threads: int | None = None
     out_dir: str | None = None
+    tensorboard: bool = True
     progress: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "time_budget", parse_duration(self.time_budget))
-        for name in ("max_steps", "eval_interval", "log_interval", "checkpoint_interval"):
+        object.__setattr__(self, "precision", check_choice("precision", self.precision, Precision))
+        object.__setattr__(self, "optimizer", check_choice("optimizer", self.optimizer, OptimizerKind))
+        positive = ("max_steps", "eval_interval", "log_interval", "checkpoint_interval", "grad_accum", "eval_batches")
+        for name in (*positive, "keep_checkpoints"):
             value = getattr(self, name)
             require(isinstance(value, int) and value >= 1, f"{name} must be a positive integer, got {value!r}")
         require(self.lr > 0, f"lr must be > 0, got {self.lr}")
         require(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         require(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
         require(self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip}")
+        require(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")
         require(self.time_budget is None or self.time_budget > 0, f"time_budget must be > 0, got {self.time_budget}")
         require(isinstance(self.model_overrides, dict), "model_overrides must be a mapping of model config fields")
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any], what: str = "train config"):
+        """Build from ``--key value`` options (:func:`moekit.config.parse_overrides`), a config file's dict or a
+        ``to_dict()``, later keys winning: dashes become underscores, ``model.X`` keys (``model.moe.top_k``:
+        nested) go into ``model_overrides``; an unknown key raises ConfigError naming the closest valid one."""
+        out: dict[str, Any] = {}
+        names = cls.field_names()
+        for key, value in options.items():
+            key = key.replace("-", "_")
+            if key.startswith("model."):
+                target = out["model_overrides"] = dict(out.get("model_overrides") or {})
+                *parents, leaf = key.split(".")[1:]
+                for part in parents:
+                    target[part] = dict(target.get(part) or {})
+                    target = target[part]
+                target[leaf] = value
+            elif key in names:
+                out[key] = value
+            else:
+                raise unknown_key_error(key, names, what)
+        return cls.from_dict(out)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -82,46 +120,30 @@ class TrainConfig(RunConfig):
     val_fraction: float = 0.1
     block_size: int = 128
     batch_size: int = 32
-    grad_accum: int = 1
-    optimizer: OptimizerKind = OptimizerKind.ADAMW
-    bias_update: bool = True  # aux-loss-free bias updates for sigmoid routers, once per step
-    trainable: str | None = None  # regex of parameter names to train (or "router", "experts"); None = all
-    precision: Precision = Precision.FP32
-    eval_batches: int = 20
-    keep_checkpoints: int = 2
-    tensorboard: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        object.__setattr__(self, "precision", check_choice("precision", self.precision, Precision))
-        object.__setattr__(self, "optimizer", check_choice("optimizer", self.optimizer, OptimizerKind))
-        for name in ("block_size", "batch_size", "grad_accum", "eval_batches", "keep_checkpoints"):
+        for name in ("block_size", "batch_size"):
             value = getattr(self, name)
             require(isinstance(value, int) and value >= 1, f"{name} must be a positive integer, got {value!r}")
         require(0 < self.val_fraction < 1, f"val_fraction must be in (0, 1), got {self.val_fraction}")
 
 
-def apply_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Merge ``--key value`` overrides (dotted keys reach into ``model.``) into a TrainConfig dict.
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TaskTrainConfig(RunConfig):
+    """A task run's settings (:class:`RunConfig` with task defaults, plus label smoothing); a task's config adds
+    its data fields and may change defaults."""
 
-    ``model.hidden_size=256`` goes to ``model_overrides``; ``model.moe.num_experts=16`` to its nested
-    MoE dict. Unknown top-level keys raise ConfigError naming the closest valid key.
-    """
-    out = dict(base)
-    names = TrainConfig.field_names()
-    for key, value in overrides.items():
-        key = key.replace("-", "_")
-        if key.startswith("model."):
-            model = dict(out.get("model_overrides") or {})
-            parts = key.split(".")[1:]
-            target = model
-            for part in parts[:-1]:
-                target[part] = dict(target.get(part) or {})
-                target = target[part]
-            target[parts[-1]] = value
-            out["model_overrides"] = model
-        elif key in names:
-            out[key] = value
-        else:
-            raise unknown_key_error(key, names, "train config")
-    return out
+    max_steps: int = 100_000
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.05
+    warmup_steps: int = 100
+    weight_decay: float = 0.05
+    beta2: float = 0.99
+    checkpoint_interval: int = 1000  # steps between checkpoints (one is also written at the end)
+    tensorboard: bool = False
+    label_smoothing: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")

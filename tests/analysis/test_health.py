@@ -68,9 +68,9 @@ def test_trainer_logs_val_layer_imbalance_and_warns_on_collapse(tmp_path, caplog
     for r in evals:
         assert len(r["val_layer_imbalance"]) == 2 and all(v >= 1.0 for v in r["val_layer_imbalance"])
     # A collapsed validation load, three evaluations in a row: one warning naming the layer.
-    trainer.val_loads = [torch.tensor([100, 100, 100, 100]), torch.tensor([0, 0, 380, 20])]
+    trainer.task.val_loads = [torch.tensor([100, 100, 100, 100]), torch.tensor([0, 0, 380, 20])]
     with caplog.at_level(logging.WARNING, logger="moekit.analysis.health"):
-        records = [trainer.eval_health() for _ in range(4)]
+        records = [trainer.task.health(trainer.step) for _ in range(4)]
     assert records[0]["val_layer_imbalance"] == pytest.approx([1.0, 3.8])
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "layer 1:" in warnings[0] and "experts 0, 1 are dead" in warnings[0]

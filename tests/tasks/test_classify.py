@@ -182,7 +182,7 @@ def _kill_after(run_dir, tmp_path, last_kept: str):
     """A copy of a finished run as it stood when killed while writing its final checkpoint."""
     killed = tmp_path / "killed"
     shutil.copytree(run_dir, killed)
-    for ckpt in killed.glob("checkpoint-*"):
+    for ckpt in (killed / "checkpoints").glob("step-*"):
         if ckpt.name != last_kept:
             shutil.rmtree(ckpt)
     return killed
@@ -193,12 +193,12 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     train = _toy_text(tmp_path / "train.tsv")
     args = dict(TINY, data=str(train), max_steps=30, checkpoint_interval=10, eval_interval=10)
     full = train_classifier(out_dir=str(tmp_path / "full"), **args)
-    killed = _kill_after(full.run_dir, tmp_path, "checkpoint-00000020")
+    killed = _kill_after(full.run_dir, tmp_path, "step-000020")
     resumed = train_classifier(out_dir=str(killed), resume=True, **args)
     assert resumed.step == 30 and resumed.accuracy == full.accuracy
     a, b = load_classifier(full.run_dir)[0].state_dict(), load_classifier(killed)[0].state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    with pytest.raises(CheckpointError, match="already holds a model; choose another --out, or --resume"):
+    with pytest.raises(CheckpointError, match="already holds a run; pass --resume to continue it, or choose another"):
         train_classifier(out_dir=str(killed), **args)
 
 
@@ -239,7 +239,7 @@ def test_an_ensemble_predicts_the_mean_of_its_members_probabilities(tmp_path):
     assert predictions == [names[i] for i in mean.argmax(-1).tolist()]
     assert result.accuracy == acc and result.step == 3 * 8
     assert result.parameters == 3 * members[0].num_parameters()
-    with pytest.raises(CheckpointError, match="already holds a model"):
+    with pytest.raises(CheckpointError, match="already holds a run"):
         train_classifier(out_dir=str(run), ensemble=3, **args)
 
 
@@ -249,7 +249,8 @@ def test_a_killed_ensemble_resumes_keeping_its_finished_members(tmp_path):
     full = train_classifier(out_dir=str(tmp_path / "full"), **args)
     killed = tmp_path / "killed"
     shutil.copytree(full.run_dir, killed)
-    for path in ("model.safetensors", "model.json", "run.json", "member-1/run.json", "member-1/checkpoint-00000020"):
+    gone = ("model.safetensors", "model.json", "run.json", "member-1/run.json", "member-1/checkpoints/step-000020")
+    for path in gone:
         (shutil.rmtree if (killed / path).is_dir() else os.remove)(killed / path)
     finished = (killed / "member-0" / "model.safetensors").stat().st_mtime_ns
     resumed = train_classifier(out_dir=str(killed), resume=True, **args)

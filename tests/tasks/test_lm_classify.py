@@ -39,7 +39,7 @@ def test_fine_tuning_a_moekit_lm_learns_and_round_trips(moekit_lm, tmp_path):
     run = str(tmp_path / "c")
     result = train_classifier(init_from=str(moekit_lm), data=str(data), max_steps=60, out_dir=run, **FAST)
     assert result.accuracy >= 0.9  # the split-off tenth of this separable toy set
-    losses = [r["loss"] for r in result.history]
+    losses = [r["train_loss"] for r in result.history]
     assert losses[-1] < losses[0]
 
     model, tokenizer_vocab, names, task = load_classifier(tmp_path / "c")

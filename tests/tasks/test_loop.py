@@ -1,4 +1,5 @@
-"""The task training loop: steps, budget, records, the non-finite guard and option parsing."""
+"""The one training loop on a small task: steps, budget, records, the non-finite guard, EMA, resume and option
+parsing."""
 
 from __future__ import annotations
 
@@ -9,9 +10,12 @@ import pytest
 import torch
 
 from moekit.errors import CheckpointError, ConfigError, NonFiniteError
+from moekit.io.safe_io import load_tensors
+from moekit.tasks.batches import Batches, length_bucketed_rows, shuffled_rows
 from moekit.tasks.classify import ClassifyConfig
-from moekit.tasks.loop import TaskStep, TaskTrainConfig, length_bucketed_rows, shuffled_rows, train_loop
 from moekit.tasks.translate import TranslateConfig
+from moekit.train.config import TaskTrainConfig
+from moekit.train.loop import Loop, StepLoss, open_run
 
 
 def _inputs():
@@ -25,27 +29,53 @@ def _linear():
     return torch.nn.Linear(1, 1)
 
 
+class Regression:
+    """A linear model learning y = 2x as a task of the loop; its loss turns bad at call ``poison_at``."""
+
+    tokenizer = None
+
+    def __init__(self, model, poison_at, poison, watch, saved):
+        self.model, self.poison_at, self.poison, self.watch, self.saved = model, poison_at, poison, watch, saved
+        self.batches, self.calls = Batches(_inputs()), 0
+        self.state_dict, self.load_state_dict = self.batches.state_dict, self.batches.load_state_dict
+
+    def next_batch(self):
+        return self.batches.next()
+
+    def loss(self, x) -> StepLoss:
+        if self.watch is not None:
+            self.watch.append([p.detach().clone() for p in self.model.parameters()])
+        loss = torch.nn.functional.mse_loss(self.model(x), 2 * x)
+        if self.calls == self.poison_at:
+            loss = self.poison(self.model, loss)
+        self.calls += 1
+        return StepLoss(loss, 0.0, [], len(x))
+
+    def evaluate(self, step: int) -> dict:
+        with torch.no_grad():
+            return {"error": float((self.model.weight - 2).abs())}
+
+    def summary(self, record) -> str:
+        return str(record)
+
+    def describe(self) -> dict:
+        return {"task": "regression"}
+
+    def start(self, run_dir) -> None:
+        pass
+
+    def export(self, run_dir) -> None:
+        self.saved.append(1)
+
+
 def _regression(tmp_path, cfg, poison_at: int | None = None, poison=None, watch=None, model=None, resume=False):
     """Train a linear model on y = 2x with the loop; forward turns bad at step ``poison_at``."""
     model = model or _linear()
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    calls = {"n": 0}
-
-    def forward(x) -> TaskStep:
-        if watch is not None:
-            watch.append([p.detach().clone() for p in model.parameters()])
-        loss = torch.nn.functional.mse_loss(model(x), 2 * x)
-        if calls["n"] == poison_at:
-            loss = poison(model, loss)
-        calls["n"] += 1
-        return TaskStep(loss, 0.0, [], len(x))
-
-    def evaluate() -> dict:
-        with torch.no_grad():
-            return {"error": float((model.weight - 2).abs())}
-
+    source = open_run(tmp_path, resume)
+    if source is not None:
+        model.load_state_dict(load_tensors(source / "model.safetensors"))
     saved = []
-    run = train_loop(model, cfg, tmp_path, _inputs(), forward, evaluate, str, lambda: saved.append(1), resume=resume)
+    run = Loop(cfg, Regression(model, poison_at, poison, watch, saved), tmp_path, source).run()
     return run, model, saved
 
 
@@ -121,20 +151,21 @@ def test_resume_continues_exactly_and_a_partial_checkpoint_is_ignored(tmp_path, 
         ema_decay=ema_decay,
     )
     full, full_model, _ = _regression(tmp_path / "full", cfg)
-    assert sorted(p.name for p in (tmp_path / "full").glob("checkpoint-*")) == [
-        "checkpoint-00000020",
-        "checkpoint-00000030",
+    assert sorted(p.name for p in (tmp_path / "full" / "checkpoints").glob("step-*")) == [
+        "step-000020",
+        "step-000030",
     ]
-    # a run killed while writing step 30: its checkpoint never got its final name
+    # a run killed while writing step 30: its checkpoint never got its final name (nor did `latest` move)
     killed = tmp_path / "killed"
     shutil.copytree(tmp_path / "full", killed)
-    (killed / "checkpoint-00000030").rename(killed / ".tmp-checkpoint-00000030-123")
+    (killed / "checkpoints" / "step-000030").rename(killed / "checkpoints" / ".tmp-step-000030-123")
+    (killed / "checkpoints" / "latest").write_text("step-000020\n")
     resumed, resumed_model, saved = _regression(killed, cfg, model=_linear(), resume=True)
     assert resumed.step == 30 and len(saved) == 1
     assert all(torch.equal(a, b) for a, b in zip(full_model.parameters(), resumed_model.parameters()))
     assert resumed.history[:2] == full.history[:2] and len(resumed.history) == 3  # restored, then step 30
     assert resumed.history[-1]["error"] == full.history[-1]["error"]
-    assert not any(killed.glob(".tmp-*"))  # the partial one is cleaned up by the next save
+    assert not any((killed / "checkpoints").glob(".tmp-*"))  # the partial one is cleaned up by the next save
 
 
 def test_weight_average_is_what_evaluation_and_the_final_model_see(tmp_path):

@@ -172,7 +172,7 @@ def test_resume_from_the_cli_continues_a_killed_run(tmp_path, capsys):
     assert main(["train", "--task", "translate", "--out", str(tmp_path / "full"), *options]) == 0
     killed = tmp_path / "killed"
     shutil.copytree(tmp_path / "full", killed)
-    shutil.rmtree(killed / "checkpoint-00000012")
+    shutil.rmtree(killed / "checkpoints" / "step-000012")
     capsys.readouterr()
     assert main(["train", "--task", "translate", "--out", str(killed), "--resume", *options]) == 0
     assert "step 12:" in capsys.readouterr().out

@@ -95,7 +95,7 @@ def test_output_folder_with_another_run_is_refused(tmp_path):
 
 def test_resume_with_a_different_config_is_refused(tmp_path):
     train(max_steps=2, out_dir=str(tmp_path / "r"), **FAST)
-    with pytest.raises(CheckpointError, match=r"different config: lr is 0.003 .* but 0.01 now"):
+    with pytest.raises(ConfigError, match=r"--resume: lr=0.01 differs .*\(lr=0.003\)"):
         train(max_steps=4, out_dir=str(tmp_path / "r"), resume=True, **{**FAST, "lr": 0.01})
 
 

@@ -347,10 +347,7 @@ def save_moekit_checkpoint(model: MoELM, folder: str | os.PathLike, tokenizer_so
     if out.exists() and any(out.iterdir()):
         if not (out / ckpt.CONFIG_FILE).is_file():
             raise CheckpointError(f"{out} exists and is not empty; choose a new --out folder")
-    out.mkdir(parents=True, exist_ok=True)
-    save_tensors(ckpt.model_tensors(model), out / ckpt.WEIGHTS_FILE, metadata={"format": ckpt.FORMAT})
-    document = {"format": ckpt.FORMAT, "version": ckpt.FORMAT_VERSION, "model": model.config.to_dict()}
-    atomic_write_json(out / ckpt.CONFIG_FILE, document)
+    ckpt.write_model_folder(out, ckpt.model_tensors(model), {"model": model.config.to_dict()})
     if tokenizer_source is not None:
         copy_tokenizer_files(Path(tokenizer_source), out)
     return out
