@@ -15,7 +15,6 @@ import collections
 import json
 import logging
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from moekit.interop.hf.config_map import lm_config_from_hf
 from moekit.interop.hf.weights_map import HFTensors, hf_to_moekit, moekit_to_hf
 from moekit.io.safe_io import (
     INDEX_NAME,
+    SHARD_FILE_RE,
     SINGLE_FILE_NAME,
     atomic_write_bytes,
     atomic_write_json,
@@ -56,7 +56,6 @@ TOKENIZER_FILES = (
     "generation_config.json",
 )
 _PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "model.ckpt")
-_SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
@@ -291,7 +290,7 @@ def write_hf_weights(tensors: dict[str, torch.Tensor], out: Path, max_shard_byte
     else:
         save_tensors(tensors, out / SINGLE_FILE_NAME, metadata=metadata)
         for stale in out.iterdir():
-            if stale.name == INDEX_NAME or _SHARD_RE.match(stale.name):
+            if stale.name == INDEX_NAME or SHARD_FILE_RE.match(stale.name):
                 stale.unlink()
 
 
