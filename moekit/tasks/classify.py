@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from moekit import checkpoint as ckpt
 from moekit.checkpoint import load_tensors_into, model_tensors
 from moekit.config import require, unknown_key_error
-from moekit.data.images import LabelledImages, builtin_digits, check_image_size, read_images
-from moekit.data.labelled import BUILTIN_SENTIMENT, WordVocab, label_ids, label_names, read_labelled
+from moekit.data.images import builtin_digits, check_image_size, read_images
+from moekit.data.labelled import BUILTIN_SENTIMENT, WordVocab, label_names, read_labelled
 from moekit.data.tokenizers import Tokenizer, load_tokenizer
 from moekit.errors import CheckpointError, ConfigError, DataError
 from moekit.io.safe_io import atomic_write_json, load_tensors, save_tensors
@@ -37,6 +37,7 @@ from moekit.models.ensemble import EnsembleClassifier
 from moekit.models.lm import MoELM
 from moekit.models.lm_classifier import LMClassifier
 from moekit.tasks.batches import Batches, length_bucketed_rows, shuffled_rows
+from moekit.tasks.examples import Examples, image_examples, split_rows, subset, text_examples
 from moekit.train.config import TaskTrainConfig
 from moekit.train.loop import Loop, StepLoss, open_run
 
@@ -99,69 +100,6 @@ class ClassifyConfig(TaskTrainConfig):
         return self.task == "classify"
 
 
-# -- examples ------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class Examples:
-    """Model inputs and label ids: text as a list of id lists (padded per batch), images as uint8 [N, C, H, W]."""
-
-    inputs: list[list[int]] | torch.Tensor
-    labels: torch.Tensor  # [N] long, -1 = unlabelled
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """(inputs, padding mask or None, labels) of the rows ``idx``."""
-        y = self.labels[idx]
-        if isinstance(self.inputs, torch.Tensor):
-            return self.inputs[idx].float() / 255.0, None, y
-        rows = [self.inputs[i] for i in idx.tolist()]
-        width = max(len(r) for r in rows)
-        ids = torch.zeros(len(rows), width, dtype=torch.long)
-        mask = torch.zeros(len(rows), width, dtype=torch.bool)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-            mask[i, : len(r)] = True
-        return ids, mask, y
-
-    def batches(self, batch_size: int):
-        for start in range(0, len(self), batch_size):
-            yield self.batch(torch.arange(start, min(start + batch_size, len(self))))
-
-
-def text_examples(data, vocab: WordVocab, names: list[str] | None, max_length: int) -> Examples:
-    ids = [vocab.encode(t, max_length) for t in data.texts]
-    labels = label_ids(data, names) if names is not None else [-1] * len(ids)
-    return Examples(ids, torch.tensor(labels, dtype=torch.long))
-
-
-def image_examples(data: LabelledImages, names: list[str]) -> Examples:
-    index = {n: i for i, n in enumerate(names)}
-    for label, source in zip(data.labels, data.sources):
-        if label not in index:
-            raise DataError(f"{source}: label {label!r} is not one of the training labels {names}")
-    return Examples(data.pixels, torch.tensor([index[label] for label in data.labels], dtype=torch.long))
-
-
-def _split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    cut = max(1, int(round(n * fraction)))
-    return order[cut:], order[:cut]
-
-
-def _subset(data, rows: list[int]):
-    if isinstance(data, LabelledImages):
-        return LabelledImages(
-            data.path, data.pixels[rows], [data.labels[i] for i in rows], [data.sources[i] for i in rows]
-        )
-    return dataclasses.replace(
-        data,
-        texts=[data.texts[i] for i in rows],
-        labels=[data.labels[i] for i in rows],
-        lines=[data.lines[i] for i in rows],
-    )
-
-
 def load_task_data(cfg: ClassifyConfig):
     """(train data, validation data) as read from the files (or built-in sets), before encoding."""
     if cfg.is_text:
@@ -174,8 +112,8 @@ def load_task_data(cfg: ClassifyConfig):
             return train_data, builtin_digits("test")
     if cfg.valid is not None:
         return train_data, read(cfg.valid)
-    train_rows, valid_rows = _split(len(train_data), cfg.valid_fraction, cfg.seed)
-    return _subset(train_data, train_rows), _subset(train_data, valid_rows)
+    train_rows, valid_rows = split_rows(len(train_data), cfg.valid_fraction, cfg.seed)
+    return subset(train_data, train_rows), subset(train_data, valid_rows)
 
 
 # -- the run -------------------------------------------------------------------------------------
