@@ -29,7 +29,6 @@ The training loop is the language-model :class:`moekit.train.Trainer` with this 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import logging
 import os
@@ -43,9 +42,10 @@ from moekit.checkpoint import load_model, read_model_config, resolve_checkpoint
 from moekit.config import Config, read_config_file, require
 from moekit.data.tokenizers import Tokenizer, load_tokenizer
 from moekit.errors import CheckpointError, ConfigError
-from moekit.io.safe_io import atomic_write_json, load_tensors, save_tensors
+from moekit.io.safe_io import atomic_write_json
 from moekit.models import LMConfig, MoELM
 from moekit.models.presets import PRESETS
+from moekit.recipes.teacher_cache import TeacherCache
 from moekit.train.config import TrainConfig
 from moekit.train.loop import TrainResult
 from moekit.train.trainer import Trainer
@@ -53,8 +53,6 @@ from moekit.train.trainer import Trainer
 logger = logging.getLogger(__name__)
 
 DISTILL_FILE = "distill.json"
-CACHE_FORMAT = "moekit-teacher-cache"
-CACHE_META = "cache.json"
 
 
 # -- the loss ------------------------------------------------------------------------------------
@@ -143,19 +141,15 @@ class DistillConfig(Config):
 
 # -- teachers ------------------------------------------------------------------------------------
 def load_teacher(path: str | os.PathLike) -> tuple[MoELM, Tokenizer]:
-    """A moekit checkpoint/run folder, or a Hugging Face model folder when ``moekit.interop.hf`` is installed."""
+    """A moekit checkpoint/run folder, or a Hugging Face model folder."""
     try:
         return load_model(path)
-    except CheckpointError as err:
+    except CheckpointError:
         p = Path(path)
         hf_config = p / "config.json"
         is_hf = hf_config.is_file() and "format" not in _read_json(hf_config)
         if not is_hf:
             raise
-        if importlib.util.find_spec("moekit.interop.hf") is None:
-            raise CheckpointError(
-                f"{p} looks like a Hugging Face model, but moekit.interop.hf is not available"
-            ) from err
         from moekit.interop.hf import from_hf
 
         loaded = from_hf(p)
@@ -208,125 +202,6 @@ def copy_non_expert_weights(teacher: MoELM, student: MoELM) -> list[str]:
     return copied
 
 
-# -- the teacher cache -----------------------------------------------------------------------------
-class TeacherCache:
-    """Teacher logits (top-k or full) for micro-batches 0..steps-1 of a deterministic loader, on disk.
-
-    Layout: ``cache.json`` (what it was made with) and ``chunk-XXXXX.safetensors`` holding ``x`` [n, B, S]
-    int32 and ``values`` [n, B, S, K] fp16 + ``ids`` [n, B, S, K] int32, or ``logits`` [n, B, S, V] fp16.
-    """
-
-    CHUNK = 64
-
-    def __init__(self, path: str | os.PathLike, meta: dict[str, Any]):
-        self.path = Path(path)
-        self.meta = meta
-        self._chunk_index = -1
-        self._chunk: dict[str, torch.Tensor] = {}
-
-    @property
-    def steps(self) -> int:
-        return int(self.meta["steps"])
-
-    @classmethod
-    def open_or_build(cls, path, trainer: Trainer, teacher: MoELM, dcfg: DistillConfig, steps: int) -> TeacherCache:
-        meta = {
-            "format": CACHE_FORMAT,
-            "version": 1,
-            "teacher": str(dcfg.teacher),
-            "top_k": dcfg.top_k_logits,
-            "vocab_size": teacher.config.vocab_size,
-            "batch_size": trainer.loader.batch_size,
-            "block_size": trainer.loader.block_size,
-            "num_tokens": len(trainer.loader.tokens),
-            "seed": trainer.loader.seed,
-            "precision": trainer.config.precision.value,
-        }
-        path = Path(path)
-        meta_file = path / CACHE_META
-        if meta_file.is_file():
-            stored = _read_json(meta_file)
-            changed = [k for k in meta if k != "teacher" and stored.get(k) != meta[k]]
-            if stored.get("format") != CACHE_FORMAT or changed:
-                k = changed[0] if changed else "format"
-                raise CheckpointError(
-                    f"teacher cache {path} was made with {k}={stored.get(k)!r}, this run has {meta[k]!r}; "
-                    "use another --cache-teacher folder"
-                )
-            cache = cls(path, stored)
-            cache._check_teacher(trainer, path)
-            if cache.steps < steps:
-                logger.warning(
-                    "teacher cache %s covers %d micro-batches; later ones are computed on the fly", path, cache.steps
-                )
-            return cache
-        if path.exists() and any(path.iterdir()):
-            raise CheckpointError(f"--cache-teacher {path} exists and is not a teacher cache")
-        cls._build(path, meta, trainer, teacher, dcfg, steps)
-        return cls(path, {**meta, "steps": steps})
-
-    @classmethod
-    @torch.no_grad()
-    def _build(cls, path: Path, meta, trainer: Trainer, teacher: MoELM, dcfg: DistillConfig, steps: int) -> None:
-        from moekit.data.loader import TokenLoader
-
-        path.mkdir(parents=True, exist_ok=True)
-        src = trainer.loader
-        loader = TokenLoader(src.tokens, src.block_size, src.batch_size, seed=src.seed)
-        for start in range(0, steps, cls.CHUNK):
-            xs, firsts, seconds = [], [], []
-            for _ in range(start, min(start + cls.CHUNK, steps)):
-                x, _ = loader.next_batch()
-                targets = trainer.teacher_targets(x)
-                xs.append(x.to(torch.int32))
-                if isinstance(targets, tuple):
-                    firsts.append(targets[0].half())
-                    seconds.append(targets[1].to(torch.int32))
-                else:
-                    firsts.append(targets.half())
-            tensors = {"x": torch.stack(xs)}
-            if seconds:
-                tensors["values"], tensors["ids"] = torch.stack(firsts), torch.stack(seconds)
-            else:
-                tensors["logits"] = torch.stack(firsts)
-            save_tensors(tensors, path / f"chunk-{start // cls.CHUNK:05d}.safetensors")
-        atomic_write_json(path / CACHE_META, {**meta, "steps": steps, "chunk": cls.CHUNK})
-
-    def _check_teacher(self, trainer: Trainer, path: Path) -> None:
-        """The teacher at hand must reproduce the cached logits of the first micro-batch (fp16 tolerance)."""
-        self._load_chunk(0)
-        x = self._chunk["x"][0].long()
-        mine = trainer.teacher_targets(x)
-        cached = self._chunk["values"][0] if "values" in self._chunk else self._chunk["logits"][0]
-        mine = mine[0] if isinstance(mine, tuple) else mine
-        if not torch.allclose(mine.half().float(), cached.float(), rtol=1e-2, atol=1e-2):
-            raise CheckpointError(
-                f"teacher cache {path} was made by another teacher: its logits for the first batch differ "
-                "from this teacher's; use another --cache-teacher folder"
-            )
-
-    def _load_chunk(self, index: int) -> None:
-        if index != self._chunk_index:
-            self._chunk = load_tensors(self.path / f"chunk-{index:05d}.safetensors")
-            self._chunk_index = index
-
-    def get(self, step: int, x: torch.Tensor):
-        """The cached targets of micro-batch ``step`` (checked against its input ids ``x``), or None."""
-        if step >= self.steps:
-            return None
-        chunk = int(self.meta.get("chunk", self.CHUNK))
-        index, row = divmod(step, chunk)
-        self._load_chunk(index)
-        if not torch.equal(self._chunk["x"][row].long(), x.cpu()):
-            raise CheckpointError(
-                f"teacher cache {self.path} does not match micro-batch {step}: its input ids differ "
-                "(different data, tokenizer or loader)"
-            )
-        if "values" in self._chunk:
-            return self._chunk["values"][row].to(x.device), self._chunk["ids"][row].to(x.device)
-        return self._chunk["logits"][row].to(x.device)
-
-
 # -- the trainer -----------------------------------------------------------------------------------
 class DistillTrainer(Trainer):
     """The language-model :class:`Trainer` with :func:`distillation_loss` against ``teacher`` as its task loss.
@@ -359,7 +234,15 @@ class DistillTrainer(Trainer):
         self.cache = None
         if distill.cache_teacher:
             steps = config.max_steps * config.grad_accum
-            self.cache = TeacherCache.open_or_build(distill.cache_teacher, self, teacher, distill, steps)
+            key = {
+                "teacher": str(distill.teacher),
+                "top_k": distill.top_k_logits,
+                "vocab_size": teacher.config.vocab_size,
+                "precision": config.precision.value,
+            }
+            self.cache = TeacherCache.open_or_build(
+                distill.cache_teacher, key, self.loader, self.teacher_targets, steps
+            )
         self.task.compute_loss = self.distillation_loss
 
     @torch.no_grad()
@@ -425,7 +308,7 @@ def distill(
     """Distil ``teacher`` into ``student``; the function behind ``moekit distill``.
 
     Args:
-        teacher: a moekit checkpoint or run folder (or a Hugging Face folder, with ``moekit.interop.hf``).
+        teacher: a moekit checkpoint or run folder (or a Hugging Face model folder).
         student: a preset name, an LMConfig file (YAML/JSON/TOML, or a checkpoint's config.json), or a
             checkpoint folder to start from.
         temperature, alpha, top_k_logits, cache_teacher, init_from_teacher: see :class:`DistillConfig`.

@@ -100,6 +100,9 @@ def test_cached_teacher_logits_give_the_same_losses(tmp_path):
     other_teacher = save_model(tmp_path / "other-teacher", tiny_model(seed=2))
     with pytest.raises(CheckpointError, match="was made by another teacher"):
         _trainer(tmp_path, other_teacher, "third", dcfg)
+    (tmp_path / "c" / "cache.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="cache.json is not valid JSON"):
+        _trainer(tmp_path, teacher_dir, "fourth", dcfg)
 
 
 def test_distill_makes_a_dense_student_from_a_preset_and_can_copy_non_expert_weights(tmp_path):
