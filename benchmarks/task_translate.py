@@ -28,7 +28,8 @@ from task_table import parse_sets, write_table
 
 from moekit.data.bpe import SPECIAL_TOKENS
 from moekit.data.parallel import read_parallel
-from moekit.tasks.translate import corpus_bleu, encode_pairs, load_translator, train_translator, translate
+from moekit.tasks.decoding import corpus_bleu, translate
+from moekit.tasks.translate import encode_pairs, load_translator, train_translator
 
 
 def _files(args) -> dict[str, str]:

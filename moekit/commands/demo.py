@@ -18,7 +18,7 @@ from moekit.analysis.pipeline import AnalysisResult, analyze
 from moekit.checkpoint import load_model
 from moekit.data.corpus import builtin_corpus
 from moekit.inference.generate import stream_text
-from moekit.tasks import classify, translate
+from moekit.tasks import classify, decoding, translate
 from moekit.tasks.routing import routing_by_label, routing_table
 from moekit.train.trainer import train
 
@@ -159,9 +159,9 @@ def translate_demo(
         console.print(f"  step {record['step']:>5}  valid loss {record['valid_loss']:.4f}")
     model, tokenizer = translate.load_translator(result.run_dir)
     _, valid = translate.load_task_data(_run_config(result.run_dir, translate.TranslateConfig))
-    greedy = translate.translate(model, tokenizer, valid.sources)
-    beam = translate.translate(model, tokenizer, valid.sources, beam=4)
-    bleu = {"greedy": translate.corpus_bleu(greedy, valid.targets), "beam4": translate.corpus_bleu(beam, valid.targets)}
+    greedy = decoding.translate(model, tokenizer, valid.sources)
+    beam = decoding.translate(model, tokenizer, valid.sources, beam=4)
+    bleu = {"greedy": decoding.corpus_bleu(greedy, valid.targets), "beam4": decoding.corpus_bleu(beam, valid.targets)}
     console.print(
         f"\n[bold]validation BLEU[/] ({len(valid)} held-out pairs): greedy {bleu['greedy']:.1f}, "
         f"beam 4 {bleu['beam4']:.1f}  ({result.active_parameters:,} of {result.parameters:,} parameters active)"

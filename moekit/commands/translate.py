@@ -15,8 +15,9 @@ from pathlib import Path
 from moekit.data.parallel import read_lines
 from moekit.errors import ConfigError, DataError
 from moekit.io.safe_io import atomic_write_text
-from moekit.tasks.translate import corpus_bleu, load_translator
-from moekit.tasks.translate import translate as translate_sentences
+from moekit.tasks.decoding import corpus_bleu
+from moekit.tasks.decoding import translate as translate_sentences
+from moekit.tasks.translate import load_translator
 
 
 def add_parser(verbs: argparse._SubParsersAction) -> None:

@@ -29,7 +29,7 @@ from moekit.errors import CheckpointError, ConfigError, DataError
 from moekit.io.safe_io import atomic_write_json, load_tensors, save_tensors
 from moekit.models.seq2seq import Seq2SeqConfig, Seq2SeqTransformer
 from moekit.tasks.batches import Batches
-from moekit.tasks.decoding import beam_search, greedy_search
+from moekit.tasks.decoding import corpus_bleu, translate
 from moekit.train.config import TaskTrainConfig
 from moekit.train.loop import Loop, StepLoss, open_run
 from moekit.train.metrics import load_imbalance
@@ -310,61 +310,6 @@ def validation_loss(model: Seq2SeqTransformer, pairs: Pairs, batch_tokens: int =
         loads = batch_loads if loads is None else [a + b for a, b in zip(loads, batch_loads)]
     model.train(was_training)
     return total / max(1, count), loads or []
-
-
-# -- translating ---------------------------------------------------------------------------------
-def translate(
-    model: Seq2SeqTransformer,
-    tokenizer: SubwordTokenizer,
-    sentences: Sequence[str],
-    beam: int = 1,
-    max_new_tokens: int | None = None,
-    batch_size: int = 64,
-    alpha: float = 0.6,
-) -> list[str]:
-    """Translate sentences (greedy with ``beam=1``, else beam search with length penalty ``alpha``).
-
-    Sources longer than the model's ``max_length`` tokens are cut there. Empty sentences translate to "".
-
-    Args:
-        max_new_tokens: longest translation in tokens; None: twice the source plus 10, at most
-            twice the model's ``max_length``.
-        batch_size: sentences decoded together (sorted by length, so padding stays small).
-    """
-    limit = model.config.max_length
-    encoded = tokenizer.encode_batch([s.strip() for s in sentences])
-    cut = sum(len(enc) >= limit for enc in encoded)
-    if cut:
-        log.warning("%d of %d sources were cut to the model's max_length=%d tokens", cut, len(encoded), limit)
-    ids = [enc[: limit - 1] + [EOS_ID] for enc in encoded]
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    out: list[str] = [""] * len(ids)
-    for start in range(0, len(order), batch_size):
-        rows = [i for i in order[start : start + batch_size] if sentences[i].strip()]
-        if not rows:
-            continue
-        width = max(len(ids[i]) for i in rows)
-        src = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
-        for r, i in enumerate(rows):
-            src[r, : len(ids[i])] = torch.tensor(ids[i], dtype=torch.long)
-        steps = max_new_tokens or min(2 * width + 10, 2 * limit)
-        mask = src != PAD_ID
-        if beam == 1:
-            hyps = greedy_search(model, src, mask, steps)
-        else:
-            hyps = beam_search(model, src, mask, steps, beam=beam, alpha=alpha)
-        for i, hyp in zip(rows, hyps):
-            out[i] = tokenizer.decode(hyp)
-    return out
-
-
-def corpus_bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
-    """sacrebleu's corpus BLEU (13a tokenization, the WMT default) of detokenized text."""
-    import sacrebleu
-
-    if len(hypotheses) != len(references):
-        raise DataError(f"{len(hypotheses)} translations but {len(references)} references")
-    return float(sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score)
 
 
 # -- checkpoints ---------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ import torch
 from moekit.cli import main
 from moekit.data.bpe import SubwordTokenizer
 from moekit.models.seq2seq import Seq2SeqConfig, Seq2SeqTransformer
-from moekit.tasks.translate import corpus_bleu, load_translator, save_translator, train_translator, translate
+from moekit.tasks.decoding import corpus_bleu, translate
+from moekit.tasks.translate import load_translator, save_translator, train_translator
 
 PAIRS = [
     ("A dog runs.", "Ein Hund läuft."),
