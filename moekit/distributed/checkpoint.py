@@ -27,7 +27,7 @@ from moekit.distributed.collectives import barrier
 from moekit.distributed.expert_parallel import expert_parameters
 from moekit.distributed.mesh import DistContext
 from moekit.errors import CheckpointError
-from moekit.io.atomic import atomic_write_json
+from moekit.io.atomic import atomic_write_json, fsync_file
 from moekit.io.safe_io import save_tensors
 
 
@@ -77,11 +77,6 @@ def shard_optimizer_tensors(
     return out
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
 def save_distributed_checkpoint(
     ctx: DistContext,
     run_dir: str | os.PathLike,
@@ -123,14 +118,14 @@ def save_distributed_checkpoint(
             tensors = {k: v for k, v in tensors.items() if k in expert_names}
         meta = {"format": ckpt.FORMAT, "ep_rank": str(r), "ep_size": str(P)}
         save_tensors(tensors, tmp / weight_files[r], metadata=meta)
-        _fsync_file(tmp / weight_files[r])
+        fsync_file(tmp / weight_files[r])
         if optimizer is not None:
             opt = ckpt.optimizer_tensors(optimizer)
             opt_split = sharded_optimizer_names(opt, optimizer, expert)
             if not ctx.is_main:
                 opt = {k: v for k, v in opt.items() if k in opt_split}
             save_tensors(opt, tmp / optimizer_files[r], metadata=meta)
-            _fsync_file(tmp / optimizer_files[r])
+            fsync_file(tmp / optimizer_files[r])
     barrier()
 
     if ctx.is_main:

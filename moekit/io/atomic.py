@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_target", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "fsync_tree"]
+__all__ = ["atomic_target", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "fsync_file", "fsync_tree"]
 
 
 @contextlib.contextmanager
@@ -32,7 +32,7 @@ def atomic_target(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
-        _fsync_file(tmp)
+        fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -41,7 +41,8 @@ def atomic_target(path: str | os.PathLike) -> Iterator[Path]:
     _fsync_dir(path.parent)
 
 
-def _fsync_file(path: Path) -> None:
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush one file's data to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -103,5 +104,5 @@ def fsync_tree(folder: str | os.PathLike) -> None:
     folder = Path(folder)
     for path in folder.iterdir():
         if path.is_file():
-            _fsync_file(path)
+            fsync_file(path)
     _fsync_dir(folder)
