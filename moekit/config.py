@@ -25,9 +25,27 @@ from moekit.errors import ConfigError
 C = TypeVar("C", bound="Config")
 
 
+# Names people type for a field that moekit spells otherwise (checked before spelling similarity).
+_ALIASES = {
+    "learning_rate": "lr",
+    "steps": "max_steps",
+    "num_steps": "max_steps",
+    "epochs": "max_epochs",
+    "num_epochs": "max_epochs",
+    "output_dir": "out_dir",
+    "seq_len": "block_size",
+    "context_length": "block_size",
+    "gradient_accumulation_steps": "grad_accum",
+}
+
+
 def closest(name: str, valid: typing.Iterable[str]) -> str | None:
-    """The valid name most similar to ``name``, or None when nothing is close."""
-    matches = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.5)
+    """The valid name most similar to ``name`` (or the one it is a common alias of), or None."""
+    valid = list(valid)
+    aliased = difflib.get_close_matches(name, [a for a, field in _ALIASES.items() if field in valid], n=1, cutoff=0.8)
+    if aliased:
+        return _ALIASES[aliased[0]]
+    matches = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
     return matches[0] if matches else None
 
 
@@ -75,6 +93,10 @@ class Config:
                 raise unknown_key_error(key, names, cls.__name__)
         hints = typing.get_type_hints(cls)
         kwargs = {k: _coerce(hints.get(k), v) for k, v in data.items()}
+        parsed_later = {f.name for f in dataclasses.fields(cls) if f.metadata.get("parsed_in_post_init")}
+        for key, value in kwargs.items():
+            if key not in parsed_later:
+                _check_type(key, hints.get(key), value)
         return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:
@@ -126,6 +148,43 @@ def _coerce(hint: Any, value: Any) -> Any:
     return value
 
 
+def _matches(hint: Any, value: Any) -> bool:
+    """Whether ``value`` (after :func:`_coerce`) fits the type hint ``hint``; enums, nested configs and
+    anything unusual are left to the config's own checks."""
+    if hint is None or hint is Any:
+        return True
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(arg, value) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return isinstance(value, (str, hint))  # its value is checked by check_choice
+    if origin in (tuple, list, dict):
+        return isinstance(value, origin)
+    return True
+
+
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+
+
+def _check_type(field: str, hint: Any, value: Any) -> None:
+    """ConfigError naming the field, the value and what it takes, when ``value`` does not fit ``hint``."""
+    if _matches(hint, value):
+        return
+    arms = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    wanted = " or ".join(_TYPE_NAMES.get(arm, getattr(arm, "__name__", str(arm))) for arm in arms)
+    raise ConfigError(f"{field}={value!r} is not valid: {field} takes {wanted}")
+
+
 # -- config files and command-line overrides -------------------------------------------------------
 
 if sys.version_info >= (3, 11):
@@ -159,7 +218,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 def parse_overrides(tokens: list[str]) -> dict[str, Any]:
     """``["--lr", "1e-3", "--model.num_experts=8", "--bias-update", "false"]`` -> typed dict.
 
-    Values are parsed as YAML scalars (numbers, booleans, null); a flag with no value means true.
+    Values are parsed as YAML scalars (numbers, booleans, null); every key needs a value (``--key true``).
     """
     out: dict[str, Any] = {}
     i = 0
@@ -173,7 +232,7 @@ def parse_overrides(tokens: list[str]) -> dict[str, Any]:
                 value = tokens[i + 1]
                 i += 1
             else:
-                value = "true"
+                raise ConfigError(f"--{key} needs a value (e.g. --{key} 10, --{key} true, or --{key}=VALUE)")
         out[key.replace("-", "_")] = _scalar(value)
         i += 1
     return out

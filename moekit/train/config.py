@@ -41,7 +41,8 @@ class RunConfig(Config):
 
     model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
     max_steps: int = 2000
-    time_budget: float | None = None  # seconds; stop when spent (also stretches the LR schedule)
+    # Seconds (90, or a string like '90s', '2m', '1.5h'); stop when spent (also stretches the LR schedule).
+    time_budget: float | None = dataclasses.field(default=None, metadata={"parsed_in_post_init": True})
     optimizer: OptimizerKind = OptimizerKind.ADAMW
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
