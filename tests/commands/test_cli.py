@@ -86,3 +86,23 @@ def test_eval_with_a_mismatched_tokenizer_is_clear(tmp_path):
     text.write_text("\u00e9\u00e8\u00ea plain ascii and accents " * 10)
     proc = moekit("eval", "--checkpoint", run, "--data", text, check=False)
     assert proc.returncode == 2 and "other" not in proc.stdout and "error" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("task", "args", "message"),
+    [
+        ("lm", ["--batch-size", "true"], "batch_size=True is not valid: batch_size takes an integer"),
+        ("lm", ["--lr", "abc"], "lr='abc' is not valid: lr takes a number"),
+        ("lm", ["--max-steps"], "--max-steps needs a value"),
+        ("lm", ["--lerning-rate", "1e-3"], "did you mean 'lr'?"),
+        ("classify", ["--batch-size", "true"], "batch_size=True is not valid"),
+        ("translate", ["--max-steps", "1.5"], "max_steps takes an integer"),
+    ],
+)
+def test_bad_option_values_get_one_line_and_leave_no_run_folder(tmp_path, task, args, message):
+    out = tmp_path / "run"
+    proc = moekit("train", "--task", task, "--progress", "false", *args, "--out", out, check=False, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr + proc.stdout
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not out.exists()
