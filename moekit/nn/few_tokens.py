@@ -73,8 +73,10 @@ def forward(layer, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
         for e, t, j in sorted((e, t, j) for t, row in enumerate(chosen) for j, e in enumerate(row)):
             a = activate(matmul(x_rows[t], w_in[e]), layer.experts.activation)
             o = matmul(a.mul_(weights[t][j]), w_out[e]).to(acc)
-            y_rows[t] = o if y_rows[t] is None else y_rows[t].add_(o)
-        y_TD = y_rows[0] if T == 1 else torch.cat(y_rows)
+            prev = y_rows[t]
+            y_rows[t] = o if prev is None else prev.add_(o)
+        rows = [row for row in y_rows if row is not None]  # all of them: every token has top_k >= 1 choices
+        y_TD = rows[0] if T == 1 else torch.cat(rows)
         if layer.shared_experts is not None:
             y_TD = y_TD + layer._shared(x_TD).to(y_TD.dtype)
         zero = torch.zeros((), dtype=torch.long, device=x_TD.device)

@@ -119,6 +119,7 @@ class MoE(nn.Module):
         return y_TD.view(x.shape), aux
 
     def _shared(self, x_TD: torch.Tensor) -> torch.Tensor:
+        assert self.shared_experts is not None, "called only when the layer has shared experts"
         shared_TD = self.shared_experts(x_TD)
         if self.shared_expert_gate is not None:
             shared_TD = torch.sigmoid(self.shared_expert_gate(x_TD)) * shared_TD
@@ -151,9 +152,10 @@ class MoE(nn.Module):
         sums.update(kept_E=plan.tokens_per_expert_E, dropped_assignments=plan.dropped_assignments)
         sums.update(dropped_tokens=plan.dropped_tokens)
         sums = self.executor.reduce(sums)
-        if self.router.training and hasattr(self.router, "load_since_update"):
+        load_E = getattr(self.router, "load_since_update", None)
+        if self.router.training and isinstance(load_E, torch.Tensor):
             with torch.no_grad():  # the load the aux-loss-free bias update balances (global under EP)
-                self.router.load_since_update += sums["routed_E"].to(self.router.load_since_update.dtype)
+                load_E += sums["routed_E"].to(load_E.dtype)
         losses = losses_from_sums(sums, c.num_experts)
         return MoEAux(
             loss=sum((coefs[name] * loss for name, loss in losses.items()), torch.zeros(())),
@@ -168,8 +170,9 @@ class MoE(nn.Module):
     @torch.no_grad()
     def update_bias(self, load_E: torch.Tensor | None = None) -> None:
         """Aux-loss-free balancing step of a sigmoid router (no-op for other routers)."""
-        if hasattr(self.router, "update_bias"):
-            self.router.update_bias(load_E)
+        update_bias = getattr(self.router, "update_bias", None)  # duck-typed: custom routers may have one
+        if update_bias is not None:
+            update_bias(load_E)
 
 
 def reference_moe(layer: MoE, x: torch.Tensor, mask=None, token_ids=None) -> torch.Tensor:

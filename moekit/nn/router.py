@@ -117,6 +117,9 @@ class SigmoidTopKRouter(_TopKRouter):
     overloaded expert's bias goes down by gamma and an underloaded one's goes up.
     """
 
+    e_score_correction_bias: torch.Tensor  # buffers, registered in __init__
+    load_since_update: torch.Tensor
+
     def __init__(self, config: MoEConfig):
         super().__init__(config)
         self.register_buffer("e_score_correction_bias", torch.zeros(config.num_experts, dtype=torch.float32))

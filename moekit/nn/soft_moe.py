@@ -58,6 +58,7 @@ class SoftMoE(nn.Module):
         dtype = routing_dtype(x_BND.dtype)
         x, phi = x_BND.to(dtype), self.slot_embeds_DS.to(dtype)
         if self.normalize:
+            assert self.scale is not None, "normalize comes with a learned scale"
             x = F.normalize(x, dim=-1)
             phi = self.scale.to(dtype) * F.normalize(phi, dim=0)
         return x @ phi
