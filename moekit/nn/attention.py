@@ -54,7 +54,7 @@ class KVCache:
     def __repr__(self) -> str:
         return f"KVCache(layers={self.num_layers}, length={self.length}, max_length={self.max_length})"
 
-    def update(self, layer_idx: int, k_BGSd: torch.Tensor, v_BGSd: torch.Tensor):
+    def update(self, layer_idx: int, k_BGSd: torch.Tensor, v_BGSd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's keys/values of one layer; return all of that layer's keys/values [B, G, K, hd]."""
         P, S = self.length, k_BGSd.shape[2]
         k_old, v_old = self.keys[layer_idx], self.values[layer_idx]

@@ -71,7 +71,9 @@ class MoE(nn.Module):
         return f"router={c.router.value}, experts={c.num_experts}, top_k={c.top_k}, shared={c.num_shared_experts}"
 
     # -- input checks -------------------------------------------------------------------------
-    def _flatten_inputs(self, x, mask, token_ids):
+    def _flatten_inputs(
+        self, x: torch.Tensor, mask: torch.Tensor | None, token_ids: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, int]:
         if x.dim() not in (2, 3):
             raise ShapeError(f"x must be [batch, seq, hidden] or [tokens, hidden], got shape {tuple(x.shape)}")
         if x.shape[-1] != self.config.hidden_size:
@@ -93,11 +95,19 @@ class MoE(nn.Module):
         return x.reshape(-1, x.shape[-1]), valid_T, ids_T, seq_len
 
     # -- forward ------------------------------------------------------------------------------
-    def route(self, x_TD, valid_T=None, token_ids_T=None) -> Routing:
+    def route(
+        self, x_TD: torch.Tensor, valid_T: torch.Tensor | None = None, token_ids_T: torch.Tensor | None = None
+    ) -> Routing:
         """The router's decision for flattened tokens."""
         return self.router(x_TD, valid_T, token_ids_T)
 
-    def forward(self, x, mask=None, token_ids=None, record_routing: bool = False):
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        token_ids: torch.Tensor | None = None,
+        record_routing: bool = False,
+    ) -> tuple[torch.Tensor, MoEAux]:
         if few_tokens.applies(self, x, mask, record_routing):
             return few_tokens.forward(self, x)
         cfg = self.config
@@ -175,7 +185,9 @@ class MoE(nn.Module):
             update_bias(load_E)
 
 
-def reference_moe(layer: MoE, x: torch.Tensor, mask=None, token_ids=None) -> torch.Tensor:
+def reference_moe(
+    layer: MoE, x: torch.Tensor, mask: torch.Tensor | None = None, token_ids: torch.Tensor | None = None
+) -> torch.Tensor:
     """The obviously-right MoE output: the layer's own routing, then a plain loop over experts.
 
     Capacity is re-derived here with python sorting, so the fast dispatcher is checked too.

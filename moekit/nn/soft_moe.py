@@ -63,7 +63,7 @@ class SoftMoE(nn.Module):
             phi = self.scale.to(dtype) * F.normalize(phi, dim=0)
         return x @ phi
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEAux]:
         if x.dim() not in (2, 3) or x.shape[-1] != self.hidden_size:
             raise ShapeError(
                 f"SoftMoE expects [batch, tokens, {self.hidden_size}] or [tokens, {self.hidden_size}], "

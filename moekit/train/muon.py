@@ -50,7 +50,14 @@ def is_hidden_matrix(name: str, param: nn.Parameter) -> bool:
 class MuonAdamW(torch.optim.Optimizer):
     """Groups with ``muon=True`` get Muon (momentum ``momentum``, Nesterov); the others get AdamW."""
 
-    def __init__(self, groups: list[dict], lr: float, betas=(0.9, 0.95), momentum: float = 0.95, eps: float = 1e-8):
+    def __init__(
+        self,
+        groups: list[dict],
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.95),
+        momentum: float = 0.95,
+        eps: float = 1e-8,
+    ):
         if lr < 0:
             raise ValueError(f"lr must be >= 0, got {lr}")
         defaults = {"lr": lr, "betas": betas, "momentum": momentum, "eps": eps, "weight_decay": 0.0, "muon": False}
