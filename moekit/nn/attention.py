@@ -54,23 +54,24 @@ class KVCache:
     def __repr__(self) -> str:
         return f"KVCache(layers={self.num_layers}, length={self.length}, max_length={self.max_length})"
 
-    def update(self, layer_idx: int, k_BGSd: torch.Tensor, v_BGSd: torch.Tensor):
+    def update(self, layer_idx: int, k_BGSd: torch.Tensor, v_BGSd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's keys/values of one layer; return all of that layer's keys/values [B, G, K, hd]."""
         P, S = self.length, k_BGSd.shape[2]
+        k_old, v_old = self.keys[layer_idx], self.values[layer_idx]
         if self.max_length is None:
-            if self.keys[layer_idx] is not None:
-                k_BGSd = torch.cat([self.keys[layer_idx], k_BGSd], dim=2)
-                v_BGSd = torch.cat([self.values[layer_idx], v_BGSd], dim=2)
+            if k_old is not None and v_old is not None:
+                k_BGSd = torch.cat([k_old, k_BGSd], dim=2)
+                v_BGSd = torch.cat([v_old, v_BGSd], dim=2)
             self.keys[layer_idx], self.values[layer_idx] = k_BGSd, v_BGSd
             return k_BGSd, v_BGSd
         if P + S > self.max_length:
             raise ShapeError(f"KV cache holds {self.max_length} positions; {P} cached + {S} new do not fit")
-        if self.keys[layer_idx] is None:
+        k_buf, v_buf = k_old, v_old
+        if k_buf is None or v_buf is None:
             # Keys and values may differ in width (MLA caches a latent and a rotary key).
             B, G, _, hd = k_BGSd.shape
-            self.keys[layer_idx] = k_BGSd.new_empty((B, G, self.max_length, hd))
-            self.values[layer_idx] = v_BGSd.new_empty((*v_BGSd.shape[:2], self.max_length, v_BGSd.shape[-1]))
-        k_buf, v_buf = self.keys[layer_idx], self.values[layer_idx]
+            k_buf = self.keys[layer_idx] = k_BGSd.new_empty((B, G, self.max_length, hd))
+            v_buf = self.values[layer_idx] = v_BGSd.new_empty((*v_BGSd.shape[:2], self.max_length, v_BGSd.shape[-1]))
         k_buf[:, :, P : P + S] = k_BGSd
         v_buf[:, :, P : P + S] = v_BGSd
         return k_buf[:, :, : P + S], v_buf[:, :, : P + S]
@@ -107,7 +108,7 @@ def attention_mask(
     q_pos = torch.arange(num_past, num_past + num_new, device=device)
     k_pos = torch.arange(num_past + num_new, device=device)
     allowed_SK = k_pos[None, :] <= q_pos[:, None]
-    if windowed:
+    if windowed and sliding_window is not None:  # (windowed implies a window; this tells mypy)
         allowed_SK = allowed_SK & (k_pos[None, :] > q_pos[:, None] - sliding_window)
     if key_valid_BK is None:
         return allowed_SK[None, None], False

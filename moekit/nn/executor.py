@@ -69,8 +69,18 @@ class LocalExperts(ExpertExecutor):
 
     fuses_shared = True
 
-    def __call__(self, x_TD, plan, experts, *, dropout=0.0, shared=None, threads=1):
+    def __call__(
+        self,
+        x_TD: torch.Tensor,
+        plan: Dispatch,
+        experts: Experts,
+        *,
+        dropout: float = 0.0,
+        shared: SharedWeights | None = None,
+        threads: int = 1,
+    ) -> torch.Tensor:
         N, H = plan.token_idx_N.shape[0], experts.expert_hidden_size
         mask_NH = expert_dropout_mask(N, H, dropout, device=x_TD.device) if dropout > 0 else None
         args = (plan.token_idx_N, plan.weight_N, plan.counts, experts.w_in, experts.w_out, experts.activation)
-        return moe_experts(x_TD, *args, *(shared or (None,) * 3), threads=threads, dropout_mask_NH=mask_NH)
+        sw_in, sw_out, sweight_T = shared if shared is not None else (None, None, None)
+        return moe_experts(x_TD, *args, sw_in, sw_out, sweight_T, threads=threads, dropout_mask_NH=mask_NH)

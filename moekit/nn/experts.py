@@ -18,7 +18,9 @@ from moekit.nn.kernels.fused_experts import activate
 from moekit.nn.kernels.grouped_mm import grouped_mm
 
 
-def expert_dropout_mask(num_rows: int, width: int, p: float, dtype=torch.float32, device=None) -> torch.Tensor:
+def expert_dropout_mask(
+    num_rows: int, width: int, p: float, dtype: torch.dtype = torch.float32, device: torch.device | None = None
+) -> torch.Tensor:
     """[num_rows, width] of 0 (probability p) or 1 / (1 - p): inverted dropout, as ``F.dropout``."""
     keep = torch.empty(num_rows, width, dtype=dtype, device=device).bernoulli_(1 - p)
     return keep.div_(1 - p)
@@ -27,7 +29,9 @@ def expert_dropout_mask(num_rows: int, width: int, p: float, dtype=torch.float32
 class Experts(nn.Module):
     """E expert MLPs as two stacked tensors, run over expert-sorted contiguous row slices."""
 
-    def __init__(self, num_experts: int, hidden_size: int, expert_hidden_size: int, activation="swiglu"):
+    def __init__(
+        self, num_experts: int, hidden_size: int, expert_hidden_size: int, activation: Activation | str = "swiglu"
+    ):
         super().__init__()
         self.activation = Activation(activation)
         self.num_experts, self.hidden_size, self.expert_hidden_size = num_experts, hidden_size, expert_hidden_size

@@ -14,6 +14,8 @@ unmasked tokens, token-choice routing without a capacity limit, no recorded rout
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from moekit.nn.config import RouterType
@@ -21,12 +23,16 @@ from moekit.nn.executor import LocalExperts
 from moekit.nn.kernels.fused_experts import activate
 from moekit.nn.kernels.grouped_mm import accumulate_dtype, compute_dtype
 from moekit.nn.kernels.schedule import intra_op_threads
+from moekit.nn.router import _TopKRouter
 from moekit.nn.routing import MoEAux
+
+if TYPE_CHECKING:  # moe imports this module
+    from moekit.nn.moe import MoE
 
 MAX_TOKENS = 2  # beyond this the general path's batched expert GEMMs win
 
 
-def applies(layer, x: torch.Tensor, mask, record_routing: bool) -> bool:
+def applies(layer: MoE, x: torch.Tensor, mask: torch.Tensor | None, record_routing: bool) -> bool:
     """Whether ``layer.forward(x, mask, record_routing=...)`` may take the few-token path."""
     cfg = layer.config
     return (
@@ -44,7 +50,7 @@ def applies(layer, x: torch.Tensor, mask, record_routing: bool) -> bool:
     )
 
 
-def forward(layer, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
+def forward(layer: MoE, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
     """``layer(x)`` for x of at most MAX_TOKENS tokens; see the module docstring."""
     # GEMVs are bound by memory, which one thread nearly saturates; one thread also spares every
     # small op an OpenMP fork/join (see moekit.nn.kernels.schedule.intra_op_threads).
@@ -52,7 +58,9 @@ def forward(layer, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
         cfg = layer.config
         x_TD = x.reshape(-1, x.shape[-1])
         T = x_TD.shape[0]
-        idx_TK, weight_TK, probs_TE = layer.router.choose(layer.router.logits(x_TD))
+        router = layer.router
+        assert isinstance(router, _TopKRouter), "applies() admits top-k routers only"
+        idx_TK, weight_TK, probs_TE = router.choose(router.logits(x_TD))
         cdt = compute_dtype(x_TD.dtype, x_TD.device)
         acc = accumulate_dtype(x_TD.dtype)
         w_in, w_out = layer.experts.w_in, layer.experts.w_out
@@ -73,8 +81,10 @@ def forward(layer, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
         for e, t, j in sorted((e, t, j) for t, row in enumerate(chosen) for j, e in enumerate(row)):
             a = activate(matmul(x_rows[t], w_in[e]), layer.experts.activation)
             o = matmul(a.mul_(weights[t][j]), w_out[e]).to(acc)
-            y_rows[t] = o if y_rows[t] is None else y_rows[t].add_(o)
-        y_TD = y_rows[0] if T == 1 else torch.cat(y_rows)
+            prev = y_rows[t]
+            y_rows[t] = o if prev is None else prev.add_(o)
+        rows = [row for row in y_rows if row is not None]  # all of them: every token has top_k >= 1 choices
+        y_TD = rows[0] if T == 1 else torch.cat(rows)
         if layer.shared_experts is not None:
             y_TD = y_TD + layer._shared(x_TD).to(y_TD.dtype)
         zero = torch.zeros((), dtype=torch.long, device=x_TD.device)

@@ -42,21 +42,26 @@ def routing_sums(
     if "aux" in losses:
         sums["probs_E"] = valid_probs.sum(dim=0)
     if "seq_aux" in losses:
-        sums["seq_aux"], sums["n_seq"] = _sequence_sums(routing, num_experts, seq_len)
+        if seq_len is None:
+            raise ValueError("the seq_aux sums need seq_len")
+        sums["seq_aux"], sums["n_seq"] = _sequence_sums(routing, probs_TE, num_experts, seq_len)
     if "z" in losses:
+        assert routing.logits_TE is not None, "a router with scores has logits"
         logits_TE = routing.logits_TE if routing.valid_T is None else routing.logits_TE[routing.valid_T]
         sums["z"] = torch.logsumexp(logits_TE, dim=-1).square().sum()
     return sums
 
 
-def _sequence_sums(routing: Routing, num_experts: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _sequence_sums(
+    routing: Routing, probs_TE: torch.Tensor, num_experts: int, seq_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum over sequences of the per-sequence loss, number of sequences with a valid token)."""
     B = routing.num_tokens // seq_len
     k = routing.top_k or 1
     seq_A = routing.token_idx_A // seq_len
     counts_BE = torch.zeros(B, num_experts, device=seq_A.device)
     counts_BE.index_put_((seq_A, routing.expert_idx_A), torch.ones_like(seq_A, dtype=torch.float32), accumulate=True)
-    probs_BSE = routing.probs_TE.view(B, seq_len, num_experts)
+    probs_BSE = probs_TE.view(B, seq_len, num_experts)
     n_valid_B = torch.full((B,), float(seq_len), device=seq_A.device)
     if routing.valid_T is not None:
         valid_BS = routing.valid_T.view(B, seq_len).float()

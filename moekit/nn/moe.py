@@ -71,7 +71,9 @@ class MoE(nn.Module):
         return f"router={c.router.value}, experts={c.num_experts}, top_k={c.top_k}, shared={c.num_shared_experts}"
 
     # -- input checks -------------------------------------------------------------------------
-    def _flatten_inputs(self, x, mask, token_ids):
+    def _flatten_inputs(
+        self, x: torch.Tensor, mask: torch.Tensor | None, token_ids: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, int]:
         if x.dim() not in (2, 3):
             raise ShapeError(f"x must be [batch, seq, hidden] or [tokens, hidden], got shape {tuple(x.shape)}")
         if x.shape[-1] != self.config.hidden_size:
@@ -93,11 +95,19 @@ class MoE(nn.Module):
         return x.reshape(-1, x.shape[-1]), valid_T, ids_T, seq_len
 
     # -- forward ------------------------------------------------------------------------------
-    def route(self, x_TD, valid_T=None, token_ids_T=None) -> Routing:
+    def route(
+        self, x_TD: torch.Tensor, valid_T: torch.Tensor | None = None, token_ids_T: torch.Tensor | None = None
+    ) -> Routing:
         """The router's decision for flattened tokens."""
         return self.router(x_TD, valid_T, token_ids_T)
 
-    def forward(self, x, mask=None, token_ids=None, record_routing: bool = False):
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        token_ids: torch.Tensor | None = None,
+        record_routing: bool = False,
+    ) -> tuple[torch.Tensor, MoEAux]:
         if few_tokens.applies(self, x, mask, record_routing):
             return few_tokens.forward(self, x)
         cfg = self.config
@@ -119,6 +129,7 @@ class MoE(nn.Module):
         return y_TD.view(x.shape), aux
 
     def _shared(self, x_TD: torch.Tensor) -> torch.Tensor:
+        assert self.shared_experts is not None, "called only when the layer has shared experts"
         shared_TD = self.shared_experts(x_TD)
         if self.shared_expert_gate is not None:
             shared_TD = torch.sigmoid(self.shared_expert_gate(x_TD)) * shared_TD
@@ -151,9 +162,10 @@ class MoE(nn.Module):
         sums.update(kept_E=plan.tokens_per_expert_E, dropped_assignments=plan.dropped_assignments)
         sums.update(dropped_tokens=plan.dropped_tokens)
         sums = self.executor.reduce(sums)
-        if self.router.training and hasattr(self.router, "load_since_update"):
+        load_E = getattr(self.router, "load_since_update", None)
+        if self.router.training and isinstance(load_E, torch.Tensor):
             with torch.no_grad():  # the load the aux-loss-free bias update balances (global under EP)
-                self.router.load_since_update += sums["routed_E"].to(self.router.load_since_update.dtype)
+                load_E += sums["routed_E"].to(load_E.dtype)
         losses = losses_from_sums(sums, c.num_experts)
         return MoEAux(
             loss=sum((coefs[name] * loss for name, loss in losses.items()), torch.zeros(())),
@@ -168,11 +180,14 @@ class MoE(nn.Module):
     @torch.no_grad()
     def update_bias(self, load_E: torch.Tensor | None = None) -> None:
         """Aux-loss-free balancing step of a sigmoid router (no-op for other routers)."""
-        if hasattr(self.router, "update_bias"):
-            self.router.update_bias(load_E)
+        update_bias = getattr(self.router, "update_bias", None)  # duck-typed: custom routers may have one
+        if update_bias is not None:
+            update_bias(load_E)
 
 
-def reference_moe(layer: MoE, x: torch.Tensor, mask=None, token_ids=None) -> torch.Tensor:
+def reference_moe(
+    layer: MoE, x: torch.Tensor, mask: torch.Tensor | None = None, token_ids: torch.Tensor | None = None
+) -> torch.Tensor:
     """The obviously-right MoE output: the layer's own routing, then a plain loop over experts.
 
     Capacity is re-derived here with python sorting, so the fast dispatcher is checked too.

@@ -83,7 +83,9 @@ class _TopKRouter(Router):
         """(expert ids [T, k], combine weights [T, k], normalised scores [T, E]); few_tokens calls it too."""
         raise NotImplementedError
 
-    def forward(self, x_TD, valid_T=None, token_ids_T=None) -> Routing:
+    def forward(
+        self, x_TD: torch.Tensor, valid_T: torch.Tensor | None = None, token_ids_T: torch.Tensor | None = None
+    ) -> Routing:
         logits_TE = self.logits(x_TD)
         topk_idx_TK, weight_TK, probs_TE = self.choose(logits_TE)
         return _token_choice(topk_idx_TK, weight_TK, logits_TE, probs_TE, valid_T)
@@ -97,7 +99,7 @@ class SoftmaxTopKRouter(_TopKRouter):
     (DeepSeek-V2's softmax gate; 1 in Mixtral, Qwen-MoE and OLMoE).
     """
 
-    def choose(self, logits_TE):
+    def choose(self, logits_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         cfg = self.config
         probs_TE = logits_TE.softmax(dim=-1)
         weight_TK, idx_TK = probs_TE.topk(cfg.top_k, dim=-1)
@@ -117,6 +119,9 @@ class SigmoidTopKRouter(_TopKRouter):
     overloaded expert's bias goes down by gamma and an underloaded one's goes up.
     """
 
+    e_score_correction_bias: torch.Tensor  # buffers, registered in __init__
+    load_since_update: torch.Tensor
+
     def __init__(self, config: MoEConfig):
         super().__init__(config)
         self.register_buffer("e_score_correction_bias", torch.zeros(config.num_experts, dtype=torch.float32))
@@ -124,7 +129,7 @@ class SigmoidTopKRouter(_TopKRouter):
         # (over all ranks under expert parallelism).
         self.register_buffer("load_since_update", torch.zeros(config.num_experts), persistent=False)
 
-    def choose(self, logits_TE):
+    def choose(self, logits_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         cfg = self.config
         scores_TE = logits_TE.sigmoid()
         choice_TE = scores_TE.detach() + self.e_score_correction_bias.to(scores_TE.dtype)
@@ -164,7 +169,9 @@ class ExpertChoiceRouter(Router):
     several experts or by none. Non-causal: a token's experts depend on the other tokens.
     """
 
-    def forward(self, x_TD, valid_T=None, token_ids_T=None) -> Routing:
+    def forward(
+        self, x_TD: torch.Tensor, valid_T: torch.Tensor | None = None, token_ids_T: torch.Tensor | None = None
+    ) -> Routing:
         E = self.config.num_experts
         logits_TE = self.logits(x_TD)
         probs_TE = logits_TE.softmax(dim=-1)
@@ -203,7 +210,9 @@ class HashRouter(nn.Module):
         mixed = (token_ids.long() * 2654435761 + self.config.hash_seed * 40503) % (2**32)
         return (mixed >> 7) % self.config.num_experts
 
-    def forward(self, x_TD, valid_T=None, token_ids_T=None) -> Routing:
+    def forward(
+        self, x_TD: torch.Tensor, valid_T: torch.Tensor | None = None, token_ids_T: torch.Tensor | None = None
+    ) -> Routing:
         if token_ids_T is None:
             raise ShapeError("router='hash' needs token_ids (the input ids of the tokens) in forward()")
         if token_ids_T.shape[0] != x_TD.shape[0]:
@@ -216,7 +225,7 @@ class HashRouter(nn.Module):
 class DenseRouter(_TopKRouter):
     """Classic soft mixture (Jacobs et al. 1991): every expert runs, weighted by the softmax."""
 
-    def choose(self, logits_TE):
+    def choose(self, logits_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         probs_TE = logits_TE.softmax(dim=-1)
         T, E = probs_TE.shape
         return torch.arange(E, device=logits_TE.device).expand(T, E), probs_TE, probs_TE

@@ -58,11 +58,12 @@ class SoftMoE(nn.Module):
         dtype = routing_dtype(x_BND.dtype)
         x, phi = x_BND.to(dtype), self.slot_embeds_DS.to(dtype)
         if self.normalize:
+            assert self.scale is not None, "normalize comes with a learned scale"
             x = F.normalize(x, dim=-1)
             phi = self.scale.to(dtype) * F.normalize(phi, dim=0)
         return x @ phi
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEAux]:
         if x.dim() not in (2, 3) or x.shape[-1] != self.hidden_size:
             raise ShapeError(
                 f"SoftMoE expects [batch, tokens, {self.hidden_size}] or [tokens, {self.hidden_size}], "

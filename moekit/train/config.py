@@ -7,7 +7,7 @@ import enum
 import re
 from typing import Any
 
-from moekit.config import Config, check_choice, require, unknown_key_error
+from moekit.config import C, Config, check_choice, require, unknown_key_error
 from moekit.errors import ConfigError
 
 
@@ -87,7 +87,7 @@ class RunConfig(Config):
         require(isinstance(self.model_overrides, dict), "model_overrides must be a mapping of model config fields")
 
     @classmethod
-    def from_options(cls, options: dict[str, Any], what: str = "train config"):
+    def from_options(cls: type[C], options: dict[str, Any], what: str = "train config") -> C:
         """Build from ``--key value`` options (:func:`moekit.config.parse_overrides`), a config file's dict or a
         ``to_dict()``, later keys winning: dashes become underscores, ``model.X`` keys (``model.moe.top_k``:
         nested) go into ``model_overrides``; an unknown key raises ConfigError naming the closest valid one."""

@@ -17,7 +17,7 @@ import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 import torch
 from torch import nn
@@ -45,10 +45,13 @@ class StepLoss:
     items: int  # examples or tokens in the micro-batch (the rate shown)
 
 
-class Task(Protocol):
-    """What a task gives the loop."""
+ModelT = TypeVar("ModelT", bound=nn.Module)
 
-    model: nn.Module
+
+class Task(Protocol[ModelT]):
+    """What a task gives the loop (``model``: the task's own model class)."""
+
+    model: ModelT
     tokenizer: Any  # saved into each checkpoint when not None (``.save(folder)``)
 
     def next_batch(self) -> Any: ...  # the next micro-batch of a seeded stream
@@ -68,7 +71,7 @@ class SingleProcess:
 
     is_main, rank, world_size, device = True, 0, 1, torch.device("cpu")
 
-    def prepare(self, model: nn.Module) -> nn.Module:
+    def prepare(self, model: ModelT) -> ModelT:
         return model
 
     def clip(self, params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
@@ -100,7 +103,7 @@ class WeightAverage:
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
         self.named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-        self.params = [p for _, p in self.named]
+        self.params: list[torch.Tensor] = [p for _, p in self.named]
         self.shadow = [p.detach().clone() for p in self.params]
 
     @torch.no_grad()
@@ -176,12 +179,18 @@ def open_run(run_dir: Path, resume: bool) -> Path | None:
     return found
 
 
-class Loop:
+class Loop(Generic[ModelT]):
     """One training run of ``task`` in ``run_dir``, continued from the checkpoint ``source`` when given
     (from :func:`open_run`; the task has loaded its model weights from it)."""
 
     def __init__(
-        self, config: RunConfig, task: Task, run_dir: Path, source: Path | None = None, console=None, parallel=None
+        self,
+        config: RunConfig,
+        task: Task[ModelT],
+        run_dir: Path,
+        source: Path | None = None,
+        console=None,
+        parallel=None,
     ):
         self.config, self.task, self.run_dir, self.console = config, task, Path(run_dir), console
         self.parallel = parallel or SingleProcess()

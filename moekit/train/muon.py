@@ -50,7 +50,14 @@ def is_hidden_matrix(name: str, param: nn.Parameter) -> bool:
 class MuonAdamW(torch.optim.Optimizer):
     """Groups with ``muon=True`` get Muon (momentum ``momentum``, Nesterov); the others get AdamW."""
 
-    def __init__(self, groups: list[dict], lr: float, betas=(0.9, 0.95), momentum: float = 0.95, eps: float = 1e-8):
+    def __init__(
+        self,
+        groups: list[dict],
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.95),
+        momentum: float = 0.95,
+        eps: float = 1e-8,
+    ):
         if lr < 0:
             raise ValueError(f"lr must be >= 0, got {lr}")
         defaults = {"lr": lr, "betas": betas, "momentum": momentum, "eps": eps, "weight_decay": 0.0, "muon": False}
@@ -69,23 +76,23 @@ class MuonAdamW(torch.optim.Optimizer):
                 if group["weight_decay"]:
                     p.mul_(1 - group["lr"] * group["weight_decay"])
                 if group["muon"]:
-                    self._muon_update(p, group)
+                    self._muon_update(p, p.grad, group)
                 else:
-                    self._adamw_update(p, group)
+                    self._adamw_update(p, p.grad, group)
         return loss
 
-    def _muon_update(self, p: torch.Tensor, group: dict) -> None:
+    def _muon_update(self, p: torch.Tensor, grad: torch.Tensor, group: dict) -> None:
         state = self.state[p]
         if not state:
             state["momentum_buffer"] = torch.zeros_like(p)
         buf = state["momentum_buffer"]
-        buf.lerp_(p.grad, 1 - group["momentum"])
-        nesterov = p.grad.lerp(buf, group["momentum"])
+        buf.lerp_(grad, 1 - group["momentum"])
+        nesterov = grad.lerp(buf, group["momentum"])
         update = orthogonalize(nesterov).to(p.dtype)
         scale = 0.2 * math.sqrt(max(p.shape[-2], p.shape[-1]))
         p.add_(update, alpha=-group["lr"] * scale)
 
-    def _adamw_update(self, p: torch.Tensor, group: dict) -> None:
+    def _adamw_update(self, p: torch.Tensor, grad: torch.Tensor, group: dict) -> None:
         state = self.state[p]
         if not state:
             state["step"] = torch.zeros((), dtype=torch.float32)
@@ -94,7 +101,7 @@ class MuonAdamW(torch.optim.Optimizer):
         beta1, beta2 = group["betas"]
         state["step"] += 1
         step = state["step"].item()
-        state["exp_avg"].lerp_(p.grad, 1 - beta1)
-        state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+        state["exp_avg"].lerp_(grad, 1 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         denom = (state["exp_avg_sq"] / (1 - beta2**step)).sqrt_().add_(group["eps"])
         p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - beta1**step))

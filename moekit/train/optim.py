@@ -7,13 +7,14 @@ import math
 import torch
 from torch import nn
 
-from moekit.train.config import TrainConfig
+from moekit.train.config import RunConfig
 from moekit.train.muon import MuonAdamW, is_hidden_matrix
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Decay matrices only: norms, biases (and buffers such as the router bias) are not decayed."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for _, param in model.named_parameters():
         if param.requires_grad:
             (decay if param.dim() >= 2 else no_decay).append(param)
@@ -23,9 +24,9 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer:
     """AdamW, or with ``optimizer="muon"`` Muon on the hidden matrices and AdamW on the rest (same lr)."""
-    if getattr(config, "optimizer", "adamw") == "muon":
+    if config.optimizer == "muon":
         return _muon_adamw(model, config)
     groups = parameter_groups(model, config.weight_decay)
     return torch.optim.AdamW(
@@ -46,8 +47,10 @@ def _fusable(params: list[torch.Tensor]) -> bool:
     )
 
 
-def _muon_adamw(model: nn.Module, config: TrainConfig) -> MuonAdamW:
-    muon, decay, no_decay = [], [], []
+def _muon_adamw(model: nn.Module, config: RunConfig) -> MuonAdamW:
+    muon: list[nn.Parameter] = []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, param in model.named_parameters():
         if param.requires_grad:
             if is_hidden_matrix(name, param):
@@ -62,7 +65,7 @@ def _muon_adamw(model: nn.Module, config: TrainConfig) -> MuonAdamW:
     return MuonAdamW([g for g in groups if g["params"]], lr=config.lr, betas=(config.beta1, config.beta2))
 
 
-def lr_at(step: int, progress: float, config: TrainConfig) -> float:
+def lr_at(step: int, progress: float, config: RunConfig) -> float:
     """Linear warmup over ``warmup_steps``, then cosine from ``lr`` to ``lr * min_lr_ratio``.
 
     Args:

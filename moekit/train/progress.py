@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import time
+from types import TracebackType
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from moekit.train.config import RunConfig
 
 
 class TrainProgress:
     """A context manager around rich's Progress; ``update(record)`` after each step."""
 
-    def __init__(self, config, start_step: int, enabled: bool = True, console: Console | None = None):
+    def __init__(self, config: RunConfig, start_step: int, enabled: bool = True, console: Console | None = None):
         self.config = config
         self.enabled = enabled
         self.console = console or Console(stderr=True)
@@ -40,8 +43,10 @@ class TrainProgress:
         self._progress.__enter__()
         return self
 
-    def __exit__(self, *exc) -> None:
-        self._progress.__exit__(*exc)
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._progress.__exit__(exc_type, exc, tb)
 
     def update(self, record: dict) -> None:
         completed = record["step"] if self.budget is None else min(time.perf_counter() - self._start, self.budget)

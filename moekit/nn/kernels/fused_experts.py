@@ -43,6 +43,7 @@ def _act_backward(h: torch.Tensor, grad_a: torch.Tensor, swiglu: bool, silu: tor
     """d(act)/dh given the activation's output grad (consumed); ``silu`` = silu(gate) for SwiGLU."""
     if not swiglu:
         return torch.ops.aten.gelu_backward(grad_a, h)
+    assert silu is not None, "SwiGLU's backward needs silu(gate)"
     H = grad_a.shape[1]
     grad_h = torch.empty_like(h)
     torch.mul(grad_a, silu, out=grad_h[:, H:])
@@ -230,7 +231,7 @@ class _MoEExperts(torch.autograd.Function):
 
         with intra_op_threads(1):
             grad_x = None
-            if need_x:
+            if grad_x_TD is not None and grad_x_ND is not None:  # (both allocated when need_x)
                 grad_x = cast(grad_x_TD.index_add_(0, token_idx_N, grad_x_ND), x_TD.dtype)
             g_swi = None if grads["sw_in"] is None else cast(grads["sw_in"].sum(0), sw_in.dtype)
             g_swo = None if grads["sw_out"] is None else cast(grads["sw_out"].sum(0), sw_out.dtype)
@@ -277,9 +278,11 @@ def moe_experts(
     dt = x_TD.dtype
     x_TD = x_TD.contiguous()
     w_in, w_out = cast(w_in, dt), cast(w_out, dt)
-    shared = shared_w_in is not None
-    if shared:
+    shared_width = 0  # the shared experts' X_s + S, for the plan
+    if shared_w_in is not None:
+        assert shared_w_out is not None, "shared_w_in comes with shared_w_out"
         shared_w_in, shared_w_out = cast(shared_w_in, dt), cast(shared_w_out, dt)
+        shared_width = shared_w_in.shape[-1] + shared_w_out.shape[-1]
     if dropout_mask_NH is not None and tuple(dropout_mask_NH.shape) != (token_idx_N.shape[0], w_out.shape[1]):
         raise ShapeError(
             f"dropout_mask_NH has shape {tuple(dropout_mask_NH.shape)}, expected "
@@ -294,7 +297,7 @@ def moe_experts(
             Activation(activation) == Activation.SWIGLU,
             x_TD.shape[0],
             w_in.shape[-1] + w_out.shape[-1],
-            (shared_w_in.shape[-1] + shared_w_out.shape[-1]) if shared else 0,
+            shared_width,
             torch.get_num_threads() if threads is None else threads,
         )
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):

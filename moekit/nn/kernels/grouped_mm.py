@@ -113,9 +113,9 @@ class _GroupedMM(torch.autograd.Function):
         def job(s):
             e, lo, hi = s
             g = cast(grad_NO[lo:hi], cdt)
-            if need_x:
+            if grad_x is not None:  # (allocated when need_x)
                 mm_into(grad_x[lo:hi], g, cast(w_EIO[e], cdt).t())
-            if need_w:
+            if grad_w is not None:  # (allocated when need_w)
                 mm_into(grad_w[e], cast(x_NI[lo:hi], cdt).t(), g)
 
         slices = list(_slices(ctx.counts))

@@ -11,7 +11,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 
 import torch
 
@@ -26,7 +26,7 @@ def _openmp_backend() -> bool:
 
 
 @contextlib.contextmanager
-def intra_op_threads(n: int):
+def intra_op_threads(n: int) -> Iterator[None]:
     """Run the block with ``n`` intra-op threads in this thread (OpenMP builds; else a no-op).
 
     moekit runs its many small ops (routing, dispatch, losses, the combine) with one thread: each
@@ -122,7 +122,7 @@ class _ScheduleChooser:
     def __init__(self) -> None:
         self.sites: dict = {}
 
-    def choose(self, site) -> str:
+    def choose(self, site: Hashable) -> str:
         state = self.sites.setdefault(site, {"calls": 0, "workers": None, "inline": None})
         state["calls"] += 1
         for schedule in ("workers", "inline"):
@@ -131,7 +131,7 @@ class _ScheduleChooser:
         fast, slow = sorted(("workers", "inline"), key=state.get)
         return slow if state["calls"] % self.EXPLORE_EVERY == 0 else fast
 
-    def record(self, site, schedule: str, seconds_per_cost: float) -> None:
+    def record(self, site: Hashable, schedule: str, seconds_per_cost: float) -> None:
         state = self.sites[site]
         old = state[schedule]
         state[schedule] = seconds_per_cost if old is None else old + self.SMOOTHING * (seconds_per_cost - old)
@@ -148,7 +148,7 @@ _schedule = _checked_schedule(os.environ.get("MOEKIT_EXPERT_SCHEDULE", "inline")
 
 
 @contextlib.contextmanager
-def expert_schedule(name: str):
+def expert_schedule(name: str) -> Iterator[None]:
     """:func:`run_jobs`' CPU schedule in the block: ``inline`` (the default; deterministic), ``workers``
     (for a machine shared with other busy processes) or ``auto`` (the faster of the two by measurement,
     not bit-reproducible). ``MOEKIT_EXPERT_SCHEDULE`` sets it for a whole process."""
