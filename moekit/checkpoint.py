@@ -66,7 +66,7 @@ OLD_TASK_PREFIX, OLD_TASK_STATE, OLD_TASK_EMA = "checkpoint-", "state.json", "em
 # Settings a resumed run may change: how long it runs and how it reports, not what a step computes.
 RESUMABLE_CHANGES = frozenset(
     {"max_steps", "time_budget", "eval_interval", "eval_batches", "log_interval", "checkpoint_interval",
-     "keep_checkpoints", "threads", "out_dir", "tensorboard", "progress"}
+     "checkpoint_every", "keep_checkpoints", "threads", "out_dir", "tensorboard", "progress"}
 )  # fmt: skip
 
 

@@ -20,7 +20,7 @@ from moekit.commands import (
     translate,
     upcycle,
 )
-from moekit.errors import MoekitError
+from moekit.errors import MoekitError, TrainingInterrupted
 
 VERBS = (train, evaluate, generate, demo, analyze, distill, compress, convert, upcycle, mix, predict, translate)
 
@@ -42,11 +42,14 @@ def main(argv: list[str] | None = None) -> int:
     args.extra = extra
     try:
         return args.func(args)
+    except TrainingInterrupted as err:
+        print(f"moekit {args.verb}: {err}", file=sys.stderr)
+        return 130
     except MoekitError as err:
         print(f"moekit {args.verb}: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"moekit {args.verb}: interrupted; the last checkpoint is intact", file=sys.stderr)
+    except KeyboardInterrupt:  # outside a training loop: nothing was being saved
+        print(f"moekit {args.verb}: interrupted", file=sys.stderr)
         return 130
 
 

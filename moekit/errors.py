@@ -29,3 +29,7 @@ class NonFiniteError(MoekitError, FloatingPointError):
 
 class DataError(MoekitError, ValueError):
     """An input data file is empty, binary, too short or malformed."""
+
+
+class TrainingInterrupted(MoekitError):
+    """SIGINT or SIGTERM stopped a training run after its current step; a checkpoint was written first."""

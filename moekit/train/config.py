@@ -21,13 +21,13 @@ class Precision(str, enum.Enum):
     BF16 = "bfloat16"  # bf16 autocast; weights, optimizer state and router math stay fp32
 
 
-def parse_duration(value: str | float | int | None) -> float | None:
+def parse_duration(value: str | float | int | None, field: str = "time_budget") -> float | None:
     """Seconds from ``90``, ``"90s"``, ``"2m"``, ``"1.5h"``; None stays None."""
-    if value is None or isinstance(value, (int, float)):
+    if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
         return None if value is None else float(value)
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([smh]?)\s*", str(value))
-    if not match:
-        raise ConfigError(f"time_budget={value!r} is not a duration like 90, '90s', '2m' or '1h'")
+    if not match or isinstance(value, bool):
+        raise ConfigError(f"{field}={value!r} is not a duration like 90, '90s', '2m' or '1h'")
     number, unit = float(match.group(1)), match.group(2) or "s"
     return number * {"s": 1, "m": 60, "h": 3600}[unit]
 
@@ -63,6 +63,9 @@ class RunConfig(Config):
     eval_batches: int = 20
     log_interval: int = 10
     checkpoint_interval: int = 500
+    # Seconds of training between checkpoints besides every checkpoint_interval steps (a string like '10m' too;
+    # None: steps only), so that a short or interrupted run is never without one.
+    checkpoint_every: float | None = dataclasses.field(default=600.0, metadata={"parsed_in_post_init": True})
     keep_checkpoints: int = 2
     seed: int = 1337
     threads: int | None = None
@@ -72,6 +75,7 @@ class RunConfig(Config):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "time_budget", parse_duration(self.time_budget))
+        object.__setattr__(self, "checkpoint_every", parse_duration(self.checkpoint_every, "checkpoint_every"))
         object.__setattr__(self, "precision", check_choice("precision", self.precision, Precision))
         object.__setattr__(self, "optimizer", check_choice("optimizer", self.optimizer, OptimizerKind))
         positive = ("max_steps", "eval_interval", "log_interval", "checkpoint_interval", "grad_accum", "eval_batches")
@@ -84,6 +88,8 @@ class RunConfig(Config):
         require(self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip}")
         require(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")
         require(self.time_budget is None or self.time_budget > 0, f"time_budget must be > 0, got {self.time_budget}")
+        every = self.checkpoint_every
+        require(every is None or every > 0, f"checkpoint_every must be > 0 or null, got {every}")
         require(isinstance(self.model_overrides, dict), "model_overrides must be a mapping of model config fields")
 
     @classmethod

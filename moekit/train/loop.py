@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import math
 import re
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,12 +24,13 @@ import torch
 from torch import nn
 
 from moekit import checkpoint as ckpt
-from moekit.errors import CheckpointError, ConfigError, NonFiniteError
+from moekit.errors import CheckpointError, ConfigError, NonFiniteError, TrainingInterrupted
 from moekit.io.safe_io import load_tensors
 from moekit.train.config import Precision, RunConfig
 from moekit.train.metrics import MetricsLogger, load_imbalance
 from moekit.train.optim import build_optimizer, lr_at
 from moekit.train.progress import TrainProgress
+from moekit.train.stop import StopOnSignal
 
 RUN_FILE = "run.json"
 # Shorthands for RunConfig.trainable.
@@ -322,7 +324,8 @@ class Loop(Generic[ModelT]):
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if not self.resumed and main:
             self.task.start(self.run_dir)
-        metrics = MetricsLogger(self.run_dir, tensorboard=cfg.tensorboard) if main else None
+        resumed_at = self.step if self.resumed else None
+        metrics = MetricsLogger(self.run_dir, tensorboard=cfg.tensorboard, resumed_at=resumed_at) if main else None
         train_losses: list[float] = []
         start = time.perf_counter()
         checkpoint = ckpt.find_checkpoint(self.run_dir) if self.resumed else None
@@ -339,10 +342,17 @@ class Loop(Generic[ModelT]):
             log(self.history[-1])
             bar.note(f"step {self.step:>6}: {self.task.summary(record)}")
 
+        stop = StopOnSignal()
+        saved_at = self.elapsed_before
         try:
-            with TrainProgress(cfg, self.step, enabled=cfg.progress and main, console=self.console) as bar:
+            with stop, TrainProgress(cfg, self.step, enabled=cfg.progress and main, console=self.console) as bar:
                 while self.step < cfg.max_steps:
-                    elapsed = self.parallel.agree(self.elapsed_before + time.perf_counter() - start)
+                    # A stop request reaches every rank through the agreed clock (rank 0's): +inf.
+                    elapsed = self.parallel.agree(
+                        math.inf if stop.signum else self.elapsed_before + time.perf_counter() - start
+                    )
+                    if elapsed == math.inf:
+                        break
                     if cfg.time_budget is not None and elapsed >= cfg.time_budget:
                         break
                     progress = self.step / cfg.max_steps
@@ -358,10 +368,11 @@ class Loop(Generic[ModelT]):
                         log(record)
                     if self.step % cfg.eval_interval == 0:
                         validate(bar)
-                    if self.step % cfg.checkpoint_interval == 0:
-                        checkpoint, saved_step = self.save(record["elapsed"]), self.step
+                    due = cfg.checkpoint_every is not None and elapsed - saved_at >= cfg.checkpoint_every
+                    if self.step % cfg.checkpoint_interval == 0 or due:
+                        checkpoint, saved_step, saved_at = self.save(record["elapsed"]), self.step, elapsed
                 seconds = self.elapsed_before + time.perf_counter() - start
-                if not self.history or self.history[-1]["step"] != self.step:
+                if not stop.signum and (not self.history or self.history[-1]["step"] != self.step):
                     validate(bar)
                 if saved_step != self.step:
                     checkpoint = self.save(seconds)
@@ -371,6 +382,11 @@ class Loop(Generic[ModelT]):
         finally:
             if metrics is not None:
                 metrics.close()
+        if stop.signum:
+            raise TrainingInterrupted(
+                f"stopped by {signal.Signals(stop.signum).name} after step {self.step}; checkpoint {checkpoint} "
+                f"is complete: continue with --resume"
+            )
         if self.average is not None:  # the averaged weights are the run's model from here on
             with torch.no_grad():
                 torch._foreach_copy_(self.average.params, self.average.shadow)

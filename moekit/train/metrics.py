@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from moekit.io.atomic import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 
@@ -23,9 +25,14 @@ def load_imbalance(tokens_per_expert: torch.Tensor) -> float:
 class MetricsLogger:
     """Appends one JSON object per record to ``metrics.jsonl``; mirrors scalars to TensorBoard."""
 
-    def __init__(self, run_dir: str | os.PathLike, tensorboard: bool = True):
+    def __init__(self, run_dir: str | os.PathLike, tensorboard: bool = True, resumed_at: int | None = None):
+        """``resumed_at``: the step a resumed run continues from; records of later steps (written after that
+        checkpoint by the run that was stopped) are dropped, since the resumed run writes them again."""
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resumed_at is not None and self.path.is_file():
+            kept = [line for line in self.path.read_text(encoding="utf-8").splitlines() if _step(line) <= resumed_at]
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
         self._tb = None
         if tensorboard:
@@ -51,6 +58,14 @@ class MetricsLogger:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _step(line: str) -> float:
+    """The step of one metrics.jsonl line; a torn last line (a kill mid-write) counts as past every step."""
+    try:
+        return float(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return float("inf")
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
