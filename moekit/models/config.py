@@ -8,6 +8,7 @@ from typing import Any
 
 from moekit.config import Config, check_choice, require, unknown_key_error
 from moekit.errors import ConfigError
+from moekit.models.placement import is_moe_layer
 from moekit.nn.attention import QKNorm
 from moekit.nn.config import Activation, MoEConfig
 
@@ -248,14 +249,6 @@ class LMConfig(Config):
         """Dims the rotary embedding turns: the head dim, or ``qk_rope_head_dim`` for MLA."""
         return self.qk_rope_head_dim if self.attention_type == AttentionType.MLA else self.head_size
 
-    def is_moe_layer(self, layer_idx: int) -> bool:
-        """Whether layer ``layer_idx`` has an MoE instead of a dense MLP."""
-        if self.moe is None:
-            return False
-        if self.moe_layers is not None:
-            return layer_idx in self.moe_layers
-        return layer_idx >= self.first_k_dense and layer_idx % self.moe_layer_freq == 0
-
     def moe_config(self, layer_idx: int) -> MoEConfig | None:
         """The MoEConfig of layer ``layer_idx`` (``moe`` with its ``moe_layer_overrides``); None for a dense layer."""
         return self._layer_moe.get(layer_idx)
@@ -277,4 +270,9 @@ class LMConfig(Config):
     @property
     def sparse_layers(self) -> tuple[int, ...]:
         """Indices of the MoE layers, ascending."""
-        return tuple(i for i in range(self.num_hidden_layers) if self.is_moe_layer(i))
+        if self.moe is None:
+            return ()
+        n, every, first = self.num_hidden_layers, self.moe_layer_freq, self.first_k_dense
+        return tuple(
+            i for i in range(n) if is_moe_layer(i, n, every=every, first_k_dense=first, moe_layers=self.moe_layers)
+        )

@@ -21,6 +21,7 @@ from torch import nn
 
 from moekit.config import Config, check_choice, require
 from moekit.errors import ShapeError
+from moekit.models.placement import is_moe_layer
 from moekit.nn.attention import Attention
 from moekit.nn.block import Block
 from moekit.nn.config import MoEConfig, RouterType
@@ -111,10 +112,6 @@ class EncoderConfig(Config):
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2 if self.image_size else 0
 
-    def is_moe_layer(self, i: int) -> bool:
-        """V-MoE's placement: every ``moe_every``-th layer, counted so that the last layer is sparse."""
-        return self.ffn != FFNKind.DENSE and (self.num_hidden_layers - 1 - i) % self.moe_every == 0
-
     def moe_config(self) -> MoEConfig:
         return MoEConfig(
             hidden_size=self.hidden_size,
@@ -175,7 +172,8 @@ class EncoderClassifier(nn.Module):
     def _build_block(self, i: int, head_dim: int) -> Block:
         c = self.config
         attn = Attention(c.hidden_size, c.num_attention_heads, c.num_attention_heads, head_dim, layer_idx=i)
-        if not c.is_moe_layer(i):
+        n = c.num_hidden_layers
+        if c.ffn == FFNKind.DENSE or not is_moe_layer(i, n, every=c.moe_every, last_sparse=True):
             ffn = MLP(c.hidden_size, c.intermediate_size)
         elif c.ffn == FFNKind.SOFT:
             ffn = _SoftFFN(SoftMoE(c.hidden_size, c.num_experts, c.slots_per_expert, c.intermediate_size))

@@ -137,7 +137,8 @@ QWEN3_30B_A3B = LMConfig(
 # DeepSeek-V3's MoE recipe (DeepSeek-AI 2024, arXiv:2412.19437 sec. 2.1.2 and 4.2) at small scale:
 # sigmoid router with aux-loss-free bias balancing, group-limited routing (8 groups, top-4 groups),
 # 1 shared expert, routed_scaling_factor 2.5, a tiny sequence-wise balance loss (alpha = 1e-4),
-# first layer dense. Attention is plain GQA here (moekit has no MLA). Our own sizes: 133M total, 53M active.
+# first layer dense. Attention is plain GQA here, not MLA (MLA is moekit/nn/mla.py: attention_type='mla').
+# Our own sizes: 133M total, 53M active.
 DEEPSEEK_SMALL = LMConfig(
     vocab_size=32000,
     hidden_size=512,

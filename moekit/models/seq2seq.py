@@ -39,6 +39,7 @@ from torch import nn
 from moekit.config import Config, check_choice, require
 from moekit.errors import ShapeError
 from moekit.models.encoder import FFNKind
+from moekit.models.placement import is_moe_layer
 from moekit.nn.attention import Attention, KVCache, attention_mask
 from moekit.nn.block import Block
 from moekit.nn.config import MoEConfig, RouterType
@@ -124,10 +125,6 @@ class Seq2SeqConfig(Config):
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
-
-    def is_moe_layer(self, i: int, num_layers: int) -> bool:
-        """Every ``moe_every``-th layer of a stack of ``num_layers``, counted so that the last one is sparse."""
-        return self.ffn == FFNKind.MOE and (num_layers - 1 - i) % self.moe_every == 0
 
     def moe_config(self) -> MoEConfig:
         return MoEConfig(
@@ -252,7 +249,9 @@ class Seq2SeqTransformer(nn.Module):
             [
                 Block(
                     Attention(c.hidden_size, c.num_attention_heads, c.num_attention_heads, hd, layer_idx=i),
-                    self._ffn(c.is_moe_layer(i, c.encoder_layers)),
+                    self._ffn(
+                        c.ffn == FFNKind.MOE and is_moe_layer(i, c.encoder_layers, every=c.moe_every, last_sparse=True)
+                    ),
                     c.hidden_size,
                     c.rms_norm_eps,
                 )
@@ -265,7 +264,9 @@ class Seq2SeqTransformer(nn.Module):
                 DecoderBlock(
                     Attention(c.hidden_size, c.num_attention_heads, c.num_attention_heads, hd, layer_idx=i),
                     CrossAttention(c.hidden_size, c.num_attention_heads, hd),
-                    self._ffn(c.is_moe_layer(i, c.decoder_layers)),
+                    self._ffn(
+                        c.ffn == FFNKind.MOE and is_moe_layer(i, c.decoder_layers, every=c.moe_every, last_sparse=True)
+                    ),
                     c.hidden_size,
                     c.rms_norm_eps,
                 )

@@ -123,7 +123,7 @@ def hf_to_moekit(
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
         layer, rest = _split(name)
-        if layer is not None and rest.startswith("mlp.") and config.is_moe_layer(layer):
+        if layer is not None and rest.startswith("mlp.") and layer in config.sparse_layers:
             if layer not in done_layers:
                 out.update(_moe_in(source, config, family, layer, expected))
                 done_layers.add(layer)
@@ -244,7 +244,7 @@ def moekit_to_hf(
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
         layer, rest = _split(name)
-        if layer is not None and rest.startswith("mlp.") and config.is_moe_layer(layer):
+        if layer is not None and rest.startswith("mlp.") and layer in config.sparse_layers:
             out.update(_moe_out(name, rest[4:], t, config, family, layer))
         else:
             out[_hf_name(name)] = t.detach().contiguous()
