@@ -5,9 +5,12 @@ Parameter counts in the comments are ``MoELM(cfg).num_parameters()`` (checked in
 
 from __future__ import annotations
 
+from typing import Any
+
 from moekit.config import closest
 from moekit.errors import ConfigError
 from moekit.models.config import LMConfig
+from moekit.models.resolve import check_overrides, merge_overrides
 from moekit.nn.config import MoEConfig
 
 
@@ -44,7 +47,7 @@ TINY = LMConfig(
     num_key_value_heads=2,
     max_position_embeddings=64,
     tie_word_embeddings=True,
-    moe=MoEConfig(hidden_size=32, num_experts=4, top_k=2, expert_hidden_size=32),
+    moe=MoEConfig(num_experts=4, top_k=2, expert_hidden_size=32),
 )
 
 # CPU demo: byte-level tiny-shakespeare in ~2 minutes on 2 cores (nanoGPT's shakespeare_char scale,
@@ -65,7 +68,7 @@ DEMO = LMConfig(
     max_position_embeddings=128,
     tie_word_embeddings=True,
     first_k_dense=1,
-    moe=MoEConfig(hidden_size=96, num_experts=16, top_k=2, expert_hidden_size=192, aux_loss_coef=0.01),
+    moe=MoEConfig(num_experts=16, top_k=2, expert_hidden_size=192, aux_loss_coef=0.01),
 )
 
 # A small model for a 32k BPE vocabulary (Llama/Mistral tokenizer size); moekit's own sizes, laid out like
@@ -80,7 +83,7 @@ SMALL = LMConfig(
     num_key_value_heads=2,
     max_position_embeddings=1024,
     tie_word_embeddings=True,
-    moe=MoEConfig(hidden_size=384, num_experts=8, top_k=2, expert_hidden_size=384, aux_loss_coef=0.01),
+    moe=MoEConfig(num_experts=8, top_k=2, expert_hidden_size=384, aux_loss_coef=0.01),
 )
 
 # OLMoE-1B-7B (Muennighoff et al. 2024; HF allenai/OLMoE-1B-7B-0924 config.json): 64 fine-grained
@@ -99,7 +102,6 @@ OLMOE_1B_7B = LMConfig(
     tie_word_embeddings=False,
     qk_norm="full",
     moe=MoEConfig(
-        hidden_size=2048,
         num_experts=64,
         top_k=8,
         expert_hidden_size=1024,
@@ -125,7 +127,6 @@ QWEN3_30B_A3B = LMConfig(
     tie_word_embeddings=False,
     qk_norm="head",
     moe=MoEConfig(
-        hidden_size=2048,
         num_experts=128,
         top_k=8,
         expert_hidden_size=768,
@@ -151,7 +152,6 @@ DEEPSEEK_SMALL = LMConfig(
     tie_word_embeddings=False,
     first_k_dense=1,
     moe=MoEConfig(
-        hidden_size=512,
         num_experts=64,
         top_k=6,
         expert_hidden_size=128,
@@ -185,3 +185,20 @@ def get_preset(name: str) -> LMConfig:
         hint = closest(str(name), PRESETS)
         extra = f"; did you mean {hint!r}?" if hint else ""
         raise ConfigError(f"unknown preset {name!r}{extra} (presets: {', '.join(PRESETS)})") from None
+
+
+def resolve_lm_config(preset: str, overrides: dict[str, Any], vocab_size: int, block_size: int) -> LMConfig:
+    """Preset ``preset`` with ``overrides`` (``--model.*``) applied; vocab_size follows the tokenizer's
+    ``vocab_size`` unless overridden, and the model must cover it and ``block_size``."""
+    check_overrides(overrides, LMConfig)
+    merged = merge_overrides(get_preset(preset).to_dict(), overrides, f"preset {preset!r}")
+    if "vocab_size" not in overrides:
+        merged["vocab_size"] = vocab_size
+    config = LMConfig.from_dict(merged)
+    if config.vocab_size < vocab_size:
+        raise ConfigError(f"model.vocab_size={config.vocab_size} is smaller than the tokenizer's {vocab_size} tokens")
+    if block_size > config.max_position_embeddings:
+        raise ConfigError(
+            f"block_size={block_size} exceeds the model's max_position_embeddings={config.max_position_embeddings}"
+        )
+    return config

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from moekit import checkpoint as ckpt
 from moekit.checkpoint import load_tensors_into, model_tensors
-from moekit.config import require, unknown_key_error
+from moekit.config import require
 from moekit.data.images import LabelledImages, builtin_digits, check_image_size, read_images
 from moekit.data.labelled import BUILTIN_SENTIMENT, WordVocab, label_ids, label_names, read_labelled
 from moekit.data.tokenizers import Tokenizer, load_tokenizer
@@ -36,6 +36,7 @@ from moekit.models.encoder import EncoderClassifier, EncoderConfig
 from moekit.models.ensemble import EnsembleClassifier
 from moekit.models.lm import MoELM
 from moekit.models.lm_classifier import LMClassifier
+from moekit.models.resolve import check_overrides
 from moekit.tasks.batches import Batches, length_bucketed_rows, shuffled_rows
 from moekit.train.config import TaskTrainConfig
 from moekit.train.loop import Loop, StepLoss, open_run
@@ -52,7 +53,7 @@ WEIGHTS, META = "model.safetensors", "model.json"
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ClassifyConfig(TaskTrainConfig):
     """A classification run: data fields here, optimisation fields in :class:`TaskTrainConfig`;
-    ``model_overrides`` sets :class:`EncoderConfig` fields (``--model.num_experts 4``).
+    ``model_overrides`` sets :class:`EncoderConfig` fields (``--model.moe.num_experts 4``).
 
     ``data`` None trains on the built-in set (the sentiment sentences, or scikit-learn's digits).
     Without ``valid`` the last ``valid_fraction`` of the (shuffled) training rows are held out.
@@ -89,10 +90,7 @@ class ClassifyConfig(TaskTrainConfig):
             require(self.ensemble == 1, "ensemble trains models from scratch: it does not apply to init_from")
             require(self.is_text, "init_from (a pretrained language model) needs task=classify (text)")
             require(not self.model_overrides, "init_from fine-tunes an existing model: --model.* options do not apply")
-        names = EncoderConfig.field_names()
-        for key in self.model_overrides:
-            if key not in names:
-                raise unknown_key_error(key, names, "EncoderConfig (--model.*)")
+        check_overrides(self.model_overrides, EncoderConfig)
 
     @property
     def is_text(self) -> bool:

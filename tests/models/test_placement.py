@@ -37,7 +37,7 @@ def test_models_use_the_rule():
 
     cfg = EncoderConfig(
         vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=5, num_attention_heads=2, num_labels=2,
-        ffn="moe", num_experts=4, top_k=2, moe_every=2,
+        ffn="moe", moe={"num_experts": 4, "top_k": 2}, moe_every=2,
     )  # fmt: skip
     model = EncoderClassifier(cfg)
     kinds = [type(block.mlp).__name__ for block in model.layers]

@@ -169,7 +169,7 @@ def _moe_in(
     source: HFTensors, config: LMConfig, family: str, layer: int, expected: Mapping[str, torch.Size]
 ) -> dict[str, torch.Tensor]:
     m = config.moe_config(layer)
-    E, D, I = m.num_experts, m.hidden_size, m.expert_hidden_size
+    E, D, I = m.num_experts, config.hidden_size, m.expert_hidden_size
     why = f"layer {layer}: num_experts={E}, hidden_size={D}, expert hidden size={I}"
     pre = _moe_prefix_in(source, family, layer)
     mine = f"layers.{layer}.mlp"
