@@ -325,7 +325,7 @@ def classify_loop(
     valid_set = encode(model, vocab, valid_data, names)
     meta = _meta(model, vocab, names, cfg.task)
     if source is not None:
-        ckpt.check_same_description(run_dir / META, meta)
+        ckpt.check_same_description(run_dir / META, meta, _upgrade_meta)
         load_tensors_into(model, load_tensors(source / WEIGHTS), source / WEIGHTS)
     task = ClassifyTask(cfg, model, vocab, train_set, valid_set, meta)
     return Loop(_with_epoch_limit(cfg, len(train_set)), task, run_dir, source, console)
@@ -431,6 +431,11 @@ def _max_length(model: EncoderClassifier | LMClassifier) -> int:
 
 
 # -- checkpoints ---------------------------------------------------------------------------------
+def _upgrade_meta(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved ``model.json`` with its encoder config in today's spelling (old runs saved MoE fields flat)."""
+    return {**saved, "encoder": EncoderConfig.from_dict(saved["encoder"]).to_dict()} if "encoder" in saved else saved
+
+
 def _meta(model: EncoderClassifier | LMClassifier, vocab, names: list[str], task: str) -> dict[str, Any]:
     """What ``model.json`` holds: the task, the model's config, the label names and the vocabulary."""
     if isinstance(model, LMClassifier):  # the LM's config (its tokenizer is saved beside); weights: lm.* and head.*

@@ -242,7 +242,7 @@ def translate_loop(cfg: TranslateConfig, resume: bool = False, console=None) -> 
     fields = {"vocab_size": tokenizer.vocab_size, "max_length": cfg.max_length, **cfg.model_overrides}
     model = Seq2SeqTransformer(Seq2SeqConfig.from_dict(fields))
     if source is not None:
-        ckpt.check_same_description(run_dir / META, _meta(model))
+        ckpt.check_same_description(run_dir / META, _meta(model), _upgrade_meta)
         ckpt.load_tensors_into(model, load_tensors(source / WEIGHTS), source / WEIGHTS)
     return Loop(cfg, TranslateTask(cfg, model, tokenizer, train_set, valid_set), run_dir, source, console), valid_data
 
@@ -371,6 +371,11 @@ def _shuffled_batches(pairs: Pairs, batch_tokens: int, seed: int):
     generator = torch.Generator().manual_seed(seed)
     while True:
         yield from reversed(pairs.batches(batch_tokens, generator))
+
+
+def _upgrade_meta(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved ``model.json`` with its model config in today's spelling (old runs saved MoE fields flat)."""
+    return {**saved, "seq2seq": Seq2SeqConfig.from_dict(saved["seq2seq"]).to_dict()}
 
 
 def _meta(model: Seq2SeqTransformer) -> dict[str, Any]:

@@ -33,7 +33,7 @@ def test_one_rule_reproduces_old_placements(n, kw, expected):
 
 
 def test_models_use_the_rule():
-    from moekit.models.encoder import EncoderConfig, EncoderClassifier
+    from moekit.models.encoder import EncoderClassifier, EncoderConfig
 
     cfg = EncoderConfig(
         vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=5, num_attention_heads=2, num_labels=2,

@@ -134,7 +134,9 @@ def test_unknown_validation_label_is_reported_with_file_and_line(tmp_path, capsy
     assert "dev.tsv:3: label 'neutral' is not one of the training labels" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("variant", [{"model.moe.router": "expert_choice"}, {"model.ffn": "soft"}, {"model.ffn": "dense"}])
+@pytest.mark.parametrize(
+    "variant", [{"model.moe.router": "expert_choice"}, {"model.ffn": "soft"}, {"model.ffn": "dense"}]
+)
 def test_image_classifier_learns_builtin_digits(tmp_path, variant):
     result = train_classifier(
         task="image-classify",
