@@ -274,7 +274,5 @@ class LMConfig(Config):
         """Indices of the MoE layers, ascending."""
         if self.moe is None:
             return ()
-        n, every, first = self.num_hidden_layers, self.moe_layer_freq, self.first_k_dense
-        return tuple(
-            i for i in range(n) if is_moe_layer(i, n, every=every, first_k_dense=first, moe_layers=self.moe_layers)
-        )
+        n, rule = self.num_hidden_layers, dict(every=self.moe_layer_freq, first_k_dense=self.first_k_dense)
+        return tuple(i for i in range(n) if is_moe_layer(i, n, **rule, moe_layers=self.moe_layers))

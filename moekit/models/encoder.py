@@ -156,8 +156,7 @@ class EncoderClassifier(nn.Module):
     def _build_block(self, i: int, head_dim: int) -> Block:
         c = self.config
         attn = Attention(c.hidden_size, c.num_attention_heads, c.num_attention_heads, head_dim, layer_idx=i)
-        n = c.num_hidden_layers
-        if c.ffn == FFNKind.DENSE or not is_moe_layer(i, n, every=c.moe_every, last_sparse=True):
+        if c.ffn == FFNKind.DENSE or not is_moe_layer(i, c.num_hidden_layers, every=c.moe_every, last_sparse=True):
             ffn = MLP(c.hidden_size, c.intermediate_size)
         elif c.ffn == FFNKind.SOFT:
             ffn = _SoftFFN(SoftMoE(c.hidden_size, c.moe.num_experts, c.slots_per_expert, c.intermediate_size))

@@ -105,11 +105,7 @@ class MoELM(nn.Module):
                 output_bias=c.attention_out_bias,
             )
         moe = c.moe_config(i)
-        ffn = (
-            MoE(moe, hidden_size=c.hidden_size)
-            if moe is not None
-            else MLP(c.hidden_size, c.intermediate_size, c.activation)
-        )
+        ffn = MoE(moe, hidden_size=c.hidden_size) if moe else MLP(c.hidden_size, c.intermediate_size, c.activation)
         return Block(attn, ffn, c.hidden_size, c.rms_norm_eps, c.dropout)
 
     # -- initialisation --------------------------------------------------------------------------

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from moekit.config import closest
+from moekit.config import closest, require
 from moekit.errors import ConfigError
 from moekit.models.config import LMConfig
-from moekit.models.resolve import check_overrides, merge_overrides
+from moekit.models.resolve import check_overrides
 from moekit.nn.config import MoEConfig
 
 
@@ -191,9 +191,11 @@ def resolve_lm_config(preset: str, overrides: dict[str, Any], vocab_size: int, b
     """Preset ``preset`` with ``overrides`` (``--model.*``) applied; vocab_size follows the tokenizer's
     ``vocab_size`` unless overridden, and the model must cover it and ``block_size``."""
     check_overrides(overrides, LMConfig)
-    merged = merge_overrides(get_preset(preset).to_dict(), overrides, f"preset {preset!r}")
-    if "vocab_size" not in overrides:
-        merged["vocab_size"] = vocab_size
+    base = get_preset(preset).to_dict()
+    merged = {**base, "vocab_size": vocab_size, **overrides}
+    if overrides.get("moe") is not None:  # field by field; model.moe=null asks for the dense baseline
+        require(base["moe"] is not None, f"model.moe overrides given, but preset {preset!r} is dense")
+        merged["moe"] = {**base["moe"], **overrides["moe"]}
     config = LMConfig.from_dict(merged)
     if config.vocab_size < vocab_size:
         raise ConfigError(f"model.vocab_size={config.vocab_size} is smaller than the tokenizer's {vocab_size} tokens")

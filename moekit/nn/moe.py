@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moekit.errors import ConfigError, ShapeError
+from moekit.errors import ShapeError
 from moekit.nn import few_tokens
 from moekit.nn.config import Activation, MoEConfig, RouterType
 from moekit.nn.dispatch import Dispatch, dispatch, expert_capacity
@@ -52,8 +52,6 @@ class MoE(nn.Module):
             config = MoEConfig.from_dict(fields)
         elif fields:
             config = config.replace(**fields)
-        if not isinstance(hidden_size, int) or hidden_size < 1:
-            raise ConfigError(f"hidden_size must be a positive integer, got {hidden_size!r}")
         self.config, self.hidden_size = config, hidden_size
         self.router = build_router(config, hidden_size)
         self.experts = Experts(config.num_experts, hidden_size, config.expert_hidden_size, config.activation)
