@@ -85,16 +85,8 @@ class Seq2SeqConfig(Config):
     def __post_init__(self) -> None:
         object.__setattr__(self, "ffn", check_choice("ffn", self.ffn, FFNKind))
         object.__setattr__(self, "moe", equal_active_moe(self.moe, self.intermediate_size))
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "encoder_layers",
-            "decoder_layers",
-            "num_attention_heads",
-            "intermediate_size",
-            "moe_every",
-            "max_length",
-        ):
+        sizes = ("vocab_size", "hidden_size", "encoder_layers", "decoder_layers", "num_attention_heads")
+        for name in (*sizes, "intermediate_size", "moe_every", "max_length"):
             value = getattr(self, name)
             require(isinstance(value, int) and value >= 1, f"{name} must be a positive integer, got {value!r}")
         require(self.hidden_size % self.num_attention_heads == 0, "hidden_size must be a multiple of the heads")
