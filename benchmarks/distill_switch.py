@@ -57,7 +57,7 @@ def teacher_config(args) -> LMConfig:
         num_attention_heads=4,
         max_position_embeddings=args.block_size,
         tie_word_embeddings=True,
-        moe=MoEConfig(hidden_size=H, num_experts=args.experts, top_k=2, expert_hidden_size=2 * H, aux_loss_coef=0.01),
+        moe=MoEConfig(num_experts=args.experts, top_k=2, expert_hidden_size=2 * H, aux_loss_coef=0.01),
     )
 
 

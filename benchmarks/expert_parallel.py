@@ -49,7 +49,6 @@ def model_config(args) -> LMConfig:
         max_position_embeddings=args.seq,
         tie_word_embeddings=True,
         moe=MoEConfig(
-            hidden_size=args.hidden,
             num_experts=args.experts,
             top_k=args.top_k,
             expert_hidden_size=args.expert_hidden,

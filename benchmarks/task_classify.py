@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     p.add_argument(
         "--parallel", action="store_true", help="train MoE and dense at once, one core each (default: in turn)"
     )
-    p.add_argument("--set", nargs="*", default=[], help="extra ClassifyConfig key=value (model.top_k=2 ...)")
+    p.add_argument("--set", nargs="*", default=[], help="extra ClassifyConfig key=value (model.moe.top_k=2 ...)")
     args = p.parse_args(argv)
     extra = parse_sets(args.set)
     models = args.models.split(",")

@@ -10,7 +10,7 @@ import torch
 
 
 def parse_sets(items: list[str]) -> dict:
-    """``key=value`` options (``model.top_k=2 batch_tokens=1024``) with JSON values where they parse."""
+    """``key=value`` options (``model.moe.top_k=2 batch_tokens=1024``) with JSON values where they parse."""
     extra = {}
     for item in items:
         key, _, value = item.partition("=")

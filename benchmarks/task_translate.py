@@ -56,7 +56,7 @@ def routing_report(model, tokenizer, pairs, path: Path, top: int = 12) -> None:
     encoded = encode_pairs(tokenizer, pairs)
     layers = [("encoder", i, b.mlp) for i, b in enumerate(model.encoder) if b.is_moe]
     layers += [("decoder", i, b.mlp) for i, b in enumerate(model.decoder) if b.is_moe]
-    E = model.config.num_experts
+    E = model.config.moe.num_experts
     counts = {(stack, i): torch.zeros(E, dtype=torch.long) for stack, i, _ in layers}
     by_token = {(stack, i): Counter() for stack, i, _ in layers if stack == "encoder"}
     token_total: Counter = Counter()
@@ -149,7 +149,7 @@ def main(argv=None) -> int:
     p.add_argument("--runs", default="runs/bench")
     p.add_argument("--out", required=True, help="markdown table path")
     p.add_argument("--json", default=None)
-    p.add_argument("--set", nargs="*", default=[], help="extra TranslateConfig key=value (model.top_k=2 ...)")
+    p.add_argument("--set", nargs="*", default=[], help="extra TranslateConfig key=value (model.moe.top_k=2 ...)")
     args = p.parse_args(argv)
     files = _files(args)
     extra = parse_sets(args.set)

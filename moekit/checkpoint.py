@@ -39,6 +39,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,7 @@ from moekit.errors import CheckpointError, ConfigError
 from moekit.io.atomic import atomic_write_json, atomic_write_text, fsync_tree
 from moekit.io.safe_io import load_tensors, save_tensors
 from moekit.models import LMConfig, MoELM
+from moekit.models.resolve import upgrade_saved
 
 FORMAT = "moekit"
 FORMAT_VERSION = 1
@@ -357,6 +359,8 @@ def check_resumable(saved: dict[str, Any], now: dict[str, Any], defaults: dict[s
     (a setting the run predates counts as its default)."""
     for key in sorted(set(saved) | set(now)):
         before = saved.get(key, defaults.get(key))
+        if key == "model_overrides" and isinstance(before, dict):
+            before = upgrade_saved(before)  # old task runs spelt the MoE knobs flat
         if key not in RESUMABLE_CHANGES and before != now.get(key):
             raise ConfigError(
                 f"--resume: {key}={now.get(key)!r} differs from the run in {run_dir} ({key}={before!r}); "
@@ -364,10 +368,12 @@ def check_resumable(saved: dict[str, Any], now: dict[str, Any], defaults: dict[s
             )
 
 
-def check_same_description(path: Path, meta: dict[str, Any]) -> None:
-    """On resume: the model description rebuilt from the data and settings must be the one the run saved."""
+def check_same_description(path: Path, meta: dict[str, Any], upgrade: Callable[[dict], dict] | None = None) -> None:
+    """On resume: the model description rebuilt from the data and settings must be the one the run saved
+    (read in today's spelling by ``upgrade``, when given)."""
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
+        saved = upgrade(saved) if upgrade else saved
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: cannot read the run's model description ({e})") from None
     meta = json.loads(json.dumps(meta))

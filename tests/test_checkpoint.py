@@ -96,7 +96,7 @@ OLD_LM = dict(
 OLD_CLASSIFY = dict(
     task="classify", checkpoint_interval=2, eval_interval=2, batch_size=8, ema_decay=0.5, progress=False,
     model_overrides={"hidden_size": 8, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 8,
-                     "num_experts": 2, "max_length": 16},
+                     "moe": {"num_experts": 2}, "max_length": 16},
 )  # fmt: skip
 
 

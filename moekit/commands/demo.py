@@ -134,7 +134,7 @@ TRANSLATE_DEMO = {
     "model.decoder_layers": 2,
     "model.num_attention_heads": 2,
     "model.intermediate_size": 128,
-    "model.num_experts": 4,
+    "model.moe.num_experts": 4,
     "model.dropout": 0.0,
     "batch_tokens": 1024,
     "lr": 3e-3,
@@ -185,7 +185,7 @@ def _seq2seq_load_table(model: torch.nn.Module, loads: list[torch.Tensor]) -> Ta
     names += [f"decoder.{i}" for i, b in enumerate(model.decoder) if b.is_moe]
     table = Table(title="share of validation tokens per expert (%)")
     table.add_column("layer")
-    for e in range(model.config.num_experts):
+    for e in range(model.config.moe.num_experts):
         table.add_column(f"e{e}", justify="right")
     for name, row in zip(names, loads):
         table.add_row(name, *(f"{s:.0f}" for s in (row.float() / row.sum().clamp_min(1) * 100).tolist()))

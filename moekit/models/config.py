@@ -8,6 +8,8 @@ from typing import Any
 
 from moekit.config import Config, check_choice, require, unknown_key_error
 from moekit.errors import ConfigError
+from moekit.models.placement import is_moe_layer
+from moekit.models.resolve import upgrade_saved
 from moekit.nn.attention import QKNorm
 from moekit.nn.config import Activation, MoEConfig
 
@@ -96,6 +98,11 @@ class LMConfig(Config):
     rope_interleave: bool = False  # MLA: rotary pairs are (x0, x1), (x2, x3)... (DeepSeek's layout)
     hf_config: dict[str, Any] | None = None
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LMConfig:
+        """As :meth:`Config.from_dict`, reading configs older moekit saved (:func:`upgrade_saved`)."""
+        return super().from_dict(upgrade_saved(data) if isinstance(data, dict) else data)
+
     def __post_init__(self) -> None:
         set_ = object.__setattr__
         for name in (
@@ -183,10 +190,6 @@ class LMConfig(Config):
             )
         else:
             require(
-                self.moe.hidden_size == self.hidden_size,
-                f"moe.hidden_size={self.moe.hidden_size} must equal hidden_size={self.hidden_size}",
-            )
-            require(
                 bool(self.sparse_layers),
                 f"moe is set but no layer is sparse (num_hidden_layers={self.num_hidden_layers}, "
                 f"first_k_dense={self.first_k_dense}, moe_layer_freq={self.moe_layer_freq}, "
@@ -214,10 +217,10 @@ class LMConfig(Config):
             )
             require(layer not in normalised, f"moe_layer_overrides lists layer {layer} more than once")
             require(isinstance(fields, dict), f"moe_layer_overrides[{layer}] must be a dict of MoEConfig fields")
+            require("hidden_size" not in fields, f"moe_layer_overrides[{layer}] may not change hidden_size")
             for name in fields:
                 if name not in MoEConfig.field_names():
                     raise unknown_key_error(name, MoEConfig.field_names(), f"moe_layer_overrides[{layer}] MoEConfig")
-            require("hidden_size" not in fields, f"moe_layer_overrides[{layer}] may not change hidden_size")
             try:
                 resolved = MoEConfig.from_dict({**self.moe.to_dict(), **fields})
             except ConfigError as e:
@@ -248,14 +251,6 @@ class LMConfig(Config):
         """Dims the rotary embedding turns: the head dim, or ``qk_rope_head_dim`` for MLA."""
         return self.qk_rope_head_dim if self.attention_type == AttentionType.MLA else self.head_size
 
-    def is_moe_layer(self, layer_idx: int) -> bool:
-        """Whether layer ``layer_idx`` has an MoE instead of a dense MLP."""
-        if self.moe is None:
-            return False
-        if self.moe_layers is not None:
-            return layer_idx in self.moe_layers
-        return layer_idx >= self.first_k_dense and layer_idx % self.moe_layer_freq == 0
-
     def moe_config(self, layer_idx: int) -> MoEConfig | None:
         """The MoEConfig of layer ``layer_idx`` (``moe`` with its ``moe_layer_overrides``); None for a dense layer."""
         return self._layer_moe.get(layer_idx)
@@ -277,4 +272,7 @@ class LMConfig(Config):
     @property
     def sparse_layers(self) -> tuple[int, ...]:
         """Indices of the MoE layers, ascending."""
-        return tuple(i for i in range(self.num_hidden_layers) if self.is_moe_layer(i))
+        if self.moe is None:
+            return ()
+        n, rule = self.num_hidden_layers, dict(every=self.moe_layer_freq, first_k_dense=self.first_k_dense)
+        return tuple(i for i in range(n) if is_moe_layer(i, n, **rule, moe_layers=self.moe_layers))

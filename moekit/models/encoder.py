@@ -15,15 +15,18 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from typing import Any
 
 import torch
 from torch import nn
 
 from moekit.config import Config, check_choice, require
 from moekit.errors import ShapeError
+from moekit.models.placement import is_moe_layer
+from moekit.models.resolve import complete_task_dict, equal_active_moe
 from moekit.nn.attention import Attention
 from moekit.nn.block import Block
-from moekit.nn.config import MoEConfig, RouterType
+from moekit.nn.config import MoEConfig
 from moekit.nn.mlp import MLP
 from moekit.nn.moe import MoE
 from moekit.nn.norm import RMSNorm
@@ -48,8 +51,9 @@ class EncoderConfig(Config):
     """An encoder classifier. Exactly one of ``vocab_size`` (text) and ``image_size`` (images) is set.
 
     The dense baseline with equal active parameters is the same config with ``ffn="dense"``: a dense
-    layer's MLP is ``intermediate_size`` wide, and an MoE token runs ``top_k`` experts of
-    ``intermediate_size // top_k`` each (expert choice and Soft MoE: one expert-sized pass per token).
+    layer's MLP is ``intermediate_size`` wide, and an MoE token runs ``moe.top_k`` experts of
+    ``intermediate_size // top_k`` each unless ``moe.expert_hidden_size`` is set (expert choice and Soft MoE:
+    one expert-sized pass per token). ``moe`` may be given partially: :func:`equal_active_moe` fills it.
     """
 
     num_labels: int
@@ -64,16 +68,8 @@ class EncoderConfig(Config):
     intermediate_size: int = 256
     ffn: FFNKind = FFNKind.MOE
     moe_every: int = 2
-    num_experts: int = 8
-    top_k: int = 1
-    router: RouterType = RouterType.SOFTMAX_TOPK
-    capacity_factor: float | None = None
-    expert_choice_capacity: float = 1.0
+    moe: MoEConfig | None = None  # None: TASK_MOE_DEFAULTS
     slots_per_expert: int = 1
-    aux_loss_coef: float = 0.01
-    # Renormalise the chosen experts' weights to sum to 1. None: only when top_k > 1; with top-1 the weight
-    # would always be 1 and the router would learn nothing from the task loss (Switch scales by the gate).
-    norm_topk_prob: bool | None = None
     dropout: float = 0.1
     token_dropout: float = 0.0  # text: in training, zero each input token's embedding with this probability
     pooling: Pooling = Pooling.MEAN
@@ -82,7 +78,7 @@ class EncoderConfig(Config):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ffn", check_choice("ffn", self.ffn, FFNKind))
-        object.__setattr__(self, "router", check_choice("router", self.router, RouterType))
+        object.__setattr__(self, "moe", equal_active_moe(self.moe, self.intermediate_size))
         object.__setattr__(self, "pooling", check_choice("pooling", self.pooling, Pooling))
         require((self.vocab_size is None) != (self.image_size is None), "set exactly one of vocab_size and image_size")
         for name in ("num_labels", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
@@ -99,9 +95,11 @@ class EncoderConfig(Config):
                 self.image_size % self.patch_size == 0,
                 f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}",
             )
-        if self.ffn != FFNKind.DENSE:
-            require(self.intermediate_size % self.top_k == 0, "intermediate_size must be a multiple of top_k")
-            self.moe_config()  # validate the MoE fields now
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EncoderConfig:
+        """As :meth:`Config.from_dict`; a partial ``moe`` is completed, and old runs' flat MoE fields are read."""
+        return super().from_dict(complete_task_dict(data, cls.intermediate_size))
 
     @property
     def is_text(self) -> bool:
@@ -110,23 +108,6 @@ class EncoderConfig(Config):
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2 if self.image_size else 0
-
-    def is_moe_layer(self, i: int) -> bool:
-        """V-MoE's placement: every ``moe_every``-th layer, counted so that the last layer is sparse."""
-        return self.ffn != FFNKind.DENSE and (self.num_hidden_layers - 1 - i) % self.moe_every == 0
-
-    def moe_config(self) -> MoEConfig:
-        return MoEConfig(
-            hidden_size=self.hidden_size,
-            num_experts=self.num_experts,
-            top_k=self.top_k,
-            expert_hidden_size=self.intermediate_size // self.top_k,
-            router=self.router,
-            capacity_factor=self.capacity_factor,
-            expert_choice_capacity=self.expert_choice_capacity,
-            aux_loss_coef=self.aux_loss_coef,
-            norm_topk_prob=self.norm_topk_prob,
-        )
 
 
 @dataclasses.dataclass
@@ -175,12 +156,12 @@ class EncoderClassifier(nn.Module):
     def _build_block(self, i: int, head_dim: int) -> Block:
         c = self.config
         attn = Attention(c.hidden_size, c.num_attention_heads, c.num_attention_heads, head_dim, layer_idx=i)
-        if not c.is_moe_layer(i):
+        if c.ffn == FFNKind.DENSE or not is_moe_layer(i, c.num_hidden_layers, every=c.moe_every, last_sparse=True):
             ffn = MLP(c.hidden_size, c.intermediate_size)
         elif c.ffn == FFNKind.SOFT:
-            ffn = _SoftFFN(SoftMoE(c.hidden_size, c.num_experts, c.slots_per_expert, c.intermediate_size))
+            ffn = _SoftFFN(SoftMoE(c.hidden_size, c.moe.num_experts, c.slots_per_expert, c.intermediate_size))
         else:
-            ffn = MoE(c.moe_config())
+            ffn = MoE(c.moe, hidden_size=c.hidden_size)
         return Block(attn, ffn, c.hidden_size, c.rms_norm_eps)
 
     @torch.no_grad()

@@ -104,7 +104,8 @@ class MoELM(nn.Module):
                 layer_idx=i,
                 output_bias=c.attention_out_bias,
             )
-        ffn = MoE(c.moe_config(i)) if c.is_moe_layer(i) else MLP(c.hidden_size, c.intermediate_size, c.activation)
+        moe = c.moe_config(i)
+        ffn = MoE(moe, hidden_size=c.hidden_size) if moe else MLP(c.hidden_size, c.intermediate_size, c.activation)
         return Block(attn, ffn, c.hidden_size, c.rms_norm_eps, c.dropout)
 
     # -- initialisation --------------------------------------------------------------------------

@@ -5,9 +5,12 @@ Parameter counts in the comments are ``MoELM(cfg).num_parameters()`` (checked in
 
 from __future__ import annotations
 
-from moekit.config import closest
+from typing import Any
+
+from moekit.config import closest, require
 from moekit.errors import ConfigError
 from moekit.models.config import LMConfig
+from moekit.models.resolve import check_overrides
 from moekit.nn.config import MoEConfig
 
 
@@ -44,7 +47,7 @@ TINY = LMConfig(
     num_key_value_heads=2,
     max_position_embeddings=64,
     tie_word_embeddings=True,
-    moe=MoEConfig(hidden_size=32, num_experts=4, top_k=2, expert_hidden_size=32),
+    moe=MoEConfig(num_experts=4, top_k=2, expert_hidden_size=32),
 )
 
 # CPU demo: byte-level tiny-shakespeare in ~2 minutes on 2 cores (nanoGPT's shakespeare_char scale,
@@ -65,7 +68,7 @@ DEMO = LMConfig(
     max_position_embeddings=128,
     tie_word_embeddings=True,
     first_k_dense=1,
-    moe=MoEConfig(hidden_size=96, num_experts=16, top_k=2, expert_hidden_size=192, aux_loss_coef=0.01),
+    moe=MoEConfig(num_experts=16, top_k=2, expert_hidden_size=192, aux_loss_coef=0.01),
 )
 
 # A small model for a 32k BPE vocabulary (Llama/Mistral tokenizer size); moekit's own sizes, laid out like
@@ -80,7 +83,7 @@ SMALL = LMConfig(
     num_key_value_heads=2,
     max_position_embeddings=1024,
     tie_word_embeddings=True,
-    moe=MoEConfig(hidden_size=384, num_experts=8, top_k=2, expert_hidden_size=384, aux_loss_coef=0.01),
+    moe=MoEConfig(num_experts=8, top_k=2, expert_hidden_size=384, aux_loss_coef=0.01),
 )
 
 # OLMoE-1B-7B (Muennighoff et al. 2024; HF allenai/OLMoE-1B-7B-0924 config.json): 64 fine-grained
@@ -99,7 +102,6 @@ OLMOE_1B_7B = LMConfig(
     tie_word_embeddings=False,
     qk_norm="full",
     moe=MoEConfig(
-        hidden_size=2048,
         num_experts=64,
         top_k=8,
         expert_hidden_size=1024,
@@ -125,7 +127,6 @@ QWEN3_30B_A3B = LMConfig(
     tie_word_embeddings=False,
     qk_norm="head",
     moe=MoEConfig(
-        hidden_size=2048,
         num_experts=128,
         top_k=8,
         expert_hidden_size=768,
@@ -137,7 +138,8 @@ QWEN3_30B_A3B = LMConfig(
 # DeepSeek-V3's MoE recipe (DeepSeek-AI 2024, arXiv:2412.19437 sec. 2.1.2 and 4.2) at small scale:
 # sigmoid router with aux-loss-free bias balancing, group-limited routing (8 groups, top-4 groups),
 # 1 shared expert, routed_scaling_factor 2.5, a tiny sequence-wise balance loss (alpha = 1e-4),
-# first layer dense. Attention is plain GQA here (moekit has no MLA). Our own sizes: 133M total, 53M active.
+# first layer dense. Attention is plain GQA here, not MLA (MLA is moekit/nn/mla.py: attention_type='mla').
+# Our own sizes: 133M total, 53M active.
 DEEPSEEK_SMALL = LMConfig(
     vocab_size=32000,
     hidden_size=512,
@@ -150,7 +152,6 @@ DEEPSEEK_SMALL = LMConfig(
     tie_word_embeddings=False,
     first_k_dense=1,
     moe=MoEConfig(
-        hidden_size=512,
         num_experts=64,
         top_k=6,
         expert_hidden_size=128,
@@ -184,3 +185,22 @@ def get_preset(name: str) -> LMConfig:
         hint = closest(str(name), PRESETS)
         extra = f"; did you mean {hint!r}?" if hint else ""
         raise ConfigError(f"unknown preset {name!r}{extra} (presets: {', '.join(PRESETS)})") from None
+
+
+def resolve_lm_config(preset: str, overrides: dict[str, Any], vocab_size: int, block_size: int) -> LMConfig:
+    """Preset ``preset`` with ``overrides`` (``--model.*``) applied; vocab_size follows the tokenizer's
+    ``vocab_size`` unless overridden, and the model must cover it and ``block_size``."""
+    check_overrides(overrides, LMConfig)
+    base = get_preset(preset).to_dict()
+    merged = {**base, "vocab_size": vocab_size, **overrides}
+    if overrides.get("moe") is not None:  # field by field; model.moe=null asks for the dense baseline
+        require(base["moe"] is not None, f"model.moe overrides given, but preset {preset!r} is dense")
+        merged["moe"] = {**base["moe"], **overrides["moe"]}
+    config = LMConfig.from_dict(merged)
+    if config.vocab_size < vocab_size:
+        raise ConfigError(f"model.vocab_size={config.vocab_size} is smaller than the tokenizer's {vocab_size} tokens")
+    if block_size > config.max_position_embeddings:
+        raise ConfigError(
+            f"block_size={block_size} exceeds the model's max_position_embeddings={config.max_position_embeddings}"
+        )
+    return config

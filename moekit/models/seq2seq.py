@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,8 @@ from torch import nn
 from moekit.config import Config, check_choice, require
 from moekit.errors import ShapeError
 from moekit.models.encoder import FFNKind
+from moekit.models.placement import is_moe_layer
+from moekit.models.resolve import complete_task_dict, equal_active_moe
 from moekit.nn.attention import Attention, KVCache, attention_mask
 from moekit.nn.block import Block
 from moekit.nn.config import MoEConfig, RouterType
@@ -70,14 +73,7 @@ class Seq2SeqConfig(Config):
     intermediate_size: int = 512
     ffn: FFNKind = FFNKind.MOE
     moe_every: int = 2
-    num_experts: int = 8
-    top_k: int = 1
-    router: RouterType = RouterType.SOFTMAX_TOPK
-    capacity_factor: float | None = None
-    aux_loss_coef: float = 0.01
-    # Renormalise the chosen experts' weights to sum to 1. None: only when top_k > 1; with top-1 the weight
-    # would always be 1 and the router would learn nothing from the task loss (Switch scales by the gate).
-    norm_topk_prob: bool | None = None
+    moe: MoEConfig | None = None  # None: TASK_MOE_DEFAULTS; a partial one is completed (equal_active_moe)
     dropout: float = 0.1
     max_length: int = 128  # longest source the model is given (longer ones are cut) and default decode limit
     rms_norm_eps: float = 1e-6
@@ -88,17 +84,9 @@ class Seq2SeqConfig(Config):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ffn", check_choice("ffn", self.ffn, FFNKind))
-        object.__setattr__(self, "router", check_choice("router", self.router, RouterType))
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "encoder_layers",
-            "decoder_layers",
-            "num_attention_heads",
-            "intermediate_size",
-            "moe_every",
-            "max_length",
-        ):
+        object.__setattr__(self, "moe", equal_active_moe(self.moe, self.intermediate_size))
+        sizes = ("vocab_size", "hidden_size", "encoder_layers", "decoder_layers", "num_attention_heads")
+        for name in (*sizes, "intermediate_size", "moe_every", "max_length"):
             value = getattr(self, name)
             require(isinstance(value, int) and value >= 1, f"{name} must be a positive integer, got {value!r}")
         require(self.hidden_size % self.num_attention_heads == 0, "hidden_size must be a multiple of the heads")
@@ -113,33 +101,19 @@ class Seq2SeqConfig(Config):
             "use ffn='moe' or 'dense'",
         )
         require(
-            self.router != RouterType.EXPERT_CHOICE,
+            self.moe.router != RouterType.EXPERT_CHOICE,
             "router='expert_choice' lets experts pick tokens by comparing them across positions, so a target "
             "token's routing would depend on later ones; use a token-choice router (softmax_topk, sigmoid_topk)",
         )
-        if self.ffn == FFNKind.MOE:
-            require(self.intermediate_size % self.top_k == 0, "intermediate_size must be a multiple of top_k")
-            self.moe_config()  # validate the MoE fields now
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Seq2SeqConfig:
+        """As :meth:`Config.from_dict`; a partial ``moe`` is completed, and old runs' flat MoE fields are read."""
+        return super().from_dict(complete_task_dict(data, cls.intermediate_size))
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
-
-    def is_moe_layer(self, i: int, num_layers: int) -> bool:
-        """Every ``moe_every``-th layer of a stack of ``num_layers``, counted so that the last one is sparse."""
-        return self.ffn == FFNKind.MOE and (num_layers - 1 - i) % self.moe_every == 0
-
-    def moe_config(self) -> MoEConfig:
-        return MoEConfig(
-            hidden_size=self.hidden_size,
-            num_experts=self.num_experts,
-            top_k=self.top_k,
-            expert_hidden_size=self.intermediate_size // self.top_k,
-            router=self.router,
-            capacity_factor=self.capacity_factor,
-            aux_loss_coef=self.aux_loss_coef,
-            norm_topk_prob=self.norm_topk_prob,
-        )
 
 
 @dataclasses.dataclass
@@ -252,7 +226,9 @@ class Seq2SeqTransformer(nn.Module):
             [
                 Block(
                     Attention(c.hidden_size, c.num_attention_heads, c.num_attention_heads, hd, layer_idx=i),
-                    self._ffn(c.is_moe_layer(i, c.encoder_layers)),
+                    self._ffn(
+                        c.ffn == FFNKind.MOE and is_moe_layer(i, c.encoder_layers, every=c.moe_every, last_sparse=True)
+                    ),
                     c.hidden_size,
                     c.rms_norm_eps,
                 )
@@ -265,7 +241,9 @@ class Seq2SeqTransformer(nn.Module):
                 DecoderBlock(
                     Attention(c.hidden_size, c.num_attention_heads, c.num_attention_heads, hd, layer_idx=i),
                     CrossAttention(c.hidden_size, c.num_attention_heads, hd),
-                    self._ffn(c.is_moe_layer(i, c.decoder_layers)),
+                    self._ffn(
+                        c.ffn == FFNKind.MOE and is_moe_layer(i, c.decoder_layers, every=c.moe_every, last_sparse=True)
+                    ),
                     c.hidden_size,
                     c.rms_norm_eps,
                 )
@@ -278,7 +256,7 @@ class Seq2SeqTransformer(nn.Module):
 
     def _ffn(self, sparse: bool) -> nn.Module:
         c = self.config
-        return MoE(c.moe_config()) if sparse else MLP(c.hidden_size, c.intermediate_size)
+        return MoE(c.moe, hidden_size=c.hidden_size) if sparse else MLP(c.hidden_size, c.intermediate_size)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

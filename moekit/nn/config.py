@@ -43,7 +43,6 @@ class MoEConfig(Config):
     ``topk_group``, ``routed_scaling_factor``).
     """
 
-    hidden_size: int
     num_experts: int
     top_k: int = 2
     expert_hidden_size: int
@@ -83,7 +82,7 @@ class MoEConfig(Config):
         object.__setattr__(self, "drop_policy", check_choice("drop_policy", self.drop_policy, DropPolicy))
         if self.norm_topk_prob is None:  # a renormalised top-1 weight is always 1: Switch scales by the gate instead
             object.__setattr__(self, "norm_topk_prob", self.top_k > 1)
-        for name in ("hidden_size", "num_experts", "expert_hidden_size", "top_k", "n_group", "topk_group"):
+        for name in ("num_experts", "expert_hidden_size", "top_k", "n_group", "topk_group"):
             value = getattr(self, name)
             require(isinstance(value, int) and value >= 1, f"{name} must be a positive integer, got {value!r}")
         require(self.num_shared_experts >= 0, f"num_shared_experts must be >= 0, got {self.num_shared_experts}")

@@ -43,8 +43,8 @@ def applies(layer: MoE, x: torch.Tensor, mask: torch.Tensor | None, record_routi
         and cfg.router in (RouterType.SOFTMAX_TOPK, RouterType.SIGMOID_TOPK)
         and cfg.capacity_factor is None
         and x.dim() in (2, 3)
-        and x.shape[-1] == cfg.hidden_size
-        and 0 < x.numel() <= MAX_TOKENS * cfg.hidden_size
+        and x.shape[-1] == layer.hidden_size
+        and 0 < x.numel() <= MAX_TOKENS * layer.hidden_size
         and (mask is None or bool(mask.all()))
         and not torch.is_autocast_enabled(x.device.type)
     )

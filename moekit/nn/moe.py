@@ -30,8 +30,9 @@ _BALANCED_BY_LOSS = (RouterType.SOFTMAX_TOPK, RouterType.SIGMOID_TOPK)
 class MoE(nn.Module):
     """A Mixture-of-Experts feed-forward layer.
 
-    Build from a :class:`MoEConfig` or from its fields as keywords::
+    Build from a :class:`MoEConfig` and the model's ``hidden_size``, or from its fields as keywords::
 
+        layer = MoE(config, hidden_size=64)
         layer = MoE(hidden_size=64, num_experts=8, top_k=2, expert_hidden_size=128)
         y, aux = layer(x)          # x: [batch, seq, hidden] or [tokens, hidden]
         loss = task_loss + aux.loss
@@ -45,22 +46,20 @@ class MoE(nn.Module):
         record_routing: keep the full Routing in ``aux.routing`` (for analysis).
     """
 
-    def __init__(self, config: MoEConfig | None = None, **fields: Any):
+    def __init__(self, config: MoEConfig | None = None, *, hidden_size: int, **fields: Any):
         super().__init__()
         if config is None:
             config = MoEConfig.from_dict(fields)
         elif fields:
             config = config.replace(**fields)
-        self.config = config
-        self.router = build_router(config)
-        self.experts = Experts(config.num_experts, config.hidden_size, config.expert_hidden_size, config.activation)
+        self.config, self.hidden_size = config, hidden_size
+        self.router = build_router(config, hidden_size)
+        self.experts = Experts(config.num_experts, hidden_size, config.expert_hidden_size, config.activation)
         self.shared_experts = (
-            MLP(config.hidden_size, config.shared_hidden_size, config.activation) if config.num_shared_experts else None
+            MLP(hidden_size, config.shared_hidden_size, config.activation) if config.num_shared_experts else None
         )
         self.shared_expert_gate = (
-            nn.Linear(config.hidden_size, 1, bias=False)
-            if config.num_shared_experts and config.shared_expert_gate
-            else None
+            nn.Linear(hidden_size, 1, bias=False) if config.num_shared_experts and config.shared_expert_gate else None
         )
         # Runs the experts and sums the statistics over a global batch; moekit.distributed.shard_model
         # replaces it (this rank then holds E / P experts; tokens travel to them by all-to-all).
@@ -76,8 +75,8 @@ class MoE(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, int]:
         if x.dim() not in (2, 3):
             raise ShapeError(f"x must be [batch, seq, hidden] or [tokens, hidden], got shape {tuple(x.shape)}")
-        if x.shape[-1] != self.config.hidden_size:
-            raise ShapeError(f"x has hidden size {x.shape[-1]} but the layer's hidden_size={self.config.hidden_size}")
+        if x.shape[-1] != self.hidden_size:
+            raise ShapeError(f"x has hidden size {x.shape[-1]} but the layer's hidden_size={self.hidden_size}")
         lead = tuple(x.shape[:-1])
         valid_T = None
         if mask is not None:

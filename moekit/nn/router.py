@@ -26,12 +26,12 @@ class Router(nn.Module):
     """Base class: a linear gate whose logits are computed in fp32; ``forward(x_TD, valid_T, token_ids_T)``
     of a subclass returns the Routing."""
 
-    def __init__(self, config: MoEConfig):
+    def __init__(self, config: MoEConfig, hidden_size: int):
         super().__init__()
         self.config = config
-        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
+        self.weight = nn.Parameter(torch.empty(config.num_experts, hidden_size))
         self.bias = nn.Parameter(torch.zeros(config.num_experts)) if config.router_bias else None
-        nn.init.normal_(self.weight, std=config.hidden_size**-0.5)
+        nn.init.normal_(self.weight, std=hidden_size**-0.5)
 
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         """Router logits [T, E] in fp32, outside any autocast region."""
@@ -122,8 +122,8 @@ class SigmoidTopKRouter(_TopKRouter):
     e_score_correction_bias: torch.Tensor  # buffers, registered in __init__
     load_since_update: torch.Tensor
 
-    def __init__(self, config: MoEConfig):
-        super().__init__(config)
+    def __init__(self, config: MoEConfig, hidden_size: int):
+        super().__init__(config, hidden_size)
         self.register_buffer("e_score_correction_bias", torch.zeros(config.num_experts, dtype=torch.float32))
         # Load observed since the last update_bias(), summed over micro-batches by the MoE layer in training
         # (over all ranks under expert parallelism).
@@ -201,7 +201,7 @@ class HashRouter(nn.Module):
     The map is a seeded multiplicative hash, so it needs no vocabulary size and never changes.
     """
 
-    def __init__(self, config: MoEConfig):
+    def __init__(self, config: MoEConfig, hidden_size: int):
         super().__init__()
         self.config = config
 
@@ -240,6 +240,6 @@ ROUTERS: dict[RouterType, type[nn.Module]] = {
 }
 
 
-def build_router(config: MoEConfig) -> nn.Module:
-    """The router module that ``config.router`` names."""
-    return ROUTERS[config.router](config)
+def build_router(config: MoEConfig, hidden_size: int) -> nn.Module:
+    """The router module that ``config.router`` names, for tokens of ``hidden_size``."""
+    return ROUTERS[config.router](config, hidden_size)

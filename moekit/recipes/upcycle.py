@@ -55,7 +55,6 @@ def upcycle_config(
             f"top_k={top_k} must be a multiple of granularity={granularity} so that whole virtual groups are chosen"
         )
     moe = MoEConfig(
-        hidden_size=dense.hidden_size,
         num_experts=num_experts,
         top_k=top_k,
         expert_hidden_size=F // granularity,
@@ -89,7 +88,7 @@ def _upcycle_layer(mlp: MLP, moe: MoE, granularity: int, noise: float, reinit_fr
     if reinit_fraction > 0:
         _drop_upcycle(moe, reinit_fraction, generator)
     # Virtual groups: the G shards of group g share one router row, so their logits tie.
-    rows = torch.randn(E // G, cfg.hidden_size, generator=generator) * cfg.hidden_size**-0.5
+    rows = torch.randn(E // G, moe.hidden_size, generator=generator) * moe.hidden_size**-0.5
     moe.router.weight.copy_(rows.repeat_interleave(G, dim=0))
     if moe.shared_experts is not None:
         shared = moe.shared_experts

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from moekit import checkpoint as ckpt
 from moekit.checkpoint import load_tensors_into, model_tensors
-from moekit.config import require, unknown_key_error
+from moekit.config import require
 from moekit.data.images import builtin_digits, check_image_size, read_images
 from moekit.data.labelled import BUILTIN_SENTIMENT, WordVocab, label_names, read_labelled
 from moekit.data.tokenizers import Tokenizer, load_tokenizer
@@ -36,6 +36,7 @@ from moekit.models.encoder import EncoderClassifier, EncoderConfig
 from moekit.models.ensemble import EnsembleClassifier
 from moekit.models.lm import MoELM
 from moekit.models.lm_classifier import LMClassifier
+from moekit.models.resolve import check_overrides
 from moekit.tasks.batches import Batches, length_bucketed_rows, shuffled_rows
 from moekit.tasks.examples import Examples, image_examples, split_rows, subset, text_examples
 from moekit.train.config import TaskTrainConfig
@@ -53,7 +54,7 @@ WEIGHTS, META = "model.safetensors", "model.json"
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ClassifyConfig(TaskTrainConfig):
     """A classification run: data fields here, optimisation fields in :class:`TaskTrainConfig`;
-    ``model_overrides`` sets :class:`EncoderConfig` fields (``--model.num_experts 4``).
+    ``model_overrides`` sets :class:`EncoderConfig` fields (``--model.moe.num_experts 4``).
 
     ``data`` None trains on the built-in set (the sentiment sentences, or scikit-learn's digits).
     Without ``valid`` the last ``valid_fraction`` of the (shuffled) training rows are held out.
@@ -90,10 +91,7 @@ class ClassifyConfig(TaskTrainConfig):
             require(self.ensemble == 1, "ensemble trains models from scratch: it does not apply to init_from")
             require(self.is_text, "init_from (a pretrained language model) needs task=classify (text)")
             require(not self.model_overrides, "init_from fine-tunes an existing model: --model.* options do not apply")
-        names = EncoderConfig.field_names()
-        for key in self.model_overrides:
-            if key not in names:
-                raise unknown_key_error(key, names, "EncoderConfig (--model.*)")
+        check_overrides(self.model_overrides, EncoderConfig)
 
     @property
     def is_text(self) -> bool:
@@ -265,7 +263,7 @@ def classify_loop(
     valid_set = encode(model, vocab, valid_data, names)
     meta = _meta(model, vocab, names, cfg.task)
     if source is not None:
-        ckpt.check_same_description(run_dir / META, meta)
+        ckpt.check_same_description(run_dir / META, meta, _upgrade_meta)
         load_tensors_into(model, load_tensors(source / WEIGHTS), source / WEIGHTS)
     task = ClassifyTask(cfg, model, vocab, train_set, valid_set, meta)
     return Loop(_with_epoch_limit(cfg, len(train_set)), task, run_dir, source, console)
@@ -371,6 +369,11 @@ def _max_length(model: EncoderClassifier | LMClassifier) -> int:
 
 
 # -- checkpoints ---------------------------------------------------------------------------------
+def _upgrade_meta(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved ``model.json`` with its encoder config in today's spelling (old runs saved MoE fields flat)."""
+    return {**saved, "encoder": EncoderConfig.from_dict(saved["encoder"]).to_dict()} if "encoder" in saved else saved
+
+
 def _meta(model: EncoderClassifier | LMClassifier, vocab, names: list[str], task: str) -> dict[str, Any]:
     """What ``model.json`` holds: the task, the model's config, the label names and the vocabulary."""
     if isinstance(model, LMClassifier):  # the LM's config (its tokenizer is saved beside); weights: lm.* and head.*

@@ -22,11 +22,12 @@ import torch
 import torch.nn.functional as F
 
 from moekit import checkpoint as ckpt
-from moekit.config import require, unknown_key_error
+from moekit.config import require
 from moekit.data.bpe import BOS_ID, EOS_ID, PAD_ID, SubwordTokenizer
 from moekit.data.parallel import BUILTIN_SOURCE, BUILTIN_TARGET, ParallelText, read_parallel
 from moekit.errors import CheckpointError, ConfigError, DataError
 from moekit.io.safe_io import atomic_write_json, load_tensors, save_tensors
+from moekit.models.resolve import check_overrides
 from moekit.models.seq2seq import Seq2SeqConfig, Seq2SeqTransformer
 from moekit.tasks.batches import Batches
 from moekit.tasks.decoding import corpus_bleu, translate
@@ -42,7 +43,7 @@ WEIGHTS, META = "model.safetensors", "model.json"
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TranslateConfig(TaskTrainConfig):
     """A translation run: data fields here, optimisation fields in :class:`TaskTrainConfig` (with defaults
-    for translation); ``model_overrides`` sets :class:`Seq2SeqConfig` fields (``--model.num_experts 4``).
+    for translation); ``model_overrides`` sets :class:`Seq2SeqConfig` fields (``--model.moe.num_experts 4``).
 
     ``source``/``target`` None trains on the built-in English-German pairs. Without ``valid_source`` and
     ``valid_target`` the last ``valid_fraction`` of the (shuffled) training pairs are held out.
@@ -81,10 +82,7 @@ class TranslateConfig(TaskTrainConfig):
             "give both valid_source and valid_target files (or neither)",
         )
         require(0 < self.valid_fraction < 1, f"valid_fraction must be in (0, 1), got {self.valid_fraction}")
-        names = Seq2SeqConfig.field_names() - {"vocab_size"}
-        for key in self.model_overrides:
-            if key not in names:
-                raise unknown_key_error(key, names, "Seq2SeqConfig (--model.*)")
+        check_overrides(self.model_overrides, Seq2SeqConfig, fixed=frozenset({"vocab_size"}))
 
 
 # -- examples ------------------------------------------------------------------------------------
@@ -244,7 +242,7 @@ def translate_loop(cfg: TranslateConfig, resume: bool = False, console=None) -> 
     fields = {"vocab_size": tokenizer.vocab_size, "max_length": cfg.max_length, **cfg.model_overrides}
     model = Seq2SeqTransformer(Seq2SeqConfig.from_dict(fields))
     if source is not None:
-        ckpt.check_same_description(run_dir / META, _meta(model))
+        ckpt.check_same_description(run_dir / META, _meta(model), _upgrade_meta)
         ckpt.load_tensors_into(model, load_tensors(source / WEIGHTS), source / WEIGHTS)
     return Loop(cfg, TranslateTask(cfg, model, tokenizer, train_set, valid_set), run_dir, source, console), valid_data
 
@@ -318,6 +316,11 @@ def _shuffled_batches(pairs: Pairs, batch_tokens: int, seed: int):
     generator = torch.Generator().manual_seed(seed)
     while True:
         yield from reversed(pairs.batches(batch_tokens, generator))
+
+
+def _upgrade_meta(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved ``model.json`` with its model config in today's spelling (old runs saved MoE fields flat)."""
+    return {**saved, "seq2seq": Seq2SeqConfig.from_dict(saved["seq2seq"]).to_dict()}
 
 
 def _meta(model: Seq2SeqTransformer) -> dict[str, Any]:

@@ -17,42 +17,13 @@ from moekit.data.corpus import builtin_corpus
 from moekit.data.loader import TokenDataset, TokenLoader, iter_eval_batches, split_tokens
 from moekit.data.text import load_text
 from moekit.data.tokenizers import Tokenizer, build_tokenizer
-from moekit.errors import CheckpointError, ConfigError
+from moekit.errors import CheckpointError
 from moekit.io.safe_io import atomic_write_json
-from moekit.models import LMConfig, MoELM
-from moekit.models.presets import get_preset
+from moekit.models import MoELM
+from moekit.models.presets import resolve_lm_config
 from moekit.train.config import TrainConfig
 from moekit.train.loop import RUN_FILE, Loop, SingleProcess, StepLoss, TrainResult, open_run
 from moekit.train.metrics import load_imbalance
-
-
-def resolve_model_config(config: TrainConfig, tokenizer: Tokenizer) -> LMConfig:
-    """The preset with ``model_overrides`` applied; vocab_size follows the tokenizer unless overridden."""
-    base = get_preset(config.model).to_dict()
-    overrides = dict(config.model_overrides)
-    moe_over = overrides.pop("moe", None)
-    merged = {**base, **overrides}
-    if "moe" in config.model_overrides and moe_over is None:
-        merged["moe"] = None  # model.moe=null: the preset's dense baseline
-    elif moe_over is not None:
-        if merged.get("moe") is None:
-            raise ConfigError(f"model.moe overrides given, but preset {config.model!r} is dense")
-        merged["moe"] = {**merged["moe"], **moe_over}
-    if "vocab_size" not in overrides:
-        merged["vocab_size"] = tokenizer.vocab_size
-    if merged.get("moe") is not None:
-        merged["moe"] = {**merged["moe"], "hidden_size": merged["hidden_size"]}
-    model_config = LMConfig.from_dict(merged)
-    if model_config.vocab_size < tokenizer.vocab_size:
-        raise ConfigError(
-            f"model.vocab_size={model_config.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} tokens"
-        )
-    if config.block_size > model_config.max_position_embeddings:
-        raise ConfigError(
-            f"block_size={config.block_size} exceeds the model's max_position_embeddings="
-            f"{model_config.max_position_embeddings}"
-        )
-    return model_config
 
 
 def load_corpus(config: TrainConfig) -> str:
@@ -79,7 +50,8 @@ def _build_model(config: TrainConfig, text: str, source: Path | None) -> tuple[M
         return ckpt.load_model(source)
     tokenizer = build_tokenizer(config.tokenizer, text)
     torch.manual_seed(config.seed)
-    return MoELM(resolve_model_config(config, tokenizer)), tokenizer
+    model_config = resolve_lm_config(config.model, config.model_overrides, tokenizer.vocab_size, config.block_size)
+    return MoELM(model_config), tokenizer
 
 
 class LanguageModelTask:

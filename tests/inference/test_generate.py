@@ -15,7 +15,7 @@ V = 53
 
 def make_model(moe: dict | None = None, dense: bool = False, seed: int = 0, **overrides) -> MoELM:
     """A tiny untied LM with a large init, so greedy decoding does not just repeat its last token."""
-    moe_fields = dict(hidden_size=32, num_experts=4, top_k=2, expert_hidden_size=16)
+    moe_fields = dict(num_experts=4, top_k=2, expert_hidden_size=16)
     moe_fields.update(moe or {})
     fields = dict(
         vocab_size=V,

@@ -130,7 +130,7 @@ def test_a_native_moekit_model_exports_to_the_family_that_expresses_it(tmp_path)
         num_attention_heads=4,
         num_key_value_heads=2,
         qk_norm="head",
-        moe=MoEConfig(hidden_size=32, num_experts=4, top_k=2, expert_hidden_size=16, norm_topk_prob=False),
+        moe=MoEConfig(num_experts=4, top_k=2, expert_hidden_size=16, norm_topk_prob=False),
         initializer_range=0.1,
     )
     torch.manual_seed(0)
@@ -159,7 +159,7 @@ def test_a_native_moekit_model_exports_to_the_family_that_expresses_it(tmp_path)
     ],
 )
 def test_export_refuses_what_the_family_cannot_express(tmp_path, change, field):
-    moe = MoEConfig(hidden_size=32, num_experts=4, top_k=2, expert_hidden_size=16, **change)
+    moe = MoEConfig(num_experts=4, top_k=2, expert_hidden_size=16, **change)
     config = LMConfig(
         vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, moe=moe
     )
@@ -169,7 +169,7 @@ def test_export_refuses_what_the_family_cannot_express(tmp_path, change, field):
 
 
 def test_export_of_per_layer_expert_counts_is_refused(tmp_path):
-    moe = MoEConfig(hidden_size=32, num_experts=4, top_k=2, expert_hidden_size=16)
+    moe = MoEConfig(num_experts=4, top_k=2, expert_hidden_size=16)
     config = LMConfig(
         vocab_size=64,
         hidden_size=32,

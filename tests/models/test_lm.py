@@ -17,7 +17,7 @@ def lm_config(moe: bool | dict = True, **overrides) -> LMConfig:
     """A tiny LM config; moe=True gives a 4-expert top-2 MoE in every layer, a dict sets MoE fields."""
     moe_cfg = None
     if moe:
-        fields = dict(hidden_size=D, num_experts=4, top_k=2, expert_hidden_size=16)
+        fields = dict(num_experts=4, top_k=2, expert_hidden_size=16)
         fields.update(moe if isinstance(moe, dict) else {})
         moe_cfg = MoEConfig(**fields)
     fields = dict(
@@ -239,7 +239,7 @@ def test_hf_parameter_names():
 
 
 def test_init_scales_residual_projections():
-    model = MoELM(lm_config(num_hidden_layers=8, initializer_range=0.02, hidden_size=64, moe=dict(hidden_size=64)))
+    model = MoELM(lm_config(num_hidden_layers=8, initializer_range=0.02, hidden_size=64))
     q = model.layers[0].self_attn.q_proj.weight.std().item()
     o = model.layers[0].self_attn.o_proj.weight.std().item()
     assert 0.015 < q < 0.025 and 0.015 / 4 < o < 0.025 / 4
@@ -295,8 +295,10 @@ def test_bad_inputs_give_clear_errors():
 
 
 def test_config_validation():
-    with pytest.raises(ConfigError, match="moe.hidden_size=16 must equal hidden_size=32"):
-        lm_config(moe=dict(hidden_size=16))
+    saved = lm_config().to_dict()  # as older moekit saved it: moe.hidden_size repeated the model's
+    with pytest.raises(ConfigError, match="moe.hidden_size=16 differs from the model's hidden_size=32"):
+        LMConfig.from_dict({**saved, "moe": {**saved["moe"], "hidden_size": 16}})
+    assert LMConfig.from_dict({**saved, "moe": {**saved["moe"], "hidden_size": 32}}) == lm_config()
     with pytest.raises(ConfigError, match="moe_layers=.*needs an moe config"):
         lm_config(moe=False, moe_layers=(0,))
     with pytest.raises(ConfigError, match="num_attention_heads=4 must be a multiple of num_key_value_heads=3"):

@@ -20,8 +20,7 @@ def _model(seed=0, **fields):
         "decoder_layers": 2,
         "num_attention_heads": 2,
         "intermediate_size": 64,
-        "num_experts": 4,
-        "top_k": 2,
+        "moe": {"num_experts": 4, "top_k": 2},
         "dropout": 0.0,
         "initializer_range": 0.3,  # large enough that a random model's greedy output varies
         **fields,
@@ -100,7 +99,7 @@ def test_a_beam_as_wide_as_the_search_space_finds_the_best_length_penalised_tran
 
 
 def test_dense_baseline_has_the_moe_models_active_parameters():
-    moe, dense = _model(top_k=1), _model(ffn="dense")
+    moe, dense = _model(moe={"num_experts": 4, "top_k": 1}), _model(ffn="dense")
     routers = sum(layer.router.weight.numel() for layer in moe.moe_layers())
     assert len(moe.moe_layers()) == 2  # the last layer of each stack
     assert moe.active_parameters() == dense.num_parameters() + routers
@@ -111,7 +110,7 @@ def test_config_refuses_routers_that_would_see_later_target_tokens():
     with pytest.raises(ConfigError, match="Soft MoE"):
         Seq2SeqConfig(vocab_size=10, ffn="soft")
     with pytest.raises(ConfigError, match="expert_choice"):
-        Seq2SeqConfig(vocab_size=10, router="expert_choice")
+        Seq2SeqConfig(vocab_size=10, moe={"router": "expert_choice"})
     with pytest.raises(ConfigError, match="bos_token_id=1 is outside"):
         Seq2SeqConfig(vocab_size=1)
     with pytest.raises(ShapeError, match="source ids must be"):
@@ -125,16 +124,17 @@ def test_top_k_routers_learn_from_the_task_loss(top_k):
     from moekit.models.encoder import EncoderClassifier, EncoderConfig
 
     torch.manual_seed(0)
-    common = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64, num_experts=4, top_k=top_k)
-    seq2seq = Seq2SeqTransformer(Seq2SeqConfig(vocab_size=50, aux_loss_coef=0.0, **common))
+    common = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64)
+    moe = {"num_experts": 4, "top_k": top_k, "aux_loss_coef": 0.0}
+    seq2seq = Seq2SeqTransformer(Seq2SeqConfig(vocab_size=50, moe=moe, **common))
     seq2seq(torch.randint(4, 50, (2, 6)), torch.randint(4, 50, (2, 5))).logits.sum().backward()
-    encoder = EncoderClassifier(EncoderConfig(num_labels=2, vocab_size=50, aux_loss_coef=0.0, **common))
+    encoder = EncoderClassifier(EncoderConfig(num_labels=2, vocab_size=50, moe=moe, **common))
     encoder(torch.randint(2, 50, (2, 6))).logits[:, 0].sum().backward()
     for model in (seq2seq, encoder):
         grads = [p.grad.abs().sum().item() for n, p in model.named_parameters() if n.endswith("router.weight")]
         assert grads and min(grads) > 1e-3, grads
     # the explicit setting still gives renormalised top-1 (the weight is then exactly 1: no router gradient)
-    fixed = Seq2SeqTransformer(Seq2SeqConfig(vocab_size=50, aux_loss_coef=0.0, norm_topk_prob=True, **common))
+    fixed = Seq2SeqTransformer(Seq2SeqConfig(vocab_size=50, moe={**moe, "norm_topk_prob": True}, **common))
     fixed(torch.randint(4, 50, (2, 6)), torch.randint(4, 50, (2, 5))).logits.sum().backward()
     grads = [p.grad.abs().sum().item() for n, p in fixed.named_parameters() if n.endswith("router.weight")]
     assert (max(grads) < 1e-4) == (top_k == 1), grads

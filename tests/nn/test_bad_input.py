@@ -8,7 +8,8 @@ import torch
 from moekit.errors import ConfigError, ShapeError
 from moekit.nn import MoE, MoEConfig, SoftMoE
 
-BASE = dict(hidden_size=8, num_experts=4, top_k=2, expert_hidden_size=6)
+FIELDS = dict(num_experts=4, top_k=2, expert_hidden_size=6)  # MoEConfig
+BASE = dict(hidden_size=8, **FIELDS)  # MoE(...) keywords
 
 
 @pytest.mark.parametrize(
@@ -33,12 +34,12 @@ def test_bad_config(override, pattern):
 
 def test_renormalised_top1_warns_that_the_router_gets_no_task_gradient(caplog):
     with caplog.at_level("WARNING", logger="moekit.nn.config"):
-        MoEConfig(**{**BASE, "top_k": 1})
+        MoEConfig(**{**FIELDS, "top_k": 1})
     assert "norm_topk_prob=False" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="moekit.nn.config"):
-        MoEConfig(**{**BASE, "top_k": 1, "norm_topk_prob": False})
-        MoEConfig(**BASE)
+        MoEConfig(**{**FIELDS, "top_k": 1, "norm_topk_prob": False})
+        MoEConfig(**FIELDS)
     assert caplog.text == ""
 
 
@@ -46,7 +47,7 @@ def test_unknown_key_names_closest():
     with pytest.raises(ConfigError, match=r"unknown MoEConfig key 'num_expert'; did you mean 'num_experts'"):
         MoE(**BASE, num_expert=3)
     with pytest.raises(ConfigError, match=r"unknown MoEConfig key 'topk'"):
-        MoEConfig.from_dict({**BASE, "topk": 2})
+        MoEConfig.from_dict({**FIELDS, "topk": 2})
 
 
 def test_wrong_shapes():
@@ -75,5 +76,5 @@ def test_soft_moe_bad_input():
 
 
 def test_norm_topk_prob_none_renormalises_only_above_top1():
-    assert MoEConfig(**{**BASE, "norm_topk_prob": None}).norm_topk_prob is True
-    assert MoEConfig(**{**BASE, "top_k": 1, "norm_topk_prob": None}).norm_topk_prob is False
+    assert MoEConfig(**{**FIELDS, "norm_topk_prob": None}).norm_topk_prob is True
+    assert MoEConfig(**{**FIELDS, "top_k": 1, "norm_topk_prob": None}).norm_topk_prob is False

@@ -17,7 +17,7 @@ TINY = {
     "model.num_hidden_layers": 2,
     "model.num_attention_heads": 2,
     "model.intermediate_size": 64,
-    "model.num_experts": 4,
+    "model.moe.num_experts": 4,
     "threads": 1,
     "progress": False,
 }
@@ -41,7 +41,7 @@ def _tiny_encoder(**fields) -> EncoderClassifier:
         hidden_size=32,
         num_attention_heads=2,
         intermediate_size=64,
-        num_experts=4,
+        moe={"num_experts": 4},
         **fields,
     )
     return EncoderClassifier(config)
@@ -134,7 +134,9 @@ def test_unknown_validation_label_is_reported_with_file_and_line(tmp_path, capsy
     assert "dev.tsv:3: label 'neutral' is not one of the training labels" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("variant", [{"model.router": "expert_choice"}, {"model.ffn": "soft"}, {"model.ffn": "dense"}])
+@pytest.mark.parametrize(
+    "variant", [{"model.moe.router": "expert_choice"}, {"model.ffn": "soft"}, {"model.ffn": "dense"}]
+)
 def test_image_classifier_learns_builtin_digits(tmp_path, variant):
     result = train_classifier(
         task="image-classify",

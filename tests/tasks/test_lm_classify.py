@@ -73,4 +73,4 @@ def test_init_from_is_refused_for_images_and_with_encoder_options(moekit_lm):
     with pytest.raises(ConfigError, match="task=classify"):
         train_classifier(task="image-classify", init_from=str(moekit_lm), max_steps=1, progress=False)
     with pytest.raises(ConfigError, match="--model"):
-        train_classifier(init_from=str(moekit_lm), max_steps=1, progress=False, **{"model.num_experts": 4})
+        train_classifier(init_from=str(moekit_lm), max_steps=1, progress=False, **{"model.moe.num_experts": 4})

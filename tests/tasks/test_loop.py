@@ -121,8 +121,8 @@ def test_non_finite_values_stop_before_a_weight_changes(tmp_path, poison, messag
 
 
 def test_options_move_model_keys_and_name_the_closest_unknown_key():
-    cfg = ClassifyConfig.from_options({"model.top_k": 2, "batch-size": 8}, "classification config")
-    assert cfg.model_overrides == {"top_k": 2} and cfg.batch_size == 8
+    cfg = ClassifyConfig.from_options({"model.moe.top_k": 2, "batch-size": 8}, "classification config")
+    assert cfg.model_overrides == {"moe": {"top_k": 2}} and cfg.batch_size == 8
     with pytest.raises(ConfigError, match="unknown translation config key 'lr_min_ratio'; did you mean 'min_lr_ratio'"):
         TranslateConfig.from_options({"lr_min_ratio": 0.1}, "translation config")
     with pytest.raises(ConfigError, match="EncoderConfig"):

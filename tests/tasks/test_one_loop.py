@@ -18,9 +18,9 @@ from moekit.train import TrainConfig, Trainer, load_model, resolve_checkpoint, t
 QUIET = dict(progress=False, tensorboard=False, aux_loss_scale=0.0, threads=1)  # aux loss: a batch statistic
 LM = dict(model="tiny", block_size=16, eval_batches=2, eval_interval=1000, **QUIET)
 ENCODER = {"hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 16,
-           "num_experts": 4, "dropout": 0.0, "token_dropout": 0.0}  # fmt: skip
+           "moe": {"num_experts": 4}, "dropout": 0.0, "token_dropout": 0.0}  # fmt: skip
 SEQ2SEQ = {"hidden_size": 16, "encoder_layers": 1, "decoder_layers": 1, "num_attention_heads": 2,
-           "intermediate_size": 16, "num_experts": 4, "dropout": 0.0}  # fmt: skip
+           "intermediate_size": 16, "moe": {"num_experts": 4}, "dropout": 0.0}  # fmt: skip
 
 
 def _step(loop, batches):

@@ -27,7 +27,7 @@ TINY = {
     "model.decoder_layers": 1,
     "model.num_attention_heads": 2,
     "model.intermediate_size": 64,
-    "model.num_experts": 4,
+    "model.moe.num_experts": 4,
     "model.dropout": 0.0,
     "threads": 1,
     "progress": False,
@@ -71,7 +71,7 @@ def test_save_and_load_give_identical_translations(tmp_path):
     torch.manual_seed(0)
     config = Seq2SeqConfig(
         vocab_size=tokenizer.vocab_size, hidden_size=32, encoder_layers=1, decoder_layers=2, num_attention_heads=2,
-        intermediate_size=64, num_experts=4, initializer_range=0.3,
+        intermediate_size=64, moe={"num_experts": 4}, initializer_range=0.3,
     )  # fmt: skip
     model = Seq2SeqTransformer(config).eval()
     save_translator(tmp_path, model, tokenizer)
@@ -136,7 +136,7 @@ def test_bad_parallel_files_stop_with_file_and_line(tmp_path, capsys, source, ta
 
 
 def test_options_are_checked_before_any_work(tmp_path, capsys):
-    assert main(["train", "--task", "translate", "--model.num_expert", "4", "--out", str(tmp_path / "r")]) == 2
+    assert main(["train", "--task", "translate", "--model.moe.num_expert", "4", "--out", str(tmp_path / "r")]) == 2
     assert "did you mean 'num_experts'" in capsys.readouterr().err
     assert main(["train", "--task", "translate", "--source", "a.en", "--out", str(tmp_path / "r")]) == 2
     assert "give both source and target" in capsys.readouterr().err

@@ -127,7 +127,7 @@ def _export_fields(c: LMConfig, family: str, base: dict[str, Any]) -> dict[str, 
         out["intermediate_size"] = c.intermediate_size
         return out
     sparse = list(c.sparse_layers)
-    moe = c.moe or MoEConfig(hidden_size=c.hidden_size, num_experts=1, top_k=1, expert_hidden_size=1)
+    moe = c.moe or MoEConfig(num_experts=1, top_k=1, expert_hidden_size=1)
     n_sparse = max(1, len(sparse))
     dense = [i for i in range(c.num_hidden_layers) if i not in sparse]
     out["num_experts_per_tok"] = moe.top_k

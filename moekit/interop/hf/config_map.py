@@ -343,7 +343,6 @@ def _ffn(f: _Fields, num_layers: int) -> dict[str, Any]:
         return out
     coef = f.num("router_aux_loss_coef", 0.0) / len(sparse) if family != "deepseek_v3" else 0.0
     moe: dict[str, Any] = {
-        "hidden_size": f.int("hidden_size"),
         "top_k": f.int("num_experts_per_tok"),
         "expert_hidden_size": expert_size,
         "capacity_factor": None,

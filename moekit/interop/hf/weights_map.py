@@ -123,7 +123,7 @@ def hf_to_moekit(
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
         layer, rest = _split(name)
-        if layer is not None and rest.startswith("mlp.") and config.is_moe_layer(layer):
+        if layer is not None and rest.startswith("mlp.") and layer in config.sparse_layers:
             if layer not in done_layers:
                 out.update(_moe_in(source, config, family, layer, expected))
                 done_layers.add(layer)
@@ -169,7 +169,7 @@ def _moe_in(
     source: HFTensors, config: LMConfig, family: str, layer: int, expected: Mapping[str, torch.Size]
 ) -> dict[str, torch.Tensor]:
     m = config.moe_config(layer)
-    E, D, I = m.num_experts, m.hidden_size, m.expert_hidden_size
+    E, D, I = m.num_experts, config.hidden_size, m.expert_hidden_size
     why = f"layer {layer}: num_experts={E}, hidden_size={D}, expert hidden size={I}"
     pre = _moe_prefix_in(source, family, layer)
     mine = f"layers.{layer}.mlp"
@@ -244,7 +244,7 @@ def moekit_to_hf(
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
         layer, rest = _split(name)
-        if layer is not None and rest.startswith("mlp.") and config.is_moe_layer(layer):
+        if layer is not None and rest.startswith("mlp.") and layer in config.sparse_layers:
             out.update(_moe_out(name, rest[4:], t, config, family, layer))
         else:
             out[_hf_name(name)] = t.detach().contiguous()
