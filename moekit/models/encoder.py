@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from moekit.config import Config, check_choice, require
-from moekit.errors import ShapeError
+from moekit.errors import ConfigError, ShapeError
 from moekit.models.placement import is_moe_layer
 from moekit.models.resolve import complete_task_dict, equal_active_moe
 from moekit.nn.attention import Attention
@@ -140,7 +140,7 @@ class EncoderClassifier(nn.Module):
     def __init__(self, config: EncoderConfig):
         super().__init__()
         self.config = c = config
-        if c.is_text:
+        if c.vocab_size is not None:  # text
             self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
         else:
             self.patch_embed = nn.Conv2d(c.channels, c.hidden_size, c.patch_size, stride=c.patch_size)
@@ -156,8 +156,11 @@ class EncoderClassifier(nn.Module):
     def _build_block(self, i: int, head_dim: int) -> Block:
         c = self.config
         attn = Attention(c.hidden_size, c.num_attention_heads, c.num_attention_heads, head_dim, layer_idx=i)
+        ffn: nn.Module
         if c.ffn == FFNKind.DENSE or not is_moe_layer(i, c.num_hidden_layers, every=c.moe_every, last_sparse=True):
             ffn = MLP(c.hidden_size, c.intermediate_size)
+        elif c.moe is None:
+            raise ConfigError(f"ffn={c.ffn.value!r} needs moe settings")
         elif c.ffn == FFNKind.SOFT:
             ffn = _SoftFFN(SoftMoE(c.hidden_size, c.moe.num_experts, c.slots_per_expert, c.intermediate_size))
         else:
@@ -170,7 +173,7 @@ class EncoderClassifier(nn.Module):
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding, nn.Conv2d)):
                 nn.init.normal_(module.weight, std=std)
-                if getattr(module, "bias", None) is not None:
+                if isinstance(module, (nn.Linear, nn.Conv2d)) and module.bias is not None:
                     nn.init.zeros_(module.bias)
         for name, param in self.named_parameters():
             if name.endswith(("experts.w_in", "experts.w_out", "router.weight")):
@@ -185,11 +188,14 @@ class EncoderClassifier(nn.Module):
         """Parameters one token passes through: all but the experts a token does not run."""
         total = self.num_parameters()
         for block in self.layers:
-            experts = block.mlp.soft.experts if isinstance(block.mlp, _SoftFFN) else getattr(block.mlp, "experts", None)
-            if experts is None:
+            mlp = block.mlp
+            if isinstance(mlp, _SoftFFN):
+                experts, runs = mlp.soft.experts, 1
+            elif isinstance(mlp, MoE):
+                experts, runs = mlp.experts, mlp.config.experts_per_token
+            else:
                 continue
             size = sum(p.numel() for p in experts.parameters())
-            runs = 1 if isinstance(block.mlp, _SoftFFN) else block.mlp.config.experts_per_token
             total -= size - size * runs // experts.w_in.shape[0]
         return total
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moekit.models.encoder import EncoderClassifier, EncoderOutput
+from moekit.models.encoder import EncoderClassifier, EncoderConfig, EncoderOutput
 
 
 class EnsembleClassifier(nn.Module):
@@ -22,17 +22,18 @@ class EnsembleClassifier(nn.Module):
         if len(members) < 2:
             raise ValueError(f"an ensemble needs at least two members, got {len(members)}")
         self.members = nn.ModuleList(members)
+        self._members = list(members)  # the same modules, typed (ModuleList items are plain Modules to mypy)
 
     @property
-    def config(self):
-        return self.members[0].config
+    def config(self) -> EncoderConfig:
+        return self._members[0].config
 
     def num_parameters(self) -> int:
-        return sum(m.num_parameters() for m in self.members)
+        return sum(m.num_parameters() for m in self._members)
 
     def active_parameters(self) -> int:
         """Parameters one token passes through: every member runs on every input."""
-        return sum(m.active_parameters() for m in self.members)
+        return sum(m.active_parameters() for m in self._members)
 
     def forward(self, inputs: torch.Tensor, mask: torch.Tensor | None = None, record_routing: bool = False):
         outputs = [m(inputs, mask, record_routing) for m in self.members]

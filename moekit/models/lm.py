@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -21,7 +22,7 @@ from torch import nn
 
 from moekit.errors import ShapeError
 from moekit.models.config import AttentionType, LMConfig
-from moekit.nn.attention import Attention, KVCache
+from moekit.nn.attention import Attention, KVCache, QKNorm
 from moekit.nn.attention import attention_mask as build_attention_mask
 from moekit.nn.block import Block
 from moekit.nn.experts import Experts
@@ -79,14 +80,14 @@ class MoELM(nn.Module):
 
     def _build_block(self, i: int) -> Block:
         c = self.config
+        attn: nn.Module
         if c.attention_type == AttentionType.MLA:
+            mla_dims = (c.kv_lora_rank, c.qk_rope_head_dim, c.qk_nope_head_dim, c.v_head_dim)
+            assert all(d is not None for d in mla_dims), "LMConfig validates MLA's sizes"
             attn = MultiHeadLatentAttention(
                 c.hidden_size,
                 c.num_attention_heads,
-                c.kv_lora_rank,
-                c.qk_rope_head_dim,
-                c.qk_nope_head_dim,
-                c.v_head_dim,
+                *typing.cast(tuple[int, int, int, int], mla_dims),
                 q_lora_rank=c.q_lora_rank,
                 attention_bias=c.attention_bias,
                 rope_interleave=c.rope_interleave,
@@ -98,7 +99,7 @@ class MoELM(nn.Module):
                 c.num_attention_heads,
                 c.kv_heads,
                 c.head_size,
-                qk_norm=c.qk_norm,
+                qk_norm=QKNorm(c.qk_norm),
                 attention_bias=c.attention_bias,
                 rms_norm_eps=c.rms_norm_eps,
                 layer_idx=i,
@@ -121,7 +122,7 @@ class MoELM(nn.Module):
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 is_residual = name.endswith(("o_proj", "down_proj"))
                 nn.init.normal_(module.weight, mean=0.0, std=residual_std if is_residual else std)
-                if getattr(module, "bias", None) is not None:
+                if isinstance(module, nn.Linear) and module.bias is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, Experts):
                 nn.init.normal_(module.w_in, mean=0.0, std=std)
@@ -286,7 +287,7 @@ class MoELM(nn.Module):
     # -- MoE helpers -------------------------------------------------------------------------------
     def moe_layers(self) -> list[tuple[int, MoE]]:
         """(layer index, MoE) for every sparse layer, in order."""
-        return [(i, block.mlp) for i, block in enumerate(self.layers) if block.is_moe]
+        return [(i, block.mlp) for i, block in enumerate(self.layers) if isinstance(block.mlp, MoE)]
 
     @torch.no_grad()
     def update_router_biases(self, loads: Sequence[torch.Tensor] | Mapping[int, torch.Tensor] | None = None) -> None:

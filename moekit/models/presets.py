@@ -11,7 +11,8 @@ from moekit.config import closest, require
 from moekit.errors import ConfigError
 from moekit.models.config import LMConfig
 from moekit.models.resolve import check_overrides
-from moekit.nn.config import MoEConfig
+from moekit.nn.attention import QKNorm
+from moekit.nn.config import MoEConfig, RouterType
 
 
 def dense_equivalent(config: LMConfig) -> LMConfig:
@@ -100,7 +101,7 @@ OLMOE_1B_7B = LMConfig(
     rope_theta=10000.0,
     rms_norm_eps=1e-5,
     tie_word_embeddings=False,
-    qk_norm="full",
+    qk_norm=QKNorm.FULL,
     moe=MoEConfig(
         num_experts=64,
         top_k=8,
@@ -125,7 +126,7 @@ QWEN3_30B_A3B = LMConfig(
     rope_theta=1000000.0,
     rms_norm_eps=1e-6,
     tie_word_embeddings=False,
-    qk_norm="head",
+    qk_norm=QKNorm.HEAD,
     moe=MoEConfig(
         num_experts=128,
         top_k=8,
@@ -155,7 +156,7 @@ DEEPSEEK_SMALL = LMConfig(
         num_experts=64,
         top_k=6,
         expert_hidden_size=128,
-        router="sigmoid_topk",
+        router=RouterType.SIGMOID_TOPK,
         n_group=8,
         topk_group=4,
         routed_scaling_factor=2.5,
