@@ -292,6 +292,12 @@ def read_model_config(checkpoint: str | os.PathLike) -> LMConfig:
         raise CheckpointError(f"{file} is not valid JSON: {e}") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT or "model" not in data:
         raise CheckpointError(f"{file} is not a moekit checkpoint config (need format='moekit' and 'model')")
+    version = data.get("version", FORMAT_VERSION)
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= FORMAT_VERSION:
+        raise CheckpointError(
+            f"{file} has checkpoint format version {version!r}; this moekit reads versions 1 to {FORMAT_VERSION} "
+            "(a newer moekit wrote it?)"
+        )
     return LMConfig.from_dict(data["model"])
 
 
@@ -335,6 +341,9 @@ def load_tensors_into(model: nn.Module, tensors: dict[str, torch.Tensor], weight
                 f"{weights_file}: tensor {name!r} has shape {tuple(tensor.shape)} but the model expects "
                 f"{tuple(expected[name].shape)}"
             )
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(f"{weights_file}: tensor {name!r} holds {bad} NaN or infinite values")
     model.load_state_dict(tensors, strict=False)
 
 

@@ -141,3 +141,37 @@ def test_an_old_layout_task_run_predicts_and_resumes_into_the_new_layout(tmp_pat
     assert whole.accuracy == resumed.accuracy
     a, b = load_classifier(old)[0].state_dict(), load_classifier(whole.run_dir)[0].state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_non_finite_weights_are_refused_by_load_eval_and_generate(tmp_path):
+    from moekit.io.safe_io import save_tensors
+
+    result = train(max_steps=1, out_dir=str(tmp_path / "r"), **FAST)
+    weights = result.checkpoint / "model.safetensors"
+    tensors = load_tensors(weights)
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(-1)[0] = float("nan")
+    save_tensors(tensors, weights)
+    with pytest.raises(CheckpointError, match=f"{name}.*1 NaN or infinite"):
+        moekit.load(tmp_path / "r")
+    text = tmp_path / "t.txt"
+    text.write_text("some held-out text " * 30)
+    for verb in (["eval", "--data", str(text)], ["generate", "--prompt", "a", "--max-new-tokens", "2"]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "moekit", verb[0], "--checkpoint", str(tmp_path / "r"), *verb[1:]],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert proc.returncode == 2 and "NaN or infinite" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("version", [99, 0, "1", True])
+def test_an_unknown_checkpoint_format_version_is_refused(tmp_path, version):
+    import json
+
+    result = train(max_steps=1, out_dir=str(tmp_path / "r"), **FAST)
+    config = result.checkpoint / "config.json"
+    data = json.loads(config.read_text())
+    config.write_text(json.dumps({**data, "version": version}))
+    with pytest.raises(CheckpointError, match=f"checkpoint format version {version!r}; this moekit reads versions 1"):
+        moekit.load(tmp_path / "r")
