@@ -15,6 +15,7 @@ from rich.console import Console
 
 from moekit.analysis.pipeline import analyze
 from moekit.analysis.sources import LABEL_MODES
+from moekit.io.folders import check_output_folder
 
 
 def add_parser(verbs: argparse._SubParsersAction) -> None:
@@ -37,10 +38,12 @@ def add_parser(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--raw-traces", action="store_true", help="also write per-token traces (safetensors + JSON)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="write into --out even if it is not empty")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output_folder(args.out, args.overwrite)
     result = analyze(
         checkpoint=args.checkpoint,
         data=args.data,

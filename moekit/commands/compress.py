@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 
+from moekit.io.folders import check_output_folder
 from moekit.recipes.merge import merge_checkpoint
 from moekit.recipes.prune import format_report, prune_checkpoint
 
@@ -26,6 +27,7 @@ def add_parser(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--criterion", default="frequency", choices=["frequency", "router-weighted-output"])
     p.add_argument("--calibration-data", required=True, help="text file, folder or JSONL to rank experts on")
     p.add_argument("--out", required=True, help="folder for the pruned checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="write into --out even if it is not empty")
     _add_calibration_options(p)
     p.set_defaults(func=run_prune)
 
@@ -39,6 +41,7 @@ def add_parser(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--target", type=int, required=True, help="experts per layer after merging")
     p.add_argument("--calibration-data", required=True, help="text file, folder or JSONL to compare experts on")
     p.add_argument("--out", required=True, help="folder for the merged checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="write into --out even if it is not empty")
     p.add_argument("--similarity-tokens", type=int, default=2048, help="tokens every expert runs on (default 2048)")
     _add_calibration_options(p)
     p.set_defaults(func=run_merge)
@@ -55,6 +58,7 @@ def _calibration(args: argparse.Namespace) -> dict[str, object]:
 
 
 def run_prune(args: argparse.Namespace) -> int:
+    check_output_folder(args.out, args.overwrite)
     report = prune_checkpoint(
         args.checkpoint,
         args.out,
@@ -69,6 +73,7 @@ def run_prune(args: argparse.Namespace) -> int:
 
 
 def run_merge(args: argparse.Namespace) -> int:
+    check_output_folder(args.out, args.overwrite)
     report = merge_checkpoint(
         args.checkpoint, args.out, args.target, similarity_tokens=args.similarity_tokens, **_calibration(args)
     )

@@ -12,6 +12,7 @@ import argparse
 import re
 
 from moekit.errors import ConfigError
+from moekit.io.folders import check_output_folder
 
 
 def add_parser(verbs: argparse._SubParsersAction) -> None:
@@ -22,6 +23,7 @@ def add_parser(verbs: argparse._SubParsersAction) -> None:
     source.add_argument("--from-hf", metavar="DIR", help="Hugging Face model folder to import")
     source.add_argument("--to-hf", metavar="CKPT", help="moekit checkpoint or run folder to export")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="write into --out even if it is not empty")
     p.add_argument("--dtype", default=None, help="--to-hf: float32 | bfloat16 | float16 (default: the checkpoint's)")
     p.add_argument("--family", default=None, help="--to-hf: HF model_type (default: the imported one, or inferred)")
     p.add_argument("--max-shard-size", default="5GB", help="--to-hf: shard above this size (e.g. 500MB, 5GB)")
@@ -51,6 +53,7 @@ def convert(from_hf=None, to_hf=None, out=None, dtype=None, family=None, max_sha
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output_folder(args.out, args.overwrite)
     path = convert(args.from_hf, args.to_hf, args.out, args.dtype, args.family, args.max_shard_size)
     kind = "moekit checkpoint" if args.from_hf else "Hugging Face model"
     print(f"wrote {kind} to {path}")

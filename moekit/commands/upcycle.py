@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from moekit.checkpoint import save_checkpoint
+from moekit.io.folders import check_output_folder
 from moekit.recipes.btx import load_dense
 from moekit.recipes.upcycle import upcycle
 
@@ -24,10 +25,12 @@ def add_parser(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--router", default="softmax_topk", choices=["softmax_topk", "sigmoid_topk"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output folder (a moekit checkpoint that moekit.load reads)")
+    p.add_argument("--overwrite", action="store_true", help="write into --out even if it is not empty")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output_folder(args.out, args.overwrite)
     dense, tokenizer = load_dense(args.source)
     model = upcycle(
         dense,
