@@ -363,6 +363,18 @@ def read_trainer_state(checkpoint: str | os.PathLike) -> dict[str, Any]:
     return json.loads(file.read_text())
 
 
+def saved_train_config(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """The settings a run's latest checkpoint was trained with: what ``--resume`` starts from, before the
+    options given with it (only :data:`RESUMABLE_CHANGES` may differ)."""
+    found = find_checkpoint(Path(run_dir)) if Path(run_dir).is_dir() else None
+    if found is None:
+        raise CheckpointError(f"cannot resume: {run_dir} holds no checkpoint to resume from")
+    config = read_trainer_state(found).get("train_config")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{found}: its trainer state records no training settings to resume with")
+    return config
+
+
 def check_resumable(saved: dict[str, Any], now: dict[str, Any], defaults: dict[str, Any], run_dir: Path) -> None:
     """ConfigError naming the first setting outside :data:`RESUMABLE_CHANGES` that differs from the saved run's
     (a setting the run predates counts as its default)."""

@@ -16,6 +16,7 @@ import sys
 
 from rich.console import Console
 
+from moekit import checkpoint as ckpt
 from moekit.config import parse_overrides, read_config_file
 from moekit.errors import ConfigError
 from moekit.train.trainer import train
@@ -63,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     config_file = args.config
     if extra and not extra[0].startswith("--"):
         config_file = extra.pop(0)
-    base = read_config_file(config_file) if config_file else {}
+    base = _resumed(args, read_config_file(config_file) if config_file else {})
     overrides = parse_overrides(extra)
     if args.out_dir:
         overrides["out_dir"] = args.out_dir
@@ -94,13 +95,21 @@ def _single_process_task_config(args: argparse.Namespace) -> dict:
     """The config dict of a ``--task`` other than lm: the config file, then ``--key value`` overrides."""
     if args.nproc > 1 or args.ep > 1:
         raise ConfigError(f"--task {args.task} trains in one process (no --nproc or --ep)")
-    if args.resume and not args.out_dir:
-        raise ConfigError("--resume needs --out: the run folder to continue")
-    base = read_config_file(args.config) if args.config else {}
+    base = _resumed(args, read_config_file(args.config) if args.config else {})
     overrides = parse_overrides(list(args.extra))
     if args.out_dir:
         overrides["out_dir"] = args.out_dir
     return {**base, **overrides, "task": args.task}
+
+
+def _resumed(args: argparse.Namespace, base: dict) -> dict:
+    """On --resume, every setting comes from the run folder; a config file and options then change only what
+    may change on resume (the loop refuses the rest, naming it)."""
+    if not args.resume:
+        return base
+    if not args.out_dir:
+        raise ConfigError("--resume needs --out: the run folder to continue")
+    return {**ckpt.saved_train_config(args.out_dir), **base}
 
 
 def _run_classifier(args: argparse.Namespace) -> int:

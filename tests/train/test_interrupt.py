@@ -97,3 +97,21 @@ def test_time_based_checkpoints_do_not_change_the_run(tmp_path, uninterrupted):
     a = load_tensors(result.checkpoint / "model.safetensors")
     b = load_tensors(resolve_checkpoint(uninterrupted) / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_takes_every_setting_from_the_run_folder(tmp_path, uninterrupted):
+    run = tmp_path / "run"
+    proc = subprocess.Popen(_cli_args(run), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_steps(run, 3, proc)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    resume = [sys.executable, "-m", "moekit", "train", "--out", str(run), "--resume"]
+    changed = subprocess.run([*resume, "--lr", "0.5"], capture_output=True, text=True, timeout=300)
+    assert changed.returncode == 2 and "lr=0.5 differs from the run" in changed.stderr
+    done = subprocess.run([*resume, "--progress", "false"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    a = load_tensors(resolve_checkpoint(run) / "model.safetensors")
+    b = load_tensors(resolve_checkpoint(uninterrupted) / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _steps_and_losses(run) == _steps_and_losses(uninterrupted)
