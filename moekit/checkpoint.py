@@ -39,6 +39,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -173,7 +174,9 @@ def save_checkpoint(
         The checkpoint folder.
     """
     tmp, final = begin_checkpoint(run_dir, step)
-    write_model_folder(tmp, model_tensors(model), description or {"model": model.config.to_dict()}, tokenizer)
+    if description is None:  # a language model: its LMConfig
+        description = {"model": typing.cast(MoELM, model).config.to_dict()}
+    write_model_folder(tmp, model_tensors(model), description, tokenizer)
     if optimizer is not None:
         save_tensors(optimizer_tensors(optimizer), tmp / OPTIMIZER_FILE)
     for name, tensors in (extra or {}).items():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import typing
 from typing import Any
 
 from moekit.config import Config, check_choice, require, unknown_key_error
@@ -63,6 +64,8 @@ class LMConfig(Config):
     architecture name...): :func:`moekit.to_hf` writes it back; the model never reads it.
     """
 
+    # Each sparse layer's MoEConfig, set once per instance in __post_init__ (derived, so not a dataclass field).
+    _layer_moe: typing.ClassVar[dict[int, MoEConfig]]
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -138,7 +141,7 @@ class LMConfig(Config):
             missing = [name for name in MLA_FIELDS if getattr(self, name) is None]
             require(not missing, f"attention_type='mla' needs {', '.join(missing)}")
             require(
-                self.qk_rope_head_dim % 2 == 0,
+                (self.qk_rope_head_dim or 0) % 2 == 0,
                 f"qk_rope_head_dim={self.qk_rope_head_dim} must be even for rotary embeddings",
             )
             require(not self.qk_norm_enabled, "qk_norm applies to attention_type='mha' only")
@@ -205,6 +208,10 @@ class LMConfig(Config):
         if overrides is not None:
             require(isinstance(overrides, dict), f"moe_layer_overrides must be a dict or None, got {overrides!r}")
             require(self.moe is not None, "moe_layer_overrides needs an moe config (moe is None: the dense baseline)")
+        moe = self.moe
+        if moe is None:  # the dense baseline: no sparse layer
+            set_(self, "_layer_moe", {})
+            return
         normalised: dict[int, dict[str, Any]] = {}
         for key, fields in (overrides or {}).items():
             try:
@@ -222,13 +229,13 @@ class LMConfig(Config):
                 if name not in MoEConfig.field_names():
                     raise unknown_key_error(name, MoEConfig.field_names(), f"moe_layer_overrides[{layer}] MoEConfig")
             try:
-                resolved = MoEConfig.from_dict({**self.moe.to_dict(), **fields})
+                resolved = MoEConfig.from_dict({**moe.to_dict(), **fields})
             except ConfigError as e:
                 raise ConfigError(f"moe_layer_overrides[{layer}]: {e}") from None
             plain = resolved.to_dict()
             normalised[layer] = {name: plain[name] for name in fields}
         set_(self, "moe_layer_overrides", {k: normalised[k] for k in sorted(normalised)} or None)
-        layer_moe = {i: self.moe.replace(**normalised[i]) if i in normalised else self.moe for i in self.sparse_layers}
+        layer_moe = {i: moe.replace(**normalised[i]) if i in normalised else moe for i in self.sparse_layers}
         set_(self, "_layer_moe", layer_moe)
 
     # -- derived values --------------------------------------------------------------------------
@@ -249,7 +256,9 @@ class LMConfig(Config):
     @property
     def rope_dim(self) -> int:
         """Dims the rotary embedding turns: the head dim, or ``qk_rope_head_dim`` for MLA."""
-        return self.qk_rope_head_dim if self.attention_type == AttentionType.MLA else self.head_size
+        if self.attention_type == AttentionType.MLA and self.qk_rope_head_dim is not None:
+            return self.qk_rope_head_dim
+        return self.head_size
 
     def moe_config(self, layer_idx: int) -> MoEConfig | None:
         """The MoEConfig of layer ``layer_idx`` (``moe`` with its ``moe_layer_overrides``); None for a dense layer."""
@@ -274,5 +283,9 @@ class LMConfig(Config):
         """Indices of the MoE layers, ascending."""
         if self.moe is None:
             return ()
-        n, rule = self.num_hidden_layers, dict(every=self.moe_layer_freq, first_k_dense=self.first_k_dense)
-        return tuple(i for i in range(n) if is_moe_layer(i, n, **rule, moe_layers=self.moe_layers))
+        n, every, first_k_dense = self.num_hidden_layers, self.moe_layer_freq, self.first_k_dense
+        return tuple(
+            i
+            for i in range(n)
+            if is_moe_layer(i, n, every=every, first_k_dense=first_k_dense, moe_layers=self.moe_layers)
+        )

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from typing import Any
 
 import torch
@@ -101,7 +102,7 @@ class Seq2SeqConfig(Config):
             "use ffn='moe' or 'dense'",
         )
         require(
-            self.moe.router != RouterType.EXPERT_CHOICE,
+            self.moe is None or self.moe.router != RouterType.EXPERT_CHOICE,
             "router='expert_choice' lets experts pick tokens by comparing them across positions, so a target "
             "token's routing would depend on later ones; use a token-choice router (softmax_topk, sigmoid_topk)",
         )
@@ -148,9 +149,9 @@ class DecoderState:
         """Keep rows ``index`` (beam search: each surviving hypothesis continues from its parent's row)."""
         c = self.cache
         for i in range(c.num_layers):
-            if c.keys[i] is not None:
-                c.keys[i] = c.keys[i].index_select(0, index)
-                c.values[i] = c.values[i].index_select(0, index)
+            keys, values = c.keys[i], c.values[i]
+            if keys is not None and values is not None:
+                c.keys[i], c.values[i] = keys.index_select(0, index), values.index_select(0, index)
         if c.mask is not None:
             c.mask = c.mask.index_select(0, index)
         self.memory_kv = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.memory_kv]
@@ -319,12 +320,17 @@ class Seq2SeqTransformer(nn.Module):
             expand: rows per source (B * expand rows in all).
             max_length: preallocate the self-attention cache for this many target positions (None: grow).
         """
-        kv = [block.cross_attn.project_memory(encoded.memory) for block in self.decoder]
-        mask = None if encoded.mask is None else encoded.mask[:, None, None, :]
+        kv, mask = self._memory_kv(encoded)
         if expand > 1:
             kv = [(k.repeat_interleave(expand, 0), v.repeat_interleave(expand, 0)) for k, v in kv]
             mask = None if mask is None else mask.repeat_interleave(expand, 0)
         return DecoderState(KVCache(len(self.decoder), max_length), kv, mask)
+
+    def _memory_kv(self, encoded: Encoded) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor | None]:
+        """Each decoder layer's cross-attention keys/values of the memory, and its mask as SDPA wants it."""
+        blocks = typing.cast(list[DecoderBlock], list(self.decoder))
+        kv = [block.cross_attn.project_memory(encoded.memory) for block in blocks]
+        return kv, None if encoded.mask is None else encoded.mask[:, None, None, :]
 
     def decode(
         self,
@@ -347,8 +353,8 @@ class Seq2SeqTransformer(nn.Module):
             raise ShapeError(f"target ids must be [batch, seq] (long), got {tuple(tgt_ids.shape)} {tgt_ids.dtype}")
         B, S = tgt_ids.shape
         if state is None:
-            memory_kv = [block.cross_attn.project_memory(encoded.memory) for block in self.decoder]
-            memory_mask = None if encoded.mask is None else encoded.mask[:, None, None, :]
+            assert encoded is not None  # one of the two, checked above
+            memory_kv, memory_mask = self._memory_kv(encoded)
             cache, P = None, 0
         else:
             memory_kv, memory_mask, cache, P = state.memory_kv, state.memory_mask, state.cache, state.cache.length
