@@ -24,20 +24,26 @@ import torch
 import torch.nn.functional as F
 
 from moekit import checkpoint as ckpt
-from moekit.checkpoint import load_tensors_into, model_tensors
+from moekit.checkpoint import load_tensors_into
 from moekit.config import require
 from moekit.data.images import builtin_digits, check_image_size, read_images
 from moekit.data.labelled import BUILTIN_SENTIMENT, WordVocab, label_names, read_labelled
-from moekit.data.tokenizers import Tokenizer, load_tokenizer
-from moekit.errors import CheckpointError, ConfigError, DataError
-from moekit.io.safe_io import atomic_write_json, load_tensors, save_tensors
-from moekit.models.config import LMConfig
+from moekit.errors import CheckpointError, DataError
+from moekit.io.safe_io import atomic_write_json, load_tensors
 from moekit.models.encoder import EncoderClassifier, EncoderConfig
 from moekit.models.ensemble import EnsembleClassifier
-from moekit.models.lm import MoELM
 from moekit.models.lm_classifier import LMClassifier
 from moekit.models.resolve import check_overrides
 from moekit.tasks.batches import Batches, length_bucketed_rows, shuffled_rows
+from moekit.tasks.classifier_files import (
+    META,
+    WEIGHTS,
+    TokenizerVocab,
+    classifier_meta,
+    load_classifier,
+    save_classifier,
+    upgrade_meta,
+)
 from moekit.tasks.examples import Examples, image_examples, split_rows, subset, text_examples
 from moekit.train.config import TaskTrainConfig
 from moekit.train.loop import Loop, StepLoss, open_run
@@ -48,7 +54,6 @@ TASKS = ("classify", "image-classify")
 # SST-2, 5-minute MoE runs (2 threads, length-bucketed batches; benchmarks/results/classify.md): dev accuracy
 # 82.3% with dropout 0.1, 82.7% with 0.3, 81.4% with 0.5, 82.7% with 0.3 plus token_dropout 0.1.
 TEXT_MODEL_DEFAULTS = {"dropout": 0.3, "token_dropout": 0.1}
-WEIGHTS, META = "model.safetensors", "model.json"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -124,16 +129,6 @@ class ClassifyResult:
     parameters: int
     active_parameters: int
     seconds: float
-
-
-class TokenizerVocab:
-    """A language model's tokenizer behind WordVocab's ``encode(text, max_length)``, for :class:`LMClassifier`."""
-
-    def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer = tokenizer
-
-    def encode(self, text: str, max_length: int) -> list[int]:
-        return self.tokenizer.encode(text)[:max_length] or [0]
 
 
 def _pretrained_lm(path: str):
@@ -250,7 +245,7 @@ class ClassifyTask:
         pass
 
     def export(self, run_dir: Path) -> None:
-        _save(run_dir, self.model, self.vocab, self.meta)
+        save_classifier(run_dir, self.model, self.vocab, self.meta)
 
 
 def classify_loop(
@@ -261,9 +256,9 @@ def classify_loop(
     torch.manual_seed(cfg.seed)
     model, vocab, train_set = build_model(cfg, train_data, names)
     valid_set = encode(model, vocab, valid_data, names)
-    meta = _meta(model, vocab, names, cfg.task)
+    meta = classifier_meta(model, vocab, names, cfg.task)
     if source is not None:
-        ckpt.check_same_description(run_dir / META, meta, _upgrade_meta)
+        ckpt.check_same_description(run_dir / META, meta, upgrade_meta)
         load_tensors_into(model, load_tensors(source / WEIGHTS), source / WEIGHTS)
     task = ClassifyTask(cfg, model, vocab, train_set, valid_set, meta)
     return Loop(_with_epoch_limit(cfg, len(train_set)), task, run_dir, source, console)
@@ -330,8 +325,8 @@ def _train_ensemble(cfg: ClassifyConfig, run_dir: Path, train_data, valid_data, 
         members.append(member)
         results.append(json.loads((member_dir / "run.json").read_text(encoding="utf-8")))
     model = EnsembleClassifier(members)
-    meta = {**_meta(members[0], vocab, names, cfg.task), "ensemble": cfg.ensemble}
-    _save(run_dir, model, vocab, meta)
+    meta = {**classifier_meta(members[0], vocab, names, cfg.task), "ensemble": cfg.ensemble}
+    save_classifier(run_dir, model, vocab, meta)
     acc = accuracy(model, encode(members[0], vocab, valid_data, names))
     steps = sum(r["steps"] for r in results)
     history = [{"step": steps, "accuracy": acc}]
@@ -366,64 +361,6 @@ def _training_batches(train_set: Examples, cfg: ClassifyConfig):
 
 def _max_length(model: EncoderClassifier | LMClassifier) -> int:
     return model.max_length if isinstance(model, LMClassifier) else model.config.max_length
-
-
-# -- checkpoints ---------------------------------------------------------------------------------
-def _upgrade_meta(saved: dict[str, Any]) -> dict[str, Any]:
-    """A saved ``model.json`` with its encoder config in today's spelling (old runs saved MoE fields flat)."""
-    return {**saved, "encoder": EncoderConfig.from_dict(saved["encoder"]).to_dict()} if "encoder" in saved else saved
-
-
-def _meta(model: EncoderClassifier | LMClassifier, vocab, names: list[str], task: str) -> dict[str, Any]:
-    """What ``model.json`` holds: the task, the model's config, the label names and the vocabulary."""
-    if isinstance(model, LMClassifier):  # the LM's config (its tokenizer is saved beside); weights: lm.* and head.*
-        return {"task": task, "lm": model.lm.config.to_dict(), "max_length": model.max_length, "labels": names}
-    return {
-        "task": task,
-        "encoder": model.config.to_dict(),
-        "labels": names,
-        "vocab": vocab.to_dict() if vocab is not None else None,
-    }
-
-
-def _save(run_dir: Path, model: EncoderClassifier | LMClassifier, vocab, meta: dict[str, Any]) -> None:
-    if isinstance(model, LMClassifier):
-        vocab.tokenizer.save(run_dir)
-    atomic_write_json(run_dir / META, meta)
-    save_tensors(model_tensors(model), run_dir / WEIGHTS)  # tied LM head: stored once
-
-
-def is_classifier_checkpoint(path: str | Path) -> bool:
-    return (Path(path) / META).is_file()
-
-
-def load_classifier(path: str | Path) -> tuple[EncoderClassifier, WordVocab | None, list[str], str]:
-    """(model in eval mode, vocabulary or None, label names, task) from a run folder."""
-    run_dir = Path(path)
-    if not is_classifier_checkpoint(run_dir):
-        raise CheckpointError(f"{run_dir} holds no classifier ({META} is missing)")
-    try:
-        meta = json.loads((run_dir / META).read_text(encoding="utf-8"))
-        if meta.get("task") == "translate":
-            raise CheckpointError(f"{run_dir} holds a translation model: use `moekit translate --checkpoint {run_dir}`")
-        names, task = list(meta["labels"]), meta["task"]
-        if "lm" in meta:
-            lm = MoELM(LMConfig.from_dict(meta["lm"]))
-            model = LMClassifier(lm, max(2, len(names)), int(meta["max_length"]))
-            vocab = TokenizerVocab(load_tokenizer(run_dir))
-        else:
-            config = EncoderConfig.from_dict(meta["encoder"])
-            members = int(meta.get("ensemble", 1))
-            if members > 1:
-                model = EnsembleClassifier([EncoderClassifier(config) for _ in range(members)])
-            else:
-                model = EncoderClassifier(config)
-            vocab = WordVocab.from_dict(meta["vocab"]) if meta.get("vocab") else None
-    except (ValueError, KeyError, TypeError, ConfigError, DataError) as e:
-        raise CheckpointError(f"{run_dir / META}: not a valid classifier description ({e})") from None
-    load_tensors_into(model, load_tensors(run_dir / WEIGHTS), run_dir / WEIGHTS)
-    model.eval()
-    return model, vocab, names, task
 
 
 @torch.no_grad()
