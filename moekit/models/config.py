@@ -136,6 +136,22 @@ class LMConfig(Config):
         if isinstance(qk, bool):
             qk = QKNorm.HEAD if qk else QKNorm.NONE
         set_(self, "qk_norm", check_choice("qk_norm", qk, QKNorm))
+        self._check_attention()
+        for name in ("rope_theta", "rms_norm_eps", "initializer_range"):
+            value = getattr(self, name)
+            require(
+                isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
+                f"{name} must be > 0, got {value!r}",
+            )
+        require(
+            isinstance(self.first_k_dense, int) and 0 <= self.first_k_dense <= self.num_hidden_layers,
+            f"first_k_dense must be in [0, num_hidden_layers={self.num_hidden_layers}], got {self.first_k_dense!r}",
+        )
+        self._check_moe_placement()
+        self._check_layer_overrides()
+
+    def _check_attention(self) -> None:
+        """Multi-head (GQA) or latent (MLA) attention: the fields each needs, and none of the other's."""
         heads, kv = self.num_attention_heads, self.kv_heads
         if self.attention_type == AttentionType.MLA:
             missing = [name for name in MLA_FIELDS if getattr(self, name) is None]
@@ -158,16 +174,10 @@ class LMConfig(Config):
                     f"hidden_size={self.hidden_size} is not divisible by num_attention_heads={heads}; set head_dim",
                 )
             require(self.head_size % 2 == 0, f"head_dim={self.head_size} must be even for rotary embeddings")
-        for name in ("rope_theta", "rms_norm_eps", "initializer_range"):
-            value = getattr(self, name)
-            require(
-                isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
-                f"{name} must be > 0, got {value!r}",
-            )
-        require(
-            isinstance(self.first_k_dense, int) and 0 <= self.first_k_dense <= self.num_hidden_layers,
-            f"first_k_dense must be in [0, num_hidden_layers={self.num_hidden_layers}], got {self.first_k_dense!r}",
-        )
+
+    def _check_moe_placement(self) -> None:
+        """The MoE config and which layers are sparse (``moe_layers``, or ``first_k_dense`` + frequency)."""
+        set_ = object.__setattr__
         if isinstance(self.moe, dict):
             set_(self, "moe", MoEConfig.from_dict(self.moe))
         require(
@@ -198,7 +208,6 @@ class LMConfig(Config):
                 f"first_k_dense={self.first_k_dense}, moe_layer_freq={self.moe_layer_freq}, "
                 f"moe_layers={self.moe_layers})",
             )
-        self._check_layer_overrides()
 
     def _check_layer_overrides(self) -> None:
         """Normalise ``moe_layer_overrides`` (int keys, sorted, plain values; {} -> None) and resolve each
