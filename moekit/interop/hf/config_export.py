@@ -92,6 +92,17 @@ def _export_fields(c: LMConfig, family: str, base: dict[str, Any]) -> dict[str, 
         out["rope_theta"] = c.rope_theta
     if "layer_types" in base:  # sliding layers are refused on import, so every layer is full attention
         out["layer_types"] = ["full_attention"] * c.num_hidden_layers
+    out.update(_attention_fields(c, family, base))
+    if family in DENSE_FAMILIES:
+        out["intermediate_size"] = c.intermediate_size
+        return out
+    out.update(_moe_fields(c, family, base))
+    return out
+
+
+def _attention_fields(c: LMConfig, family: str, base: dict[str, Any]) -> dict[str, Any]:
+    """The attention fields of ``family``'s config.json (MLA's, or GQA's with each family's bias and window)."""
+    out: dict[str, Any] = {}
     if c.attention_type == AttentionType.MLA:
         out.update(
             q_lora_rank=c.q_lora_rank,
@@ -123,9 +134,12 @@ def _export_fields(c: LMConfig, family: str, base: dict[str, Any]) -> dict[str, 
                 out["sliding_window"] = c.sliding_window
         elif family in ("qwen2", "qwen3", "qwen2_moe"):
             out["use_sliding_window"] = False
-    if family in DENSE_FAMILIES:
-        out["intermediate_size"] = c.intermediate_size
-        return out
+    return out
+
+
+def _moe_fields(c: LMConfig, family: str, base: dict[str, Any]) -> dict[str, Any]:
+    """The MoE fields of ``family``'s config.json: experts, routing and which layers are sparse."""
+    out: dict[str, Any] = {}
     sparse = list(c.sparse_layers)
     moe = c.moe or MoEConfig(num_experts=1, top_k=1, expert_hidden_size=1)
     n_sparse = max(1, len(sparse))
