@@ -30,7 +30,15 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for module in VERBS:
         module.add_parser(verbs)
+    for sub in verbs.choices.values():  # help texts come from docstrings: show ``code`` as plain code
+        sub.description = _plain(sub.description)
+        for action in sub._actions:
+            action.help = _plain(action.help)
     return parser
+
+
+def _plain(text: str | None) -> str | None:
+    return text.replace("``", "") if text else text
 
 
 def main(argv: list[str] | None = None) -> int:

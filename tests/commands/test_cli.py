@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 import subprocess
 import sys
@@ -106,3 +107,13 @@ def test_bad_option_values_get_one_line_and_leave_no_run_folder(tmp_path, task, 
     assert message in proc.stderr and "Traceback" not in proc.stderr + proc.stdout
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_help_texts_show_no_raw_markup():
+    from moekit.cli import build_parser
+
+    verbs = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in verbs.choices.items():
+        text = sub.format_help()
+        assert "``" not in text, f"moekit {name} --help shows raw double backticks"
+        assert len(text) > 100
