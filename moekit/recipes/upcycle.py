@@ -69,19 +69,22 @@ def upcycle_config(
     return dense.replace(moe=moe, first_k_dense=0, moe_layer_freq=1, moe_layers=None)
 
 
+def _copy_expert(moe: MoE, e: int, mlp: MLP, neurons: slice = slice(None), down_scale: float = 1.0) -> None:
+    """Expert ``e`` of ``moe`` := the ``neurons`` of ``mlp``'s intermediate dimension, its down projection scaled."""
+    swiglu = moe.config.activation == Activation.SWIGLU
+    up_FD = mlp.up_proj.weight[neurons]
+    moe.experts.w_in[e].copy_(torch.cat([mlp.gate_proj.weight[neurons].t(), up_FD.t()] if swiglu else [up_FD.t()], -1))
+    moe.experts.w_out[e].copy_(mlp.down_proj.weight[:, neurons].t() * down_scale)
+
+
 @torch.no_grad()
 def _upcycle_layer(mlp: MLP, moe: MoE, granularity: int, noise: float, reinit_fraction: float, generator) -> None:
     cfg = moe.config
     E, G, H = cfg.num_experts, granularity, cfg.expert_hidden_size
     shared_scale = 0.5 if cfg.num_shared_experts else 1.0
-    up_FD = mlp.up_proj.weight
     down_DF = mlp.down_proj.weight * shared_scale
-    swiglu = cfg.activation == Activation.SWIGLU
     for e in range(E):
-        shard = slice((e % G) * H, (e % G + 1) * H)
-        w_in = [mlp.gate_proj.weight[shard].t(), up_FD[shard].t()] if swiglu else [up_FD[shard].t()]
-        moe.experts.w_in[e].copy_(torch.cat(w_in, dim=-1))
-        moe.experts.w_out[e].copy_(down_DF[:, shard].t() * G)
+        _copy_expert(moe, e, mlp, slice((e % G) * H, (e % G + 1) * H), G * shared_scale)
     if noise > 0:
         for w in (moe.experts.w_in, moe.experts.w_out):
             w.add_(torch.randn(w.shape, generator=generator) * noise * w.std())
@@ -220,20 +223,8 @@ def mix_experts(dense_models: list[MoELM], top_k: int = 2, seed: int = 0, router
         for i, block in enumerate(mixed.layers):
             moe = block.mlp
             for e, model in enumerate(dense_models):
-                mlp = model.layers[i].mlp
-                parts = (
-                    [mlp.gate_proj.weight.t(), mlp.up_proj.weight.t()]
-                    if hasattr(mlp, "gate_proj")
-                    else [mlp.up_proj.weight.t()]
-                )
-                moe.experts.w_in[e].copy_(torch.cat(parts, dim=-1))
-                moe.experts.w_out[e].copy_(mlp.down_proj.weight.t())
+                _copy_expert(moe, e, model.layers[i].mlp)
             moe.router.weight.copy_(
                 torch.randn(moe.router.weight.shape, generator=generator) * config.hidden_size**-0.5
             )
     return mixed
-
-
-def router_parameters(model: nn.Module) -> list[str]:
-    """Names of the router parameters (what BTX's router-only stage trains)."""
-    return [name for name, _ in model.named_parameters() if ".router." in name]
