@@ -131,21 +131,12 @@ class ClassifyResult:
     seconds: float
 
 
-def _pretrained_lm(path: str):
-    """(MoELM, tokenizer) from a moekit run/checkpoint folder or a Hugging Face model folder."""
-    from moekit.checkpoint import load_model, resolve_checkpoint
-    from moekit.interop.hf import is_hf_checkpoint
-    from moekit.interop.hf.api import load_hf_for_training
-
-    if is_hf_checkpoint(path):
-        return load_hf_for_training(path)
-    return load_model(resolve_checkpoint(path))
-
-
 def build_model(cfg: ClassifyConfig, train_data, names: list[str]):
     """(model, vocabulary or tokenizer adapter or None, train Examples)."""
     if cfg.init_from is not None:
-        lm, tokenizer = _pretrained_lm(cfg.init_from)
+        from moekit.recipes.btx import load_dense  # (interop's import cost only when fine-tuning)
+
+        lm, tokenizer = load_dense(cfg.init_from)  # a moekit or Hugging Face folder
         lm.train()
         model = LMClassifier(lm, max(2, len(names)), min(cfg.max_length, lm.config.max_position_embeddings))
         vocab = TokenizerVocab(tokenizer)
