@@ -112,27 +112,10 @@ class MoELM(nn.Module):
     # -- initialisation --------------------------------------------------------------------------
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """N(0, initializer_range) for every weight matrix, zero biases, unit norms; the projections
-        that write into the residual stream (o_proj, down projections, experts' w_out) get
-        std / sqrt(2L) when ``scaled_residual_init`` (GPT-2, Radford et al. 2019, sec. 2.3)."""
+        """:func:`init_weights`, residual std / sqrt(2L) with ``scaled_residual_init`` (GPT-2, Radford et al. 2019)."""
         c = self.config
         std = c.initializer_range
-        residual_std = std / math.sqrt(2 * c.num_hidden_layers) if c.scaled_residual_init else std
-        for name, module in self.named_modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                is_residual = name.endswith(("o_proj", "down_proj"))
-                nn.init.normal_(module.weight, mean=0.0, std=residual_std if is_residual else std)
-                if isinstance(module, nn.Linear) and module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, Experts):
-                nn.init.normal_(module.w_in, mean=0.0, std=std)
-                nn.init.normal_(module.w_out, mean=0.0, std=residual_std)
-            elif isinstance(module, Router):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
+        init_weights(self, std, std / math.sqrt(2 * c.num_hidden_layers) if c.scaled_residual_init else std)
 
     # -- forward ---------------------------------------------------------------------------------
     def forward(
@@ -328,3 +311,24 @@ class MoELM(nn.Module):
     def new_cache(self, max_length: int | None = None) -> KVCache:
         """An empty KVCache for this model (preallocated to ``max_length`` positions when given)."""
         return KVCache(self.config.num_hidden_layers, max_length)
+
+
+@torch.no_grad()
+def init_weights(model: nn.Module, std: float, residual_std: float) -> None:
+    """N(0, std) for every weight matrix, N(0, residual_std) for those writing into the residual stream
+    (o_proj, down projections, experts' w_out), zero biases, unit norms."""
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            is_residual = name.endswith(("o_proj", "down_proj"))
+            nn.init.normal_(module.weight, mean=0.0, std=residual_std if is_residual else std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, Experts):
+            nn.init.normal_(module.w_in, mean=0.0, std=std)
+            nn.init.normal_(module.w_out, mean=0.0, std=residual_std)
+        elif isinstance(module, Router):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)

@@ -42,17 +42,16 @@ from moekit.config import Config, check_choice, require
 from moekit.errors import ShapeError
 from moekit.models.decoder import CrossAttention, DecoderBlock, DecoderState
 from moekit.models.encoder import FFNKind
+from moekit.models.lm import init_weights
 from moekit.models.placement import is_moe_layer
 from moekit.models.resolve import complete_task_dict, equal_active_moe
 from moekit.nn.attention import Attention, KVCache, attention_mask
 from moekit.nn.block import Block
 from moekit.nn.config import MoEConfig, RouterType
-from moekit.nn.experts import Experts
 from moekit.nn.mlp import MLP
 from moekit.nn.moe import MoE
 from moekit.nn.norm import RMSNorm
 from moekit.nn.rope import RotaryEmbedding
-from moekit.nn.router import Router
 from moekit.nn.routing import MoEAux
 
 
@@ -184,21 +183,9 @@ class Seq2SeqTransformer(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """N(0, initializer_range) for every matrix; projections writing into the residual stream (o_proj,
-        down_proj, experts' w_out) get std / sqrt(2L) with L all layers (GPT-2, Radford et al. 2019)."""
-        c = self.config
-        std = c.initializer_range
-        residual_std = std / math.sqrt(2 * (c.encoder_layers + c.decoder_layers))
-        for name, module in self.named_modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=residual_std if name.endswith(("o_proj", "down_proj")) else std)
-            elif isinstance(module, Experts):
-                nn.init.normal_(module.w_in, std=std)
-                nn.init.normal_(module.w_out, std=residual_std)
-            elif isinstance(module, Router):
-                nn.init.normal_(module.weight, std=std)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
+        """:func:`~moekit.models.lm.init_weights`, residual std / sqrt(2L) with L all layers (as GPT-2)."""
+        std, layers = self.config.initializer_range, self.config.encoder_layers + self.config.decoder_layers
+        init_weights(self, std, std / math.sqrt(2 * layers))
 
     # -- sizes ---------------------------------------------------------------------------------------
     def num_parameters(self) -> int:
