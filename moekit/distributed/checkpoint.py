@@ -58,22 +58,16 @@ def shard_optimizer_tensors(
     """This rank's slice of full (single-process layout) optimizer tensors, for a sharded ``model``."""
     if ctx.ep_size == 1:
         return tensors
-    expert = expert_parameters(model)
     params = optimizer_params(optimizer)
-    ids = {id(p) for p in expert}
     out = dict(tensors)
-    for name, t in tensors.items():
-        if not name.startswith("state."):
-            continue
-        p = params[int(name.split(".")[1])]
-        if id(p) in ids and t.dim() == p.dim():
-            n = p.shape[0]
-            if t.shape[0] != n * ctx.ep_size:
-                raise CheckpointError(
-                    f"optimizer tensor {name!r} has {t.shape[0]} experts; expected {n * ctx.ep_size} to shard over "
-                    f"ep={ctx.ep_size}"
-                )
-            out[name] = t[ctx.ep_rank * n : (ctx.ep_rank + 1) * n].clone()
+    for name in sharded_optimizer_names(tensors, optimizer, expert_parameters(model)):
+        t, n = tensors[name], params[int(name.split(".")[1])].shape[0]
+        if t.shape[0] != n * ctx.ep_size:
+            raise CheckpointError(
+                f"optimizer tensor {name!r} has {t.shape[0]} experts; expected {n * ctx.ep_size} to shard over "
+                f"ep={ctx.ep_size}"
+            )
+        out[name] = t[ctx.ep_rank * n : (ctx.ep_rank + 1) * n].clone()
     return out
 
 
