@@ -63,16 +63,9 @@ def branch_train_mix(
     top_k: int = 2,
     **train_options: Any,
 ) -> dict[str, Path]:
-    """Run the BTX stages named in ``stages``; returns stage -> output folder.
-
-    Args:
-        out: folder for every stage's output.
-        seed: the seed dense model (for ``branch``).
-        domains: domain name -> corpus (for ``branch``, and the union for ``router``/``finetune``).
-        experts: already fine-tuned dense models to mix instead of branching.
-        stages: any of ``branch``, ``mix``, ``router``, ``finetune``, in order.
-        train_options: TrainConfig fields for every training stage (batch_size, lr, ...).
-    """
+    """Run the BTX ``stages`` in order into ``out``; returns stage -> output folder. ``branch`` fine-tunes ``seed``
+    on each of the ``domains`` (name -> corpus; their union feeds ``router`` and ``finetune``); ``experts`` are
+    already fine-tuned dense models to mix instead; ``train_options`` are TrainConfig fields for every stage."""
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ConfigError(f"unknown BTX stage {unknown[0]!r}; stages are {', '.join(STAGES)}")

@@ -46,18 +46,8 @@ class Criterion(str, enum.Enum):
 
 @dataclasses.dataclass
 class LayerStats:
-    """Statistics of one MoE layer over the calibration tokens (float64 sums, on the CPU).
-
-    Attributes:
-        layer: the layer index in the model.
-        num_experts: E.
-        tokens: calibration tokens routed through the layer.
-        frequency: [E] assignments per expert.
-        weight: [E] summed combine weights per expert.
-        weighted_output_norm: [E] sum of ``w_te * ||f_e(x_t)||``.
-        gram: [E, E] Gram matrix of expert outputs on ``gram_tokens`` sampled tokens (None if not gathered).
-        gram_tokens: tokens in ``gram``.
-    """
+    """Statistics of one MoE layer over its ``tokens`` calibration tokens: float64 sums on the CPU, [E] per
+    expert as the module docstring defines them; ``gram`` [E, E] covers ``gram_tokens`` tokens (None: not gathered)."""
 
     layer: int
     num_experts: int
@@ -112,16 +102,9 @@ def calibration_batches(
     max_batches: int | None = 8,
     vocab_size: int | None = None,
 ) -> list[torch.Tensor]:
-    """Input-id windows [b, block_size] from a text file (or a 1-D token tensor), in order.
-
-    Args:
-        tokenizer: the model's tokenizer (ignored for a token tensor).
-        data: a text file, folder or JSONL (see :func:`moekit.data.text.load_text`), or token ids.
-        block_size: window length.
-        batch_size: windows per batch.
-        max_batches: at most this many batches (None: the whole file).
-        vocab_size: if given, token ids must be below it.
-    """
+    """Input-id windows [b, block_size], in order, from a text file, folder or JSONL (read by
+    :func:`moekit.data.text.load_text`, encoded by ``tokenizer``) or a 1-D tensor of token ids: at most
+    ``max_batches`` batches (None: all of it); with ``vocab_size``, every id must be below it."""
     if isinstance(data, torch.Tensor):
         tokens = data.long().reshape(-1)
     else:
@@ -137,17 +120,9 @@ def calibration_batches(
 def collect_expert_stats(
     model: MoELM, batches: Iterable[torch.Tensor], similarity_tokens: int = 0
 ) -> dict[int, LayerStats]:
-    """Gather :class:`LayerStats` for every MoE layer over ``batches`` of input ids.
-
-    Args:
-        model: the language model (run in eval mode here; its mode is restored afterwards).
-        batches: input-id tensors [B, S].
-        similarity_tokens: tokens per layer (the first ones seen) on which every expert runs to fill the
-            output Gram matrix; 0 skips it (pruning does not need it, merging does).
-
-    Returns:
-        layer index -> LayerStats, for each MoE layer.
-    """
+    """Layer index -> :class:`LayerStats` of every MoE layer over ``batches`` of input ids [B, S] (the model runs
+    in eval mode; its mode is restored). ``similarity_tokens``: tokens per layer (the first ones seen) on which
+    every expert runs to fill the output Gram matrix; 0 skips it (pruning does not need it, merging does)."""
     layers = model.moe_layers()
     if not layers:
         raise ConfigError("the model has no MoE layers: there are no expert statistics to collect")

@@ -62,14 +62,8 @@ def kd_loss(
     temperature: float = 1.0,
     teacher_topk: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Mean over positions of KL(softmax(teacher / T) || softmax(student / T)), in fp32.
-
-    Args:
-        student_logits: [..., V].
-        teacher_logits: [..., V] full teacher logits; or
-        teacher_topk: (values [..., K], ids [..., K]) of the teacher's top-K logits, renormalised over those K.
-        temperature: T > 0.
-    """
+    """Mean over positions of KL(softmax(teacher / T) || softmax(student / T)), in fp32, from the teacher's full
+    logits [..., V] or its ``teacher_topk`` (values [..., K], ids [..., K]), renormalised over those K."""
     T = float(temperature)
     log_p_s = F.log_softmax(student_logits.float() / T, dim=-1)
     if teacher_topk is not None:
@@ -95,15 +89,8 @@ def distillation_loss(
     alpha: float = 0.5,
     teacher_topk: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """``alpha * T^2 * KL + (1 - alpha) * CE(student, labels)`` (see the module docstring).
-
-    Args:
-        student_logits: [B, S, V] (or [N, V]).
-        labels: [B, S] (or [N]) next-token targets, aligned with the logits (no shift here).
-        teacher_logits / teacher_topk: the teacher's full logits, or its top-K (values, ids).
-        temperature: T.
-        alpha: weight of the soft term, in [0, 1].
-    """
+    """``alpha * T^2 * KL + (1 - alpha) * CE(student, labels)`` (see the module docstring); ``labels`` [B, S] (or
+    [N]) are next-token targets aligned with the logits [B, S, V] (no shift here)."""
     V = student_logits.shape[-1]
     ce = F.cross_entropy(student_logits.float().reshape(-1, V), labels.reshape(-1))
     if alpha == 0:
@@ -204,15 +191,8 @@ def copy_non_expert_weights(teacher: MoELM, student: MoELM) -> list[str]:
 
 # -- the trainer -----------------------------------------------------------------------------------
 class DistillTrainer(Trainer):
-    """The language-model :class:`Trainer` with :func:`distillation_loss` against ``teacher`` as its task loss.
-
-    Args:
-        config: the student's TrainConfig (``model``/``model_overrides`` or ``init_from`` make the student).
-        teacher: the teacher model (put in eval mode, gradients off).
-        teacher_tokenizer: its tokenizer (must equal the student's).
-        distill: the DistillConfig.
-        resume, console: as for Trainer.
-    """
+    """The language-model :class:`Trainer` of the student (``config``) with :func:`distillation_loss` against
+    ``teacher`` (put in eval mode, gradients off; its tokenizer must equal the student's) as its task loss."""
 
     def __init__(
         self,

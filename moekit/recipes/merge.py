@@ -48,15 +48,8 @@ FREQUENCY_EPS = 1e-3
 
 
 def cluster_experts(similarity: torch.Tensor, target: int) -> list[list[int]]:
-    """Average-linkage agglomerative clustering of E experts into ``target`` clusters.
-
-    Args:
-        similarity: [E, E] symmetric similarity (higher = more alike).
-        target: clusters wanted, 1 <= target <= E.
-
-    Returns:
-        Clusters (sorted member lists), ordered by their lowest member.
-    """
+    """Average-linkage agglomerative clustering of E experts by ``similarity`` [E, E] (symmetric, higher = more
+    alike) into ``target`` clusters: sorted member lists, ordered by their lowest member."""
     E = similarity.shape[0]
     if not 1 <= target <= E:
         raise ConfigError(f"cannot cluster {E} experts into {target}")
@@ -102,16 +95,9 @@ def merge_weights(model: MoELM, clusters: Mapping[int, list[list[int]]], stats: 
 
 
 def merge(model: MoELM, stats: Mapping[int, LayerStats], target: int) -> tuple[MoELM, dict[str, Any]]:
-    """Merge every MoE layer's experts down to ``target`` by output similarity on the calibration data.
-
-    Args:
-        model: the MoE model (unchanged).
-        stats: statistics with a Gram matrix (``collect_expert_stats(..., similarity_tokens > 0)``).
-        target: experts per layer after merging, 1 <= target < E for every layer.
-
-    Returns:
-        (merged model, JSON-friendly report: clusters and their mean inner similarity per layer).
-    """
+    """A copy of ``model`` with every MoE layer's experts merged down to ``target`` by output similarity (``stats``
+    need a Gram matrix: ``collect_expert_stats(..., similarity_tokens > 0)``), and a JSON-friendly report of
+    the clusters and their mean inner similarity per layer."""
     check_compressible(model, "merge")
     check_target(model, target)
     clusters, layers = {}, {}
@@ -166,11 +152,8 @@ def merge_checkpoint(
     batch_size: int = 16,
     max_batches: int | None = 8,
 ) -> dict[str, Any]:
-    """The function behind ``moekit merge-experts``: load, calibrate, merge, save to ``out``.
-
-    Returns:
-        The report (also written to ``out/compression.json``), with ``checkpoint`` set to the new folder.
-    """
+    """The function behind ``moekit merge-experts``: load, calibrate, merge, save to ``out``; returns the report
+    (also in ``out/compression.json``) with ``checkpoint`` set to the new folder."""
     if calibration_data is None:
         raise ConfigError("merging needs calibration data (a text file the expert outputs are compared on)")
     if similarity_tokens < 1:

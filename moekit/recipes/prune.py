@@ -58,17 +58,10 @@ def check_compressible(model: MoELM, what: str) -> None:
 def rebuild_with_experts(
     model: MoELM, layer_tensors: Mapping[int, Mapping[str, torch.Tensor]], notes: list[str] | None = None
 ) -> MoELM:
-    """A copy of ``model`` whose listed MoE layers get new per-expert tensors (and so new expert counts).
-
-    Args:
-        model: the source model (unchanged).
-        layer_tensors: layer index -> {name in :data:`EXPERT_TENSORS`: tensor with E' rows}; every per-expert
-            tensor the layer has must be given, with the same E'.
-        notes: a list to append what changed in routing (top_k capped, grouping off).
-
-    Returns:
-        The new model (same mode and dtype as ``model``).
-    """
+    """A copy of ``model`` (same mode and dtype) whose listed MoE layers get new per-expert tensors, and so new
+    expert counts: ``layer_tensors`` maps a layer to {name in :data:`EXPERT_TENSORS`: tensor with E' rows}, one
+    for every per-expert tensor the layer has. What changed in routing (top_k capped, grouping off) is
+    appended to ``notes``."""
     cfg = model.config
     notes = notes if notes is not None else []
     overrides = {k: dict(v) for k, v in (cfg.moe_layer_overrides or {}).items()}
@@ -135,17 +128,8 @@ def select_experts(
     keep_fraction: float | None = None,
     criterion: Criterion | str = Criterion.FREQUENCY,
 ) -> dict[int, list[int]]:
-    """The experts to keep per layer: the top N by ``criterion`` (ties: more assignments, then lower index).
-
-    Args:
-        stats: per-layer statistics from :func:`~moekit.recipes.calibration.collect_expert_stats`.
-        keep: experts to keep per layer; or
-        keep_fraction: the share to keep, in (0, 1] (rounded to the nearest count).
-        criterion: ``frequency`` or ``router-weighted-output``.
-
-    Returns:
-        layer -> kept expert indices, ascending.
-    """
+    """Layer -> the expert indices to keep, ascending: the top ``keep`` per layer (or the share ``keep_fraction``
+    in (0, 1], rounded to the nearest count) by ``criterion`` (ties: more assignments, then lower index)."""
     criterion = check_choice("criterion", criterion, Criterion)
     if (keep is None) == (keep_fraction is None):
         raise ConfigError("give exactly one of keep (experts per layer) and keep_fraction")
@@ -190,12 +174,8 @@ def prune(
     keep_fraction: float | None = None,
     criterion: Criterion | str = Criterion.FREQUENCY,
 ) -> tuple[MoELM, dict[str, Any]]:
-    """Rank experts by ``criterion`` on ``stats`` and keep the top ``keep`` (or ``keep_fraction``) per layer.
-
-    Returns:
-        (the pruned model, a JSON-friendly report: kept experts, scores and routing notes per layer).
-    """
-    check_compressible(model, "prune")
+    """Rank experts by ``criterion`` on ``stats`` and keep the top ``keep`` (or ``keep_fraction``) per layer;
+    returns the pruned model and a JSON-friendly report (kept experts, scores and routing notes per layer)."""
     criterion = check_choice("criterion", criterion, Criterion)
     kept = select_experts(stats, keep, keep_fraction, criterion)
     notes: list[str] = []
@@ -261,11 +241,8 @@ def prune_checkpoint(
     batch_size: int = 16,
     max_batches: int | None = 8,
 ) -> dict[str, Any]:
-    """The function behind ``moekit prune``: load, calibrate, prune, save to ``out``.
-
-    Returns:
-        The report (also written to ``out/compression.json``), with ``checkpoint`` set to the new folder.
-    """
+    """The function behind ``moekit prune``: load, calibrate, prune, save to ``out``; returns the report (also in
+    ``out/compression.json``) with ``checkpoint`` set to the new folder."""
     criterion = check_choice("criterion", criterion, Criterion)
     if calibration_data is None:
         raise ConfigError("pruning needs calibration data (a text file the experts are ranked on)")
