@@ -32,15 +32,8 @@ def _as_list(load) -> list[float]:
 
 
 class CollapseMonitor:
-    """Watches per-layer expert loads at each evaluation and warns once per collapsed layer.
-
-    Args:
-        patience: consecutive collapsed evaluations before the warning.
-        max_token_share: an expert above this share of the tokens dominates the layer.
-        min_ratio: ... provided it also has at least this multiple of the mean load.
-        dead_fraction: an expert below this fraction of the mean load is dead.
-        logger: where the warning goes (default: this module's logger).
-    """
+    """Watches per-layer expert loads at each evaluation and warns once per collapsed layer (when a layer counts
+    as collapsed: the module docstring); the warning goes to ``logger`` (default: this module's logger)."""
 
     def __init__(
         self,
@@ -88,17 +81,9 @@ class CollapseMonitor:
         layers: Sequence[int] | None = None,
         step: int | None = None,
     ) -> str | None:
-        """Feed one evaluation's loads.
-
-        Args:
-            loads: one load vector [E] per MoE layer (tensor or list), or a dict layer -> load.
-            top_k: experts per token, one for all layers or one per layer (turns loads into token shares).
-            layers: the layer indices that name the loads (default 0, 1, ...; ignored for a dict).
-            step: the training step, for the message.
-
-        Returns:
-            The warning text if this call warned, else None.
-        """
+        """Feed one evaluation's loads: a load vector [E] (tensor or list) per MoE layer, named by ``layers``
+        (default 0, 1, ...), or a dict layer -> load. ``top_k`` (one for all layers or one per layer) turns loads
+        into token shares; ``step`` goes into the message. Returns the warning text if this call warned."""
         if isinstance(loads, Mapping):
             layers, loads = list(loads.keys()), list(loads.values())
         layers = list(layers) if layers is not None else list(range(len(loads)))

@@ -12,16 +12,8 @@ from moekit.models import MoELM
 
 @torch.no_grad()
 def expert_load(model: MoELM, batches: Iterable[torch.Tensor]) -> tuple[list[int], torch.Tensor]:
-    """Tokens each expert processed, per MoE layer.
-
-    Args:
-        model: the model (put in eval mode here; restored afterwards).
-        batches: input-id tensors [B, S].
-
-    Returns:
-        (MoE layer indices, loads [L_moe, E] as int64 counts). Layers may differ in E only if the
-        model was pruned; then rows are padded with zeros to the largest E.
-    """
+    """(MoE layer indices, int64 loads [L_moe, E]): tokens each expert processed over ``batches`` of input ids
+    [B, S], in eval mode (restored). Layers differ in E only after pruning; rows are then zero-padded."""
     layers = model.moe_layers()
     num_experts = max((moe.config.num_experts for _, moe in layers), default=0)
     load = torch.zeros(len(layers), num_experts, dtype=torch.long)

@@ -158,26 +158,15 @@ def analyze(
     progress: bool = True,
     console: Console | None = None,
 ) -> AnalysisResult:
-    """Analyse a model's routing on some text and write the report; the function behind ``moekit analyze``.
+    """Analyse a model's routing on some text and write the report in ``out``; what ``moekit analyze`` runs.
 
-    Args:
-        checkpoint: a moekit checkpoint or run folder (or give ``model``).
-        data: text files / folders (``NAME=PATH`` names a source).
-        out: output folder (report.html, stats.json, PNGs, traces/).
-        labels: ``auto``, ``file``, ``category`` or ``none`` (see :mod:`moekit.analysis.sources`).
-        compare: a second checkpoint of the same architecture: routing drift.
-        max_tokens: tokens analysed in all, split evenly over the sources.
-        raw_traces: also write per-token traces to ``out/traces`` (format: :mod:`moekit.analysis.traces`).
-        model: a Hugging Face model folder (instead of ``checkpoint``).
-        block_size: window length (default 256, capped by the model's context).
-        batch_size: windows per forward pass.
-        view_tokens: tokens per source shown in the coloured text view.
-        metrics: metrics.jsonl (or its run folder) for the imbalance-over-training plot (default: the run's).
-        device: where the model runs.
-        progress: show a progress bar (on ``console``).
-
-    Returns:
-        The :class:`AnalysisResult`.
+    The model is a moekit ``checkpoint`` (or run folder) or a Hugging Face ``model`` folder; ``data`` are text files
+    or folders (``NAME=PATH`` names a source) labelled by ``labels`` (``auto``, ``file``, ``category`` or ``none``:
+    :mod:`moekit.analysis.sources`). ``max_tokens`` in all, split evenly over the sources, are routed in windows of
+    ``block_size`` (default 256, capped by the context), ``batch_size`` windows per forward pass. ``compare`` (a
+    checkpoint with the same MoE layers) adds routing drift; ``raw_traces`` writes per-token traces to
+    ``out/traces`` (:mod:`moekit.analysis.traces`); ``view_tokens`` per source fill the coloured text view;
+    ``metrics`` (a metrics.jsonl or its run folder; default: the run's) gives the imbalance-over-training plot.
     """
     if labels not in LABEL_MODES:
         raise ConfigError(f"labels={labels!r} must be one of {', '.join(LABEL_MODES)}")

@@ -191,16 +191,9 @@ class RoutingRecorder:
 
     @torch.no_grad()
     def update(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, **model_kwargs: Any) -> Any:
-        """Run the model on a batch and fold its routing in.
-
-        Args:
-            input_ids: [B, S] token ids.
-            labels: optional [B, S] (or [B]: one per sequence) label ids into ``label_names``; -1 = none.
-            model_kwargs: passed to the model (e.g. ``attention_mask``).
-
-        Returns:
-            The model's output, exactly as without the recorder.
-        """
+        """Run the model on ``input_ids`` [B, S] (with ``model_kwargs``, e.g. ``attention_mask``), fold its routing
+        in, and return its output exactly as without the recorder. ``labels``: [B, S] (or [B], one per sequence)
+        ids into ``label_names``, -1 = none."""
         with capture_routing(self.model) as seen:
             out = self.model(input_ids, **model_kwargs)
         self.observe([aux for _, aux in seen], input_ids=input_ids, labels=labels)

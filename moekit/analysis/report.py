@@ -322,17 +322,9 @@ def write_report(
     plots: Sequence[Plot],
     samples: Sequence[dict[str, Any]] = (),
 ) -> dict[str, Path]:
-    """Write ``report.html``, ``stats.json`` and one PNG per plot into ``out_dir``.
-
-    Args:
-        out_dir: created if needed.
-        summary: from :func:`moekit.analysis.stats.summarize` (readings are added if missing).
-        plots: from :func:`moekit.analysis.plots.make_plots`.
-        samples: token views from :func:`moekit.analysis.stats.token_routes`, each with a ``label``.
-
-    Returns:
-        ``{"report": ..., "stats": ..., "<plot name>": png path, ...}``.
-    """
+    """Write ``report.html``, ``stats.json`` and one PNG per plot into ``out_dir`` (created if needed); returns
+    their paths by name ("report", "stats", each plot's). ``summary`` is :func:`~moekit.analysis.stats.summarize`'s
+    (readings are added if missing); ``samples`` are :func:`~moekit.analysis.tokens.token_routes` views with a label."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary = dict(summary)

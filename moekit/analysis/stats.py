@@ -154,18 +154,10 @@ def layer_agreement(transition) -> dict[str, float]:
 
 # -- specialisation -----------------------------------------------------------------------------
 def specialisation(label_expert, label_names: Sequence[str], top: int = 3) -> dict[str, Any]:
-    """How each label spreads over the experts of one layer.
-
-    Args:
-        label_expert: counts [labels, experts] (assignments of tokens of each label to each expert).
-        label_names: one name per row.
-        top: experts listed per label.
-
-    Returns:
-        ``distribution`` P(expert | label) [labels, experts]; ``lift`` P(expert | label) / P(expert);
-        ``mi_bits``, ``label_entropy_bits``, ``mi_normalised``; ``top_experts``: per label, the
-        ``top`` experts by lift (ties by share) with their share and lift.
-    """
+    """How each label spreads over the experts of one layer, from ``label_expert`` counts [labels, experts] (rows
+    named by ``label_names``): ``distribution`` P(expert | label), ``lift`` P(expert | label) / P(expert),
+    ``mi_bits``, ``label_entropy_bits``, ``mi_normalised``, and ``top_experts``: per label, the ``top`` experts
+    by lift (ties by share) with their share and lift."""
     joint = _arr(label_expert)
     rows = joint.sum(axis=1, keepdims=True)
     dist = np.divide(joint, rows, out=np.zeros_like(joint), where=rows > 0)

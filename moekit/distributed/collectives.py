@@ -72,17 +72,8 @@ def _exchange(x: torch.Tensor, out_splits: list[int], in_splits: list[int], grou
 
 
 def all_to_all(x: torch.Tensor, out_splits: Sequence[int], in_splits: Sequence[int], group) -> torch.Tensor:
-    """Differentiable ``all_to_all_single`` along dim 0.
-
-    Args:
-        x: rows to send, grouped by destination: ``in_splits[j]`` rows for rank j of ``group``.
-        out_splits: rows to receive from each rank (exchange the counts first).
-        in_splits: rows to send to each rank.
-        group: the process group.
-
-    Returns:
-        ``sum(out_splits)`` rows, grouped by source rank.
-    """
+    """Differentiable ``all_to_all_single`` along dim 0: ``x`` holds ``in_splits[j]`` rows for rank j of ``group``;
+    returns ``sum(out_splits)`` rows, ``out_splits[j]`` from rank j (exchange the counts first)."""
     return _AllToAll.apply(x, [int(n) for n in out_splits], [int(n) for n in in_splits], group)
 
 
