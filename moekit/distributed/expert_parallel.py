@@ -41,12 +41,8 @@ log = logging.getLogger(__name__)
 
 
 class ExpertParallel(ExpertExecutor):
-    """The expert executor of a MoE layer sharded by :func:`shard_model` (set as ``moe.executor``).
-
-    Args:
-        ctx: the mesh.
-        num_experts: E of the layer (all experts, not just this rank's).
-    """
+    """The expert executor (``moe.executor``) of a MoE layer of ``num_experts`` experts in all, sharded over the
+    mesh ``ctx`` by :func:`shard_model`."""
 
     def __init__(self, ctx: DistContext, num_experts: int):
         if num_experts % ctx.ep_size:
@@ -105,10 +101,8 @@ def shard_model(model: nn.Module, ctx: DistContext) -> nn.Module:
     The model must be identical on every rank when this is called (same seed or same checkpoint).
     Expert weights ``experts.w_in`` / ``w_out`` become [E / P, ...] slices (experts ep_rank * E/P ...);
     everything else stays replicated. Works for any module with MoE layers (``moe_layers()`` of a
-    :class:`moekit.models.MoELM`, else every :class:`MoE` submodule).
-
-    Raises:
-        ConfigError: a layer's E is not divisible by P.
+    :class:`moekit.models.MoELM`, else every :class:`MoE` submodule). A layer whose E P does not divide is a
+    ConfigError.
     """
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
     for name, moe in layers:

@@ -55,13 +55,8 @@ def _reduce_flat(grads: list[torch.Tensor], group, scale: float) -> None:
 
 
 def reduce_gradients(params: Iterable[nn.Parameter], expert_params: Iterable[nn.Parameter], ctx: DistContext) -> None:
-    """Sum each gradient over the ranks that hold its parameter and divide by the world size.
-
-    Args:
-        params: parameters with a gradient (the same list, in the same order, on every rank).
-        expert_params: the sharded expert weights among them (see :func:`expert_parameters`).
-        ctx: the mesh.
-    """
+    """Sum each gradient of ``params`` (the same list, in the same order, on every rank) over the ranks that hold
+    its parameter and divide by the world size; ``expert_params`` are the sharded expert weights among them."""
     expert_ids = {id(p) for p in expert_params}
     params = [p for p in params if p.grad is not None]
     dense = [p.grad for p in params if id(p) not in expert_ids]
@@ -96,13 +91,8 @@ def global_grad_norm(params: Iterable[nn.Parameter], expert_params: Iterable[nn.
 def clip_grad_norm_(
     params: Iterable[nn.Parameter], max_norm: float, expert_params: Iterable[nn.Parameter], ctx: DistContext
 ) -> torch.Tensor:
-    """Reduce the gradients over their groups, then clip them to the global norm ``max_norm``.
-
-    The same rule as ``torch.nn.utils.clip_grad_norm_``: scale by min(1, max_norm / (norm + 1e-6)).
-
-    Returns:
-        The global gradient norm before clipping.
-    """
+    """Reduce the gradients over their groups, then clip them to the global norm ``max_norm`` by
+    ``torch.nn.utils.clip_grad_norm_``'s rule (scale by min(1, max_norm / (norm + 1e-6))); returns the norm before."""
     params = [p for p in params if p.grad is not None]
     expert_params = list(expert_params)
     reduce_gradients(params, expert_params, ctx)

@@ -34,19 +34,10 @@ def launch(
     grace: float = DEFAULT_GRACE,
     capture: bool = False,
 ) -> tuple[int, list[str]]:
-    """Run ``command`` as ``nproc`` ranks on this machine.
-
-    Args:
-        command: the full command line (e.g. ``[sys.executable, "-m", "moekit", "train", ...]``).
-        nproc: number of processes (the world size).
-        env: extra environment variables for every worker.
-        timeout: kill every worker after this many seconds (None: no limit); exit code 124.
-        grace: seconds the others may take to exit after one failed, before they are terminated.
-        capture: return each worker's combined stdout/stderr instead of passing it through.
-
-    Returns:
-        (exit code: 0, or the first failing worker's, or 124 on timeout; outputs per rank when captured).
-    """
+    """Run the command line ``command`` as ``nproc`` ranks on this machine, each with ``env`` added; returns the exit
+    code (0, the first failing worker's, or 124 when ``timeout`` seconds ran out and every worker was killed) and,
+    with ``capture``, each rank's combined stdout/stderr. After one worker fails, the others have ``grace``
+    seconds to exit before they are terminated."""
     import torch.distributed as dist
 
     if nproc < 1:

@@ -218,17 +218,10 @@ def _store(rank: int, world_size: int, timeout: float):
 
 
 def init_distributed(ep: int = 1, timeout: float | None = None, backend: str | None = None) -> DistContext:
-    """Join the process group described by torchrun's environment and build the (dp, ep) mesh.
-
-    Args:
-        ep: expert-parallel degree P; must divide the world size.
-        timeout: seconds a collective (or the rendezvous) may wait for a peer (default 300, or the
-            ``MOEKIT_DIST_TIMEOUT`` environment variable).
-        backend: torch.distributed backend; default gloo on CPU, ``cpu:gloo,cuda:nccl`` on GPU nodes.
-
-    Returns:
-        The :class:`DistContext`. With WORLD_SIZE unset this is a one-process context (no groups).
-    """
+    """Join the process group described by torchrun's environment and build the (dp, ep) mesh of expert-parallel
+    degree ``ep`` (it must divide the world size); with WORLD_SIZE unset, a one-process context (no groups).
+    ``timeout``: seconds a collective or the rendezvous may wait for a peer (default 300, or the
+    ``MOEKIT_DIST_TIMEOUT`` environment variable); ``backend``: default gloo on CPU, ``cpu:gloo,cuda:nccl`` on GPUs."""
     rank, world, local_rank = env_world()
     timeout = float(timeout or os.environ.get("MOEKIT_DIST_TIMEOUT") or DEFAULT_TIMEOUT)
     if not isinstance(ep, int) or ep < 1:

@@ -79,14 +79,9 @@ class ExpertParallel:
 
 
 class DistributedTrainer(Trainer):
-    """A language-model :class:`Trainer` on one rank of a (dp, ep) mesh; every rank constructs one with the
-    same config.
-
-    Args:
-        config: the run's TrainConfig (``batch_size`` is the global batch; it must divide by the world size).
-        ctx: the mesh from :func:`moekit.distributed.init_distributed`.
-        resume: continue the run in ``config.out_dir`` (saved at any EP degree, or by one process).
-    """
+    """A language-model :class:`Trainer` on one rank of the mesh ``ctx``; every rank constructs one with the same
+    config, whose ``batch_size`` is the global batch (the world size must divide it). ``resume`` continues a run
+    saved at any EP degree, or by one process."""
 
     def __init__(self, config: TrainConfig, ctx: DistContext, resume: bool = False, console=None):
         self.ctx = ctx
@@ -127,20 +122,13 @@ def train_distributed(
     ctx: DistContext | None = None,
     **overrides: Any,
 ) -> TrainResult:
-    """Train on every process of a torchrun-style launch; the function behind ``moekit train`` when
-    WORLD_SIZE > 1. Every rank calls it with the same arguments.
+    """Train on every process of a torchrun-style launch; the function behind ``moekit train`` when WORLD_SIZE > 1.
 
-    Args:
-        config, resume, overrides: as :func:`moekit.train.train` (``batch_size`` is the global batch).
-        ep: expert-parallel degree P (divides the number of processes and every layer's num_experts).
-        timeout: seconds a collective waits for a peer before the run fails (default 300).
-        ctx: an existing mesh (default: join the one the environment describes, and leave it after).
-
-    Returns:
-        The TrainResult (the same on every rank).
-
-    Raises:
-        DistributedError: this rank or another failed; the message names the rank and step.
+    Every rank calls it with the same arguments, those of :func:`moekit.train.train` (``batch_size`` is the global
+    batch) plus the expert-parallel degree ``ep`` (it divides the number of processes and every layer's
+    num_experts), the collective ``timeout`` (default 300 s) and ``ctx``, a mesh to use instead of joining the
+    environment's. Returns the TrainResult (the same on every rank); a DistributedError names the rank and step
+    that failed.
     """
     base = config.to_dict() if isinstance(config, TrainConfig) else dict(config or {})
     cfg = TrainConfig.from_options({**base, **overrides})

@@ -98,16 +98,11 @@ def generate(
     config: GenerationConfig | None = None,
     **overrides: Any,
 ) -> list[list[int]]:
-    """Continue each prompt; returns only the new tokens of each (stopped rows are shorter).
+    """Continue each prompt; returns the new token ids of each, without the stop token (stopped rows are shorter).
 
-    Args:
-        model: a :class:`moekit.models.MoELM` (any module with its forward/``new_cache``/``config``).
-        prompts: a list of token-id lists (any lengths; left-padded here) or a [B, L] tensor without padding.
-        config: a :class:`GenerationConfig` (default: its defaults).
-        **overrides: GenerationConfig fields replacing ``config``'s (``max_new_tokens=20, temperature=0``).
-
-    Returns:
-        One list of new token ids per prompt, without the stop token.
+    ``model`` is a :class:`moekit.models.MoELM` (or any module with its forward, ``new_cache`` and ``config``);
+    ``prompts`` are token-id lists of any lengths (left-padded here) or a [B, L] tensor without padding;
+    ``overrides`` are GenerationConfig fields replacing ``config``'s (``max_new_tokens=20, temperature=0``).
     """
     config = _resolve_config(config, overrides)
     rows = _as_rows(prompts)
@@ -125,14 +120,9 @@ def stream_generate(
     config: GenerationConfig | None = None,
     **overrides: Any,
 ) -> Iterator[int]:
-    """Yield the new token ids of one prompt as they are produced (for streaming text to a terminal).
-
-    Arguments are checked at the call (not at the first ``next``); the stop token is not yielded.
-
-    Args:
-        prompt: one list of token ids (or a 1-D tensor, or a [1, L] tensor).
-        config, overrides: as in :func:`generate`.
-    """
+    """Yield the new token ids of one ``prompt`` (a list of ids, a 1-D or a [1, L] tensor) as they are produced, for
+    streaming text to a terminal; the stop token is not yielded. Arguments (as :func:`generate`'s) are checked
+    at the call, not at the first ``next``."""
     config = _resolve_config(config, overrides)
     if isinstance(prompt, torch.Tensor):
         if prompt.dim() == 2 and prompt.shape[0] == 1:

@@ -36,17 +36,9 @@ def _cut(ids: list[int], eos: int) -> list[int]:
 
 @torch.inference_mode()
 def greedy_search(model, src_ids, src_mask, max_new_tokens: int, use_cache: bool = True) -> list[list[int]]:
-    """The most likely next token at every step, for each source of the batch.
-
-    Args:
-        model: a Seq2SeqTransformer (put in eval mode for the call).
-        src_ids, src_mask: sources [B, M] (long) and their mask (True = real token) or None.
-        max_new_tokens: stop after this many tokens when no EOS came.
-        use_cache: the incremental decoder (False: recompute the prefix each step, the reference).
-
-    Returns:
-        B lists of target ids, without BOS and EOS.
-    """
+    """B lists of target ids (without BOS and EOS): the most likely next token at every step, for each of the
+    sources ``src_ids`` [B, M] (``src_mask``: True = real token, or None), until EOS or ``max_new_tokens``. The
+    model runs in eval mode; ``use_cache=False`` recomputes the prefix each step (the reference)."""
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     c = model.config
@@ -76,16 +68,8 @@ def greedy_search(model, src_ids, src_mask, max_new_tokens: int, use_cache: bool
 
 @torch.inference_mode()
 def beam_search(model, src_ids, src_mask, max_new_tokens: int, beam: int = 4, alpha: float = 0.6) -> list[list[int]]:
-    """The best of ``beam`` hypotheses per source under the length-penalised score (see the module docstring).
-
-    Args:
-        model, src_ids, src_mask, max_new_tokens: as for :func:`greedy_search`.
-        beam: K, hypotheses kept per source.
-        alpha: length-penalty exponent (0: none; larger favours longer translations).
-
-    Returns:
-        B lists of target ids, without BOS and EOS.
-    """
+    """As :func:`greedy_search`, but each source's best of ``beam`` hypotheses under the length-penalised score
+    (module docstring; ``alpha`` 0: no penalty, larger favours longer translations)."""
     if beam < 1:
         raise ConfigError(f"beam must be >= 1, got {beam}")
     if max_new_tokens < 1:
