@@ -26,25 +26,15 @@ from moekit.nn.routing import MoEAux, Routing
 
 @dataclasses.dataclass
 class LayerRouting:
-    """One MoE layer's routing of one forward pass, per token (CPU tensors).
+    """One MoE layer's routing of one forward pass, per token (CPU tensors)."""
 
-    Attributes:
-        experts_TK: the token's experts sorted by combine weight, -1 where it has fewer (long).
-        weights_TK: their combine weights (fp32, 0 where -1).
-        valid_T: tokens that were routed (not padding).
-        entropy_T: router entropy in nats per token, None for routers without scores (hash).
-        routed_E: assignments the router made per expert (before capacity drops).
-        processed_E: assignments the experts processed (after capacity drops).
-        dropped_tokens, dropped_assignments: capacity drops in this pass.
-    """
-
-    experts_TK: torch.Tensor
-    weights_TK: torch.Tensor
-    valid_T: torch.Tensor
-    entropy_T: torch.Tensor | None
-    routed_E: torch.Tensor
-    processed_E: torch.Tensor
-    dropped_tokens: int
+    experts_TK: torch.Tensor  # the token's experts sorted by combine weight, -1 where it has fewer (long)
+    weights_TK: torch.Tensor  # their combine weights (fp32, 0 where -1)
+    valid_T: torch.Tensor  # tokens that were routed (not padding)
+    entropy_T: torch.Tensor | None  # router entropy in nats per token; None for routers without scores (hash)
+    routed_E: torch.Tensor  # assignments the router made per expert (before capacity drops)
+    processed_E: torch.Tensor  # assignments the experts processed (after capacity drops)
+    dropped_tokens: int  # capacity drops in this pass
     dropped_assignments: int
 
     @property

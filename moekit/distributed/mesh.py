@@ -40,31 +40,21 @@ _STORE: list = []  # the rendezvous store of the process group this module creat
 
 @dataclasses.dataclass
 class DistContext:
-    """Where this process sits in the (dp, ep) mesh, and its groups.
-
-    Attributes:
-        rank, world_size: global rank and number of processes (W).
-        ep_size, ep_rank: expert-parallel degree P and this rank's place in its ep group.
-        dp_size, dp_rank: W / P and this rank's place in its dp group (the replicas of its experts).
-        ep_group, dp_group: process groups (``None`` stands for the whole world in torch.distributed).
-        device: this rank's device (``cuda:LOCAL_RANK`` on GPU nodes, else cpu).
-        timeout: seconds a collective waits before failing.
-        step: the training step in progress, for error messages (set by the trainer).
-    """
+    """Where this process sits in the (dp, ep) mesh, and its groups."""
 
     rank: int
-    world_size: int
-    ep_size: int
-    dp_size: int
-    ep_rank: int
-    dp_rank: int
-    ep_group: Any
+    world_size: int  # W
+    ep_size: int  # the expert-parallel degree P
+    dp_size: int  # W / P
+    ep_rank: int  # this rank's place in its ep group
+    dp_rank: int  # ... and in its dp group (the replicas of its experts)
+    ep_group: Any  # process groups (None stands for the whole world in torch.distributed)
     dp_group: Any
-    device: torch.device
-    timeout: float
+    device: torch.device  # cuda:LOCAL_RANK on GPU nodes, else cpu
+    timeout: float  # seconds a collective waits before failing
     store: Any = None
     mesh: Any = None
-    step: int | str = "startup"
+    step: int | str = "startup"  # the training step in progress, for error messages (set by the trainer)
     owns_process_group: bool = False
 
     @property

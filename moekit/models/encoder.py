@@ -200,16 +200,8 @@ class EncoderClassifier(nn.Module):
         return total
 
     def forward(self, inputs: torch.Tensor, mask: torch.Tensor | None = None, record_routing: bool = False):
-        """Class scores of a batch.
-
-        Args:
-            inputs: token ids [B, S] (text) or pixels [B, C, H, W] scaled to about [0, 1] (images).
-            mask: [B, S] bool, True = real token (text padding); None = all real.
-            record_routing: keep each MoE layer's full Routing in ``moe_aux``.
-
-        Returns:
-            :class:`EncoderOutput`.
-        """
+        """Class scores of token ids [B, S] (``mask``: True = real token; None = all real) or of pixels
+        [B, C, H, W] scaled to about [0, 1]; ``record_routing`` keeps each MoE layer's Routing in ``moe_aux``."""
         c = self.config
         token_ids = None
         if c.is_text:

@@ -39,22 +39,15 @@ IGNORE_INDEX = -100
 
 @dataclasses.dataclass
 class LMOutput:
-    """What :meth:`MoELM.forward` returns.
+    """What :meth:`MoELM.forward` returns."""
 
-    Attributes:
-        logits: [B, S, V] (or [B, logits_to_keep, V]) in the model's dtype.
-        loss: mean next-token cross-entropy over labels != -100 (fp32), or None without labels.
-            The MoE balancing loss is *not* included: add ``aux_loss``.
-        aux_loss: sum of the MoE layers' ``aux.loss`` (fp32 scalar; 0 for a dense model).
-        moe_aux: one MoEAux per MoE layer, in layer order.
-        cache: the KVCache passed in, now extended by the S new positions (None without one).
-    """
-
-    logits: torch.Tensor
+    logits: torch.Tensor  # [B, S, V] (or [B, logits_to_keep, V]) in the model's dtype
+    # Mean next-token cross-entropy over labels != -100 (fp32), None without labels. The MoE balancing loss is
+    # *not* included: add aux_loss.
     loss: torch.Tensor | None
-    aux_loss: torch.Tensor
-    moe_aux: list[MoEAux]
-    cache: KVCache | None = None
+    aux_loss: torch.Tensor  # sum of the MoE layers' aux.loss (fp32 scalar; 0 for a dense model)
+    moe_aux: list[MoEAux]  # one per MoE layer, in layer order
+    cache: KVCache | None = None  # the KVCache passed in, now extended by the S new positions
 
 
 class MoELM(nn.Module):
@@ -128,22 +121,13 @@ class MoELM(nn.Module):
         position_ids: torch.Tensor | None = None,
         logits_to_keep: int = 0,
     ) -> LMOutput:
-        """Run the model on S new tokens (after the P tokens already in ``cache``, if any).
+        """Run the model on S new tokens ``input_ids`` [B, S] after the P tokens already in ``cache`` (if any).
 
-        Args:
-            input_ids: [B, S] token ids in [0, vocab_size) (padding positions too: pad with any valid id).
-            attention_mask: 1 = real token, 0 = padding; [B, S] for the new tokens, or [B, P + S]
-                covering the cached ones too (HF style). Left padding is the usual layout; positions
-                count real tokens only, so a padded row gets the same positions as the unpadded one.
-            labels: [B, S] targets, normally the input ids themselves: they are shifted inside
-                (position t predicts labels[t + 1]); -100 and padding positions are ignored.
-            cache: a :class:`KVCache` to read and extend (see :meth:`new_cache`).
-            record_routing: keep each MoE layer's full Routing in its ``moe_aux`` entry.
-            position_ids: explicit [B, S] (or [S]) rotary positions, overriding the ones derived above.
-            logits_to_keep: if > 0, only the last that many positions' logits are computed (generation).
-
-        Returns:
-            :class:`LMOutput`.
+        ``attention_mask`` (1 = real token, 0 = padding: pad with any valid id) covers the new tokens [B, S] or,
+        HF style, the cached ones too [B, P + S]. Left padding is the usual layout; positions count real tokens
+        only, so a padded row gets the positions of the unpadded one (``position_ids`` [B, S] or [S] override
+        them). ``labels`` [B, S], normally the input ids, are shifted inside (position t predicts labels[t + 1]);
+        -100 and padding are ignored. ``logits_to_keep`` > 0 computes only the last that many positions' logits.
         """
         x, moe_aux, new_valid_BS = self._run(input_ids, attention_mask, cache, record_routing, position_ids)
         if logits_to_keep > 0:
@@ -274,13 +258,9 @@ class MoELM(nn.Module):
 
     @torch.no_grad()
     def update_router_biases(self, loads: Sequence[torch.Tensor] | Mapping[int, torch.Tensor] | None = None) -> None:
-        """One aux-loss-free balancing step on every MoE layer (no-op for non-sigmoid routers).
-
-        Args:
-            loads: per-layer expert loads [E], one per MoE layer in order, or a dict layer index -> load
-                (layers missing from the dict use their own accumulated load); None uses the loads each
-                router accumulated in training (the caller all-reduces them first when distributed).
-        """
+        """One aux-loss-free balancing step on every MoE layer (no-op for non-sigmoid routers), from ``loads`` [E]:
+        one per MoE layer in order, or a dict layer index -> load (a layer missing from it, or every layer with
+        None, uses the load its router accumulated in training, all-reduced first by the caller when distributed)."""
         layers = self.moe_layers()
         if isinstance(loads, Mapping):
             unknown = sorted(set(loads) - {i for i, _ in layers})

@@ -223,13 +223,8 @@ class Seq2SeqTransformer(nn.Module):
 
     # -- decoder -------------------------------------------------------------------------------------
     def start(self, encoded: Encoded, expand: int = 1, max_length: int | None = None) -> DecoderState:
-        """The state for incremental decoding, each source repeated ``expand`` times (beams) next to each other.
-
-        Args:
-            encoded: what :meth:`encode` returned for B sources.
-            expand: rows per source (B * expand rows in all).
-            max_length: preallocate the self-attention cache for this many target positions (None: grow).
-        """
+        """The state for incremental decoding of ``encoded``'s B sources, each repeated ``expand`` times (beams) next
+        to each other; ``max_length`` preallocates the self-attention cache for that many positions (None: grow)."""
         kv, mask = self._memory_kv(encoded)
         if expand > 1:
             kv = [(k.repeat_interleave(expand, 0), v.repeat_interleave(expand, 0)) for k, v in kv]
@@ -302,15 +297,9 @@ class Seq2SeqTransformer(nn.Module):
         logits_mask: torch.Tensor | None = None,
         record_routing: bool = False,
     ) -> Seq2SeqOutput:
-        """Teacher-forced scores: position t of ``tgt_ids`` (which starts with BOS) predicts target token t.
-
-        Args:
-            src_ids, src_mask: source ids [B, M] and mask (True = real token).
-            tgt_ids, tgt_mask: decoder input ids [B, S] (BOS + target, right-padded) and mask.
-            logits_mask: [B, S] bool; when given, only those positions' logits are computed ([N, V]),
-                which spares the output layer the padding.
-            record_routing: keep each MoE layer's Routing in ``moe_aux``.
-        """
+        """Teacher-forced scores of sources [B, M] for decoder inputs ``tgt_ids`` [B, S] (BOS + target, right-padded;
+        position t predicts target token t); masks are True for real tokens. With ``logits_mask`` [B, S], only
+        those positions' logits are computed ([N, V]), which spares the output layer the padding."""
         encoded = self.encode(src_ids, src_mask, record_routing)
         hidden, dec_aux = self.decode(tgt_ids, encoded, tgt_mask=tgt_mask, record_routing=record_routing)
         if logits_mask is not None:

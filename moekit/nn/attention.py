@@ -119,16 +119,9 @@ def attention_mask(
 class Attention(nn.Module):
     """Causal grouped-query self-attention: q/k/v projections, optional QK-norm, RoPE, SDPA, output projection.
 
-    Args:
-        hidden_size: D.
-        num_heads: H query heads.
-        num_kv_heads: G key/value heads; H must be a multiple of G (G = H is multi-head, G = 1 multi-query).
-        head_dim: hd (need not equal D / H, as in Qwen3 and Gemma).
-        qk_norm: ``none``, ``head`` (Qwen3) or ``full`` (OLMoE).
-        attention_bias: biases on q/k/v (Qwen2).
-        rms_norm_eps: epsilon of the QK-norms.
-        layer_idx: this layer's slot in a :class:`KVCache`.
-        output_bias: a bias on o_proj too (Llama/Qwen3/OLMoE with ``attention_bias=True``).
+    ``num_heads`` (H) must be a multiple of ``num_kv_heads`` (G = H is multi-head, G = 1 multi-query); ``head_dim``
+    need not be D / H (Qwen3, Gemma). ``attention_bias`` puts biases on q/k/v (Qwen2), ``output_bias`` on o_proj
+    too (Llama/Qwen3/OLMoE with ``attention_bias=True``); ``layer_idx`` is this layer's slot in a :class:`KVCache`.
     """
 
     def __init__(
@@ -174,18 +167,9 @@ class Attention(nn.Module):
         is_causal: bool = True,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
-        """Attend the S new positions of x over themselves and the cached ones.
-
-        Args:
-            x_BSD: normalised hidden states [B, S, D].
-            cos, sin: rotary tables of the new positions [B, S, hd].
-            mask: bool [B|1, 1, S, K] (True = attend) or None; see :func:`attention_mask`.
-            is_causal: let SDPA apply the causal triangle (only when mask is None and nothing is cached).
-            cache: a KVCache to read and extend, or None.
-
-        Returns:
-            [B, S, D].
-        """
+        """Attend the S new positions of the normalised ``x_BSD`` over themselves and those in ``cache`` (read and
+        extended): [B, S, D]. ``cos``/``sin`` [B, S, hd] are the new positions' rotary tables; ``mask`` and
+        ``is_causal`` come from :func:`attention_mask` (SDPA applies the causal triangle only without a mask)."""
         B, S, _ = x_BSD.shape
         H, G, hd = self.num_heads, self.num_kv_heads, self.head_dim
         q, k, v = self.q_proj(x_BSD), self.k_proj(x_BSD), self.v_proj(x_BSD)  # [B, S, H*hd], [B, S, G*hd] x2

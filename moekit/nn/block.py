@@ -47,18 +47,9 @@ class Block(nn.Module):
         token_ids: torch.Tensor | None = None,
         record_routing: bool = False,
     ) -> tuple[torch.Tensor, MoEAux | None]:
-        """One block over the S new positions.
-
-        Args:
-            x_BSD: residual stream [B, S, D].
-            cos, sin, attn_mask, is_causal, cache: see :meth:`Attention.forward`.
-            pad_mask: [B, S] bool, True = real token; padding is not routed by an MoE (None = all real).
-            token_ids: [B, S] input ids (hash routing needs them).
-            record_routing: ask the MoE to keep its full Routing in the aux.
-
-        Returns:
-            (x [B, S, D], the MoE's MoEAux or None for a dense block).
-        """
+        """One block over the S new positions of the residual stream ``x_BSD``: (x, the MoE's MoEAux or None for a
+        dense block). The attention arguments are :meth:`Attention.forward`'s; the MoE gets ``pad_mask`` [B, S]
+        (True = real token, not routed otherwise), ``token_ids`` (hash routing) and ``record_routing``."""
         h = x_BSD + self.dropout(self.self_attn(self.input_layernorm(x_BSD), cos, sin, attn_mask, is_causal, cache))
         if self.is_moe:
             y, aux = self.mlp(

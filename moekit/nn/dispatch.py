@@ -37,16 +37,9 @@ def dispatch(
     capacity_factor: float | None = None,
     drop_policy: DropPolicy = DropPolicy.POSITION,
 ) -> Dispatch:
-    """Sort assignments by expert and apply the capacity limit.
-
-    Args:
-        routing: the router's assignments.
-        num_experts: E.
-        capacity_factor: None for dropless; else each expert keeps at most
-            :func:`expert_capacity` assignments, chosen by ``drop_policy``.
-        drop_policy: ``position`` keeps first choices before second choices, then earlier tokens;
-            ``score`` keeps the highest routing weights.
-    """
+    """Sort the router's assignments by expert and apply the capacity limit: with a ``capacity_factor`` (None:
+    dropless) each expert keeps at most :func:`expert_capacity` assignments, by ``drop_policy`` (``position``:
+    first choices before second choices, then earlier tokens; ``score``: the highest routing weights)."""
     expert_A = routing.expert_idx_A
     device = expert_A.device
     A = expert_A.numel()

@@ -39,17 +39,9 @@ class ExpertExecutor:
         shared: SharedWeights | None = None,
         threads: int = 1,
     ) -> torch.Tensor:
-        """y_TD[t] = sum over t's kept assignments n of plan.weight_N[n] * expert_e(n)(x_TD[t]) (+ shared(x_TD[t])).
-
-        Args:
-            x_TD: [T, D] tokens; plan: the kept assignments sorted by expert; experts: this process's experts.
-            dropout: expert dropout on the hidden activations (training only).
-            shared: the shared experts to add (only when ``fuses_shared``).
-            threads: intra-op threads the experts may use (the caller runs with one).
-
-        Returns:
-            [T, D], in x's dtype or (half precision) wider.
-        """
+        """y_TD[t] = sum over t's kept assignments n of plan.weight_N[n] * expert_e(n)(x_TD[t]) (+ shared(x_TD[t])),
+        in x's dtype or (half precision) wider. ``dropout`` is expert dropout on the hidden activations;
+        ``shared`` comes only when ``fuses_shared``; ``threads``: intra-op threads the experts may use."""
         with intra_op_threads(threads):
             out_ND = self.run_rows(experts, x_TD[plan.token_idx_N], plan.counts, dropout)
         out_ND = out_ND * plan.weight_N.unsqueeze(-1).to(out_ND.dtype)  # only combine weights are cast

@@ -39,20 +39,11 @@ def deinterleave(x: torch.Tensor) -> torch.Tensor:
 
 
 class MultiHeadLatentAttention(nn.Module):
-    """DeepSeek-V3 attention with a compressed (latent) KV cache.
+    """DeepSeek-V3 attention with a compressed (latent) KV cache; sizes as in the module's shape legend.
 
-    Args:
-        hidden_size: D.
-        num_heads: H.
-        kv_lora_rank: r, width of the cached latent.
-        qk_rope_head_dim: p, rotary dims per query head (and of the one shared rotary key).
-        qk_nope_head_dim: n, non-rotary query/key dims per head.
-        v_head_dim: v, value dims per head.
-        q_lora_rank: width of the query's low-rank bottleneck; None = one q_proj.
-        attention_bias: biases on q_a_proj, kv_a_proj_with_mqa and o_proj (HF's ``attention_bias``).
-        rope_interleave: rotary dims come as interleaved pairs (DeepSeek's checkpoints).
-        layer_idx: this layer's slot in a :class:`KVCache`.
-        softmax_scale: defaults to (n + p)^-0.5.
+    ``q_lora_rank`` is the width of the query's low-rank bottleneck (None: one q_proj); ``attention_bias`` puts
+    biases on q_a_proj, kv_a_proj_with_mqa and o_proj (HF's); ``rope_interleave``: rotary dims come as
+    interleaved pairs (DeepSeek's checkpoints); ``softmax_scale`` defaults to (n + p)^-0.5.
     """
 
     def __init__(

@@ -15,31 +15,19 @@ import torch
 
 @dataclasses.dataclass(frozen=True)
 class Routing:
-    """Who goes where, with what weight.
+    """Who goes where, with what weight: the assignments (token, expert, weight) of a router's decision."""
 
-    Attributes:
-        token_idx_A: token of each assignment (long).
-        expert_idx_A: expert of each assignment (long).
-        weight_A: combine weight of each assignment (fp32).
-        choice_rank_A: 0 for a token's first choice, 1 for its second... (long); orders
-            capacity drops under the ``position`` policy.
-        logits_TE: router logits in fp32 (None for hash routing, which has no router).
-        probs_TE: normalised router scores in fp32 (softmax, or sigmoid scores divided by
-            their sum); what the balancing losses and entropy read. None for hash routing.
-        num_tokens: T, all tokens including masked ones.
-        valid_T: bool mask of the tokens that were routed (None = all).
-        top_k: K for token-choice routers (assignments per token), else None.
-    """
-
-    token_idx_A: torch.Tensor
-    expert_idx_A: torch.Tensor
-    weight_A: torch.Tensor
-    choice_rank_A: torch.Tensor
-    logits_TE: torch.Tensor | None
+    token_idx_A: torch.Tensor  # long
+    expert_idx_A: torch.Tensor  # long
+    weight_A: torch.Tensor  # combine weight, fp32
+    choice_rank_A: torch.Tensor  # 0 for a token's first choice, 1 for its second... (the position drop policy's order)
+    logits_TE: torch.Tensor | None  # router logits, fp32; None for hash routing, which has no router
+    # Normalised router scores, fp32 (softmax, or sigmoid scores divided by their sum): what the balancing losses
+    # and the entropy read. None for hash routing.
     probs_TE: torch.Tensor | None
-    num_tokens: int
-    valid_T: torch.Tensor | None = None
-    top_k: int | None = None
+    num_tokens: int  # T, masked tokens included
+    valid_T: torch.Tensor | None = None  # bool mask of the tokens that were routed (None = all)
+    top_k: int | None = None  # K, assignments per token, for token-choice routers
 
     @property
     def num_assignments(self) -> int:
@@ -51,22 +39,12 @@ class Routing:
 
 @dataclasses.dataclass
 class MoEAux:
-    """What one MoE layer hands back besides its output.
+    """What one MoE layer hands back besides its output."""
 
-    Attributes:
-        loss: weighted sum of the enabled balancing losses (fp32 scalar; add it to the task loss).
-        losses: the unweighted loss terms by name (``aux``, ``seq_aux``, ``z``).
-        tokens_per_expert: assignments each expert processed, after capacity drops [E] (long).
-        dropped_assignments: assignments dropped by capacity (long scalar).
-        dropped_tokens: tokens that lost every assignment and pass through the residual only.
-        router_entropy: mean entropy of the router distribution over valid tokens (nats).
-        routing: the full Routing when the layer was asked to record it, else None.
-    """
-
-    loss: torch.Tensor
-    losses: dict[str, torch.Tensor]
-    tokens_per_expert: torch.Tensor
-    dropped_assignments: torch.Tensor
-    dropped_tokens: torch.Tensor
-    router_entropy: torch.Tensor
-    routing: Routing | None = None
+    loss: torch.Tensor  # weighted sum of the enabled balancing losses (fp32 scalar): add it to the task loss
+    losses: dict[str, torch.Tensor]  # the unweighted loss terms by name (aux, seq_aux, z)
+    tokens_per_expert: torch.Tensor  # [E] assignments each expert processed, after capacity drops (long)
+    dropped_assignments: torch.Tensor  # dropped by capacity (long scalar)
+    dropped_tokens: torch.Tensor  # tokens that lost every assignment: only the residual carries them
+    router_entropy: torch.Tensor  # mean entropy of the router distribution over valid tokens (nats)
+    routing: Routing | None = None  # the full Routing when the layer was asked to record it

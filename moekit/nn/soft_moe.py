@@ -22,12 +22,8 @@ from moekit.nn.routing import MoEAux
 
 
 class SoftMoE(nn.Module):
-    """Soft MoE layer: ``y, aux = layer(x, mask=None)`` for x of shape [B, N, D] or [N, D].
-
-    Args:
-        normalize: l2-normalise tokens and slot parameters with a learned scale (the paper's
-            recipe for stable training at large widths).
-    """
+    """Soft MoE layer: ``y, aux = layer(x, mask=None)`` for x of shape [B, N, D] or [N, D]. ``normalize``
+    l2-normalises tokens and slot parameters with a learned scale (the paper's recipe at large widths)."""
 
     def __init__(
         self,

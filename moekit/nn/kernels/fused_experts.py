@@ -254,23 +254,12 @@ def moe_experts(
 ) -> torch.Tensor:
     """y[t] = sum over n with token_idx_N[n] == t of weight_N[n] * expert_e(n)(x[t])  (+ shared(x[t])).
 
-    Args:
-        x_TD: [T, D] tokens.
-        token_idx_N: [N] token of each kept assignment, sorted by expert (long).
-        weight_N: [N] combine weights (any float dtype; cast to the compute dtype).
-        counts: assignments per expert (python ints), sum(counts) == N.
-        w_in, w_out: the stacked expert weights ([E, D, X], [E, H, D]).
-        activation: of the routed and the shared experts.
-        shared_w_in, shared_w_out: optional shared-expert MLP as one more expert that every token
-            visits ([D, X_s], [S, D]; views are fine), scaled per token by ``shared_weight_T``
-            ([T], e.g. Qwen2-MoE's sigmoid gate) when given.
-        threads: workers to spread the experts over (default: this thread's intra-op threads).
-        dropout_mask_NH: optional [N, H] multiplier of the routed experts' hidden activations (expert
-            dropout: 0 or 1 / (1 - p), see :func:`expert_dropout_mask`); the shared experts are not masked.
-
-    Returns:
-        [T, D] in x's dtype (the autocast dtype under autocast); tokens without assignments get 0
-        (plus the shared output).
+    ``token_idx_N`` [N] are the kept assignments' tokens sorted by expert, ``counts`` (python ints) the assignments
+    per expert, ``weight_N`` [N] their combine weights (any float dtype). The optional shared-expert MLP
+    (``shared_w_in`` [D, X_s], ``shared_w_out`` [S, D]; views are fine) is one more expert every token visits,
+    scaled per token by ``shared_weight_T`` [T] when given (Qwen2-MoE's gate). ``dropout_mask_NH`` multiplies
+    the routed experts' hidden activations (0 or 1 / (1 - p): :func:`expert_dropout_mask`). ``threads``: workers
+    (default: this thread's intra-op threads). Returns [T, D] in x's dtype (the autocast dtype under autocast).
     """
     device = x_TD.device
     if torch.is_autocast_enabled(device.type):

@@ -153,16 +153,8 @@ def grouped_mm_padded(x_NI: torch.Tensor, w_EIO: torch.Tensor, counts: tuple[int
 
 
 def grouped_mm(x_NI: torch.Tensor, w_EIO: torch.Tensor, counts: tuple[int, ...]) -> torch.Tensor:
-    """Rows of x in expert-sorted slices of sizes ``counts``, each times its expert's matrix.
-
-    Args:
-        x_NI: [N, I] rows sorted by expert, N == sum(counts).
-        w_EIO: [E, I, O] stacked weights.
-        counts: rows per expert (python ints), len(counts) == E.
-
-    Returns:
-        [N, O], in x's dtype.
-    """
+    """Rows of ``x_NI`` in expert-sorted slices of sizes ``counts`` (python ints, one per expert), each times its
+    expert's matrix of ``w_EIO``: [N, O] in x's dtype."""
     if x_NI.dtype != w_EIO.dtype:
         w_EIO = w_EIO.to(x_NI.dtype)
     if x_NI.device.type == "cpu":
