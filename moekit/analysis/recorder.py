@@ -142,12 +142,9 @@ class RoutingRecorder:
             out = rec.update(input_ids, labels)  # the model's own output, unchanged
         agg = rec.aggregates()
 
-    Args:
-        model: any module holding moekit :class:`MoE` layers; called as ``model(input_ids, **kwargs)``.
-        label_names: names of the label ids that :meth:`update` may receive.
-        entropy_bins: bins of the normalised-entropy histogram.
-        trace_dir: write raw per-token traces there (format: :mod:`moekit.analysis.traces`); None = aggregates only.
-        trace_shard_tokens: tokens per trace shard.
+    ``model`` is any module holding moekit :class:`MoE` layers, called as ``model(input_ids, **kwargs)``;
+    ``label_names`` name the label ids :meth:`update` may receive. With a ``trace_dir``, raw per-token traces
+    (:mod:`moekit.analysis.traces`) are written there too, ``trace_shard_tokens`` per shard.
     """
 
     def __init__(

@@ -213,6 +213,8 @@ def init_distributed(ep: int = 1, timeout: float | None = None, backend: str | N
     ``timeout``: seconds a collective or the rendezvous may wait for a peer (default 300, or the
     ``MOEKIT_DIST_TIMEOUT`` environment variable); ``backend``: default gloo on CPU, ``cpu:gloo,cuda:nccl`` on GPUs."""
     rank, world, local_rank = env_world()
+    if dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
     timeout = float(timeout or os.environ.get("MOEKIT_DIST_TIMEOUT") or DEFAULT_TIMEOUT)
     if not isinstance(ep, int) or ep < 1:
         raise ConfigError(f"ep={ep!r} must be a positive integer")
@@ -235,10 +237,7 @@ def init_distributed(ep: int = 1, timeout: float | None = None, backend: str | N
         _STORE[:] = [store]
         owns = True
     else:
-        rank, world = dist.get_rank(), dist.get_world_size()
         store = _STORE[0] if _STORE else None
-        if world % ep:
-            raise ConfigError(f"ep={ep} does not divide the number of processes ({world})")
     dp = world // ep
     from torch.distributed.device_mesh import init_device_mesh
 

@@ -37,10 +37,6 @@ class KVCache:
     With ``max_length`` the buffers are allocated once ([B, G, max_length, hd] per layer) and
     written in place; without it each step concatenates. The model calls :meth:`update` from every
     layer, then :meth:`advance` once per forward.
-
-    Attributes:
-        length: P, the number of cached positions (the same for every row: padding is on the left).
-        mask: [B, P] bool, True = real token; None while no padding has been seen.
     """
 
     def __init__(self, num_layers: int, max_length: int | None = None):
@@ -48,8 +44,8 @@ class KVCache:
         self.max_length = max_length
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
-        self.length = 0
-        self.mask: torch.Tensor | None = None
+        self.length = 0  # P cached positions, the same for every row (padding is on the left)
+        self.mask: torch.Tensor | None = None  # [B, P] bool, True = real token; None while there was no padding
 
     def __repr__(self) -> str:
         return f"KVCache(layers={self.num_layers}, length={self.length}, max_length={self.max_length})"

@@ -16,12 +16,10 @@ the student puts all its mass on the teacher's K tokens in the teacher's proport
 full KL when K = V.
 
 Teacher logits come on the fly (a no-grad forward of the teacher, in eval mode, per micro-batch) or
-from a cache folder (``cache_teacher``): before training, the teacher runs once over exactly the
-micro-batches the run will draw (the loader is deterministic in (seed, step)), and writes their input
-ids and top-k values (fp16) + ids (int32), or full logits (fp16) without top-k, as safetensors chunks
-through :mod:`moekit.io.safe_io`. A later run with the same data, seed, batch and block size (and
-any student) reads it instead of running the teacher; every cached batch's input ids are checked
-against the batch drawn.
+from a cache folder (``cache_teacher``, :mod:`moekit.recipes.teacher_cache`) that the teacher fills before
+training with exactly the micro-batches the run will draw (the loader is deterministic in (seed, step)). A
+later run with the same data, seed, batch and block size (and any student) reads it instead of running the
+teacher; every cached batch's input ids are checked against the batch drawn.
 
 The training loop is the language-model :class:`moekit.train.Trainer` with this loss as its task loss.
 """
