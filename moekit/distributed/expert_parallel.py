@@ -100,9 +100,8 @@ def shard_model(model: nn.Module, ctx: DistContext) -> nn.Module:
 
     The model must be identical on every rank when this is called (same seed or same checkpoint).
     Expert weights ``experts.w_in`` / ``w_out`` become [E / P, ...] slices (experts ep_rank * E/P ...);
-    everything else stays replicated. Works for any module with MoE layers (``moe_layers()`` of a
-    :class:`moekit.models.MoELM`, else every :class:`MoE` submodule). A layer whose E P does not divide is a
-    ConfigError.
+    everything else stays replicated. Works for any module with :class:`MoE` layers; a layer whose E P does not
+    divide is a ConfigError.
     """
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
     for name, moe in layers:

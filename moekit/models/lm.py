@@ -51,11 +51,8 @@ class LMOutput:
 
 
 class MoELM(nn.Module):
-    """A decoder-only transformer whose FFNs are MoE layers (``config.moe``) or dense MLPs.
-
-    Args:
-        config: the :class:`LMConfig`; ``config.moe=None`` builds the dense baseline.
-    """
+    """A decoder-only transformer whose FFNs are MoE layers (``config.moe``) or dense MLPs (the dense baseline:
+    ``config.moe=None``)."""
 
     def __init__(self, config: LMConfig):
         super().__init__()

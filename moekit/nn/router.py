@@ -150,12 +150,8 @@ class SigmoidTopKRouter(_TopKRouter):
 
     @torch.no_grad()
     def update_bias(self, load_E: torch.Tensor | None = None) -> None:
-        """Apply one aux-loss-free balancing step, then reset the accumulated load.
-
-        Args:
-            load_E: tokens per expert to balance; defaults to the load accumulated in training
-                since the last call (already reduced over ranks by the caller when distributed).
-        """
+        """Apply one aux-loss-free balancing step from the tokens per expert ``load_E`` (default: the load accumulated
+        in training since the last call, reduced over ranks by the caller when distributed), then reset that load."""
         load_E = self.load_since_update if load_E is None else load_E.float()
         if load_E.sum() > 0 and self.config.bias_update_rate > 0:
             self.e_score_correction_bias += self.config.bias_update_rate * torch.sign(load_E.mean() - load_E)

@@ -169,11 +169,8 @@ def _check_vocab_sizes(teacher: int, student: int) -> None:
 
 
 def copy_non_expert_weights(teacher: MoELM, student: MoELM) -> list[str]:
-    """Copy every teacher tensor outside its MoE layers into the student where name and shape match.
-
-    Returns:
-        The names copied.
-    """
+    """Copy every teacher tensor outside its MoE layers into the student where name and shape match; returns the
+    names copied."""
     moe_prefixes = tuple(f"layers.{i}.mlp." for i, _ in teacher.moe_layers())
     t_state = teacher.state_dict()
     copied = []
@@ -283,18 +280,12 @@ def distill(
     console=None,
     **overrides: Any,
 ) -> TrainResult:
-    """Distil ``teacher`` into ``student``; the function behind ``moekit distill``.
+    """Distil ``teacher`` into ``student`` and return the student run's TrainResult; what ``moekit distill`` runs.
 
-    Args:
-        teacher: a moekit checkpoint or run folder (or a Hugging Face model folder).
-        student: a preset name, an LMConfig file (YAML/JSON/TOML, or a checkpoint's config.json), or a
-            checkpoint folder to start from.
-        temperature, alpha, top_k_logits, cache_teacher, init_from_teacher: see :class:`DistillConfig`.
-        config: base TrainConfig (or dict); ``overrides`` are TrainConfig fields (``data``, ``max_steps``...).
-        resume: continue the run in ``out_dir`` (its distillation settings must be the same).
-
-    Returns:
-        The :class:`TrainResult` of the student's run.
+    ``teacher`` is a moekit checkpoint or run folder (or a Hugging Face model folder); ``student`` a preset name,
+    an LMConfig file (YAML/JSON/TOML, or a checkpoint's config.json) or a checkpoint folder to start from. The
+    distillation knobs are :class:`DistillConfig`'s; ``config`` (a TrainConfig or dict) and ``overrides`` set the
+    training; ``resume`` continues the run in ``out_dir`` (with the same distillation settings).
     """
     base = config.to_dict() if isinstance(config, TrainConfig) else dict(config or {})
     for key in ("model", "init_from"):

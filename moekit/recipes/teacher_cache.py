@@ -53,14 +53,9 @@ class TeacherCache:
         targets: Callable[[torch.Tensor], Targets],
         steps: int,
     ) -> TeacherCache:
-        """Open the cache at ``path`` (checking it was made with ``key`` and this loader's batches), or build it.
-
-        Args:
-            key: what the targets depend on besides the loader (teacher, top-k, vocabulary, precision).
-            loader: the training loader; the cache replays a fresh copy of its stream.
-            targets: the teacher's targets of one micro-batch of input ids.
-            steps: micro-batches to cover.
-        """
+        """Open the cache at ``path``, checking it was made with ``key`` (what the targets depend on besides the
+        loader: teacher, top-k, vocabulary, precision) and this loader's batches, or build it for ``steps``
+        micro-batches by replaying a fresh copy of the loader's stream through ``targets``."""
         meta = {
             "format": CACHE_FORMAT,
             "version": 1,

@@ -133,22 +133,15 @@ def upcycle(
     seed: int = 0,
     shared_expert_gate: bool = False,
 ) -> MoELM:
-    """Turn a dense MoELM into an MoE with every expert initialised from the dense FFN.
+    """An MoE copy of the dense MoELM ``dense`` (moekit's, or imported by :func:`moekit.from_hf`) whose every expert
+    starts from the dense FFN; attention, embeddings and norms are copied unchanged.
 
-    Args:
-        dense: a model with no MoE layers (moekit's, or one imported with :func:`moekit.from_hf`).
-        num_experts: E, a multiple of ``granularity``.
-        top_k: experts per token, a multiple of ``granularity``.
-        granularity: G; cut the FFN into G finer experts of intermediate size F / G.
-        noise: relative std of Gaussian noise added to the expert weights (0 keeps the dense function).
-        shared_experts: always-on experts, also copies of the dense FFN.
-        reinit_fraction: Drop-Upcycling's fraction of neurons re-initialised per expert.
-        router: ``softmax_topk`` (the default) or ``sigmoid_topk``.
-        seed: for the router rows, noise and re-initialisation.
-        shared_expert_gate: a Qwen2-MoE sigmoid gate on the shared experts (needed to export as qwen2_moe).
-
-    Returns:
-        The MoE model; attention, embeddings and norms are copied unchanged.
+    ``granularity`` G cuts the FFN into G finer experts of intermediate size F / G (``num_experts`` and ``top_k``
+    are multiples of G). ``noise`` is the relative std of Gaussian noise added to the expert weights (0 keeps the
+    dense function); ``shared_experts`` are copies of the dense FFN too, with a Qwen2-MoE sigmoid gate when
+    ``shared_expert_gate`` (needed to export as qwen2_moe); ``reinit_fraction`` is Drop-Upcycling's share of
+    neurons re-initialised per expert; ``router`` is ``softmax_topk`` or ``sigmoid_topk``; ``seed`` draws the
+    router rows, noise and re-initialisation.
     """
     if not 0 <= reinit_fraction <= 1:
         raise ConfigError(f"reinit_fraction must be in [0, 1], got {reinit_fraction}")
@@ -198,12 +191,9 @@ def check_same_architecture(models: list[MoELM]) -> None:
 def mix_experts(dense_models: list[MoELM], top_k: int = 2, seed: int = 0, router: str = "softmax_topk") -> MoELM:
     """Branch-Train-MiX's mix step (Sukhbaatar et al. 2024): each domain model's FFN becomes an expert.
 
-    Attention, embeddings and norms are the average of the domain models; router rows are new
-    (train them with router-only training next).
-
-    Args:
-        dense_models: fine-tuned copies of one seed model (identical architecture, no MoE).
-        top_k: experts per token (at most the number of models).
+    ``dense_models`` are fine-tuned copies of one seed model (identical architecture, no MoE); ``top_k`` is capped
+    at their number. Attention, embeddings and norms are their average; router rows are new (train them with
+    router-only training next).
     """
     if len(dense_models) < 2:
         raise ConfigError(f"mixing needs at least 2 dense models, got {len(dense_models)}")

@@ -149,12 +149,9 @@ def translate(
 ) -> list[str]:
     """Translate sentences (greedy with ``beam=1``, else beam search with length penalty ``alpha``).
 
-    Sources longer than the model's ``max_length`` tokens are cut there. Empty sentences translate to "".
-
-    Args:
-        max_new_tokens: longest translation in tokens; None: twice the source plus 10, at most
-            twice the model's ``max_length``.
-        batch_size: sentences decoded together (sorted by length, so padding stays small).
+    Sources longer than the model's ``max_length`` tokens are cut there; empty sentences translate to "".
+    ``max_new_tokens`` (default: twice the source plus 10, at most twice ``max_length``) bounds a translation;
+    ``batch_size`` sentences are decoded together, sorted by length so that padding stays small.
     """
     limit = model.config.max_length
     encoded = tokenizer.encode_batch([s.strip() for s in sentences])
