@@ -224,8 +224,9 @@ class RoutingRecorder:
         if labels is None:
             return None
         labels = torch.as_tensor(labels).cpu().long()
-        if input_ids is not None and input_ids.dim() == 2 and labels.shape == input_ids.shape[:1]:
-            labels = labels.unsqueeze(1).expand(input_ids.shape)  # one label per sequence
+        B = input_ids.shape[0] if input_ids is not None else 0
+        if labels.dim() == 1 and labels.numel() == B and T % B == 0:
+            labels = labels.repeat_interleave(T // B)  # one label per sequence (or image): all its tokens
         labels = labels.reshape(-1)
         if labels.numel() != T:
             raise ShapeError(f"labels give {labels.numel()} tokens but the layers routed {T}")

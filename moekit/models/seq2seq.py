@@ -13,15 +13,9 @@
     Switch Transformer, Fedus et al. 2022).
 
 One embedding matrix serves the source, the target and the output layer (a joint subword vocabulary;
-three-way tying, Press & Wolf 2017). Encoder blocks are :class:`moekit.nn.block.Block` run with
-``is_causal=False``; self-attention is :class:`moekit.nn.attention.Attention` (rotary positions) in both
-stacks. Cross-attention has no positions: the queries look up source content, whose order the encoder
-has already mixed in.
-
-Decoding: :meth:`Seq2SeqTransformer.start` runs nothing new; it projects the memory to each decoder
-layer's cross-attention keys/values once and makes an empty :class:`KVCache` for the self-attention;
-:meth:`Seq2SeqTransformer.step` then feeds new target tokens. Beam search reorders the state with
-:meth:`DecoderState.reorder`.
+three-way tying, Press & Wolf 2017). Cross-attention has no positions: the queries look up source content,
+whose order the encoder has already mixed in. Decoding: :meth:`Seq2SeqTransformer.start` once per batch of
+sources, then :meth:`Seq2SeqTransformer.step` per new token.
 
 Shape legend: B batch, M source tokens, S target tokens (the new ones when decoding), P cached target
 tokens, D hidden, H heads, hd head dim, V vocabulary, N selected positions.

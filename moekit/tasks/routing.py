@@ -1,6 +1,6 @@
 """Which experts take which classes: top-1 expert of every token, counted by the example's label.
 
-Built on :func:`moekit.analysis.recorder.capture_routing` (works for every router of ``moekit.nn.MoE``;
+Built on :class:`moekit.analysis.recorder.RoutingRecorder` (works for every router of ``moekit.nn.MoE``;
 Soft MoE has no per-token expert and is left out).
 """
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from moekit.analysis.recorder import capture_routing, find_moe_layers, layer_routing
+from moekit.analysis.recorder import RoutingRecorder, find_moe_layers
 from moekit.models.ensemble import EnsembleClassifier
 
 
@@ -22,29 +22,19 @@ def routing_by_label(model, examples, num_labels: int, max_examples: int = 2000,
     """
     if isinstance(model, EnsembleClassifier):
         model = model.members[0]
-    layers = find_moe_layers(model)
-    if not layers:
+    if not find_moe_layers(model):
         return {}
+    recorder = RoutingRecorder(model, label_names=[str(n) for n in range(num_labels)])
     was_training = model.training
     model.eval()
-    counts = {index: torch.zeros(num_labels, moe.config.num_experts, dtype=torch.long) for index, _, moe in layers}
     seen_examples = 0
-    with capture_routing(model) as seen:
-        for x, mask, y in examples.batches(batch_size):
-            if seen_examples >= max_examples:
-                break
-            seen.clear()
-            model(x, mask)
-            seen_examples += len(y)
-            for position, aux in seen:
-                index, _, moe = layers[position]
-                top1 = layer_routing(aux, moe.config.num_experts).top1_T.view(len(y), -1)  # [B, S]
-                label = y[:, None].expand_as(top1)
-                keep = (top1 >= 0) & (label >= 0)
-                flat = label[keep] * moe.config.num_experts + top1[keep]
-                counts[index] += torch.bincount(flat, minlength=counts[index].numel()).view_as(counts[index])
+    for x, mask, y in examples.batches(batch_size):
+        if seen_examples >= max_examples:
+            break
+        recorder.update(x, y, mask=mask)  # one label per example: every token of it
+        seen_examples += len(y)
     model.train(was_training)
-    return counts
+    return {agg.layer: agg.label_top1 for agg in recorder.layers}
 
 
 def routing_table(counts: dict[int, torch.Tensor], names: list[str]) -> str:
