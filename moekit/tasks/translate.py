@@ -31,6 +31,7 @@ from moekit.models.resolve import check_overrides
 from moekit.models.seq2seq import Seq2SeqConfig, Seq2SeqTransformer
 from moekit.tasks.batches import Batches
 from moekit.tasks.decoding import corpus_bleu, translate
+from moekit.tasks.examples import split_rows
 from moekit.train.config import TaskTrainConfig
 from moekit.train.loop import Loop, StepLoss, open_run
 from moekit.train.metrics import load_imbalance
@@ -167,9 +168,8 @@ def load_task_data(cfg: TranslateConfig) -> tuple[ParallelText, ParallelText]:
         return train, read_parallel(cfg.valid_source, cfg.valid_target)
     if len(train) < 2:
         raise DataError(f"{train.source_path}: needs at least 2 pairs to hold some out for validation")
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-    cut = max(1, int(round(len(train) * cfg.valid_fraction)))
-    return train.subset(order[cut:]), train.subset(order[:cut])
+    train_rows, valid_rows = split_rows(len(train), cfg.valid_fraction, cfg.seed)
+    return train.subset(train_rows), train.subset(valid_rows)
 
 
 # -- the run -------------------------------------------------------------------------------------
