@@ -126,20 +126,10 @@ class DistillConfig(Config):
 
 # -- teachers ------------------------------------------------------------------------------------
 def load_teacher(path: str | os.PathLike) -> tuple[MoELM, Tokenizer]:
-    """A moekit checkpoint/run folder, or a Hugging Face model folder."""
-    try:
-        return load_model(path)
-    except CheckpointError:
-        p = Path(path)
-        hf_config = p / "config.json"
-        is_hf = hf_config.is_file() and "format" not in _read_json(hf_config)
-        if not is_hf:
-            raise
-        from moekit.interop.hf import from_hf
+    """A moekit checkpoint/run folder, or a Hugging Face model folder (in its own dtype)."""
+    from moekit.interop.hf.api import from_hf, is_hf_checkpoint  # (interop's import cost only when needed)
 
-        loaded = from_hf(p)
-        model, tokenizer = loaded if isinstance(loaded, tuple) else (loaded, load_tokenizer(p))
-        return model.eval(), tokenizer
+    return (from_hf(path), load_tokenizer(Path(path))) if is_hf_checkpoint(path) else load_model(path)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
