@@ -188,15 +188,10 @@ class EncoderClassifier(nn.Module):
         """Parameters one token passes through: all but the experts a token does not run."""
         total = self.num_parameters()
         for block in self.layers:
-            mlp = block.mlp
-            if isinstance(mlp, _SoftFFN):
-                experts, runs = mlp.soft.experts, 1
-            elif isinstance(mlp, MoE):
-                experts, runs = mlp.experts, mlp.config.experts_per_token
-            else:
-                continue
-            size = sum(p.numel() for p in experts.parameters())
-            total -= size - size * runs // experts.w_in.shape[0]
+            if isinstance(block.mlp, _SoftFFN):  # a token's output mixes slots, each one expert-sized pass
+                total -= block.mlp.soft.experts.inactive_parameters(1)
+            elif isinstance(block.mlp, MoE):
+                total -= block.mlp.experts.inactive_parameters(block.mlp.config.experts_per_token)
         return total
 
     def forward(self, inputs: torch.Tensor, mask: torch.Tensor | None = None, record_routing: bool = False):

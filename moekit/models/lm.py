@@ -278,11 +278,10 @@ class MoELM(nn.Module):
         router and shared experts); everything outside the routed experts is active.
         """
         total = sum(p.numel() for p in self.parameters())
-        inactive = 0
-        for _, moe in self.moe_layers():
-            E = moe.config.num_experts
-            per_expert = (moe.experts.w_in.numel() + moe.experts.w_out.numel()) // E
-            inactive += per_expert * (E - min(moe.config.experts_per_token, E))
+        inactive = sum(
+            moe.experts.inactive_parameters(min(moe.config.experts_per_token, moe.config.num_experts))
+            for _, moe in self.moe_layers()
+        )
         return {"total": total, "active": total - inactive}
 
     def new_cache(self, max_length: int | None = None) -> KVCache:

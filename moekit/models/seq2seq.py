@@ -187,11 +187,9 @@ class Seq2SeqTransformer(nn.Module):
 
     def active_parameters(self) -> int:
         """Parameters one token passes through: all but the experts a token does not run."""
-        total = self.num_parameters()
-        for moe in self.moe_layers():
-            size = sum(p.numel() for p in moe.experts.parameters())
-            total -= size - size * moe.config.experts_per_token // moe.config.num_experts
-        return total
+        return self.num_parameters() - sum(
+            moe.experts.inactive_parameters(moe.config.experts_per_token) for moe in self.moe_layers()
+        )
 
     def moe_layers(self) -> list[MoE]:
         return [b.mlp for b in [*self.encoder, *self.decoder] if isinstance(b.mlp, MoE)]

@@ -52,6 +52,11 @@ class Experts(nn.Module):
             a_NH = F.dropout(a_NH, dropout)
         return grouped_mm(a_NH, self.w_out, counts)
 
+    def inactive_parameters(self, runs: int) -> int:
+        """Weights of the experts a token does not run when it runs ``runs`` of them (active-parameter counts)."""
+        size = self.w_in.numel() + self.w_out.numel()
+        return size - size * runs // self.num_experts
+
     def expert_forward(self, e: int, x_nD: torch.Tensor) -> torch.Tensor:
         """One expert on its rows, with plain autograd (used by the reference and analysis)."""
         h = x_nD @ self.w_in[e].to(x_nD.dtype)
