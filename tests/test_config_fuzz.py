@@ -23,7 +23,7 @@ from moekit.models.config import LMConfig
 from moekit.models.presets import get_preset, resolve_lm_config
 from moekit.nn.config import MoEConfig
 from moekit.train.config import TrainConfig
-from tests.fuzzing import fuzz
+from tests.fuzzing import fuzz, outcome
 
 # -- the property: a config whose fields have their declared types ---------------------------------------------
 
@@ -65,8 +65,10 @@ def _assert_typed(config: Config) -> None:
 def _built_or_refused(build: typing.Callable[[], Config]) -> Config | None:
     try:
         config = build()
-    except MoekitError:
+    except MoekitError as e:
+        outcome(f"refused: {type(e).__name__}")
         return None
+    outcome(f"built: {type(config).__name__}")
     _assert_typed(config)
     return config
 
@@ -115,7 +117,9 @@ def test_any_command_line_parses_to_scalars_or_is_refused(tokens):
     try:
         options = parse_overrides(tokens)
     except ConfigError:
+        outcome("refused: ConfigError")
         return
+    outcome("parsed")
     assert all(isinstance(k, str) and "-" not in k for k in options)
     assert all(isinstance(v, (str, int, float, bool, type(None))) for v in options.values())
 
@@ -186,7 +190,9 @@ def test_random_bytes_as_a_config_file_are_a_mapping_or_refused(folder, raw, suf
     try:
         data = read_config_file(path)
     except ConfigError:
+        outcome("refused: ConfigError")
         return
+    outcome("read")
     assert isinstance(data, dict) and all(isinstance(k, str) for k in data)
 
 
