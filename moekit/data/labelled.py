@@ -137,23 +137,20 @@ def _delimited_rows(p: Path, delimiter: str):
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
     reader = csv.reader(io.StringIO(_utf8_text(p), newline=""), delimiter=delimiter, quoting=quoting)
     header = None
-    while True:
-        try:
-            row = next(reader)
-        except StopIteration:
-            return
-        except csv.Error as e:  # e.g. a field over csv's size limit (an unclosed quote swallowing the file)
-            raise DataError(f"{p}:{reader.line_num}: {e}") from None
-        line = reader.line_num
-        if not row or (len(row) == 1 and not row[0].strip()):
-            continue
-        if header is None:
-            header = [c.strip() for c in row]
-            yield line, dict.fromkeys(header)
-            continue
-        if len(row) != len(header):
-            raise DataError(f"{p}:{line}: expected {len(header)} fields ({', '.join(header)}), got {len(row)}")
-        yield line, dict(zip(header, row))
+    try:
+        for row in reader:
+            line = reader.line_num
+            if not row or (len(row) == 1 and not row[0].strip()):
+                continue
+            if header is None:
+                header = [c.strip() for c in row]
+                yield line, dict.fromkeys(header)
+                continue
+            if len(row) != len(header):
+                raise DataError(f"{p}:{line}: expected {len(header)} fields ({', '.join(header)}), got {len(row)}")
+            yield line, dict(zip(header, row))
+    except csv.Error as e:  # e.g. a field over csv's size limit (an unclosed quote swallowing the file)
+        raise DataError(f"{p}:{reader.line_num}: {e}") from None
 
 
 def label_names(labels: Sequence[str | None]) -> list[str]:
