@@ -41,7 +41,7 @@ _ALIASES = {
 
 def closest(name: str, valid: typing.Iterable[str]) -> str | None:
     """The valid name most similar to ``name`` (or the one it is a common alias of), or None."""
-    valid = list(valid)
+    valid, name = list(valid), str(name)  # a YAML key may be a number or null
     aliased = difflib.get_close_matches(name, [a for a, field in _ALIASES.items() if field in valid], n=1, cutoff=0.8)
     if aliased:
         return _ALIASES[aliased[0]]
@@ -91,7 +91,12 @@ class Config:
         for key in data:
             if key not in names:
                 raise unknown_key_error(key, names, cls.__name__)
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in data and _is_required(f)]
+        if missing:
+            raise ConfigError(f"{cls.__name__} needs {', '.join(missing)}")
         hints = typing.get_type_hints(cls)
+        for key, value in data.items():
+            _check_float_range(key, hints.get(key), value)
         kwargs = {k: _coerce(hints.get(k), v) for k, v in data.items()}
         parsed_later = {f.name for f in dataclasses.fields(cls) if f.metadata.get("parsed_in_post_init")}
         for key, value in kwargs.items():
@@ -113,6 +118,10 @@ class Config:
             if key not in names:
                 raise unknown_key_error(key, names, type(self).__name__)
         return dataclasses.replace(self, **changes)
+
+
+def _is_required(field: dataclasses.Field) -> bool:
+    return field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
 
 
 def _plain(value: Any) -> Any:
@@ -148,6 +157,18 @@ def _coerce(hint: Any, value: Any) -> Any:
     return value
 
 
+_FLOAT_MAX = int(sys.float_info.max)
+
+
+def _check_float_range(field: str, hint: Any, value: Any) -> None:
+    """ConfigError for an integer too large to be a float in a field that takes a number."""
+    takes_float = hint is float or (
+        typing.get_origin(hint) in (typing.Union, types.UnionType) and float in typing.get_args(hint)
+    )
+    if takes_float and isinstance(value, int) and not isinstance(value, bool) and abs(value) > _FLOAT_MAX:
+        raise ConfigError(f"{field}={value} is not valid: it is too large for a number (at most about 1.8e308)")
+
+
 def _matches(hint: Any, value: Any) -> bool:
     """Whether ``value`` (after :func:`_coerce`) fits the type hint ``hint``; enums, nested configs and
     anything unusual are left to the config's own checks."""
@@ -168,12 +189,30 @@ def _matches(hint: Any, value: Any) -> bool:
         return isinstance(value, str)
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
         return isinstance(value, (str, hint))  # its value is checked by check_choice
+    if origin in (tuple, list) and _element_type(hint) is not None:
+        return isinstance(value, origin) and all(_matches(_element_type(hint), v) for v in value)
     if origin in (tuple, list, dict):
         return isinstance(value, origin)
     return True
 
 
+def _element_type(hint: Any) -> Any:
+    """X of ``tuple[X, ...]`` or ``list[X]``; None for other hints."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is tuple and len(args) == 2 and args[1] is Ellipsis:
+        return args[0]
+    return args[0] if typing.get_origin(hint) is list and len(args) == 1 else None
+
+
 _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+_PLURALS = {bool: "booleans", int: "integers", float: "numbers", str: "strings"}
+
+
+def _type_name(hint: Any) -> str:
+    element = _element_type(hint)
+    if element in _PLURALS:
+        return f"a list of {_PLURALS[element]}"
+    return _TYPE_NAMES.get(hint, getattr(hint, "__name__", str(hint)))
 
 
 def _check_type(field: str, hint: Any, value: Any) -> None:
@@ -181,7 +220,7 @@ def _check_type(field: str, hint: Any, value: Any) -> None:
     if _matches(hint, value):
         return
     arms = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
-    wanted = " or ".join(_TYPE_NAMES.get(arm, getattr(arm, "__name__", str(arm))) for arm in arms)
+    wanted = " or ".join(_type_name(arm) for arm in arms)
     raise ConfigError(f"{field}={value!r} is not valid: {field} takes {wanted}")
 
 
@@ -198,7 +237,10 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist")
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {p} is not UTF-8 text: byte {e.start} is 0x{e.object[e.start]:02x}") from None
     try:
         if p.suffix == ".toml":
             if tomllib is None:
@@ -210,8 +252,13 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
             data = yaml.safe_load(text)
     except (ValueError, yaml.YAMLError) as e:
         raise ConfigError(f"cannot parse config file {p}: {e}") from None
+    except RecursionError:  # the parsers recurse once per nesting level
+        raise ConfigError(f"cannot parse config file {p}: it is nested too deeply") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {p} must hold a mapping of keys to values, not {type(data).__name__}")
+    for key in data:
+        if not isinstance(key, str):
+            raise ConfigError(f"config file {p}: key {key!r} is not a name (quote it in YAML: '{key}':)")
     return data
 
 
@@ -244,7 +291,7 @@ _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 def _scalar(text: str) -> Any:
     try:
         value = yaml.safe_load(text)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, RecursionError):  # ValueError: an integer of over 4300 digits
         return text
     if isinstance(value, str) and _NUMBER.fullmatch(text.strip()):
         return float(text)  # YAML 1.1 reads "1e-3" as a string; --lr 1e-3 means a number

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import math
 import os
 import struct
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -69,7 +72,7 @@ def _read_idx(p: Path, ndim: int) -> np.ndarray:
     try:
         with opener(p, "rb") as f:
             data = f.read()
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:  # zlib.error: a damaged .gz
         raise DataError(f"{p}: cannot read ({e})") from None
     if len(data) < 4 + 4 * ndim:
         raise DataError(f"{p}: too short for an IDX header")
@@ -78,8 +81,8 @@ def _read_idx(p: Path, ndim: int) -> np.ndarray:
         raise DataError(f"{p}: not an IDX file of {ndim}-d unsigned bytes (magic {data[:4].hex()})")
     shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-    if body.size != int(np.prod(shape)):
-        raise DataError(f"{p}: header says {shape} = {int(np.prod(shape))} bytes, the file holds {body.size}")
+    if body.size != math.prod(shape):  # exact: numpy's int64 product wraps around for huge dimensions
+        raise DataError(f"{p}: header says {shape} = {math.prod(shape)} bytes, the file holds {body.size}")
     return body.reshape(shape)
 
 
@@ -87,14 +90,20 @@ def _read_npz(p: Path) -> LabelledImages:
     try:
         with np.load(p, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
         raise DataError(f"{p}: cannot read ({e})") from None
     x = next((arrays[k] for k in ("x", "images", "x_train") if k in arrays), None)
     y = next((arrays[k] for k in ("y", "labels", "y_train") if k in arrays), None)
     if x is None or y is None:
         raise DataError(f"{p}: needs arrays 'x' (or 'images') and 'y' (or 'labels'); it has {sorted(arrays)}")
-    if len(x) != len(y):
-        raise DataError(f"{p}: {len(x)} images but {len(y)} labels")
+    if y.ndim != 1:
+        raise DataError(f"{p}: labels must be a 1-d array, got shape {y.shape}")
+    if x.dtype.kind not in "biuf":
+        raise DataError(f"{p}: images must hold numbers, got dtype {x.dtype}")
+    if x.dtype.kind == "f" and not np.isfinite(x).all():
+        raise DataError(f"{p}: images hold NaN or infinite values")
+    if x.ndim == 0 or len(x) != len(y):
+        raise DataError(f"{p}: {len(x) if x.ndim else 'no'} images but {len(y)} labels")
     if x.ndim == 3:
         x = x[:, None]
     elif x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import os
 import re
@@ -104,26 +105,39 @@ def _chain_first(is_json: bool, line: int, first: dict, rows):
     yield from rows
 
 
+def _utf8_text(p: Path) -> str:
+    """The file's text; invalid UTF-8 is a DataError naming the first bad byte."""
+    data = p.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{p}: not valid UTF-8: byte 0x{data[e.start]:02x} at byte offset {e.start} ({e.reason}); "
+            "convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+        ) from None
+
+
 def _jsonl_rows(p: Path):
-    with open(p, encoding="utf-8") as f:
-        for line, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{p}:{line}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{p}:{line}: expected a JSON object, got {type(record).__name__}")
-            yield line, record
+    for line, raw in enumerate(io.StringIO(_utf8_text(p), newline=None), start=1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{p}:{line}: not valid JSON ({e.msg})") from None
+        except RecursionError:  # the JSON reader recurses once per nesting level
+            raise DataError(f"{p}:{line}: JSON nested too deeply") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{p}:{line}: expected a JSON object, got {type(record).__name__}")
+        yield line, record
 
 
 def _delimited_rows(p: Path, delimiter: str):
     """Yields (line, dict) after checking each row has as many fields as the header (first yield: the header)."""
-    with open(p, encoding="utf-8", newline="") as f:
-        quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-        reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
-        header = None
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    reader = csv.reader(io.StringIO(_utf8_text(p), newline=""), delimiter=delimiter, quoting=quoting)
+    header = None
+    try:
         for row in reader:
             line = reader.line_num
             if not row or (len(row) == 1 and not row[0].strip()):
@@ -135,6 +149,8 @@ def _delimited_rows(p: Path, delimiter: str):
             if len(row) != len(header):
                 raise DataError(f"{p}:{line}: expected {len(header)} fields ({', '.join(header)}), got {len(row)}")
             yield line, dict(zip(header, row))
+    except csv.Error as e:  # e.g. a field over csv's size limit (an unclosed quote swallowing the file)
+        raise DataError(f"{p}:{reader.line_num}: {e}") from None
 
 
 def label_names(labels: Sequence[str | None]) -> list[str]:

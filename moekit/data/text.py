@@ -51,6 +51,8 @@ def _read_jsonl(path: Path, text: str, text_field: str) -> list[str]:
             record = json.loads(line)
         except ValueError as e:
             raise DataError(f"{path}, line {lineno}: not valid JSON ({e})") from None
+        except RecursionError:  # the JSON reader recurses once per nesting level
+            raise DataError(f"{path}, line {lineno}: JSON nested too deeply") from None
         if not isinstance(record, dict):
             raise DataError(f"{path}, line {lineno}: expected a JSON object, got {type(record).__name__}")
         if text_field not in record:
@@ -69,6 +71,8 @@ def _read_file(path: Path, text_field: str, separator: str) -> str:
     if not data.strip():
         raise _SkippableFile(f"{path} is empty" + (" (only whitespace)" if data else ""))
     text = _decode(path, data)
+    if not text.strip():  # e.g. only a byte-order mark
+        raise _SkippableFile(f"{path} is empty (only whitespace)")
     if path.suffix.lower() in JSONL_SUFFIXES:
         docs = _read_jsonl(path, text, text_field)
         if not any(docs):

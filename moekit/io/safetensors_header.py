@@ -87,7 +87,7 @@ def _check_entry(path: Path, name: str, entry: Any) -> tuple[int, int]:
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
         raise CheckpointError(f"{where}: header entry must have exactly dtype, shape, data_offsets; got {entry!r}")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype not in SAFETENSORS_DTYPES:
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
         raise CheckpointError(f"{where}: unknown or unsupported dtype {dtype!r}")
     if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
         raise CheckpointError(f"{where}: shape {shape!r} is not a list of non-negative ints")
@@ -146,9 +146,12 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, dict[str
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
     except (UnicodeDecodeError, ValueError) as e:
         raise CheckpointError(f"{path}: safetensors header is not valid JSON: {e}") from None
+    except RecursionError:  # Python's JSON reader recurses once per nesting level
+        raise CheckpointError(f"{path}: safetensors header is nested too deeply to be a tensor table") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: safetensors header must be a JSON object, got {type(header).__name__}")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata  # null is allowed, an empty list or string is not
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):

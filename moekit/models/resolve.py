@@ -56,6 +56,8 @@ def check_overrides(overrides: dict[str, Any], config_cls: type[Config], fixed: 
             raise ConfigError(f"unknown model key {key!r}: MoE settings are nested, use model.moe.{key}")
         if key not in names:
             raise unknown_key_error(key, names, f"{config_cls.__name__} (--model.*)")
-    for key in overrides.get("moe") or {}:
+    moe = overrides.get("moe")
+    require(moe is None or isinstance(moe, dict), f"model.moe={moe!r}: give null (dense) or model.moe.X settings")
+    for key in moe or {}:
         if key not in moe_names:
             raise unknown_key_error(key, moe_names, "MoEConfig (--model.moe.*)")
