@@ -4,6 +4,14 @@ Every math field is derived from the LMConfig, written over the ``hf_config`` an
 spellings and other non-math fields come back as they were), then the result is imported again and its
 math compared with the model's: a model the family cannot express (a capacity factor, hash routing,
 per-layer expert counts...) raises ConfigError naming the first field that differs.
+
+Dense layers among sparse ones (``first_k_dense``, ``moe_layer_freq``, ``moe_layers``; the ``demo`` preset's
+dense first layer) are exact in three families: Qwen2-MoE and Qwen3-MoE list them in ``mlp_only_layers``
+(with ``decoder_sparse_step=1``; any pattern), DeepSeek-V3 counts them in ``first_k_dense_replace`` (leading
+ones only). Mixtral and OLMoE make every layer sparse. Qwen3-MoE always applies QK-norm and DeepSeek-V3
+always uses MLA, so a softmax-routed MoE with dense layers, no QK-norm and no shared expert (``demo``) is
+exported as Qwen2-MoE with ``shared_expert_intermediate_size=0``: the zero-width shared expert adds exactly 0
+(transformers builds and loads it; :mod:`.config_map` reads it back as no shared expert).
 """
 
 from __future__ import annotations
@@ -38,18 +46,23 @@ def infer_family(config: LMConfig) -> str:
         return "qwen2_moe"
     if config.qk_norm == QKNorm.FULL:
         return "olmoe"
-    if config.qk_norm == QKNorm.HEAD or config.moe_layers is not None:
+    if config.qk_norm == QKNorm.HEAD:
         return "qwen3_moe"
+    if len(config.sparse_layers) < config.num_hidden_layers:  # dense layers: mlp_only_layers, no QK-norm
+        return "qwen2_moe"
     return "mixtral"
 
 
-def hf_config_from_lm(config: LMConfig, family: str | None = None, dtype: str | None = None) -> dict[str, Any]:
+def hf_config_from_lm(
+    config: LMConfig, family: str | None = None, dtype: str | None = None, family_flag: str = "family="
+) -> dict[str, Any]:
     """The ``config.json`` dict that makes transformers build ``config``'s model in ``family``.
 
     Args:
         config: the model's LMConfig (its ``hf_config``, if any, supplies token ids and other non-math fields).
         family: an HF ``model_type``; default: the imported one, else :func:`infer_family`.
         dtype: the weights' dtype name (``"float32"``, ``"bfloat16"``...) to record.
+        family_flag: how the caller spells the family option in the hint of an error (``--family`` on the CLI).
 
     Raises:
         ConfigError: ``family`` is unknown or cannot express the model (naming the field that differs).
@@ -69,7 +82,7 @@ def hf_config_from_lm(config: LMConfig, family: str | None = None, dtype: str | 
     out["model_type"] = family
     if dtype is not None:
         out["dtype"] = dtype
-    _check_expressible(config, out, family)
+    _check_expressible(config, out, family, family_flag)
     return out
 
 
@@ -273,7 +286,7 @@ def _effective_window(c: LMConfig) -> int | None:
     return c.sliding_window if c.sliding_window and c.sliding_window < c.max_position_embeddings else None
 
 
-def _check_expressible(config: LMConfig, exported: dict[str, Any], family: str) -> None:
+def _check_expressible(config: LMConfig, exported: dict[str, Any], family: str, family_flag: str) -> None:
     try:
         back = lm_config_from_hf(exported, where=f"exported {family} config", quiet=True)
     except ConfigError as e:
@@ -284,5 +297,5 @@ def _check_expressible(config: LMConfig, exported: dict[str, Any], family: str) 
             raise ConfigError(
                 f"cannot export this model as {family}: {key}={mine.get(key)!r} in the model, but a {family} "
                 f"config can only express {theirs.get(key)!r}"
-                + ("" if config.hf_config else f" (pass family= one of {', '.join(FAMILIES)})")
+                + ("" if config.hf_config else f" (pass {family_flag} one of {', '.join(FAMILIES)})")
             )

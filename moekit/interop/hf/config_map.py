@@ -19,6 +19,9 @@ Notes on numerics, checked against transformers 5.23's modeling files:
   than ``top_k`` experts of the kept groups have a positive biased score); weights are the unbiased
   sigmoid scores, divided by (their sum + 1e-20) when ``norm_topk_prob``, then times
   ``routed_scaling_factor``. Same order in :class:`moekit.nn.router.SigmoidTopKRouter`.
+* Qwen2-MoE always builds a gated shared expert; ``shared_expert_intermediate_size=0`` makes it zero-width,
+  so it adds exactly 0 and the model has no shared expert (its ``shared_expert_gate`` weight is read and
+  dropped). Export writes MoEs with dense layers and no QK-norm this way (see :mod:`.config_export`).
 * Balancing-loss coefficients only matter in training. Transformers averages the balance loss over
   layers, moekit sums per-layer losses, so ``aux_loss_coef = router_aux_loss_coef / MoE layers``.
   Mixtral's ``router_jitter_noise`` maps to ``router_jitter``; transformers also jitters the experts'
@@ -354,12 +357,9 @@ def _ffn(f: _Fields, num_layers: int) -> dict[str, Any]:
         )
     elif family in ("qwen2_moe", "qwen3_moe", "olmoe"):
         moe.update(num_experts=f.int("num_experts"), norm_topk_prob=f.flag("norm_topk_prob"))
-    if family == "qwen2_moe":
-        moe.update(
-            num_shared_experts=1,
-            shared_expert_hidden_size=f.int("shared_expert_intermediate_size"),
-            shared_expert_gate=True,
-        )
+    shared_size = f.int("shared_expert_intermediate_size", minimum=0) if family == "qwen2_moe" else 0
+    if shared_size:  # 0: a zero-width shared expert adds exactly nothing (how moekit exports MoEs without one)
+        moe.update(num_shared_experts=1, shared_expert_hidden_size=shared_size, shared_expert_gate=True)
     if family == "deepseek_v3":
         f.require_value("scoring_func", ("sigmoid",), "transformers' DeepSeek-V3 routes with sigmoid scores")
         f.require_value("topk_method", ("noaux_tc",), "transformers' DeepSeek-V3 routes with group-limited noaux_tc")

@@ -13,6 +13,8 @@ moekit                                        hub layout (per expert; what ``sav
 ``mlp.experts.w_out [E, I, D]``               ``{moe}.experts.{e}.down_proj.weight [D, I]``
 ``mlp.shared_experts.*``                      ``mlp.shared_expert.*`` (Qwen2-MoE), ``mlp.shared_experts.*``
 ``mlp.shared_expert_gate.weight``             ``mlp.shared_expert_gate.weight`` (Qwen2-MoE)
+(no shared expert)                            Qwen2-MoE: zero-width ``mlp.shared_expert.*`` and a
+                                              zero ``mlp.shared_expert_gate.weight [1, D]``
 ============================================  ====================================================
 
 transformers 5 fuses the experts in memory (and writes them so with ``save_original_format=False``):
@@ -192,12 +194,25 @@ def _moe_in(
         out[f"{mine}.experts.w_in"] = torch.stack(w_in)
         out[f"{mine}.experts.w_out"] = torch.stack(w_out)
     shared = _SHARED_NAME.get(family)
+    if family == "qwen2_moe" and not m.num_shared_experts:  # zero-width: adds 0, nothing to keep
+        for hf_name, shape in _zero_width_shared(pre, D).items():
+            source.take(hf_name, shape, why + ", shared_expert_intermediate_size=0")
     for name, shape in expected.items():
         if name.startswith(f"{mine}.shared_experts."):
             out[name] = source.take(f"{pre}.{shared}.{name[len(mine) + 16 :]}", tuple(shape), why)
         elif name.startswith(f"{mine}.shared_expert_gate."):
             out[name] = source.take(f"{pre}.{name[len(mine) + 1 :]}", tuple(shape), why)
     return out
+
+
+def _zero_width_shared(pre: str, hidden: int) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of a Qwen2-MoE layer's shared expert when ``shared_expert_intermediate_size`` is 0."""
+    return {
+        f"{pre}.shared_expert.gate_proj.weight": (0, hidden),
+        f"{pre}.shared_expert.up_proj.weight": (0, hidden),
+        f"{pre}.shared_expert.down_proj.weight": (hidden, 0),
+        f"{pre}.shared_expert_gate.weight": (1, hidden),
+    }
 
 
 def _check_leftovers(source: HFTensors, config: LMConfig, family: str) -> None:
@@ -255,7 +270,10 @@ def _moe_out(name: str, rest: str, t: torch.Tensor, config: LMConfig, family: st
     pre = f"model.layers.{layer}.{_HUB_MOE_PREFIX.get(family, 'mlp')}"
     t = t.detach()
     if rest == "router.weight":
-        return {f"{pre}.gate.weight": t.contiguous()}
+        out = {f"{pre}.gate.weight": t.contiguous()}
+        if family == "qwen2_moe" and not config.moe_config(layer).num_shared_experts:
+            out.update({name: t.new_zeros(shape) for name, shape in _zero_width_shared(pre, t.shape[1]).items()})
+        return out
     if rest == _ROUTER_BIAS:
         return {f"{pre}.gate.e_score_correction_bias": t.float().contiguous()}
     if rest == "experts.w_in":
