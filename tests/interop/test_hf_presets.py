@@ -14,6 +14,7 @@ from moekit.errors import ConfigError
 from moekit.interop.hf import hf_config_from_lm, infer_family
 from moekit.models import LMConfig, MoELM
 from moekit.models.presets import PRESETS
+from moekit.nn.config import MoEConfig
 from tests.interop.hf_models import VOCAB, one_torch_thread, padded_batch, transformers  # noqa: F401
 
 
@@ -87,3 +88,33 @@ def test_demo_dense_first_layer_is_a_qwen2_moe_mlp_only_layer_with_no_shared_exp
         hf_config_from_lm(PRESETS["demo"], family="qwen3_moe")
     with pytest.raises(ConfigError, match="sparse_layers"):
         hf_config_from_lm(PRESETS["demo"], family="mixtral")
+
+
+@pytest.mark.parametrize("attention", ["mha", "mla"])
+def test_a_sigmoid_routed_moe_without_shared_experts_exports_a_zero_width_one(tmp_path, attention):
+    mla = dict(kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8) if attention == "mla" else {}
+    config = LMConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        first_k_dense=1,
+        initializer_range=0.1,
+        attention_type=attention,
+        moe=MoEConfig(num_experts=8, top_k=2, expert_hidden_size=16, router="sigmoid_topk", n_group=2, topk_group=1),
+        **mla,
+    )
+    model = _perturbed(config)
+    out = moekit.to_hf(model, tmp_path / "hf")
+    exported = json.loads((out / "config.json").read_text())
+    assert exported["model_type"] == ("deepseek_v3" if mla else "glm4_moe") and exported["n_shared_experts"] == 0
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert all(not v for v in info.values()), info
+    ids, mask, positions = padded_batch()
+    with torch.no_grad():
+        theirs = hf.eval()(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        assert (model(ids, attention_mask=mask).logits - theirs).abs()[mask.bool()].max() <= 1e-4
+    back = moekit.from_hf(out)
+    assert back.config.moe.num_shared_experts == 0
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in model.state_dict().items())
