@@ -3,7 +3,8 @@
 --from-hf writes a moekit checkpoint folder (config.json + model.safetensors + the tokenizer files) that
 ``moekit generate/eval --checkpoint``, ``moekit train --init-from`` and ``moekit.load`` read; the weights
 keep their dtype. --to-hf writes a folder ``transformers.AutoModelForCausalLM.from_pretrained`` loads,
-in the checkpoint's dtype unless --dtype says otherwise, sharded past --max-shard-size.
+in the checkpoint's dtype unless --dtype says otherwise, sharded past --max-shard-size, with the tokenizer
+(moekit's byte/char tokenizers become a ``tokenizer.json`` that ``AutoTokenizer`` loads with the same ids).
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ def convert(from_hf=None, to_hf=None, out=None, dtype=None, family=None, max_sha
         if dtype or family:
             raise ConfigError("--dtype and --family apply to --to-hf; --from-hf keeps the checkpoint's dtype")
         return convert_from_hf(from_hf, out)
-    return convert_to_hf(to_hf, out, dtype=dtype, family=family, max_shard_bytes=parse_size(max_shard_size))
+    size = parse_size(max_shard_size)
+    return convert_to_hf(to_hf, out, dtype=dtype, family=family, max_shard_bytes=size, family_flag="--family")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -103,12 +103,31 @@ CONFIGS = {
             norm_topk_prob=False,
         ),
     ),
+    "glm4_moe": (  # GQA with sigmoid group-limited routing; the whole head rotated (moekit has no partial RoPE)
+        "Glm4MoeConfig",
+        dict(
+            _BASE,
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            n_routed_experts=8,
+            n_shared_experts=1,
+            num_experts_per_tok=3,
+            n_group=4,
+            topk_group=2,
+            first_k_dense_replace=1,
+            routed_scaling_factor=1.5,
+            attention_bias=True,
+            use_qk_norm=True,
+            head_dim=12,
+            rope_parameters={"rope_type": "default", "rope_theta": 5000.0, "partial_rotary_factor": 1.0},
+        ),
+    ),
     "llama": ("LlamaConfig", dict(_BASE, intermediate_size=48, attention_bias=True, tie_word_embeddings=True)),
     "mistral": ("MistralConfig", dict(_BASE, intermediate_size=48, sliding_window=6)),
     "qwen2": ("Qwen2Config", dict(_BASE, intermediate_size=48)),
     "qwen3": ("Qwen3Config", dict(_BASE, intermediate_size=48, head_dim=12)),
 }
-MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "deepseek_v3_plain")
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "deepseek_v3_plain", "glm4_moe")
 
 
 def hf_config(name: str, **overrides):

@@ -20,10 +20,11 @@ from typing import Any
 
 import torch
 
-from moekit.data.tokenizers import TOKENIZER_FILE, HFTokenizer, Tokenizer
+from moekit.data.tokenizers import TOKENIZER_FILE, HFTokenizer, Tokenizer, load_tokenizer
 from moekit.errors import CheckpointError, ConfigError, DataError
 from moekit.interop.hf.config_export import hf_config_from_lm, infer_family
 from moekit.interop.hf.config_map import lm_config_from_hf
+from moekit.interop.hf.tokenizer_export import TOKENIZER_CONFIG_FILE, has_hf_form, save_hf_tokenizer
 from moekit.interop.hf.weights_map import HFTensors, hf_to_moekit, moekit_to_hf
 from moekit.io.safe_io import (
     INDEX_NAME,
@@ -241,6 +242,7 @@ def to_hf(
     dtype: torch.dtype | str | None = None,
     family: str | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    family_flag: str = "family=",
 ) -> Path:
     """Write ``model`` as a Hugging Face model folder that transformers loads with no missing or unexpected keys.
 
@@ -248,11 +250,14 @@ def to_hf(
         model: a :class:`~moekit.models.MoELM` (imported with :func:`from_hf`, or native when a family can
             express it).
         path: output folder (created; files of an earlier export there are replaced).
-        tokenizer: an :class:`HFTokenizer`, or a folder whose tokenizer files to copy; default: the folder the
-            model was imported from, if any.
+        tokenizer: a moekit tokenizer (byte and char ones are written as an HF ``tokenizer.json`` +
+            ``tokenizer_config.json`` that ``AutoTokenizer`` loads with the same ids), or a folder whose tokenizer
+            files to carry (a moekit checkpoint's ``tokenizer.json`` is converted the same way); default: the
+            folder the model was imported from, if any.
         dtype: weights' dtype; default: the model's (``e_score_correction_bias`` is always fp32).
         family: HF ``model_type``; default: the imported one, else inferred from the config.
         max_shard_bytes: above this the weights are sharded with ``model.safetensors.index.json``.
+        family_flag: how the caller spells the family option, for the hint in errors (``--family`` on the CLI).
 
     Returns:
         The folder.
@@ -263,7 +268,8 @@ def to_hf(
     cfg = model.config
     family = family or (cfg.hf_config or {}).get("model_type") or infer_family(cfg)
     target = _as_dtype(dtype)
-    hf_config = hf_config_from_lm(cfg, family)  # refuses what the family cannot express, before any tensor work
+    # Refuses what the family cannot express, before any tensor work.
+    hf_config = hf_config_from_lm(cfg, family, family_flag=family_flag)
     tensors = moekit_to_hf(model.state_dict(), cfg, family)
     if target is not None:
         tensors = {
@@ -302,12 +308,13 @@ def _is_hf_tokenizer_file(file: Path) -> bool:
     return isinstance(data, dict) and isinstance(data.get("model"), dict)
 
 
-def copy_tokenizer_files(source: Path, out: Path) -> list[str]:
-    """Copy the tokenizer (and generation config) files of ``source`` into ``out``; returns their names."""
+def copy_tokenizer_files(source: Path, out: Path, skip: tuple[str, ...] = ()) -> list[str]:
+    """Copy the tokenizer (and generation config) files of ``source`` into ``out``, but those named in ``skip``;
+    returns their names."""
     copied = []
     for name in TOKENIZER_FILES:
         file = source / name
-        if not file.is_file() or (out / name).resolve() == file.resolve():
+        if name in skip or not file.is_file() or (out / name).resolve() == file.resolve():
             continue
         if name == TOKENIZER_FILE and not _is_hf_tokenizer_file(file):
             logger.warning("%s is a moekit byte/char tokenizer, not a Hugging Face one; not copied", file)
@@ -318,20 +325,28 @@ def copy_tokenizer_files(source: Path, out: Path) -> list[str]:
 
 
 def _carry_tokenizer(model: MoELM, tokenizer, out: Path) -> None:
-    if isinstance(tokenizer, HFTokenizer):
-        copy_tokenizer_files(tokenizer.path.parent, out)
-        tokenizer.save(out)
-    elif isinstance(tokenizer, Tokenizer):
-        logger.warning("the %s tokenizer has no Hugging Face form; the export carries no tokenizer", tokenizer.kind)
-    elif tokenizer is not None:
-        source = Path(tokenizer)
-        if not source.is_dir():
-            raise DataError(f"tokenizer={str(source)!r} is not a folder with tokenizer files")
-        copy_tokenizer_files(source, out)
-    else:
+    """Put the model's tokenizer into the export in Hugging Face form (see :func:`to_hf`'s ``tokenizer``)."""
+    if tokenizer is None:
         source = getattr(model, "_hf_source", None)
         if isinstance(source, Path) and source.is_dir():
             copy_tokenizer_files(source, out)
+        return
+    if not isinstance(tokenizer, Tokenizer):
+        folder = Path(tokenizer)
+        if not folder.is_dir():
+            raise DataError(f"tokenizer={str(folder)!r} is not a folder with tokenizer files")
+        if not (folder / TOKENIZER_FILE).is_file() or _is_hf_tokenizer_file(folder / TOKENIZER_FILE):
+            copy_tokenizer_files(folder, out)
+            return
+        copy_tokenizer_files(folder, out, skip=(TOKENIZER_FILE, TOKENIZER_CONFIG_FILE))  # generation config...
+        tokenizer = load_tokenizer(folder)  # moekit's own byte/char tokenizer: written in HF form below
+    if isinstance(tokenizer, HFTokenizer):
+        copy_tokenizer_files(tokenizer.path.parent, out)
+        tokenizer.save(out)
+    elif has_hf_form(tokenizer):
+        save_hf_tokenizer(tokenizer, out, max_length=model.config.max_position_embeddings)
+    else:
+        logger.warning("the %s tokenizer has no Hugging Face form; the export carries no tokenizer", tokenizer.kind)
 
 
 # ----------------------------------------------------------------------------------------- moekit checkpoints
@@ -381,14 +396,21 @@ def convert_to_hf(
     dtype: torch.dtype | str | None = None,
     family: str | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    family_flag: str = "family=",
 ) -> Path:
-    """moekit checkpoint (or run) folder -> HF model folder, in the checkpoint's dtype unless ``dtype`` is given."""
+    """moekit checkpoint (or run) folder -> HF model folder, in the checkpoint's dtype unless ``dtype`` is given;
+    moekit's byte/char tokenizers are written in Hugging Face form. ``family_flag``: as in :func:`to_hf`."""
     from moekit import checkpoint as ckpt
 
     folder = ckpt.resolve_checkpoint(checkpoint)
-    model, tokenizer = ckpt.load_model(folder)
+    model, _ = ckpt.load_model(folder)  # checks the tokenizer fits the model; the folder's files are exported
     dtype = _as_dtype(dtype) or checkpoint_dtype(ckpt.weights_files(folder)[0])  # one file, or EP shards
-    carry = tokenizer if isinstance(tokenizer, HFTokenizer) else folder
-    path = to_hf(model, out, tokenizer=carry, dtype=dtype, family=family, max_shard_bytes=max_shard_bytes)
-    copy_tokenizer_files(folder, path)  # side files (special tokens, generation config) kept in the checkpoint
-    return path
+    return to_hf(
+        model,
+        out,
+        tokenizer=folder,
+        dtype=dtype,
+        family=family,
+        max_shard_bytes=max_shard_bytes,
+        family_flag=family_flag,
+    )

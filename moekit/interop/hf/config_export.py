@@ -4,6 +4,17 @@ Every math field is derived from the LMConfig, written over the ``hf_config`` an
 spellings and other non-math fields come back as they were), then the result is imported again and its
 math compared with the model's: a model the family cannot express (a capacity factor, hash routing,
 per-layer expert counts...) raises ConfigError naming the first field that differs.
+
+Dense layers among sparse ones (``first_k_dense``, ``moe_layer_freq``, ``moe_layers``; the ``demo`` preset's
+dense first layer) are exact in four families: Qwen2-MoE and Qwen3-MoE list them in ``mlp_only_layers``
+(with ``decoder_sparse_step=1``; any pattern), DeepSeek-V3 and GLM-4-MoE count them in
+``first_k_dense_replace`` (leading ones only). Mixtral and OLMoE make every layer sparse. Qwen3-MoE always
+applies QK-norm and DeepSeek-V3 always uses MLA, so a softmax-routed MoE with dense layers, no QK-norm and no
+shared expert (``demo``) is exported as Qwen2-MoE with ``shared_expert_intermediate_size=0``: the zero-width
+shared expert adds exactly 0 (transformers builds and loads it; :mod:`.config_map` reads it back as no shared
+expert). Sigmoid routing with grouped-query attention (``deepseek-small``) is GLM-4-MoE with
+``partial_rotary_factor=1.0``: its router is DeepSeek-V3's, its attention Llama's with q/k/v biases and
+optional per-head QK-norm.
 """
 
 from __future__ import annotations
@@ -13,7 +24,7 @@ from typing import Any
 from moekit.config import closest
 from moekit.errors import ConfigError
 from moekit.interop.hf.config_map import lm_config_from_hf
-from moekit.interop.hf.families import ALIASES, ARCHITECTURES, DENSE_FAMILIES, FAMILIES
+from moekit.interop.hf.families import ALIASES, ARCHITECTURES, DENSE_FAMILIES, FAMILIES, SIGMOID_FAMILIES
 from moekit.models.config import AttentionType, LMConfig
 from moekit.nn.attention import QKNorm
 from moekit.nn.config import MoEConfig, RouterType
@@ -32,24 +43,29 @@ def infer_family(config: LMConfig) -> str:
             return "mistral"
         return "llama"
     moe = config.moe
-    if moe.router == RouterType.SIGMOID_TOPK:
-        return "deepseek_v3"
+    if moe.router == RouterType.SIGMOID_TOPK:  # MLA returned above
+        return "glm4_moe"
     if moe.shared_expert_gate or moe.num_shared_experts:
         return "qwen2_moe"
     if config.qk_norm == QKNorm.FULL:
         return "olmoe"
-    if config.qk_norm == QKNorm.HEAD or config.moe_layers is not None:
+    if config.qk_norm == QKNorm.HEAD:
         return "qwen3_moe"
+    if len(config.sparse_layers) < config.num_hidden_layers:  # dense layers: mlp_only_layers, no QK-norm
+        return "qwen2_moe"
     return "mixtral"
 
 
-def hf_config_from_lm(config: LMConfig, family: str | None = None, dtype: str | None = None) -> dict[str, Any]:
+def hf_config_from_lm(
+    config: LMConfig, family: str | None = None, dtype: str | None = None, family_flag: str = "family="
+) -> dict[str, Any]:
     """The ``config.json`` dict that makes transformers build ``config``'s model in ``family``.
 
     Args:
         config: the model's LMConfig (its ``hf_config``, if any, supplies token ids and other non-math fields).
         family: an HF ``model_type``; default: the imported one, else :func:`infer_family`.
         dtype: the weights' dtype name (``"float32"``, ``"bfloat16"``...) to record.
+        family_flag: how the caller spells the family option in the hint of an error (``--family`` on the CLI).
 
     Raises:
         ConfigError: ``family`` is unknown or cannot express the model (naming the field that differs).
@@ -69,7 +85,7 @@ def hf_config_from_lm(config: LMConfig, family: str | None = None, dtype: str | 
     out["model_type"] = family
     if dtype is not None:
         out["dtype"] = dtype
-    _check_expressible(config, out, family)
+    _check_expressible(config, out, family, family_flag)
     return out
 
 
@@ -88,6 +104,8 @@ def _export_fields(c: LMConfig, family: str, base: dict[str, Any]) -> dict[str, 
     # transformers 5 reads rope_parameters, 4.x rope_theta: keep the imported spelling, write both otherwise.
     if "rope_parameters" in base or "rope_theta" not in base:
         out["rope_parameters"] = {"rope_type": "default", "rope_theta": c.rope_theta}
+        if family == "glm4_moe":  # its default rotates half of each head
+            out["rope_parameters"]["partial_rotary_factor"] = 1.0
     if "rope_theta" in base or "rope_parameters" not in base:
         out["rope_theta"] = c.rope_theta
     if "layer_types" in base:  # sliding layers are refused on import, so every layer is full attention
@@ -118,12 +136,14 @@ def _attention_fields(c: LMConfig, family: str, base: dict[str, Any]) -> dict[st
         out["num_key_value_heads"] = base.get("num_key_value_heads", c.num_attention_heads)  # unused by MLA
     else:
         out["num_key_value_heads"] = c.kv_heads
-        if family != "olmoe" and (c.head_dim is not None or family == "qwen3"):
+        if family != "olmoe" and (c.head_dim is not None or family in ("qwen3", "glm4_moe")):
             out["head_dim"] = c.head_size
         elif "head_dim" in base and family != "olmoe":
             out["head_dim"] = None  # the default (hidden_size // heads), as the imported config said
-        if family in ("llama", "qwen3", "qwen3_moe", "olmoe", "deepseek_v3"):
+        if family in ("llama", "qwen3", "qwen3_moe", "olmoe", "deepseek_v3", "glm4_moe"):
             out["attention_bias"] = c.attention_bias
+        if family == "glm4_moe":
+            out["use_qk_norm"] = c.qk_norm == QKNorm.HEAD
         if family == "qwen2_moe":
             out["qkv_bias"] = c.attention_bias
         if family in ("mistral", "mixtral"):
@@ -150,7 +170,7 @@ def _moe_fields(c: LMConfig, family: str, base: dict[str, Any]) -> dict[str, Any
     else:
         out["moe_intermediate_size"] = moe.expert_hidden_size
         out["intermediate_size"] = c.intermediate_size
-    if family != "deepseek_v3":
+    if family not in SIGMOID_FAMILIES:
         out["router_aux_loss_coef"] = _aux_coef(base.get("router_aux_loss_coef"), moe.aux_loss_coef, n_sparse)
     out[_expert_count_key(family, base)] = moe.num_experts
     if family == "mixtral":
@@ -161,7 +181,7 @@ def _moe_fields(c: LMConfig, family: str, base: dict[str, Any]) -> dict[str, Any
         out.update(_qwen_sparse_fields(base, dense, c.num_hidden_layers))
     if family == "qwen2_moe":
         out["shared_expert_intermediate_size"] = moe.shared_hidden_size
-    if family == "deepseek_v3":
+    if family in SIGMOID_FAMILIES:
         leading = 0
         while leading < c.num_hidden_layers and leading not in sparse:
             leading += 1
@@ -173,10 +193,12 @@ def _moe_fields(c: LMConfig, family: str, base: dict[str, Any]) -> dict[str, Any
             n_shared_experts=moe.num_shared_experts,
             first_k_dense_replace=leading,
         )
+    if family == "glm4_moe":  # moekit has no multi-token-prediction module
+        out["num_nextn_predict_layers"] = base.get("num_nextn_predict_layers", 0)
     return out
 
 
-_EXPERT_COUNT = {"mixtral": "num_local_experts", "deepseek_v3": "n_routed_experts"}
+_EXPERT_COUNT = {"mixtral": "num_local_experts", "deepseek_v3": "n_routed_experts", "glm4_moe": "n_routed_experts"}
 
 
 def _expert_count_key(family: str, base: dict[str, Any]) -> str:
@@ -273,7 +295,7 @@ def _effective_window(c: LMConfig) -> int | None:
     return c.sliding_window if c.sliding_window and c.sliding_window < c.max_position_embeddings else None
 
 
-def _check_expressible(config: LMConfig, exported: dict[str, Any], family: str) -> None:
+def _check_expressible(config: LMConfig, exported: dict[str, Any], family: str, family_flag: str) -> None:
     try:
         back = lm_config_from_hf(exported, where=f"exported {family} config", quiet=True)
     except ConfigError as e:
@@ -284,5 +306,5 @@ def _check_expressible(config: LMConfig, exported: dict[str, Any], family: str) 
             raise ConfigError(
                 f"cannot export this model as {family}: {key}={mine.get(key)!r} in the model, but a {family} "
                 f"config can only express {theirs.get(key)!r}"
-                + ("" if config.hf_config else f" (pass family= one of {', '.join(FAMILIES)})")
+                + ("" if config.hf_config else f" (pass {family_flag} one of {', '.join(FAMILIES)})")
             )

@@ -19,6 +19,9 @@ Notes on numerics, checked against transformers 5.23's modeling files:
   than ``top_k`` experts of the kept groups have a positive biased score); weights are the unbiased
   sigmoid scores, divided by (their sum + 1e-20) when ``norm_topk_prob``, then times
   ``routed_scaling_factor``. Same order in :class:`moekit.nn.router.SigmoidTopKRouter`.
+* Qwen2-MoE always builds a gated shared expert; ``shared_expert_intermediate_size=0`` makes it zero-width,
+  so it adds exactly 0 and the model has no shared expert (its ``shared_expert_gate`` weight is read and
+  dropped). Export writes MoEs with dense layers and no QK-norm this way (see :mod:`.config_export`).
 * Balancing-loss coefficients only matter in training. Transformers averages the balance loss over
   layers, moekit sums per-layer losses, so ``aux_loss_coef = router_aux_loss_coef / MoE layers``.
   Mixtral's ``router_jitter_noise`` maps to ``router_jitter``; transformers also jitters the experts'
@@ -33,7 +36,15 @@ from typing import Any
 
 from moekit.config import closest
 from moekit.errors import ConfigError
-from moekit.interop.hf.families import ALIASES, COMMON_DEFAULTS, DENSE_FAMILIES, FAMILIES, FAMILY_DEFAULTS, HARMLESS
+from moekit.interop.hf.families import (
+    ALIASES,
+    COMMON_DEFAULTS,
+    DENSE_FAMILIES,
+    FAMILIES,
+    FAMILY_DEFAULTS,
+    HARMLESS,
+    SIGMOID_FAMILIES,
+)
 from moekit.models.config import AttentionType, LMConfig
 from moekit.nn.attention import QKNorm
 from moekit.nn.config import MoEConfig, RouterType
@@ -170,6 +181,11 @@ def _refuse_common(f: _Fields) -> None:
             dropout,
         )
     factor = raw.get("partial_rotary_factor")
+    params = raw.get("rope_parameters")
+    if isinstance(params, dict) and "partial_rotary_factor" in params:  # where transformers 5 keeps it
+        factor = params["partial_rotary_factor"]
+    if factor is None and f.family == "glm4_moe":
+        factor = 0.5  # Glm4MoeConfig's default
     if factor is not None and factor != 1.0:
         raise f.unsupported("partial_rotary_factor", factor, "moekit rotates the whole head dim")
 
@@ -185,7 +201,7 @@ def _rope_theta(f: _Fields) -> float:
         kind = params.get("rope_type", params.get("type", "default"))
         if kind != "default":
             raise f.unsupported("rope_parameters", params, f"rope_type={kind!r}; only unscaled RoPE is implemented")
-        extra = sorted(set(params) - {"rope_type", "type", "rope_theta"})
+        extra = sorted(set(params) - {"rope_type", "type", "rope_theta", "partial_rotary_factor"})  # factor: above
         if extra:
             raise f.unsupported("rope_parameters", params, f"fields {extra} of scaled RoPE")
         theta = params.get("rope_theta", theta)
@@ -246,7 +262,7 @@ def _sliding_window(f: _Fields, num_layers: int) -> int | None:
         if other:
             raise f.unsupported("layer_types", other, "only full attention is implemented")
         return None
-    else:  # llama, olmoe, deepseek_v3: no sliding window in their modeling code
+    else:  # llama, olmoe, deepseek_v3, glm4_moe: no sliding window in their modeling code
         return None
     if window is None or window == 0:
         return None
@@ -277,7 +293,9 @@ def _mha(f: _Fields) -> dict[str, Any]:
         out.update(attention_bias=True)
     elif family == "qwen2_moe":
         out.update(attention_bias=f.flag("qkv_bias"))
-    if family in ("qwen3", "qwen3_moe"):
+    elif family == "glm4_moe":  # q/k/v biases, none on o_proj
+        out.update(attention_bias=f.flag("attention_bias"))
+    if family in ("qwen3", "qwen3_moe") or (family == "glm4_moe" and f.flag("use_qk_norm")):
         out["qk_norm"] = QKNorm.HEAD
     elif family == "olmoe":
         out["qk_norm"] = QKNorm.FULL
@@ -317,8 +335,8 @@ def _sparse_layers(f: _Fields, num_layers: int) -> list[int]:
             raise ConfigError(f"{f.where}: mlp_only_layers={only!r} must be a list of layer indices")
         num_experts = f.int("num_experts", minimum=0)
         return [i for i in range(num_layers) if i not in only and num_experts > 0 and (i + 1) % step == 0]
-    # deepseek_v3
-    freq = f.int("moe_layer_freq")
+    # deepseek_v3, glm4_moe
+    freq = f.int("moe_layer_freq") if family == "deepseek_v3" else 1
     if freq != 1:
         raise f.unsupported(
             "moe_layer_freq", freq, "transformers' DeepSeek-V3 makes every layer past first_k_dense_replace sparse"
@@ -341,7 +359,7 @@ def _ffn(f: _Fields, num_layers: int) -> dict[str, Any]:
     out: dict[str, Any] = {"intermediate_size": dense_size}
     if not sparse:
         return out
-    coef = f.num("router_aux_loss_coef", 0.0) / len(sparse) if family != "deepseek_v3" else 0.0
+    coef = f.num("router_aux_loss_coef", 0.0) / len(sparse) if family not in SIGMOID_FAMILIES else 0.0
     moe: dict[str, Any] = {
         "top_k": f.int("num_experts_per_tok"),
         "expert_hidden_size": expert_size,
@@ -354,15 +372,12 @@ def _ffn(f: _Fields, num_layers: int) -> dict[str, Any]:
         )
     elif family in ("qwen2_moe", "qwen3_moe", "olmoe"):
         moe.update(num_experts=f.int("num_experts"), norm_topk_prob=f.flag("norm_topk_prob"))
-    if family == "qwen2_moe":
-        moe.update(
-            num_shared_experts=1,
-            shared_expert_hidden_size=f.int("shared_expert_intermediate_size"),
-            shared_expert_gate=True,
-        )
-    if family == "deepseek_v3":
-        f.require_value("scoring_func", ("sigmoid",), "transformers' DeepSeek-V3 routes with sigmoid scores")
-        f.require_value("topk_method", ("noaux_tc",), "transformers' DeepSeek-V3 routes with group-limited noaux_tc")
+    shared_size = f.int("shared_expert_intermediate_size", minimum=0) if family == "qwen2_moe" else 0
+    if shared_size:  # 0: a zero-width shared expert adds exactly nothing (how moekit exports MoEs without one)
+        moe.update(num_shared_experts=1, shared_expert_hidden_size=shared_size, shared_expert_gate=True)
+    if family in SIGMOID_FAMILIES:
+        f.require_value("scoring_func", ("sigmoid",), f"transformers' {family} routes with sigmoid scores")
+        f.require_value("topk_method", ("noaux_tc",), f"transformers' {family} routes with group-limited noaux_tc")
         shared = f.int("n_shared_experts", minimum=0)
         moe.update(
             num_experts=f.int("n_routed_experts"),
@@ -378,7 +393,7 @@ def _ffn(f: _Fields, num_layers: int) -> dict[str, Any]:
         if moe["n_group"] > 1 and per_group < 2:
             raise f.unsupported("n_group", moe["n_group"], "transformers scores a group by its top-2 experts")
     out["moe"] = MoEConfig(**moe)
-    if family == "deepseek_v3":
+    if family in SIGMOID_FAMILIES:
         out["first_k_dense"] = sparse[0]
     elif len(sparse) < num_layers:
         out["moe_layers"] = tuple(sparse)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "glm4_moe")
+# Sigmoid routing with a balancing bias and group-limited top-k (DeepSeek-V3's router); GLM-4-MoE pairs it with GQA.
+SIGMOID_FAMILIES = ("deepseek_v3", "glm4_moe")
 DENSE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 FAMILIES = MOE_FAMILIES + DENSE_FAMILIES
 
@@ -18,6 +20,7 @@ ARCHITECTURES = {
     "qwen3_moe": "Qwen3MoeForCausalLM",
     "olmoe": "OlmoeForCausalLM",
     "deepseek_v3": "DeepseekV3ForCausalLM",
+    "glm4_moe": "Glm4MoeForCausalLM",
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
@@ -140,6 +143,22 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "moe_intermediate_size": 2048,
         "moe_layer_freq": 1,
     },
+    "glm4_moe": {  # partial_rotary_factor defaults to 0.5 too (set in __post_init__, read by config_map)
+        "num_key_value_heads": 8,
+        "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 131072,
+        "attention_bias": False,
+        "use_qk_norm": False,
+        "norm_topk_prob": True,
+        "n_group": 1,
+        "topk_group": 1,
+        "routed_scaling_factor": 1.0,
+        "first_k_dense_replace": 1,
+        "n_shared_experts": 1,
+        "n_routed_experts": 128,
+        "num_experts_per_tok": 8,
+        "moe_intermediate_size": 1408,
+    },
 }
 
 # Another spelling transformers accepts for the same field (attribute_map), per family.
@@ -148,6 +167,7 @@ ALIASES = {
     "qwen3_moe": {"num_experts": ("num_local_experts",)},
     "olmoe": {"num_experts": ("num_local_experts",)},
     "deepseek_v3": {"n_routed_experts": ("num_local_experts",)},
+    "glm4_moe": {"n_routed_experts": ("num_local_experts",)},
 }
 
 # Keys that never change what a forward pass computes (bookkeeping, generation defaults, training-only

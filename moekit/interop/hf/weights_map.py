@@ -13,6 +13,8 @@ moekit                                        hub layout (per expert; what ``sav
 ``mlp.experts.w_out [E, I, D]``               ``{moe}.experts.{e}.down_proj.weight [D, I]``
 ``mlp.shared_experts.*``                      ``mlp.shared_expert.*`` (Qwen2-MoE), ``mlp.shared_experts.*``
 ``mlp.shared_expert_gate.weight``             ``mlp.shared_expert_gate.weight`` (Qwen2-MoE)
+(no shared expert)                            zero-width ``mlp.shared_expert(s).*`` (Qwen2-MoE: and a
+                                              zero ``mlp.shared_expert_gate.weight [1, D]``)
 ============================================  ====================================================
 
 transformers 5 fuses the experts in memory (and writes them so with ``save_original_format=False``):
@@ -39,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 _EXPERT_NAMES = {"mixtral": ("w1", "w3", "w2")}  # (gate, up, down) in hub files
 _DEFAULT_EXPERT_NAMES = ("gate_proj", "up_proj", "down_proj")
-_SHARED_NAME = {"qwen2_moe": "shared_expert", "deepseek_v3": "shared_experts"}
+_SHARED_NAME = {"qwen2_moe": "shared_expert", "deepseek_v3": "shared_experts", "glm4_moe": "shared_experts"}
 _HUB_MOE_PREFIX = {"mixtral": "block_sparse_moe"}
 _LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
 _HF_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
@@ -169,6 +171,7 @@ def _moe_in(
     source: HFTensors, config: LMConfig, family: str, layer: int, expected: Mapping[str, torch.Size]
 ) -> dict[str, torch.Tensor]:
     m = config.moe_config(layer)
+    assert m is not None  # callers pass sparse layers only
     E, D, I = m.num_experts, config.hidden_size, m.expert_hidden_size
     why = f"layer {layer}: num_experts={E}, hidden_size={D}, expert hidden size={I}"
     pre = _moe_prefix_in(source, family, layer)
@@ -192,11 +195,29 @@ def _moe_in(
         out[f"{mine}.experts.w_in"] = torch.stack(w_in)
         out[f"{mine}.experts.w_out"] = torch.stack(w_out)
     shared = _SHARED_NAME.get(family)
+    if family in _SHARED_NAME and not m.num_shared_experts:  # zero-width shared expert: adds 0, nothing to keep
+        for hf_name, shape in _zero_width_shared(family, pre, D).items():
+            if source.has(hf_name):
+                source.take(hf_name, shape, why + ", no shared expert")
     for name, shape in expected.items():
         if name.startswith(f"{mine}.shared_experts."):
             out[name] = source.take(f"{pre}.{shared}.{name[len(mine) + 16 :]}", tuple(shape), why)
         elif name.startswith(f"{mine}.shared_expert_gate."):
             out[name] = source.take(f"{pre}.{name[len(mine) + 1 :]}", tuple(shape), why)
+    return out
+
+
+def _zero_width_shared(family: str, pre: str, hidden: int) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of the shared expert transformers builds with zero width when a model has none
+    (Qwen2-MoE's ``shared_expert_intermediate_size=0``, DeepSeek-V3's and GLM-4-MoE's ``n_shared_experts=0``)."""
+    shared = f"{pre}.{_SHARED_NAME[family]}"
+    out: dict[str, tuple[int, ...]] = {
+        f"{shared}.gate_proj.weight": (0, hidden),
+        f"{shared}.up_proj.weight": (0, hidden),
+    }
+    out[f"{shared}.down_proj.weight"] = (hidden, 0)
+    if family == "qwen2_moe":
+        out[f"{pre}.shared_expert_gate.weight"] = (1, hidden)  # zero: its output multiplies the shared expert's 0
     return out
 
 
@@ -255,7 +276,12 @@ def _moe_out(name: str, rest: str, t: torch.Tensor, config: LMConfig, family: st
     pre = f"model.layers.{layer}.{_HUB_MOE_PREFIX.get(family, 'mlp')}"
     t = t.detach()
     if rest == "router.weight":
-        return {f"{pre}.gate.weight": t.contiguous()}
+        out = {f"{pre}.gate.weight": t.contiguous()}
+        if family in _SHARED_NAME and not getattr(config.moe_config(layer), "num_shared_experts", 0):
+            out.update(
+                {name: t.new_zeros(shape) for name, shape in _zero_width_shared(family, pre, t.shape[1]).items()}
+            )
+        return out
     if rest == _ROUTER_BIAS:
         return {f"{pre}.gate.e_score_correction_bias": t.float().contiguous()}
     if rest == "experts.w_in":
