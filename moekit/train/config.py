@@ -102,10 +102,10 @@ class RunConfig(Config):
         for key, value in options.items():
             key = key.replace("-", "_")
             if key.startswith("model."):
-                target = out["model_overrides"] = dict(out.get("model_overrides") or {})
+                target = out["model_overrides"] = _mapping(out, "model_overrides", key)
                 *parents, leaf = key.split(".")[1:]
                 for part in parents:
-                    target[part] = dict(target.get(part) or {})
+                    target[part] = _mapping(target, part, key)
                     target = target[part]
                 target[leaf] = value
             elif key in names:
@@ -113,6 +113,13 @@ class RunConfig(Config):
             else:
                 raise unknown_key_error(key, names, what)
         return cls.from_dict(out)
+
+
+def _mapping(parent: dict[str, Any], name: str, key: str) -> dict[str, Any]:
+    """A copy of ``parent[name]`` to merge ``key`` into: an empty one if unset, a ConfigError if not a mapping."""
+    value = parent.get(name)
+    require(value is None or isinstance(value, dict), f"{key} sets a field of {name}, which is not a mapping")
+    return dict(value or {})
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
