@@ -41,7 +41,8 @@ class RunConfig(Config):
 
     model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
     max_steps: int = 2000
-    # Seconds (90, or a string like '90s', '2m', '1.5h'); stop when spent (also stretches the LR schedule).
+    # Seconds (90, or a string like '90s', '2m', '1.5h'): the run's length in steps is planned from its first
+    # steps' speed (moekit.train.budget), LR schedule included, so that a resumed run continues it exactly.
     time_budget: float | None = dataclasses.field(default=None, metadata={"parsed_in_post_init": True})
     optimizer: OptimizerKind = OptimizerKind.ADAMW
     lr: float = 3e-3

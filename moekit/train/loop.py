@@ -16,7 +16,6 @@ import math
 import re
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -26,6 +25,8 @@ from torch import nn
 from moekit import checkpoint as ckpt
 from moekit.errors import CheckpointError, ConfigError, NonFiniteError, TrainingInterrupted
 from moekit.io.safe_io import load_tensors
+from moekit.train.average import WeightAverage
+from moekit.train.budget import BudgetPlan, BudgetPlanner
 from moekit.train.config import Precision, RunConfig
 from moekit.train.metrics import MetricsLogger, load_imbalance
 from moekit.train.optim import build_optimizer, lr_at
@@ -93,51 +94,6 @@ class SingleProcess:
 
     def save_checkpoint(self, run_dir: Path, step: int, model: nn.Module, **kwargs: Any) -> Path:
         return ckpt.save_checkpoint(run_dir, step, model, **kwargs)
-
-
-class WeightAverage:
-    """An exponential moving average of a model's trainable parameters (Polyak & Juditsky 1992).
-
-    The decay ramps up as ``min(decay, (1 + t) / (10 + t))`` so that the first steps' random weights fade
-    quickly. ``applied()`` swaps the average into the model for a while (evaluation, saving).
-    """
-
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
-        self.named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-        self.params: list[torch.Tensor] = [p for _, p in self.named]
-        self.shadow = [p.detach().clone() for p in self.params]
-
-    @torch.no_grad()
-    def update(self, step: int) -> None:
-        """Fold in the weights after optimizer step ``step`` (counted from 0): one fused op per step."""
-        decay = min(self.decay, (1 + step) / (10 + step))
-        torch._foreach_lerp_(self.shadow, self.params, 1.0 - decay)
-
-    @torch.no_grad()
-    def swap(self) -> None:
-        for p, avg in zip(self.params, self.shadow):
-            held = p.clone()
-            p.copy_(avg)
-            avg.copy_(held)
-
-    @contextlib.contextmanager
-    def applied(self) -> Iterator[None]:
-        self.swap()
-        try:
-            yield
-        finally:
-            self.swap()
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {name: avg for (name, _), avg in zip(self.named, self.shadow)}
-
-    @torch.no_grad()
-    def load(self, tensors: dict[str, torch.Tensor], source: Path) -> None:
-        for name, avg in zip([name for name, _ in self.named], self.shadow):
-            if name not in tensors or tensors[name].shape != avg.shape:
-                raise CheckpointError(f"{source}: the averaged weights do not match the model's parameter {name}")
-            avg.copy_(tensors[name])
 
 
 @dataclasses.dataclass
@@ -208,6 +164,7 @@ class Loop(Generic[ModelT]):
         self._update_biases = getattr(self.model, "update_router_biases", None) if config.bias_update else None
         self.step, self.items, self.elapsed_before = 0, 0, 0.0
         self.history: list[dict[str, Any]] = []
+        self.plan: BudgetPlan | None = None  # a time-budgeted run's length, once fixed
         if source is not None:
             self._restore(source)
 
@@ -228,6 +185,8 @@ class Loop(Generic[ModelT]):
         self.step, self.items = int(state["step"]), int(state.get("items", 0))
         self.elapsed_before = float(state.get("elapsed", 0.0))
         self.history = list(state.get("history", []))
+        if state.get("plan"):
+            self.plan = BudgetPlan(**state["plan"]).for_budget(self.config.time_budget, self.step, self.elapsed_before)
         if self.average is not None:
             if (source / ckpt.OLD_TASK_EMA).is_file():  # old layout: the model as trained, the average beside
                 self.average.load(load_tensors(source / ckpt.OLD_TASK_EMA), source)
@@ -300,6 +259,7 @@ class Loop(Generic[ModelT]):
             "items": self.items,
             "history": self.history,
             "train_config": self.config.to_dict(),
+            "plan": dataclasses.asdict(self.plan) if self.plan is not None else None,
         }
         with self.averaged():  # inside, the average's shadow holds the weights as trained
             extra = {ckpt.TRAINED_FILE: self.average.tensors()} if self.average is not None else None
@@ -317,6 +277,11 @@ class Loop(Generic[ModelT]):
             if self.parallel.is_main:
                 self.task.export(self.run_dir)
         return path
+
+    @property
+    def last_step(self) -> int:
+        """Where the run ends: ``max_steps``, or sooner where a time budget's plan says (:mod:`.budget`)."""
+        return min(self.config.max_steps, self.plan.steps) if self.plan is not None else self.config.max_steps
 
     def run(self) -> TrainResult:
         """Train until ``max_steps`` or the time budget; evaluate and checkpoint along the way."""
@@ -344,25 +309,31 @@ class Loop(Generic[ModelT]):
 
         stop = StopOnSignal()
         saved_at = self.elapsed_before
+        planner = None
+        if cfg.time_budget is not None and self.plan is None:
+            now = self.parallel.agree(self.elapsed_before)
+            planner = BudgetPlanner(cfg.time_budget, cfg.warmup_steps, self.step, now)
+            self.plan = planner.plan(self.step, now)  # a run resumed past warmup without a plan
         try:
-            with stop, TrainProgress(cfg, self.step, enabled=cfg.progress and main, console=self.console) as bar:
-                while self.step < cfg.max_steps:
+            total = self.last_step if cfg.time_budget is None or self.plan is not None else None
+            bar = TrainProgress(self.step, total, enabled=cfg.progress and main, console=self.console)
+            with stop, bar:
+                while self.step < self.last_step:
                     # A stop request reaches every rank through the agreed clock (rank 0's): +inf.
                     elapsed = self.parallel.agree(
                         math.inf if stop.signum else self.elapsed_before + time.perf_counter() - start
                     )
                     if elapsed == math.inf:
                         break
-                    if cfg.time_budget is not None and elapsed >= cfg.time_budget:
-                        break
-                    progress = self.step / cfg.max_steps
-                    if cfg.time_budget is not None:
-                        progress = max(progress, elapsed / cfg.time_budget)
                     t0 = time.perf_counter()
-                    record = self.train_step(progress)
+                    record = self.train_step(self.step / self.last_step)
                     record["tokens_per_sec"] = record.pop("items") / max(time.perf_counter() - t0, 1e-9)
                     record["elapsed"] = self.elapsed_before + time.perf_counter() - start
                     train_losses.append(record["loss"])
+                    if planner is not None and self.plan is None:
+                        self.plan = planner.plan(self.step, self.parallel.agree(record["elapsed"]))
+                        if self.plan is not None:
+                            bar.set_total(self.last_step)
                     bar.update(record)
                     if self.step % cfg.log_interval == 0:
                         log(record)

@@ -9,6 +9,7 @@ import shutil
 import pytest
 import torch
 
+from moekit.checkpoint import find_checkpoint, read_trainer_state
 from moekit.errors import CheckpointError, ConfigError, NonFiniteError
 from moekit.io.safe_io import load_tensors
 from moekit.tasks.batches import Batches, length_bucketed_rows, shuffled_rows
@@ -96,11 +97,48 @@ def test_loop_trains_logs_and_evaluates(tmp_path):
     assert [r["step"] for r in records if "error" in r] == [100, 200, 300]
 
 
-def test_time_budget_stops_the_loop_and_evaluates_the_last_step(tmp_path):
+def _plan(run_dir) -> dict:
+    return read_trainer_state(find_checkpoint(run_dir))["plan"]
+
+
+def test_time_budget_fixes_the_runs_length_and_evaluates_the_last_step(tmp_path):
     cfg = TaskTrainConfig(max_steps=10**9, time_budget=0.3, eval_interval=10**9, progress=False)
     run, _, _ = _regression(tmp_path, cfg)
-    assert 0 < run.step < 10**9 and 0.3 <= run.seconds < 5
+    plan = _plan(tmp_path)
+    assert plan["budget"] == 0.3 and run.step == plan["steps"] and 0 < run.step < 10**9
+    assert 0.1 < run.seconds < 5  # the plan aims at 0.3 s; timing noise may move it either way
     assert len(run.history) == 1 and run.history[0]["step"] == run.step
+
+
+def test_a_time_budgeted_run_is_the_step_run_of_its_plan_also_when_resumed(tmp_path):
+    """Whatever the timing, once the plan is fixed the run equals the step run of that length: schedule, weights,
+    records; a resume from any checkpoint keeps the plan; a resume with a new budget re-plans from its timing."""
+    base = dict(
+        lr=0.05, warmup_steps=20, log_interval=1, eval_interval=25, checkpoint_interval=7, keep_checkpoints=10**6
+    )
+    base.update(progress=False)
+    budgeted = TaskTrainConfig(max_steps=10**9, time_budget=0.5, **base)
+    _, timed_model, _ = _regression(tmp_path / "timed", budgeted)
+    steps = _plan(tmp_path / "timed")["steps"]
+    assert steps > 20  # planned after warmup, longer than it
+    _, stepped_model, _ = _regression(tmp_path / "stepped", TaskTrainConfig(max_steps=steps, **base))
+    assert all(torch.equal(a, b) for a, b in zip(timed_model.parameters(), stepped_model.parameters()))
+    metrics = [(tmp_path / run / "metrics.jsonl").read_text().splitlines() for run in ("timed", "stepped")]
+    drop = ("elapsed", "tokens_per_sec")
+    assert [{k: v for k, v in json.loads(r).items() if k not in drop} for r in metrics[0]] == [
+        {k: v for k, v in json.loads(r).items() if k not in drop} for r in metrics[1]
+    ]
+    # killed after the plan (at step 21 or later): the checkpoint carries it, and the resumed run ends the same
+    killed = tmp_path / "killed"
+    shutil.copytree(tmp_path / "timed", killed)
+    for late in sorted((killed / "checkpoints").glob("step-*"))[3:]:
+        shutil.rmtree(late)
+    (killed / "checkpoints" / "latest").write_text("step-000021\n")
+    resumed, resumed_model, _ = _regression(killed, budgeted, model=_linear(), resume=True)
+    assert resumed.step == steps
+    assert all(torch.equal(a, b) for a, b in zip(timed_model.parameters(), resumed_model.parameters()))
+    longer, _, _ = _regression(killed, budgeted.replace(time_budget=5.0), model=_linear(), resume=True)
+    assert _plan(killed)["budget"] == 5.0 and longer.step == _plan(killed)["steps"] > steps
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import signal
 import subprocess
@@ -115,3 +116,30 @@ def test_resume_takes_every_setting_from_the_run_folder(tmp_path, uninterrupted)
     b = load_tensors(resolve_checkpoint(uninterrupted) / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert _steps_and_losses(run) == _steps_and_losses(uninterrupted)
+
+
+def test_a_time_budgeted_run_killed_at_random_points_ends_as_the_step_run_of_its_plan(tmp_path):
+    """SIGKILL at random steps, each time resumed with the README's ``--resume``: the run keeps its time budget and
+    the step count it planned from it, and its records and weights equal the uninterrupted run of that many steps."""
+    run, rng = tmp_path / "run", random.Random(os.getpid())
+    command = _cli_args(run)
+    command[command.index("--max-steps") + 1] = "100000"
+    command[command.index("--checkpoint-interval") + 1] = "10"
+    resume = [sys.executable, "-m", "moekit", "train", "--out", str(run), "--resume"]
+    for i, kill_at in enumerate(sorted(rng.sample(range(12, 150), 3))):  # after the first checkpoint
+        proc = subprocess.Popen(resume if i else [*command, "--time-budget", "3s"], start_new_session=True)
+        try:
+            _wait_for_steps(run, kill_at, proc)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    done = subprocess.run(resume, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    state = json.loads((resolve_checkpoint(run) / "trainer_state.json").read_text())
+    assert state["train_config"]["time_budget"] == 3.0 and state["step"] == state["plan"]["steps"] < 100_000
+    stepped = tmp_path / "stepped"
+    train(out_dir=str(stepped), **{**ARGS, "max_steps": state["plan"]["steps"]})
+    assert _steps_and_losses(run) == _steps_and_losses(stepped)
+    a = load_tensors(resolve_checkpoint(run) / "model.safetensors")
+    b = load_tensors(resolve_checkpoint(stepped) / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
