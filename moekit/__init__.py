@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
+# An OpenMP thread that finishes a parallel op spin-waits for the next one (libgomp: 300,000 spins). Beside
+# another busy process the spinning holds the core that a descheduled sibling thread needs: training slowed
+# 5-16x there. A short spin keeps the idle speed and a fair share when busy (benchmarks/results/contention.md).
+# libgomp reads this once, when torch loads it, so it takes effect when moekit is imported before torch; a
+# value the user set wins.
+os.environ.setdefault("GOMP_SPINCOUNT", "3000")
+
 __version__ = "0.1.0"
 
 

@@ -186,8 +186,6 @@ def train_classifier(
     """
     base = config.to_dict() if isinstance(config, ClassifyConfig) else dict(config or {})
     cfg = ClassifyConfig.from_options({**base, **overrides}, "classification config")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     run_dir = Path(cfg.out_dir or f"runs/{cfg.task}-{time.strftime('%Y%m%d-%H%M%S')}")
     if cfg.ensemble > 1:
         _check_ensemble_dir(run_dir, resume)

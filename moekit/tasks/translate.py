@@ -256,8 +256,6 @@ def train_translator(
     """
     base = config.to_dict() if isinstance(config, TranslateConfig) else dict(config or {})
     cfg = TranslateConfig.from_options({**base, **overrides}, "translation config")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     loop, valid_data = translate_loop(cfg, resume, console)
     run, model, tokenizer, train_set = loop.run(), loop.model, loop.task.tokenizer, loop.task.train_set
     bleu = None

@@ -32,6 +32,7 @@ from moekit.train.metrics import MetricsLogger, load_imbalance
 from moekit.train.optim import build_optimizer, lr_at
 from moekit.train.progress import TrainProgress
 from moekit.train.stop import StopOnSignal
+from moekit.train.threads import use_threads
 
 RUN_FILE = "run.json"
 # Shorthands for RunConfig.trainable.
@@ -165,8 +166,8 @@ class Loop(Generic[ModelT]):
         self.step, self.items, self.elapsed_before = 0, 0, 0.0
         self.history: list[dict[str, Any]] = []
         self.plan: BudgetPlan | None = None  # a time-budgeted run's length, once fixed
-        if source is not None:
-            self._restore(source)
+        recorded = self._restore(source) if source is not None else None
+        self.threads = use_threads(config.threads, recorded, choose=self.parallel.world_size == 1)
 
     def averaged(self):
         """Context in which the model holds its weight average (no-op without ``ema_decay``)."""
@@ -176,7 +177,8 @@ class Loop(Generic[ModelT]):
         bf16 = self.config.precision == Precision.BF16
         return torch.autocast(self.parallel.device.type, dtype=torch.bfloat16, enabled=bf16)
 
-    def _restore(self, source: Path) -> None:
+    def _restore(self, source: Path) -> int | None:
+        """Continue from the checkpoint ``source``; returns the thread count it ran with (None: not recorded)."""
         state = ckpt.read_trainer_state(source)
         defaults = type(self.config)().to_dict()
         ckpt.check_resumable(state.get("train_config", {}), self.config.to_dict(), defaults, self.run_dir)
@@ -193,6 +195,7 @@ class Loop(Generic[ModelT]):
             else:  # the model loaded the average; the weights as trained come back from trained.safetensors
                 self.average.load(load_tensors(source / ckpt.TRAINED_FILE), source)
                 self.average.swap()
+        return state.get("threads")
 
     def train_step(self, progress: float) -> dict[str, Any]:
         """One optimizer step over ``grad_accum`` micro-batches; returns its metrics."""
@@ -260,6 +263,7 @@ class Loop(Generic[ModelT]):
             "history": self.history,
             "train_config": self.config.to_dict(),
             "plan": dataclasses.asdict(self.plan) if self.plan is not None else None,
+            "threads": self.threads,
         }
         with self.averaged():  # inside, the average's shadow holds the weights as trained
             extra = {ckpt.TRAINED_FILE: self.average.tensors()} if self.average is not None else None

@@ -155,8 +155,6 @@ class Trainer(Loop):
     :class:`LanguageModelTask`; ``parallel`` is the hook of a multi-process run (:mod:`moekit.distributed`)."""
 
     def __init__(self, config: TrainConfig, resume: bool = False, console=None, parallel=None):
-        if config.threads:
-            torch.set_num_threads(config.threads)
         run_dir = Path(config.out_dir or f"runs/run-{time.strftime('%Y%m%d-%H%M%S')}")
         source = open_run(run_dir, resume)
         parallel = parallel or SingleProcess()
