@@ -338,7 +338,11 @@ def load_tensors_into(model: nn.Module, tensors: dict[str, torch.Tensor], weight
             f"{weights_file} does not match the model: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
         )
+    floats = {t.dtype for t in tensors.values() if t.is_floating_point()}
+    dtype = max(floats, key=lambda d: sum(t.dtype == d for t in tensors.values())) if floats else None
     for name, tensor in tensors.items():
+        if tensor.is_floating_point() and tensor.dtype != dtype:  # moekit writes one dtype; mixed ones were altered
+            raise CheckpointError(f"{weights_file}: tensor {name!r} is {tensor.dtype} among {dtype} tensors")
         if tuple(tensor.shape) != tuple(expected[name].shape):
             raise CheckpointError(
                 f"{weights_file}: tensor {name!r} has shape {tuple(tensor.shape)} but the model expects "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -174,4 +175,18 @@ def test_an_unknown_checkpoint_format_version_is_refused(tmp_path, version):
     data = json.loads(config.read_text())
     config.write_text(json.dumps({**data, "version": version}))
     with pytest.raises(CheckpointError, match=f"checkpoint format version {version!r}; this moekit reads versions 1"):
+        moekit.load(tmp_path / "r")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_a_tensor_in_another_dtype_than_the_rest_is_refused(tmp_path, dtype):
+    from moekit.io.safe_io import save_tensors
+
+    result = train(max_steps=1, out_dir=str(tmp_path / "r"), **FAST)
+    weights = result.checkpoint / "model.safetensors"
+    tensors = load_tensors(weights)
+    name = sorted(tensors)[-1]
+    tensors[name] = tensors[name].to(dtype)
+    save_tensors(tensors, weights)
+    with pytest.raises(CheckpointError, match=rf"tensor '{re.escape(name)}' is {dtype} among torch.float32 tensors"):
         moekit.load(tmp_path / "r")
