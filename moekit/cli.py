@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     for module in VERBS:
         module.add_parser(verbs)
     for sub in verbs.choices.values():  # help texts come from docstrings: show ``code`` as plain code
+        # Where any --key is a config field, an abbreviation must not swallow one (mix's --seed is not --seed-model).
+        sub.allow_abbrev = not sub.get_default("free_options")
         sub.description = _plain(sub.description)
         for action in sub._actions:
             action.help = _plain(action.help)

@@ -62,7 +62,10 @@ def demo(
     budget = {"time_budget": time_budget, "max_steps": 100_000}
     result = train(model="demo", eval_interval=100, out_dir=out, seed=seed, **budget, **DEMO_RECIPE)
     model, tokenizer = load_model(result.checkpoint)
-    console.print(f"\n[bold]validation loss by step[/] ({result.tokens_per_second:,.0f} tokens/s):")
+    console.print(
+        f"\n[bold]validation loss by step[/] "
+        f"({result.tokens_per_second:,.0f} tokens/s over the run, evaluations included):"
+    )
     for step, loss in result.val_losses:
         console.print(f"  step {step:>5}  val_loss {loss:.4f}")
 

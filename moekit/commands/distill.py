@@ -53,6 +53,6 @@ def run(args: argparse.Namespace) -> int:
     )
     console = Console()
     step, val = result.val_losses[-1]
-    console.print(f"step {step}: student val_loss={val:.4f}  ({result.tokens_per_second:,.0f} tok/s)")
+    console.print(f"step {step}: student val_loss={val:.4f}  ({result.tokens_per_second:,.0f} tok/s over the run)")
     console.print(f"run folder: {result.run_dir}  checkpoint: {result.checkpoint}")
     return 0

@@ -30,8 +30,7 @@ def add_parser(verbs: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_for_inference(args.checkpoint, args.model)
-    sys.stdout.write(args.prompt)
-    for piece in stream_text(
+    pieces = stream_text(
         model,
         tokenizer,
         args.prompt,
@@ -42,7 +41,10 @@ def run(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         repetition_penalty=args.repetition_penalty,
         seed=args.seed,
-    ):
+    )
+    # The first piece checks the options and the prompt: an error then comes before the echoed prompt, on its own line.
+    sys.stdout.write(args.prompt + next(pieces, ""))
+    for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")

@@ -13,7 +13,7 @@ from moekit.recipes.btx import STAGES, branch_train_mix
 
 def add_parser(verbs: argparse._SubParsersAction) -> None:
     p = verbs.add_parser("mix", help="Branch-Train-MiX: domain experts from a dense seed", description=__doc__)
-    p.add_argument("--seed", dest="seed_model", help="seed dense model (moekit or HF folder) for the branch stage")
+    p.add_argument("--seed-model", help="the dense model (moekit or HF folder) the branch stage starts from")
     p.add_argument("--domain", action="append", default=[], metavar="NAME=PATH", help="a domain corpus (repeat)")
     p.add_argument("--experts", nargs="+", default=None, help="already fine-tuned dense models to mix")
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma list of {', '.join(STAGES)}")
@@ -32,6 +32,12 @@ def run(args: argparse.Namespace) -> int:
         if not sep or not name or not path:
             raise ConfigError(f"--domain takes NAME=PATH, got {item!r}")
         domains[name] = path
+    options = parse_overrides(args.extra)
+    if not isinstance(options.get("seed", 0), int):
+        raise ConfigError(
+            f"--seed takes an integer (the training seed), got {options['seed']!r}; the model to branch "
+            "from is --seed-model"
+        )
     stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
     if args.experts and "branch" in stages:
         stages = tuple(s for s in stages if s != "branch")
@@ -45,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         router_steps=args.router_steps,
         finetune_steps=args.finetune_steps,
         top_k=args.top_k,
-        **{"progress": True, **parse_overrides(args.extra)},
+        **{"progress": True, **options},
     )
     for stage, path in results.items():
         print(f"{stage}: {path}")

@@ -20,7 +20,7 @@ class TrainProgress:
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("steps  loss {task.fields[loss]}"),
-            TextColumn("{task.fields[tps]} tokens/s"),
+            TextColumn("{task.fields[tps]} tok/s (steps)"),
             TextColumn("imb {task.fields[imb]}"),
             TimeElapsedColumn(),
             TextColumn("ETA"),
