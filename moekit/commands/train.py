@@ -17,8 +17,10 @@ import sys
 from rich.console import Console
 
 from moekit import checkpoint as ckpt
+from moekit.commands.config_help import fields_help
 from moekit.config import parse_overrides, read_config_file
 from moekit.errors import ConfigError
+from moekit.train.config import TrainConfig
 from moekit.train.trainer import train
 
 
@@ -28,6 +30,11 @@ def add_parser(verbs) -> None:
         help="train a language model",
         description="Train an MoE (or dense) language model. Any TrainConfig field can be set with "
         "--key value (e.g. --max-steps 500, --time-budget 2m, --model.num_hidden_layers 2, --model.moe.top_k 1).",
+        epilog="TrainConfig fields (--key value, or keys of a --config file):\n"
+        + fields_help(TrainConfig, skip=("model_overrides",))
+        + "\n  --model.FIELD, --model.moe.FIELD  the model preset's fields (moekit.models.config.LMConfig, MoEConfig)"
+        "\n--task classify|image-classify and --task translate take ClassifyConfig and TranslateConfig fields.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", help="YAML, TOML or JSON file with TrainConfig fields (may also come first, bare)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
@@ -86,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         result = train(base, resume=args.resume, **overrides)
     console = Console()
     step, val = result.val_losses[-1]
-    console.print(f"step {step}: val_loss={val:.4f}  ({result.tokens_per_second:,.0f} tok/s)")
+    console.print(f"step {step}: val_loss={val:.4f}  ({result.tokens_per_second:,.0f} tok/s over the run)")
     console.print(f"run folder: {result.run_dir}  checkpoint: {result.checkpoint}")
     return 0
 
@@ -134,7 +141,7 @@ def _run_translator(args: argparse.Namespace) -> int:
     bleu = "" if result.bleu is None else f", valid BLEU {result.bleu:.2f} (greedy)"
     Console().print(
         f"step {result.step}: valid loss {result.valid_loss:.4f}{bleu}  ({result.seconds:.0f}s, "
-        f"{result.tokens_per_second:,.0f} tok/s, {result.active_parameters:,} of {result.parameters:,} "
+        f"{result.tokens_per_second:,.0f} tok/s over the run, {result.active_parameters:,} of {result.parameters:,} "
         "parameters active)"
     )
     Console().print(f"run folder: {result.run_dir}")

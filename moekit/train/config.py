@@ -40,39 +40,40 @@ class RunConfig(Config):
     translation) add their fields and defaults; ``model_overrides`` changes fields of the model's config."""
 
     model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
-    max_steps: int = 2000
-    # Seconds (90, or a string like '90s', '2m', '1.5h'): the run's length in steps is planned from its first
-    # steps' speed (moekit.train.budget), LR schedule included, so that a resumed run continues it exactly.
+    max_steps: int = 2000  # optimizer steps (a time budget may end the run sooner)
+    # Seconds of training (90, or '90s', '2m', '1.5h'); the run's length in steps is planned from it.
+    # The plan uses the first steps' speed (moekit.train.budget), LR schedule included, so that a resumed run
+    # continues it exactly.
     time_budget: float | None = dataclasses.field(default=None, metadata={"parsed_in_post_init": True})
-    optimizer: OptimizerKind = OptimizerKind.ADAMW
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 50
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
+    optimizer: OptimizerKind = OptimizerKind.ADAMW  # muon: Muon on the hidden matrices, AdamW on the rest
+    lr: float = 3e-3  # peak learning rate, after warmup
+    min_lr_ratio: float = 0.1  # the cosine schedule ends at lr * min_lr_ratio
+    warmup_steps: int = 50  # linear warmup from lr / warmup_steps
+    weight_decay: float = 0.1  # decoupled (AdamW), on weights of 2 or more dimensions
+    beta1: float = 0.9  # Adam's first-moment decay
+    beta2: float = 0.95  # Adam's second-moment decay
     grad_accum: int = 1  # micro-batches per optimizer step (their mean gradient)
     grad_clip: float = 1.0  # 0 disables clipping (the norm is still checked for NaN/inf)
-    precision: Precision = Precision.FP32
+    precision: Precision = Precision.FP32  # bfloat16: autocast the forward; weights stay float32
     aux_loss_scale: float = 1.0  # multiplies the model's balancing losses (0 turns them off)
     bias_update: bool = True  # aux-loss-free bias updates for sigmoid routers, once per step
     trainable: str | None = None  # regex of parameter names to train (or "router", "experts"); None = all
-    # Evaluate and save an exponential moving average of the weights (Polyak averaging) with this decay;
-    # 0 = the weights as trained. The averaged weights are the run's model.
+    # Decay of a moving average of the weights that is evaluated, saved and is the run's model; 0: off.
+    # (Polyak averaging; 0 means the weights as trained.)
     ema_decay: float = 0.0
-    eval_interval: int = 200
-    eval_batches: int = 20
-    log_interval: int = 10
-    checkpoint_interval: int = 500
-    # Seconds of training between checkpoints besides every checkpoint_interval steps (a string like '10m' too;
-    # None: steps only), so that a short or interrupted run is never without one.
+    eval_interval: int = 200  # steps between validations (one also runs at the end)
+    eval_batches: int = 20  # validation batches per evaluation
+    log_interval: int = 10  # steps between records in metrics.jsonl
+    checkpoint_interval: int = 500  # steps between checkpoints (one is also written at the end)
+    # Seconds between checkpoints besides every checkpoint_interval steps ('10m' too; None: steps only).
+    # So that a short or interrupted run is never without one.
     checkpoint_every: float | None = dataclasses.field(default=600.0, metadata={"parsed_in_post_init": True})
-    keep_checkpoints: int = 2
-    seed: int = 1337
-    threads: int | None = None
-    out_dir: str | None = None
-    tensorboard: bool = True
-    progress: bool = True
+    keep_checkpoints: int = 2  # the newest N checkpoints are kept
+    seed: int = 1337  # weights, data order and dropout
+    threads: int | None = None  # None: the cores free at the start (moekit.train.threads); kept on resume
+    out_dir: str | None = None  # the run folder (--out); None: runs/run-<time>
+    tensorboard: bool = True  # also write TensorBoard event files
+    progress: bool = True  # show the progress bar
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "time_budget", parse_duration(self.time_budget))
@@ -127,14 +128,14 @@ def _mapping(parent: dict[str, Any], name: str, key: str) -> dict[str, Any]:
 class TrainConfig(RunConfig):
     """A language-model training run. ``model`` is a preset name; ``model_overrides`` changes its fields."""
 
-    model: str = "demo"
+    model: str = "demo"  # a preset: tiny, demo, dense-demo, small, olmoe-1b-7b, qwen3-30b-a3b, deepseek-small
     init_from: str | None = None  # a moekit checkpoint or run folder, or a Hugging Face model folder, to fine-tune
     data: str | tuple[str, ...] | None = None  # text file, folder or JSONL (or several); None = built-in corpus
-    text_field: str = "text"
+    text_field: str = "text"  # the field of JSONL records that holds the text
     tokenizer: str = "byte"  # byte | char | path to a folder with an HF tokenizer.json
-    val_fraction: float = 0.1
-    block_size: int = 128
-    batch_size: int = 32
+    val_fraction: float = 0.1  # share of the data held out for validation
+    block_size: int = 128  # tokens per training sequence
+    batch_size: int = 32  # sequences per micro-batch
 
     def __post_init__(self) -> None:
         super().__post_init__()
