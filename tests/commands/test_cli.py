@@ -57,7 +57,7 @@ def test_generate_streams_text_reproducibly(run_dir):
 
 def test_generate_refuses_a_prompt_longer_than_the_context(run_dir):
     proc = moekit("generate", "--checkpoint", run_dir, "--prompt", "x" * 100, "--max-new-tokens", "5", check=False)
-    assert proc.returncode == 2 and "64" in proc.stderr  # the tiny preset's context
+    assert proc.returncode == 2 and "64" in proc.stderr and proc.stdout == ""  # the tiny preset's context; no echo
 
 
 def test_resume_continues_the_run(run_dir):
@@ -117,3 +117,79 @@ def test_help_texts_show_no_raw_markup():
         text = sub.format_help()
         assert "``" not in text, f"moekit {name} --help shows raw double backticks"
         assert len(text) > 100
+
+
+# Every verb with a bad value: {run} is a trained run folder, {text} a text file, {missing} a path that is not there,
+# {out} a fresh output folder. Each gets exit code 2, a message naming what is wrong, and no traceback.
+BAD_VALUES = [
+    ("eval", ["--checkpoint", "{run}", "--data", "{missing}"], "missing does not exist"),
+    ("eval", ["--checkpoint", "{run}", "--data", "{text}", "--batch-size", "0"], "batch_size=0 must be >= 1"),
+    ("eval", ["--checkpoint", "{missing}", "--data", "{text}"], "the path does not exist"),
+    ("generate", ["--checkpoint", "{run}", "--max-new-tokens", "-1"], "max_new_tokens must be an integer >= 0, got -1"),
+    ("generate", ["--checkpoint", "{run}", "--temperature", "warm"], "invalid float value: 'warm'"),
+    ("generate", ["--checkpoint", "{run}", "--top-p", "1.5"], "top_p must be in (0, 1]"),
+    ("generate", ["--checkpoint", "{run}", "--top-k", "-3"], "got -3"),
+    ("convert", ["--to-hf", "{missing}", "--out", "{out}"], "the path does not exist"),
+    ("convert", ["--to-hf", "{run}", "--out", "{out}", "--dtype", "float7"], "dtype='float7' is not one of"),
+    ("convert", ["--to-hf", "{run}", "--out", "{out}", "--family", "gpt5"], "cannot export to family 'gpt5'"),
+    ("analyze", ["--checkpoint", "{run}", "--data", "{text}", "--max-tokens", "0", "--out", "{out}"], "max_tokens=0"),
+    (
+        "upcycle",
+        ["--from", "{missing}", "--num-experts", "4", "--top-k", "2", "--out", "{out}"],
+        "the path does not exist",
+    ),
+    ("upcycle", ["--from", "{run}", "--num-experts", "4", "--top-k", "2", "--out", "{out}"], "already has MoE layers"),
+    (
+        "distill",
+        ["--teacher", "{run}", "--student", "no-such-preset", "--out", "{out}"],
+        "student='no-such-preset' is neither a preset",
+    ),
+    (
+        "prune",
+        ["--checkpoint", "{run}", "--keep", "0", "--calibration-data", "{text}", "--out", "{out}"],
+        "keep=0 must be a positive number",
+    ),
+    (
+        "merge-experts",
+        ["--checkpoint", "{run}", "--target", "0", "--calibration-data", "{text}", "--out", "{out}"],
+        "target=0 must be a positive number",
+    ),
+    ("mix", ["--seed", "{run}", "--domain", "a={text}", "--out", "{out}"], "--seed-model"),
+    ("predict", ["--checkpoint", "{run}", "--data", "{text}"], "holds no classifier"),
+    ("translate", ["--checkpoint", "{run}", "--text", "hello", "--beam", "0"], "--beam must be >= 1, got 0"),
+    ("demo", ["--time-budget", "soon", "--out", "{out}"], "time_budget='soon' is not a duration"),
+]
+
+
+@pytest.mark.parametrize(
+    ("verb", "args", "message"), BAD_VALUES, ids=[f"{v}-{i}" for i, (v, *_) in enumerate(BAD_VALUES)]
+)
+def test_every_verb_answers_a_bad_value_with_one_line_and_no_traceback(run_dir, tmp_path, verb, args, message):
+    text = tmp_path / "text.txt"
+    text.write_text("plain text for a check " * 20)
+    paths = {"run": run_dir, "text": text, "missing": tmp_path / "missing", "out": tmp_path / "out"}
+    proc = moekit(verb, *(a.format(**paths) for a in args), check=False, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "error" in last and message in last, proc.stderr
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_train_help_lists_every_config_field_with_its_type_default_and_a_line():
+    import dataclasses
+
+    from moekit.cli import build_parser
+    from moekit.train.config import TrainConfig
+
+    verbs = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    text = verbs.choices["train"].format_help()
+    lines = {line.split()[0]: line for line in text.splitlines() if line.startswith("  --") and "(default" in line}
+    for field in dataclasses.fields(TrainConfig):
+        if field.name == "model_overrides":
+            continue
+        line = lines[f"--{field.name.replace('_', '-')}"]
+        assert re.match(r"  --[\w-]+ \S.* \(default [^)]+\)  \w", line), line  # flag, type, default, a comment
+    assert "--max-steps int (default 2000)  optimizer steps" in text
+    assert "--optimizer {adamw,muon} (default adamw)" in text
+    assert "--time-budget float | None (default none)  Seconds of training" in text
