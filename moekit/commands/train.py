@@ -17,8 +17,7 @@ import sys
 from rich.console import Console
 
 from moekit import checkpoint as ckpt
-from moekit.commands.config_help import fields_help
-from moekit.config import parse_overrides, read_config_file
+from moekit.config import fields_help, parse_overrides, read_config_file
 from moekit.errors import ConfigError
 from moekit.train.config import TrainConfig
 from moekit.train.trainer import train
