@@ -341,7 +341,8 @@ def load_tensors_into(model: nn.Module, tensors: dict[str, torch.Tensor], weight
     floats = {t.dtype for t in tensors.values() if t.is_floating_point()}
     dtype = max(floats, key=lambda d: sum(t.dtype == d for t in tensors.values())) if floats else None
     for name, tensor in tensors.items():
-        if tensor.is_floating_point() and tensor.dtype != dtype:  # moekit writes one dtype; mixed ones were altered
+        # moekit writes one dtype, but float32 where precision matters (a router's bias); others were altered
+        if tensor.is_floating_point() and tensor.dtype not in (dtype, torch.float32):
             raise CheckpointError(f"{weights_file}: tensor {name!r} is {tensor.dtype} among {dtype} tensors")
         if tuple(tensor.shape) != tuple(expected[name].shape):
             raise CheckpointError(
