@@ -1,37 +1,25 @@
 """Checkpoints: safetensors weights + JSON config/tokenizer/trainer state + optimizer and RNG state.
 
-Layout of a run folder::
+Layout of a run folder (every kind of run: a language model's ``config.json`` holds ``{"model": LMConfig}``,
+a task's its description, e.g. ``{"task": "classify", "encoder": ...}``)::
 
     run/
-      run.json                  the TrainConfig and resolved model config of the run
-      metrics.jsonl             one JSON object per logged step / evaluation
-      tb/                       TensorBoard event files
+      run.json  metrics.jsonl  tb/    the run's config and model; one JSON record per log / evaluation
       checkpoints/
         latest                  name of the newest complete checkpoint (written atomically)
         step-000500/            one checkpoint: written as .tmp-*, fsynced, then renamed
           config.json  model.safetensors  tokenizer.json  trainer_state.json  optimizer.safetensors
-          trained.safetensors   with an EMA of the weights: model.safetensors holds the average (the run's
-                                model), this file the weights as trained (to resume)
+          trained.safetensors   with an EMA: model.safetensors is the average, this the weights as trained
 
-Every kind of run writes this layout: a language model's ``config.json`` holds ``{"model": LMConfig}``, a
-task's its description (``{"task": "classify", "encoder": ...}``). Task runs written before this layout
-(``run/checkpoint-00000100/`` with ``model``/``optimizer``/``ema.safetensors`` and ``state.json``) are still
-found and read by :func:`find_checkpoint` and :func:`read_trainer_state`; a resumed one writes this layout.
+Task runs of the older layout (``run/checkpoint-00000100/``: ``model``/``optimizer``/``ema.safetensors`` +
+``state.json``) are found and read by :func:`find_checkpoint` and :func:`read_trainer_state`; resumed, they
+write this layout. An expert-parallel run over P ranks (:mod:`moekit.distributed`) writes one shard per rank
+(``model-ep{r}-of-{P}.safetensors``: rank r's experts, + on rank 0 the rest; ``optimizer-ep{r}-of-{P}``) and
+``model-ep.index.json`` (the files; which tensors split along dim 0): :func:`read_model_tensors` and
+:func:`read_optimizer_tensors` merge them into the single-file content, so every reader sees one format.
 
-A run with expert parallelism over P ranks (``moekit train --ep P``, see :mod:`moekit.distributed`) writes,
-instead of the two ``.safetensors`` files, one shard per expert-parallel rank and an index::
-
-    model-ep{r}-of-{P}.safetensors      rank r's experts of every MoE layer (+ on rank 0 everything else)
-    optimizer-ep{r}-of-{P}.safetensors  the matching optimizer state
-    model-ep.index.json                 the files, and which tensors are split along dim 0 (the experts)
-
-:func:`read_model_tensors` and :func:`read_optimizer_tensors` merge them into exactly the single-file
-content, so every reader (``load_model``, ``moekit.load``, generation, analysis, export, resume at
-another EP degree or on one process) sees one format.
-
-A kill at any moment leaves the previous checkpoint intact: a checkpoint folder only gets its
-final name once every file in it is on disk, and ``latest`` is replaced atomically after that.
-No pickle anywhere: optimizer tensors and RNG states are safetensors, the rest is JSON.
+A kill at any moment leaves the previous checkpoint intact: a checkpoint folder only gets its final name
+once every file in it is on disk, and ``latest`` is replaced atomically after that. No pickle anywhere.
 """
 
 from __future__ import annotations
