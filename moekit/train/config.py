@@ -42,8 +42,7 @@ class RunConfig(Config):
     model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
     max_steps: int = 2000  # optimizer steps (a time budget may end the run sooner)
     # Seconds of training (90, or '90s', '2m', '1.5h'); the run's length in steps is planned from it.
-    # The plan uses the first steps' speed (moekit.train.budget), LR schedule included, so that a resumed run
-    # continues it exactly.
+    # The plan is made after a tenth of the budget (moekit.train.budget), so that a resumed run continues exactly.
     time_budget: float | None = dataclasses.field(default=None, metadata={"parsed_in_post_init": True})
     optimizer: OptimizerKind = OptimizerKind.ADAMW  # muon: Muon on the hidden matrices, AdamW on the rest
     lr: float = 3e-3  # peak learning rate, after warmup

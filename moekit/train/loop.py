@@ -287,6 +287,13 @@ class Loop(Generic[ModelT]):
         """Where the run ends: ``max_steps``, or sooner where a time budget's plan says (:mod:`.budget`)."""
         return min(self.config.max_steps, self.plan.steps) if self.plan is not None else self.config.max_steps
 
+    @property
+    def progress(self) -> float:
+        """How far the learning-rate schedule is: by steps, or by a time budget's plan (0, the peak, until then)."""
+        if self.plan is not None:
+            return self.plan.progress(self.step)
+        return 0.0 if self.config.time_budget is not None else self.step / self.config.max_steps
+
     def run(self) -> TrainResult:
         """Train until ``max_steps`` or the time budget; evaluate and checkpoint along the way."""
         cfg, main = self.config, self.parallel.is_main
@@ -316,7 +323,7 @@ class Loop(Generic[ModelT]):
         planner = None
         if cfg.time_budget is not None and self.plan is None:
             now = self.parallel.agree(self.elapsed_before)
-            planner = BudgetPlanner(cfg.time_budget, cfg.warmup_steps, self.step, now)
+            planner = BudgetPlanner(cfg.time_budget, cfg.warmup_steps, cfg.max_steps, self.step, now)
             self.plan = planner.plan(self.step, now)  # a run resumed past warmup without a plan
         try:
             total = self.last_step if cfg.time_budget is None or self.plan is not None else None
@@ -330,7 +337,7 @@ class Loop(Generic[ModelT]):
                     if elapsed == math.inf:
                         break
                     t0 = time.perf_counter()
-                    record = self.train_step(self.step / self.last_step)
+                    record = self.train_step(self.progress)
                     record["tokens_per_sec"] = record.pop("items") / max(time.perf_counter() - t0, 1e-9)
                     record["elapsed"] = self.elapsed_before + time.perf_counter() - start
                     train_losses.append(record["loss"])

@@ -68,10 +68,8 @@ def _muon_adamw(model: nn.Module, config: RunConfig) -> MuonAdamW:
 def lr_at(step: int, progress: float, config: RunConfig) -> float:
     """Linear warmup over ``warmup_steps``, then cosine from ``lr`` to ``lr * min_lr_ratio``.
 
-    Args:
-        step: optimizer steps taken so far.
-        progress: fraction of the run done in [0, 1] (steps or, with a time budget, whichever of
-            steps and time is further along).
+    ``step`` counts the optimizer steps taken; ``progress`` in [0, 1] is how far the cosine is (steps over
+    ``max_steps``, or a time budget's plan: :meth:`moekit.train.budget.BudgetPlan.progress`).
     """
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps

@@ -4,6 +4,7 @@ parsing."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -110,35 +111,36 @@ def test_time_budget_fixes_the_runs_length_and_evaluates_the_last_step(tmp_path)
     assert len(run.history) == 1 and run.history[0]["step"] == run.step
 
 
-def test_a_time_budgeted_run_is_the_step_run_of_its_plan_also_when_resumed(tmp_path):
-    """Whatever the timing, once the plan is fixed the run equals the step run of that length: schedule, weights,
-    records; a resume from any checkpoint keeps the plan; a resume with a new budget re-plans from its timing."""
-    base = dict(
-        lr=0.05, warmup_steps=20, log_interval=1, eval_interval=25, checkpoint_interval=7, keep_checkpoints=10**6
-    )
-    base.update(progress=False)
-    budgeted = TaskTrainConfig(max_steps=10**9, time_budget=0.5, **base)
-    _, timed_model, _ = _regression(tmp_path / "timed", budgeted)
-    steps = _plan(tmp_path / "timed")["steps"]
-    assert steps > 20  # planned after warmup, longer than it
-    _, stepped_model, _ = _regression(tmp_path / "stepped", TaskTrainConfig(max_steps=steps, **base))
-    assert all(torch.equal(a, b) for a, b in zip(timed_model.parameters(), stepped_model.parameters()))
-    metrics = [(tmp_path / run / "metrics.jsonl").read_text().splitlines() for run in ("timed", "stepped")]
-    drop = ("elapsed", "tokens_per_sec")
-    assert [{k: v for k, v in json.loads(r).items() if k not in drop} for r in metrics[0]] == [
-        {k: v for k, v in json.loads(r).items() if k not in drop} for r in metrics[1]
-    ]
-    # killed after the plan (at step 21 or later): the checkpoint carries it, and the resumed run ends the same
+def test_a_time_budgeted_run_warms_up_holds_then_decays_over_its_plan_and_resumes_exactly(tmp_path):
+    """Warmup, the peak learning rate until the plan (a tenth of the budget), then a cosine to min_lr at the plan's
+    last step; a resume from any checkpoint after the plan ends with the same weights and records; a resume with
+    a new budget re-plans from the recorded pace."""
+    base = dict(lr=0.05, warmup_steps=20, log_interval=1, eval_interval=25, checkpoint_interval=7, progress=False)
+    budgeted = TaskTrainConfig(max_steps=10**9, time_budget=0.5, keep_checkpoints=10**6, **base)
+    timed, timed_model, _ = _regression(tmp_path / "timed", budgeted)
+    plan = _plan(tmp_path / "timed")
+    assert 20 <= plan["start"] < plan["steps"] == timed.step
+    records = [json.loads(line) for line in (tmp_path / "timed" / "metrics.jsonl").read_text().splitlines()]
+    lr = {r["step"]: r["lr"] for r in records if "lr" in r}  # the lr of the step that ended at r["step"]
+    assert [lr[s] for s in range(1, 21)] == pytest.approx([0.05 * s / 20 for s in range(1, 21)])
+    assert all(lr[s] == 0.05 for s in range(21, plan["start"] + 2))
+    low, span = 0.05 * budgeted.min_lr_ratio, plan["steps"] - plan["start"]
+    last = low + 0.5 * (0.05 - low) * (1 + math.cos(math.pi * (span - 1) / span))  # the cosine's last step
+    assert lr[plan["steps"]] == pytest.approx(last) and lr[plan["steps"]] < lr[plan["start"] + 2]
+    # stopped after the plan (at the first checkpoint past it): the resumed run ends where the first did
     killed = tmp_path / "killed"
     shutil.copytree(tmp_path / "timed", killed)
-    for late in sorted((killed / "checkpoints").glob("step-*"))[3:]:
-        shutil.rmtree(late)
-    (killed / "checkpoints" / "latest").write_text("step-000021\n")
+    after = next(s for s in range(7, plan["steps"], 7) if s > plan["start"])
+    for late in (killed / "checkpoints").glob("step-*"):
+        if int(late.name.split("-")[1]) > after:
+            shutil.rmtree(late)
+    (killed / "checkpoints" / "latest").write_text(f"step-{after:06d}\n")
     resumed, resumed_model, _ = _regression(killed, budgeted, model=_linear(), resume=True)
-    assert resumed.step == steps
+    assert resumed.step == plan["steps"]
     assert all(torch.equal(a, b) for a, b in zip(timed_model.parameters(), resumed_model.parameters()))
+    assert (killed / "metrics.jsonl").read_text().count('"lr"') == plan["steps"]
     longer, _, _ = _regression(killed, budgeted.replace(time_budget=5.0), model=_linear(), resume=True)
-    assert _plan(killed)["budget"] == 5.0 and longer.step == _plan(killed)["steps"] > steps
+    assert _plan(killed)["budget"] == 5.0 and longer.step == _plan(killed)["steps"] > plan["steps"]
 
 
 @pytest.mark.parametrize(

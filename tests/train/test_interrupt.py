@@ -7,6 +7,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -118,28 +119,42 @@ def test_resume_takes_every_setting_from_the_run_folder(tmp_path, uninterrupted)
     assert _steps_and_losses(run) == _steps_and_losses(uninterrupted)
 
 
-def test_a_time_budgeted_run_killed_at_random_points_ends_as_the_step_run_of_its_plan(tmp_path):
+def test_a_time_budgeted_run_killed_at_random_points_resumes_exactly(tmp_path):
     """SIGKILL at random steps, each time resumed with the README's ``--resume``: the run keeps its time budget and
-    the step count it planned from it, and its records and weights equal the uninterrupted run of that many steps."""
+    the plan made from it, and ends as a copy of it resumed from its first planned checkpoint without kills."""
     run, rng = tmp_path / "run", random.Random(os.getpid())
     command = _cli_args(run)
     command[command.index("--max-steps") + 1] = "100000"
     command[command.index("--checkpoint-interval") + 1] = "10"
+    command += ["--time-budget", "3s", "--keep-checkpoints", "100000"]
     resume = [sys.executable, "-m", "moekit", "train", "--out", str(run), "--resume"]
-    for i, kill_at in enumerate(sorted(rng.sample(range(12, 150), 3))):  # after the first checkpoint
-        proc = subprocess.Popen(resume if i else [*command, "--time-budget", "3s"], start_new_session=True)
+    for i, kill_at in enumerate(sorted(rng.sample(range(12, 300), 3))):  # after the first checkpoint
+        proc = subprocess.Popen(resume if i else command, start_new_session=True)
         try:
             _wait_for_steps(run, kill_at, proc)
         finally:
-            os.killpg(proc.pid, signal.SIGKILL)
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     done = subprocess.run(resume, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     state = json.loads((resolve_checkpoint(run) / "trainer_state.json").read_text())
-    assert state["train_config"]["time_budget"] == 3.0 and state["step"] == state["plan"]["steps"] < 100_000
-    stepped = tmp_path / "stepped"
-    train(out_dir=str(stepped), **{**ARGS, "max_steps": state["plan"]["steps"]})
-    assert _steps_and_losses(run) == _steps_and_losses(stepped)
+    plan = state["plan"]
+    assert state["train_config"]["time_budget"] == 3.0 and state["step"] == plan["steps"] < 100_000
+    # the reference: the same run resumed once from its first checkpoint after the plan
+    again = tmp_path / "again"
+    shutil.copytree(run, again)
+    saved = sorted(int(p.name.split("-")[1]) for p in (again / "checkpoints").glob("step-*"))
+    first = next(s for s in saved if s > plan["start"])
+    for step in saved:
+        if step > first:
+            shutil.rmtree(again / "checkpoints" / f"step-{step:06d}")
+    (again / "checkpoints" / "latest").write_text(f"step-{first:06d}\n")
+    redone = subprocess.run(
+        [*resume[:-3], "--out", str(again), "--resume"], capture_output=True, text=True, timeout=300
+    )
+    assert redone.returncode == 0, redone.stderr
+    assert _steps_and_losses(run) == _steps_and_losses(again)
     a = load_tensors(resolve_checkpoint(run) / "model.safetensors")
-    b = load_tensors(resolve_checkpoint(stepped) / "model.safetensors")
+    b = load_tensors(resolve_checkpoint(again) / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
