@@ -23,6 +23,18 @@ class BudgetPlan:
     steps: int  # the run's length in optimizer steps
     seconds_per_step: float  # as timed before the plan
 
+    @classmethod
+    def from_state(cls, data: object) -> BudgetPlan:
+        """The plan a checkpoint saved (``dataclasses.asdict``); ValueError if ``data`` is not one."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        if (
+            not isinstance(data, dict)
+            or len(data) != len(names)
+            or any(type(data.get(n)) not in (int, float) for n in names)
+        ):
+            raise ValueError(f"not a budget plan: {data!r}")
+        return cls(float(data["budget"]), int(data["start"]), int(data["steps"]), float(data["seconds_per_step"]))
+
     def progress(self, step: int) -> float:
         """How far the schedule is at ``step``: 0 at the plan's step, 1 at its last."""
         return (step - self.start) / max(self.steps - self.start, 1)

@@ -187,15 +187,22 @@ class Loop(Generic[ModelT]):
         self.step, self.items = int(state["step"]), int(state.get("items", 0))
         self.elapsed_before = float(state.get("elapsed", 0.0))
         self.history = list(state.get("history", []))
-        if state.get("plan"):
-            self.plan = BudgetPlan(**state["plan"]).for_budget(self.config.time_budget, self.step, self.elapsed_before)
+        plan, threads = state.get("plan"), state.get("threads")
+        try:
+            if plan is not None:
+                budget, elapsed = self.config.time_budget, self.elapsed_before
+                self.plan = BudgetPlan.from_state(plan).for_budget(budget, self.step, elapsed)
+        except ValueError as e:
+            raise CheckpointError(f"{source}: trainer state: {e}") from None
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise CheckpointError(f"{source}: trainer state's threads is not a positive integer: {threads!r}")
         if self.average is not None:
             if (source / ckpt.OLD_TASK_EMA).is_file():  # old layout: the model as trained, the average beside
                 self.average.load(load_tensors(source / ckpt.OLD_TASK_EMA), source)
             else:  # the model loaded the average; the weights as trained come back from trained.safetensors
                 self.average.load(load_tensors(source / ckpt.TRAINED_FILE), source)
                 self.average.swap()
-        return state.get("threads")
+        return threads
 
     def train_step(self, progress: float) -> dict[str, Any]:
         """One optimizer step over ``grad_accum`` micro-batches; returns its metrics."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 
 import pytest
@@ -253,3 +254,19 @@ def test_length_buckets_cover_each_row_once_per_epoch_with_less_padding():
     again = length_bucketed_rows(lengths, batch_size=16, seed=3, pool_batches=8)
     assert all(torch.equal(a, next(again)) for a in epoch)  # seeded: a resumed run replays the same batches
     assert not torch.equal(torch.cat(epoch), torch.cat([next(stream) for _ in range(62)]))  # reshuffled per epoch
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [("plan", "soon", "not a budget plan: 'soon'"), ("plan", {"budget": 1.0}, "not a budget plan"),
+     ("threads", "2", "threads is not a positive integer: '2'"), ("threads", 0, "threads is not a positive")],
+)  # fmt: skip
+def test_a_damaged_plan_or_thread_count_in_the_trainer_state_is_refused(tmp_path, field, value, message):
+    cfg = TaskTrainConfig(max_steps=10**9, time_budget=0.2, progress=False)
+    _regression(tmp_path, cfg)
+    state_file = find_checkpoint(tmp_path) / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["plan"] is not None and state["threads"] >= 1
+    state_file.write_text(json.dumps({**state, field: value}))
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        _regression(tmp_path, cfg, model=_linear(), resume=True)
