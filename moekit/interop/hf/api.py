@@ -20,17 +20,16 @@ from typing import Any
 
 import torch
 
-from moekit.data.tokenizers import TOKENIZER_FILE, HFTokenizer, Tokenizer, load_tokenizer
+from moekit.data.tokenizers import TOKENIZER_FILE, HFTokenizer, Tokenizer
 from moekit.errors import CheckpointError, ConfigError, DataError
 from moekit.interop.hf.config_export import hf_config_from_lm, infer_family
 from moekit.interop.hf.config_map import lm_config_from_hf
-from moekit.interop.hf.tokenizer_export import TOKENIZER_CONFIG_FILE, has_hf_form, save_hf_tokenizer
+from moekit.interop.hf.tokenizer_export import carry_tokenizer, copy_tokenizer_files
 from moekit.interop.hf.weights_map import HFTensors, hf_to_moekit, moekit_to_hf
 from moekit.io.safe_io import (
     INDEX_NAME,
     SHARD_FILE_RE,
     SINGLE_FILE_NAME,
-    atomic_write_bytes,
     atomic_write_json,
     load_sharded,
     load_tensors,
@@ -43,19 +42,6 @@ from moekit.models import LMConfig, MoELM
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
-# Files carried along with the weights: the tokenizer in its every form, plus generation defaults.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-    "generation_config.json",
-)
 _PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "model.ckpt")
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
@@ -281,7 +267,7 @@ def to_hf(
     out.mkdir(parents=True, exist_ok=True)
     write_hf_weights(tensors, out, max_shard_bytes)
     atomic_write_json(out / CONFIG_NAME, hf_config)
-    _carry_tokenizer(model, tokenizer, out)
+    carry_tokenizer(model, tokenizer, out)
     return out
 
 
@@ -298,55 +284,6 @@ def write_hf_weights(tensors: dict[str, torch.Tensor], out: Path, max_shard_byte
         for stale in out.iterdir():
             if stale.name == INDEX_NAME or SHARD_FILE_RE.match(stale.name):
                 stale.unlink()
-
-
-def _is_hf_tokenizer_file(file: Path) -> bool:
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return False
-    return isinstance(data, dict) and isinstance(data.get("model"), dict)
-
-
-def copy_tokenizer_files(source: Path, out: Path, skip: tuple[str, ...] = ()) -> list[str]:
-    """Copy the tokenizer (and generation config) files of ``source`` into ``out``, but those named in ``skip``;
-    returns their names."""
-    copied = []
-    for name in TOKENIZER_FILES:
-        file = source / name
-        if name in skip or not file.is_file() or (out / name).resolve() == file.resolve():
-            continue
-        if name == TOKENIZER_FILE and not _is_hf_tokenizer_file(file):
-            logger.warning("%s is a moekit byte/char tokenizer, not a Hugging Face one; not copied", file)
-            continue
-        atomic_write_bytes(out / name, file.read_bytes())
-        copied.append(name)
-    return copied
-
-
-def _carry_tokenizer(model: MoELM, tokenizer, out: Path) -> None:
-    """Put the model's tokenizer into the export in Hugging Face form (see :func:`to_hf`'s ``tokenizer``)."""
-    if tokenizer is None:
-        source = getattr(model, "_hf_source", None)
-        if isinstance(source, Path) and source.is_dir():
-            copy_tokenizer_files(source, out)
-        return
-    if not isinstance(tokenizer, Tokenizer):
-        folder = Path(tokenizer)
-        if not folder.is_dir():
-            raise DataError(f"tokenizer={str(folder)!r} is not a folder with tokenizer files")
-        if not (folder / TOKENIZER_FILE).is_file() or _is_hf_tokenizer_file(folder / TOKENIZER_FILE):
-            copy_tokenizer_files(folder, out)
-            return
-        copy_tokenizer_files(folder, out, skip=(TOKENIZER_FILE, TOKENIZER_CONFIG_FILE))  # generation config...
-        tokenizer = load_tokenizer(folder)  # moekit's own byte/char tokenizer: written in HF form below
-    if isinstance(tokenizer, HFTokenizer):
-        copy_tokenizer_files(tokenizer.path.parent, out)
-        tokenizer.save(out)
-    elif has_hf_form(tokenizer):
-        save_hf_tokenizer(tokenizer, out, max_length=model.config.max_position_embeddings)
-    else:
-        logger.warning("the %s tokenizer has no Hugging Face form; the export carries no tokenizer", tokenizer.kind)
 
 
 # ----------------------------------------------------------------------------------------- moekit checkpoints

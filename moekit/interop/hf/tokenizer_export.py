@@ -1,4 +1,5 @@
-"""moekit's own byte and char tokenizers as Hugging Face ``tokenizer.json`` + ``tokenizer_config.json``.
+"""An export's tokenizer: a Hugging Face folder's tokenizer files copied along, and moekit's own byte and char
+tokenizers written as Hugging Face ``tokenizer.json`` + ``tokenizer_config.json``.
 
 Built with the ``tokenizers`` library so that ``transformers.AutoTokenizer.from_pretrained`` of an export
 gives the same ids as moekit's tokenizer, both ways, with no special tokens (none is added on encode, and
@@ -13,12 +14,31 @@ the vocabulary stays the model's):
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 
-from moekit.data.tokenizers import TOKENIZER_FILE, ByteTokenizer, CharTokenizer, Tokenizer
+from moekit.data.tokenizers import TOKENIZER_FILE, ByteTokenizer, CharTokenizer, HFTokenizer, Tokenizer, load_tokenizer
+from moekit.errors import DataError
 from moekit.io.safe_io import atomic_write_bytes, atomic_write_json
+from moekit.models import MoELM
+
+logger = logging.getLogger(__name__)
 
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+# Files carried along with the weights: the tokenizer in its every form, plus generation defaults.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
 
 
 def byte_stand_ins() -> list[str]:
@@ -85,3 +105,52 @@ def save_hf_tokenizer(tokenizer: ByteTokenizer | CharTokenizer, folder: str | Pa
     }
     atomic_write_json(out / TOKENIZER_CONFIG_FILE, config)
     return out / TOKENIZER_FILE
+
+
+def _is_hf_tokenizer_file(file: Path) -> bool:
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get("model"), dict)
+
+
+def copy_tokenizer_files(source: Path, out: Path, skip: tuple[str, ...] = ()) -> list[str]:
+    """Copy the tokenizer (and generation config) files of ``source`` into ``out``, but those named in ``skip``;
+    returns their names."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        file = source / name
+        if name in skip or not file.is_file() or (out / name).resolve() == file.resolve():
+            continue
+        if name == TOKENIZER_FILE and not _is_hf_tokenizer_file(file):
+            logger.warning("%s is a moekit byte/char tokenizer, not a Hugging Face one; not copied", file)
+            continue
+        atomic_write_bytes(out / name, file.read_bytes())
+        copied.append(name)
+    return copied
+
+
+def carry_tokenizer(model: MoELM, tokenizer, out: Path) -> None:
+    """Put the model's tokenizer into the export in Hugging Face form (see ``to_hf``'s ``tokenizer``)."""
+    if tokenizer is None:
+        source = getattr(model, "_hf_source", None)
+        if isinstance(source, Path) and source.is_dir():
+            copy_tokenizer_files(source, out)
+        return
+    if not isinstance(tokenizer, Tokenizer):
+        folder = Path(tokenizer)
+        if not folder.is_dir():
+            raise DataError(f"tokenizer={str(folder)!r} is not a folder with tokenizer files")
+        if not (folder / TOKENIZER_FILE).is_file() or _is_hf_tokenizer_file(folder / TOKENIZER_FILE):
+            copy_tokenizer_files(folder, out)
+            return
+        copy_tokenizer_files(folder, out, skip=(TOKENIZER_FILE, TOKENIZER_CONFIG_FILE))  # generation config...
+        tokenizer = load_tokenizer(folder)  # moekit's own byte/char tokenizer: written in HF form below
+    if isinstance(tokenizer, HFTokenizer):
+        copy_tokenizer_files(tokenizer.path.parent, out)
+        tokenizer.save(out)
+    elif has_hf_form(tokenizer):
+        save_hf_tokenizer(tokenizer, out, max_length=model.config.max_position_embeddings)
+    else:
+        logger.warning("the %s tokenizer has no Hugging Face form; the export carries no tokenizer", tokenizer.kind)
