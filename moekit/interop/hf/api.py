@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import collections
 import json
-import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -38,8 +37,6 @@ from moekit.io.safe_io import (
     save_tensors,
 )
 from moekit.models import LMConfig, MoELM
-
-logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
 _PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "model.ckpt")
