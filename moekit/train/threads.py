@@ -40,8 +40,9 @@ def free_cores(seconds: float = SAMPLE_SECONDS) -> float | None:
 
 
 def threads_for(free: float | None, most: int) -> int:
-    """Threads to use with ``free`` cores and at most ``most`` (torch's choice): the free cores, rounded."""
-    return most if free is None else max(1, min(most, int(free + 0.5)))
+    """Threads to use with ``free`` cores and at most ``most`` (torch's choice): the free cores, a core that is
+    free 30% of the time or more counted (a busy process takes a whole core; light noise must not cost one)."""
+    return most if free is None else max(1, min(most, int(free + 0.7)))
 
 
 def use_threads(requested: int | None, recorded: int | None, choose: bool = True) -> int:

@@ -132,6 +132,10 @@ def test_a_time_budgeted_run_killed_at_random_points_resumes_exactly(tmp_path):
         proc = subprocess.Popen(resume if i else command, start_new_session=True)
         try:
             _wait_for_steps(run, kill_at, proc)
+        except AssertionError:
+            if proc.wait() == 0:  # a slow machine: the run planned fewer steps and ended first
+                break
+            raise
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)

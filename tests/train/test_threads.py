@@ -42,9 +42,9 @@ def every_core_busy():
 
 
 @pytest.mark.parametrize(
-    ("free", "most", "threads"), [(None, 4, 4), (1.6, 2, 2), (1.4, 2, 1), (0.6, 2, 1), (0.0, 2, 1), (7.9, 4, 4)]
+    ("free", "most", "threads"), [(None, 4, 4), (1.35, 2, 2), (1.25, 2, 1), (1.0, 2, 1), (0.0, 2, 1), (7.9, 4, 4)]
 )
-def test_threads_are_the_free_cores_rounded_at_least_one_at_most_torchs(free, most, threads):
+def test_threads_are_the_free_cores_at_least_one_at_most_torchs(free, most, threads):
     assert threads_for(free, most) == threads
 
 
