@@ -9,9 +9,15 @@ adding ``HYPOTHESIS_PROFILE=random`` for examples CI has not seen.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import TypeVar
 
 from hypothesis import HealthCheck, event, settings
 from hypothesis.control import currently_in_test_context
+
+from moekit.errors import MoekitError
+
+T = TypeVar("T")
 
 
 def scale() -> int:
@@ -37,3 +43,15 @@ def outcome(label: str) -> None:
     a no-op when a helper runs outside a hypothesis test."""
     if currently_in_test_context():
         event(label)
+
+
+def loaded_or_refused(load: Callable[[], T], loaded: str = "loaded") -> T | None:
+    """What ``load()`` returns, or None when it refuses with a moekit error; the outcome is counted either way.
+    Any other exception propagates: that is the crash a fuzz test looks for."""
+    try:
+        result = load()
+    except MoekitError as e:
+        outcome(f"refused: {type(e).__name__}")
+        return None
+    outcome(loaded)
+    return result

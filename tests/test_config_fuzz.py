@@ -18,12 +18,12 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from moekit.config import Config, parse_overrides, read_config_file
-from moekit.errors import ConfigError, MoekitError
+from moekit.errors import ConfigError
 from moekit.models.config import LMConfig
 from moekit.models.presets import get_preset, resolve_lm_config
 from moekit.nn.config import MoEConfig
 from moekit.train.config import TrainConfig
-from tests.fuzzing import fuzz, outcome
+from tests.fuzzing import fuzz, loaded_or_refused, outcome
 
 # -- the property: a config whose fields have their declared types ---------------------------------------------
 
@@ -63,13 +63,9 @@ def _assert_typed(config: Config) -> None:
 
 
 def _built_or_refused(build: typing.Callable[[], Config]) -> Config | None:
-    try:
-        config = build()
-    except MoekitError as e:
-        outcome(f"refused: {type(e).__name__}")
-        return None
-    outcome(f"built: {type(config).__name__}")
-    _assert_typed(config)
+    config = loaded_or_refused(build, "built")
+    if config is not None:
+        _assert_typed(config)
     return config
 
 

@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from moekit.data.images import read_images
 from moekit.data.labelled import read_labelled
 from moekit.data.text import load_text
-from moekit.errors import DataError, MoekitError
-from tests.fuzzing import fuzz, outcome
+from moekit.errors import DataError
+from tests.fuzzing import fuzz, loaded_or_refused
 
 
 @pytest.fixture(scope="module")
@@ -51,13 +51,8 @@ def _encoded(text: str, encoding: str) -> bytes:
 
 
 def _text_or_refused(path: Path) -> str | None:
-    try:
-        text = load_text(path)
-    except MoekitError as e:
-        outcome(f"refused: {type(e).__name__}")
-        return None
-    outcome("loaded")
-    assert isinstance(text, str) and text.strip()
+    text = loaded_or_refused(lambda: load_text(path))
+    assert text is None or isinstance(text, str) and text.strip()
     return text
 
 
@@ -108,12 +103,9 @@ def test_a_folder_corpus_loads_or_is_refused(folder, files):
 
 
 def _labelled_or_refused(path: Path, require_labels: bool) -> None:
-    try:
-        data = read_labelled(path, require_labels=require_labels)
-    except MoekitError as e:
-        outcome(f"refused: {type(e).__name__}")
+    data = loaded_or_refused(lambda: read_labelled(path, require_labels=require_labels))
+    if data is None:
         return
-    outcome("loaded")
     assert len(data.texts) == len(data.labels) == len(data.lines) >= 1
     assert all(isinstance(t, str) and t and t == t.strip() for t in data.texts)
     assert all(label is None or isinstance(label, str) for label in data.labels)
@@ -171,12 +163,9 @@ def _idx(dtype: int, shape: list[int], body: bytes, dims: int | None = None) -> 
 
 
 def _images_or_refused(path: Path) -> None:
-    try:
-        data = read_images(path)
-    except MoekitError as e:
-        outcome(f"refused: {type(e).__name__}")
+    data = loaded_or_refused(lambda: read_images(path))
+    if data is None:
         return
-    outcome("loaded")
     n = len(data)
     assert data.pixels.dtype.is_floating_point is False and data.pixels.ndim == 4 and data.pixels.shape[0] == n
     assert len(data.sources) == n and all(isinstance(label, str) for label in data.labels)
