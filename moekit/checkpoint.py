@@ -24,6 +24,7 @@ once every file in it is on disk, and ``latest`` is replaced atomically after th
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import shutil
@@ -326,8 +327,8 @@ def load_tensors_into(model: nn.Module, tensors: dict[str, torch.Tensor], weight
             f"{weights_file} does not match the model: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
         )
-    floats = {t.dtype for t in tensors.values() if t.is_floating_point()}
-    dtype = max(floats, key=lambda d: sum(t.dtype == d for t in tensors.values())) if floats else None
+    counts = collections.Counter(t.dtype for t in tensors.values() if t.is_floating_point())
+    dtype = counts.most_common(1)[0][0] if counts else None
     for name, tensor in tensors.items():
         # moekit writes one dtype, but float32 where precision matters (a router's bias); others were altered
         if tensor.is_floating_point() and tensor.dtype not in (dtype, torch.float32):

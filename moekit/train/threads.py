@@ -48,7 +48,8 @@ def threads_for(free: float | None, most: int) -> int:
 def use_threads(requested: int | None, recorded: int | None, choose: bool = True) -> int:
     """Set and return this run's intra-op threads: ``requested``, else the ``recorded`` count of the run being
     resumed, else (``choose``) what the free cores allow, else torch's default."""
-    chosen = threads_for(free_cores(), DEFAULT_THREADS) if choose else DEFAULT_THREADS
-    threads = requested or recorded or chosen
+    threads = requested or recorded  # given: no need to look at the machine
+    if not threads:
+        threads = threads_for(free_cores(), DEFAULT_THREADS) if choose else DEFAULT_THREADS
     torch.set_num_threads(threads)
     return threads
