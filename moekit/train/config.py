@@ -91,6 +91,8 @@ class RunConfig(Config):
         require(self.time_budget is None or self.time_budget > 0, f"time_budget must be > 0, got {self.time_budget}")
         every = self.checkpoint_every
         require(every is None or every > 0, f"checkpoint_every must be > 0 or null, got {every}")
+        threads = self.threads
+        require(threads is None or threads >= 1, f"threads must be a positive integer or null, got {threads}")
         require(isinstance(self.model_overrides, dict), "model_overrides must be a mapping of model config fields")
 
     @classmethod

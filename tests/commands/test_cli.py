@@ -95,6 +95,7 @@ def test_eval_with_a_mismatched_tokenizer_is_clear(tmp_path):
         ("lm", ["--batch-size", "true"], "batch_size=True is not valid: batch_size takes an integer"),
         ("lm", ["--lr", "abc"], "lr='abc' is not valid: lr takes a number"),
         ("lm", ["--max-steps"], "--max-steps needs a value"),
+        ("lm", ["--threads", "-2"], "threads must be a positive integer or null, got -2"),
         ("lm", ["--lerning-rate", "1e-3"], "did you mean 'lr'?"),
         ("classify", ["--batch-size", "true"], "batch_size=True is not valid"),
         ("translate", ["--max-steps", "1.5"], "max_steps takes an integer"),
