@@ -71,6 +71,8 @@ class LocalExperts(ExpertExecutor):
         shared: SharedWeights | None = None,
         threads: int = 1,
     ) -> torch.Tensor:
+        if not experts.fused_kernel:  # quantised or offloaded experts run through their own forward
+            return super().__call__(x_TD, plan, experts, dropout=dropout, threads=threads)
         N, H = plan.token_idx_N.shape[0], experts.expert_hidden_size
         mask_NH = expert_dropout_mask(N, H, dropout, device=x_TD.device) if dropout > 0 else None
         args = (plan.token_idx_N, plan.weight_N, plan.counts, experts.w_in, experts.w_out, experts.activation)

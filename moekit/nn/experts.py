@@ -15,7 +15,7 @@ from torch import nn
 
 from moekit.nn.config import Activation
 from moekit.nn.kernels.fused_experts import activate
-from moekit.nn.kernels.grouped_mm import grouped_mm
+from moekit.nn.kernels.grouped_mm import accumulate_dtype, cast, compute_dtype, grouped_mm
 
 
 def expert_dropout_mask(
@@ -27,7 +27,14 @@ def expert_dropout_mask(
 
 
 class Experts(nn.Module):
-    """E expert MLPs as two stacked tensors, run over expert-sorted contiguous row slices."""
+    """E expert MLPs as two stacked tensors, run over expert-sorted contiguous row slices.
+
+    Other storages (quantised, offloaded) subclass it, override :meth:`forward` and :meth:`run_one` and set
+    ``fused_kernel = False``: the MoE layer then runs them through these two methods instead of the fused
+    training kernel, which reads ``w_in``/``w_out`` directly.
+    """
+
+    fused_kernel = True  # whether moekit.nn.kernels.fused_experts may read w_in / w_out as dense stacks
 
     def __init__(
         self, num_experts: int, hidden_size: int, expert_hidden_size: int, activation: Activation | str = "swiglu"
@@ -56,6 +63,21 @@ class Experts(nn.Module):
         """Weights of the experts a token does not run when it runs ``runs`` of them (active-parameter counts)."""
         size = self.w_in.numel() + self.w_out.numel()
         return size - size * runs // self.num_experts
+
+    def run_one(self, e: int, x_1D: torch.Tensor, scale: float) -> torch.Tensor:
+        """scale * expert_e(x_1D) for one token row [1, D] at inference, in the accumulation dtype (fp32 for
+        half precision). A GEMV reads each weight once, so widening a half-precision expert to fp32 (what the
+        batched path does for speed) would cost more than the product: run the half-precision GEMV (fp32
+        accumulation) on the transposed view, ATen's fast layout for it."""
+        w_in, w_out = self.w_in[e], self.w_out[e]
+        gemv = compute_dtype(x_1D.dtype, x_1D.device) != x_1D.dtype
+        if gemv:
+            a = activate(torch.mv(w_in.t(), x_1D[0])[None], self.activation)
+            out = torch.mv(w_out.t(), a.mul_(scale)[0])[None]
+        else:
+            x_1D = cast(x_1D, w_in.dtype)
+            out = torch.mm(activate(torch.mm(x_1D, w_in), self.activation).mul_(scale), w_out)
+        return cast(out, accumulate_dtype(x_1D.dtype))
 
     def expert_forward(self, e: int, x_nD: torch.Tensor) -> torch.Tensor:
         """One expert on its rows, with plain autograd (used by the reference and analysis)."""

@@ -20,8 +20,6 @@ import torch
 
 from moekit.nn.config import RouterType
 from moekit.nn.executor import LocalExperts
-from moekit.nn.kernels.fused_experts import activate
-from moekit.nn.kernels.grouped_mm import accumulate_dtype, compute_dtype
 from moekit.nn.kernels.schedule import intra_op_threads
 from moekit.nn.router import _TopKRouter
 from moekit.nn.routing import MoEAux
@@ -61,26 +59,14 @@ def forward(layer: MoE, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
         router = layer.router
         assert isinstance(router, _TopKRouter), "applies() admits top-k routers only"
         idx_TK, weight_TK, probs_TE = router.choose(router.logits(x_TD))
-        cdt = compute_dtype(x_TD.dtype, x_TD.device)
-        acc = accumulate_dtype(x_TD.dtype)
-        w_in, w_out = layer.experts.w_in, layer.experts.w_out
-        # A GEMV reads each weight once, so widening a half-precision expert to fp32 (what the batched
-        # path does for speed) would cost more than the product: there, run the half-precision GEMV
-        # (fp32 accumulation) on the transposed view, ATen's fast layout for it.
-        gemv = cdt != x_TD.dtype
-        cdt = x_TD.dtype if gemv else cdt
+        experts = layer.experts
         # One host sync for the choices and weights: python ints/floats then index and scale without more ops.
-        chosen, weights = idx_TK.tolist(), weight_TK.to(cdt).tolist()
-        x_rows = [x_TD[t : t + 1].to(cdt) for t in range(T)] if T > 1 else [x_TD.to(cdt)]
+        chosen, weights = idx_TK.tolist(), weight_TK.to(x_TD.dtype).tolist()  # scales as the general path
+        x_rows = [x_TD[t : t + 1] for t in range(T)] if T > 1 else [x_TD]
         y_rows: list[torch.Tensor | None] = [None] * T
-
-        def matmul(row: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-            return torch.mv(w.t(), row[0])[None] if gemv else torch.mm(row, w)
-
         # Ascending expert order per token, as the general path's scatter-add sums them.
         for e, t, j in sorted((e, t, j) for t, row in enumerate(chosen) for j, e in enumerate(row)):
-            a = activate(matmul(x_rows[t], w_in[e]), layer.experts.activation)
-            o = matmul(a.mul_(weights[t][j]), w_out[e]).to(acc)
+            o = experts.run_one(e, x_rows[t], weights[t][j])
             prev = y_rows[t]
             y_rows[t] = o if prev is None else prev.add_(o)
         rows = [row for row in y_rows if row is not None]  # all of them: every token has top_k >= 1 choices

@@ -117,7 +117,8 @@ class MoE(nn.Module):
             x_TD, valid_T, ids_T, seq_len = self._flatten_inputs(x, mask, token_ids)
             routing = self.route(x_TD, valid_T, ids_T)
             plan = dispatch(routing, cfg.num_experts, cfg.capacity_factor, cfg.drop_policy)
-            shared = self._fusable_shared(x_TD) if self.executor.fuses_shared else None
+            fuse = self.executor.fuses_shared and self.experts.fused_kernel
+            shared = self._fusable_shared(x_TD) if fuse else None
             dropout = cfg.expert_dropout if self.training else 0.0
             y_TD = self.executor(x_TD, plan, self.experts, dropout=dropout, shared=shared, threads=threads)
         if self.shared_experts is not None and shared is None:
