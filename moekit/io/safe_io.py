@@ -24,6 +24,7 @@ import torch
 
 from moekit.errors import CheckpointError, ConfigError, UnsafeFileError
 from moekit.io.atomic import atomic_target, atomic_write_bytes, atomic_write_json, atomic_write_text
+from moekit.io.mapped import map_tensors
 from moekit.io.safetensors_header import SAFETENSORS_DTYPES, read_safetensors_header
 
 __all__ = [
@@ -173,13 +174,15 @@ def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") ->
 
     Args:
         path: a ``.safetensors`` file.
-        device: where to put the tensors.
+        device: where to put the tensors. On the CPU they are mapped (:func:`moekit.io.mapped.map_tensors`).
 
     Returns:
         name -> tensor.
     """
     from safetensors.torch import load_file
 
+    if torch.device(device).type == "cpu":
+        return map_tensors(path)  # views of the file's pages: no copy, no read until used
     read_safetensors_header(path)
     try:
         return load_file(str(path), device=str(device))

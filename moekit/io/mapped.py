@@ -1,0 +1,66 @@
+"""Safetensors files mapped into memory instead of read: tensors are views of the file's pages.
+
+Loading then costs no copy: the operating system reads a page the first time a tensor touches it, and the
+pages belong to the page cache (dropped under memory pressure and re-read, never swapped). The mapping is
+private (copy-on-write): a write to a tensor (training, ``copy_``) copies that page into this process and
+never reaches the file. Alignment: a view's start must be a multiple of its dtype's size; a file whose
+tensor offsets are not (safetensors does not require it) is copied tensor by tensor instead.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from pathlib import Path
+
+import torch
+
+from moekit.io.safetensors_header import read_safetensors_header
+
+_TORCH_DTYPES: dict[str, torch.dtype] = {
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "I16": torch.int16,
+    "U16": torch.uint16,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I32": torch.int32,
+    "U32": torch.uint32,
+    "F32": torch.float32,
+    "I64": torch.int64,
+    "U64": torch.uint64,
+    "F64": torch.float64,
+    "C64": torch.complex64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "F8_E4M3FNUZ": torch.float8_e4m3fnuz,
+    "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
+}
+
+
+def map_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """name -> CPU tensor viewing ``path``'s bytes through a private memory map (header validated first)."""
+    path = Path(path)
+    header, _ = read_safetensors_header(path)
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if not header:
+            return {}
+        buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # the fd may close: the map stays
+    base = 8 + n
+    out: dict[str, torch.Tensor] = {}
+    for name, entry in header.items():
+        dtype = _TORCH_DTYPES[entry["dtype"]]
+        begin, end = entry["data_offsets"]
+        if end == begin:
+            out[name] = torch.empty(entry["shape"], dtype=dtype)
+            continue
+        # One storage per tensor, starting at its own bytes (some torch functions, e.g. set_rng_state, read a
+        # storage from its start); each keeps `buffer` alive as long as it lives.
+        raw = torch.frombuffer(buffer, dtype=torch.uint8, count=end - begin, offset=base + begin)
+        if (base + begin) % dtype.itemsize:  # unaligned: a view would be invalid, copy this one
+            raw = raw.clone()
+        out[name] = raw.view(dtype).view(entry["shape"])
+    return out
