@@ -41,6 +41,7 @@ from moekit.errors import CheckpointError, ConfigError
 from moekit.io.atomic import atomic_write_json, atomic_write_text, fsync_tree
 from moekit.io.safe_io import load_tensors, save_tensors
 from moekit.models import LMConfig, MoELM
+from moekit.models.materialize import materialize
 from moekit.models.resolve import upgrade_saved
 
 FORMAT = "moekit"
@@ -296,11 +297,12 @@ def read_model_config(checkpoint: str | os.PathLike) -> LMConfig:
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[MoELM, Tokenizer]:
     """Model (eval mode) and tokenizer from a checkpoint or run folder."""
     ckpt = resolve_checkpoint(path)
-    model = MoELM(read_model_config(ckpt))
+    with torch.device("meta"):  # no memory and no random init: the loaded tensors become the parameters
+        model = MoELM(read_model_config(ckpt))
     if (ckpt / WEIGHTS_FILE).is_file():
-        load_weights_into(model, ckpt / WEIGHTS_FILE)
+        load_tensors_into(model, load_tensors(ckpt / WEIGHTS_FILE), ckpt / WEIGHTS_FILE, assign=True)
     else:  # expert-parallel shards
-        load_tensors_into(model, read_model_tensors(ckpt), ckpt / EP_INDEX_FILE)
+        load_tensors_into(model, read_model_tensors(ckpt), ckpt / EP_INDEX_FILE, assign=True)
     tokenizer = load_tokenizer(ckpt)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise CheckpointError(
@@ -315,9 +317,11 @@ def load_weights_into(model: nn.Module, weights_file: str | os.PathLike) -> None
     load_tensors_into(model, load_tensors(weights_file), weights_file)
 
 
-def load_tensors_into(model: nn.Module, tensors: dict[str, torch.Tensor], weights_file: str | os.PathLike) -> None:
+def load_tensors_into(
+    model: nn.Module, tensors: dict[str, torch.Tensor], weights_file: str | os.PathLike, assign: bool = False
+) -> None:
     """Load ``tensors`` (read from ``weights_file``) into ``model``, naming missing, unexpected and
-    mis-shaped tensors."""
+    mis-shaped tensors; ``assign``: make them the parameters of a model built on the meta device."""
     expected = model.state_dict()
     tied = set(expected) - set(model_tensors(model))
     missing = sorted(set(expected) - set(tensors) - tied)
@@ -341,7 +345,10 @@ def load_tensors_into(model: nn.Module, tensors: dict[str, torch.Tensor], weight
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             bad = int((~torch.isfinite(tensor)).sum())
             raise CheckpointError(f"{weights_file}: tensor {name!r} holds {bad} NaN or infinite values")
-    model.load_state_dict(tensors, strict=False)
+    if assign:
+        materialize(model, tensors)
+    else:
+        model.load_state_dict(tensors, strict=False)
 
 
 def read_trainer_state(checkpoint: str | os.PathLike) -> dict[str, Any]:

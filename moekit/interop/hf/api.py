@@ -37,6 +37,7 @@ from moekit.io.safe_io import (
     save_tensors,
 )
 from moekit.models import LMConfig, MoELM
+from moekit.models.materialize import materialize
 
 CONFIG_NAME = "config.json"
 _PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "model.ckpt")
@@ -197,17 +198,13 @@ def build_model(
     mapped = hf_to_moekit(source, config, expected)
     for name, t in mapped.items():
         keep_fp32 = name.endswith("e_score_correction_bias")
-        mapped[name] = t.to(device=device, dtype=torch.float32 if keep_fp32 else dtype).contiguous()
-    model.load_state_dict(mapped, strict=False, assign=True)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    for module in model.modules():  # non-persistent buffers (e.g. load accumulators) are still on meta
-        for name, buf in list(module.named_buffers(recurse=False)):
-            if buf is not None and buf.is_meta:
-                module._buffers[name] = torch.zeros(buf.shape, dtype=buf.dtype, device=device)
-    left = [name for name, p in model.named_parameters() if p.is_meta]
-    if left:
-        raise CheckpointError(f"no weights were loaded for {left[:5]}")
+        want = torch.float32 if keep_fp32 else dtype
+        # Same dtype and device: keep the mapped view (fused experts stay transposed views of the file, which
+        # every kernel takes); a conversion is one copy, straight into the contiguous layout.
+        if t.dtype != want or t.device != torch.device(device):
+            t = t.to(device=device, dtype=want, memory_format=torch.contiguous_format)
+        mapped[name] = t
+    materialize(model, mapped, device)
     return model.eval()
 
 
