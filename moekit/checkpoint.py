@@ -342,9 +342,12 @@ def load_tensors_into(
                 f"{weights_file}: tensor {name!r} has shape {tuple(tensor.shape)} but the model expects "
                 f"{tuple(expected[name].shape)}"
             )
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        # A sum is finite iff every term is (barring an overflow, which the exact count below rules out);
+        # it reads the tensor once without an elementwise temporary (isfinite's is as large as the tensor).
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor.sum())):
             bad = int((~torch.isfinite(tensor)).sum())
-            raise CheckpointError(f"{weights_file}: tensor {name!r} holds {bad} NaN or infinite values")
+            if bad:
+                raise CheckpointError(f"{weights_file}: tensor {name!r} holds {bad} NaN or infinite values")
     if assign:
         materialize(model, tensors)
     else:

@@ -9,9 +9,11 @@ tensor offsets are not (safetensors does not require it) is copied tensor by ten
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import struct
+import weakref
 from pathlib import Path
 
 import torch
@@ -40,6 +42,12 @@ _TORCH_DTYPES: dict[str, torch.dtype] = {
 }
 
 
+# The tensors map_tensors returned that view the file (not the copied unaligned ones): release_pages' guard.
+# (WeakSet would compare tensors with ==, so: id -> weak reference, removed when the tensor dies.)
+_VIEWS: dict[int, weakref.ref] = {}
+_PAGE = mmap.PAGESIZE
+
+
 def map_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """name -> CPU tensor viewing ``path``'s bytes through a private memory map (header validated first)."""
     path = Path(path)
@@ -60,7 +68,22 @@ def map_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         # One storage per tensor, starting at its own bytes (some torch functions, e.g. set_rng_state, read a
         # storage from its start); each keeps `buffer` alive as long as it lives.
         raw = torch.frombuffer(buffer, dtype=torch.uint8, count=end - begin, offset=base + begin)
-        if (base + begin) % dtype.itemsize:  # unaligned: a view would be invalid, copy this one
-            raw = raw.clone()
-        out[name] = raw.view(dtype).view(entry["shape"])
+        aligned = (base + begin) % dtype.itemsize == 0
+        out[name] = (raw if aligned else raw.clone()).view(dtype).view(entry["shape"])  # unaligned: copied
+        if aligned:
+            key = id(out[name])
+            _VIEWS[key] = weakref.ref(out[name], lambda _, key=key: _VIEWS.pop(key, None))
     return out
+
+
+def release_pages(t: torch.Tensor) -> None:
+    """Drop the whole pages under mapped tensor ``t`` from this process's resident memory (they are read from
+    the file again if ``t`` is used later). For tensors an import has copied out of and never wrote to: a
+    write's private copy would be dropped too. Does nothing for a tensor :func:`map_tensors` did not map."""
+    ref = _VIEWS.get(id(t))
+    if ref is None or ref() is not t or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    begin, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+    first, last = -(-begin // _PAGE) * _PAGE, end // _PAGE * _PAGE  # pages wholly inside t
+    if last > first:
+        ctypes.CDLL(None).madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED)

@@ -26,6 +26,7 @@ from moekit.nn.attention import Attention, KVCache, QKNorm
 from moekit.nn.attention import attention_mask as build_attention_mask
 from moekit.nn.block import Block
 from moekit.nn.experts import Experts
+from moekit.nn.gemv import linear
 from moekit.nn.mla import MultiHeadLatentAttention
 from moekit.nn.mlp import MLP
 from moekit.nn.moe import MoE
@@ -103,6 +104,8 @@ class MoELM(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """:func:`init_weights`, residual std / sqrt(2L) with ``scaled_residual_init`` (GPT-2, Radford et al. 2019)."""
+        if self.lm_head.weight.is_meta:  # built to be given loaded tensors: nothing to initialise
+            return
         c = self.config
         std = c.initializer_range
         init_weights(self, std, std / math.sqrt(2 * c.num_hidden_layers) if c.scaled_residual_init else std)
@@ -131,7 +134,7 @@ class MoELM(nn.Module):
             if labels is not None:
                 raise ShapeError("labels need the logits of every position; do not set logits_to_keep with labels")
             x = x[:, -logits_to_keep:]
-        logits = self.lm_head(x)  # [B, S, V]
+        logits = linear(self.lm_head, x)  # [B, S, V]
 
         loss = None if labels is None else self._lm_loss(logits, labels, new_valid_BS)
         aux_loss = torch.zeros((), dtype=torch.float32, device=logits.device)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.errors import ShapeError
+from moekit.nn.gemv import linear
 from moekit.nn.norm import RMSNorm
 from moekit.nn.rope import apply_rotary
 
@@ -168,7 +169,11 @@ class Attention(nn.Module):
         ``is_causal`` come from :func:`attention_mask` (SDPA applies the causal triangle only without a mask)."""
         B, S, _ = x_BSD.shape
         H, G, hd = self.num_heads, self.num_kv_heads, self.head_dim
-        q, k, v = self.q_proj(x_BSD), self.k_proj(x_BSD), self.v_proj(x_BSD)  # [B, S, H*hd], [B, S, G*hd] x2
+        q, k, v = (
+            linear(self.q_proj, x_BSD),
+            linear(self.k_proj, x_BSD),
+            linear(self.v_proj, x_BSD),
+        )  # [B, S, H*hd], [B, S, G*hd] x2
         if self.qk_norm == QKNorm.FULL:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.view(B, S, H, hd), k.view(B, S, G, hd), v.view(B, S, G, hd)
@@ -188,4 +193,4 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal and mask is None, scale=self.scale, **gqa
         )
-        return self.o_proj(y.transpose(1, 2).reshape(B, S, H * hd))  # [B, S, D]
+        return linear(self.o_proj, y.transpose(1, 2).reshape(B, S, H * hd))  # [B, S, D]

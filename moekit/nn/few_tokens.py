@@ -50,8 +50,10 @@ def applies(layer: MoE, x: torch.Tensor, mask: torch.Tensor | None, record_routi
 
 def forward(layer: MoE, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
     """``layer(x)`` for x of at most MAX_TOKENS tokens; see the module docstring."""
-    # GEMVs are bound by memory, which one thread nearly saturates; one thread also spares every
-    # small op an OpenMP fork/join (see moekit.nn.kernels.schedule.intra_op_threads).
+    # The small ops (routing, the sums) run on one thread, sparing each an OpenMP fork/join (see
+    # moekit.nn.kernels.schedule.intra_op_threads); the expert GEMVs, bound by memory bandwidth, which one
+    # core does not saturate (measured: bf16 10 GB/s on one thread, 16-18 on two), take them all.
+    threads = torch.get_num_threads()
     with intra_op_threads(1):
         cfg = layer.config
         x_TD = x.reshape(-1, x.shape[-1])
@@ -65,10 +67,11 @@ def forward(layer: MoE, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
         x_rows = [x_TD[t : t + 1] for t in range(T)] if T > 1 else [x_TD]
         y_rows: list[torch.Tensor | None] = [None] * T
         # Ascending expert order per token, as the general path's scatter-add sums them.
-        for e, t, j in sorted((e, t, j) for t, row in enumerate(chosen) for j, e in enumerate(row)):
-            o = experts.run_one(e, x_rows[t], weights[t][j])
-            prev = y_rows[t]
-            y_rows[t] = o if prev is None else prev.add_(o)
+        with intra_op_threads(threads):
+            for e, t, j in sorted((e, t, j) for t, row in enumerate(chosen) for j, e in enumerate(row)):
+                o = experts.run_one(e, x_rows[t], weights[t][j])
+                prev = y_rows[t]
+                y_rows[t] = o if prev is None else prev.add_(o)
         rows = [row for row in y_rows if row is not None]  # all of them: every token has top_k >= 1 choices
         y_TD = rows[0] if T == 1 else torch.cat(rows)
         if layer.shared_experts is not None:

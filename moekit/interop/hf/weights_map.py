@@ -35,6 +35,7 @@ from collections.abc import Mapping
 import torch
 
 from moekit.errors import CheckpointError
+from moekit.io.mapped import release_pages
 from moekit.models.config import LMConfig
 
 logger = logging.getLogger(__name__)
@@ -186,14 +187,19 @@ def _moe_in(
         out[f"{mine}.experts.w_out"] = source.take(f"{pre}.experts.down_proj", (E, D, I), why).transpose(1, 2)
     else:
         g, u, d = _EXPERT_NAMES.get(family, _DEFAULT_EXPERT_NAMES)
-        w_in, w_out = [], []
+        # Stacked in the fused layout ([E, 2I, D] = gate rows then up rows; [E, D, I]) with plain row copies;
+        # moekit's w_in / w_out are transposed views of it. Each source tensor's pages are released once
+        # copied, so importing a mapped checkpoint holds about one copy of the weights, not two.
+        first = source.take(f"{pre}.experts.0.{g}.weight", (I, D), why)
+        gate_up = first.new_empty(E, 2 * I, D)
+        down = first.new_empty(E, D, I)
         for e in range(E):
-            gate = source.take(f"{pre}.experts.{e}.{g}.weight", (I, D), why)
-            up = source.take(f"{pre}.experts.{e}.{u}.weight", (I, D), why)
-            w_in.append(torch.cat([gate.t(), up.t()], dim=-1))  # [D, 2I]: gate columns, then up
-            w_out.append(source.take(f"{pre}.experts.{e}.{d}.weight", (D, I), why).t())  # [I, D]
-        out[f"{mine}.experts.w_in"] = torch.stack(w_in)
-        out[f"{mine}.experts.w_out"] = torch.stack(w_out)
+            for part, (name, shape) in enumerate(((g, (I, D)), (u, (I, D)), (d, (D, I)))):
+                t = source.take(f"{pre}.experts.{e}.{name}.weight", shape, why)
+                (down[e] if part == 2 else gate_up[e, part * I : (part + 1) * I]).copy_(t)
+                release_pages(t)
+        out[f"{mine}.experts.w_in"] = gate_up.transpose(1, 2)
+        out[f"{mine}.experts.w_out"] = down.transpose(1, 2)
     shared = _SHARED_NAME.get(family)
     if family in _SHARED_NAME and not m.num_shared_experts:  # zero-width shared expert: adds 0, nothing to keep
         for hf_name, shape in _zero_width_shared(family, pre, D).items():
@@ -272,6 +278,12 @@ def moekit_to_hf(
     return out
 
 
+def _own(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy: an imported expert stack's slices are already-contiguous views of one storage, which
+    a safetensors file cannot hold as separate tensors."""
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 def _moe_out(name: str, rest: str, t: torch.Tensor, config: LMConfig, family: str, layer: int):
     pre = f"model.layers.{layer}.{_HUB_MOE_PREFIX.get(family, 'mlp')}"
     t = t.detach()
@@ -289,12 +301,12 @@ def _moe_out(name: str, rest: str, t: torch.Tensor, config: LMConfig, family: st
         I = config.moe_config(layer).expert_hidden_size
         out = {}
         for e in range(t.shape[0]):
-            out[f"{pre}.experts.{e}.{g}.weight"] = t[e, :, :I].t().contiguous()
-            out[f"{pre}.experts.{e}.{u}.weight"] = t[e, :, I:].t().contiguous()
+            out[f"{pre}.experts.{e}.{g}.weight"] = _own(t[e, :, :I].t())
+            out[f"{pre}.experts.{e}.{u}.weight"] = _own(t[e, :, I:].t())
         return out
     if rest == "experts.w_out":
         _, _, d = _EXPERT_NAMES.get(family, _DEFAULT_EXPERT_NAMES)
-        return {f"{pre}.experts.{e}.{d}.weight": t[e].t().contiguous() for e in range(t.shape[0])}
+        return {f"{pre}.experts.{e}.{d}.weight": _own(t[e].t()) for e in range(t.shape[0])}
     if rest.startswith("shared_experts.") and family in _SHARED_NAME:
         return {f"{pre}.{_SHARED_NAME[family]}.{rest[len('shared_experts.') :]}": t.contiguous()}
     if rest.startswith("shared_expert_gate.") and family == "qwen2_moe":
