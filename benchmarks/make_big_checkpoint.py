@@ -4,7 +4,9 @@ The big-model benchmarks need checkpoints far larger than RAM would allow to bui
 Qwen3-30B-A3B shape is 61 GB in bf16), so this writes the safetensors shards directly, tensor by tensor, with
 transformers' names and per-expert layout (``model.layers.N.mlp.experts.E.gate_proj.weight``, ...), plus
 ``config.json`` from ``transformers.Qwen3MoeConfig`` and a ``model.safetensors.index.json``. Weights are
-N(0, 0.02) (transformers' init), norms 1. Never commit the output.
+N(0, 0.02) (transformers' init), norms 1. The tokenizer is a byte-level BPE of 2,000 tokens trained on
+moekit's built-in corpus (the model's vocabulary is larger; llama.cpp's converter pads it). Never commit
+the output.
 
 Usage:
     python benchmarks/make_big_checkpoint.py --shape 1.7b --out /tmp/q3-1.7b
@@ -51,6 +53,21 @@ def layer_tensors(i: int, s: dict, dtype: torch.dtype, g: torch.Generator) -> di
     return out
 
 
+def write_tokenizer(out: Path) -> None:
+    """A byte-level BPE (GPT-2 style, what Qwen uses) trained on the built-in corpus."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from moekit.data.corpus import builtin_corpus
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=2000, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([builtin_corpus()], trainer)
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="1.7b")
@@ -72,9 +89,10 @@ def main(argv=None) -> int:
         num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"], head_dim=hd,
         num_experts=s["experts"], num_experts_per_tok=s["top_k"], moe_intermediate_size=s["expert_hidden"],
         intermediate_size=4 * s["hidden"], norm_topk_prob=True, max_position_embeddings=4096,
-        tie_word_embeddings=False, dtype=args.dtype,
+        tie_word_embeddings=False, dtype=args.dtype, architectures=["Qwen3MoeForCausalLM"],
     )  # fmt: skip
     config.save_pretrained(out)
+    write_tokenizer(out)
     g = torch.Generator().manual_seed(args.seed)
     weight_map: dict[str, str] = {}
     total = 0

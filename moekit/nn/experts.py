@@ -15,7 +15,7 @@ from torch import nn
 
 from moekit.nn.config import Activation
 from moekit.nn.kernels.fused_experts import activate
-from moekit.nn.kernels.grouped_mm import accumulate_dtype, cast, grouped_mm
+from moekit.nn.kernels.grouped_mm import accumulate_dtype, cast, grouped_mm, matmul
 
 
 def expert_dropout_mask(
@@ -67,21 +67,11 @@ class Experts(nn.Module):
 
     def run_one(self, e: int, x_1D: torch.Tensor, scale: float) -> torch.Tensor:
         """scale * expert_e(x_1D) for one token row [1, D] at inference, in the accumulation dtype (fp32 for
-        half precision). One row makes each product a GEMV, bound by reading the weight; for half precision
-        on an [out, in] row-major weight (an HF import's experts: w_in is a transposed view of [E, X, D]) ATen's
-        mv is the fast kernel (bf16 [1, 1024] x [1024, 1024], 2 threads: mv 121 us, mm 205 us; mv of the
-        other layout 262 us), and it accumulates in fp32 without widening the weight."""
+        half precision): two GEMVs (:func:`~moekit.nn.kernels.grouped_mm.matmul`), bound by reading the weights."""
         w_in, w_out = self.w_in[e], self.w_out[e]
         x_1D = cast(x_1D, w_in.dtype)
-        if x_1D.dtype in (torch.bfloat16, torch.float16) and w_in.t().is_contiguous():
-            a = activate(torch.mv(w_in.t(), x_1D[0])[None], self.activation)
-        else:
-            a = activate(torch.mm(x_1D, w_in), self.activation)
-        a = a.mul_(scale)
-        if a.dtype in (torch.bfloat16, torch.float16) and w_out.t().is_contiguous():
-            out = torch.mv(w_out.t(), a[0])[None]
-        else:
-            out = torch.mm(a, w_out)
+        a = activate(matmul(x_1D, w_in), self.activation).mul_(scale)
+        out = matmul(a, w_out)
         return cast(out, accumulate_dtype(x_1D.dtype))
 
     def expert_forward(self, e: int, x_nD: torch.Tensor) -> torch.Tensor:

@@ -70,3 +70,22 @@ def test_the_general_path_keeps_everything_else():
         assert not few_tokens.applies(capped, x, None, False)
         _, aux = layer(x, record_routing=True)
         assert aux.routing is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_experts_stored_out_in_as_imported_give_the_same_output(dtype):
+    """An HF import's experts are transposed views of [E, X, D] (the layout the decode GEMVs prefer)."""
+    layer = _layer(CASES["softmax_unnormalised_shared_gate"], dtype)
+    x, many = torch.randn(2, 1, 16, dtype=dtype), torch.randn(3, 4, 16, dtype=dtype)
+    with torch.inference_mode():
+        ref, _ = layer(x)
+        ref_many, _ = layer(many)  # the fused kernel
+        experts = layer.experts
+        experts.w_in = torch.nn.Parameter(experts.w_in.transpose(1, 2).contiguous().transpose(1, 2))
+        experts.w_out = torch.nn.Parameter(experts.w_out.transpose(1, 2).contiguous().transpose(1, 2))
+        assert not experts.w_in.is_contiguous()
+        out, _ = layer(x)
+        out_many, _ = layer(many)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(out_many.float(), ref_many.float(), rtol=tol, atol=tol)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from moekit.nn.kernels.fused_experts import _moe_experts_grouped, moe_experts
-from moekit.nn.kernels.grouped_mm import grouped_mm, grouped_mm_padded, grouped_mm_reference, grouped_mm_torch
+from moekit.nn.kernels.grouped_mm import grouped_mm, grouped_mm_padded, grouped_mm_reference, grouped_mm_torch, matmul
 
 COUNTS = [(3, 0, 5, 1), (0, 0, 0, 7), (1,), (0, 4, 0, 0, 2), (16, 16), (0, 0, 0), (9, 1, 0, 30, 2, 0, 0, 5)]
 IMPLEMENTATIONS = {"cpu_kernel": grouped_mm, "padded_bmm": grouped_mm_padded, "torch_grouped_mm": grouped_mm_torch}
@@ -91,3 +91,20 @@ def test_grouped_experts_path_equals_the_cpu_kernel(activation, shared):
     assert torch.allclose(grouped, fused, atol=1e-5)
     for a, b in zip(torch.autograd.grad((grouped * g).sum(), params), torch.autograd.grad((fused * g).sum(), params)):
         assert torch.allclose(a, b, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("layout", ["in_out", "out_in_view"])
+def test_matmul_takes_mv_for_a_half_row_and_equals_the_product(dtype, rows, layout):
+    torch.manual_seed(0)
+    w = torch.randn(64, 48) if layout == "in_out" else torch.randn(48, 64).t()  # [in, out] either way
+    a, w = torch.randn(rows, 64).to(dtype), w.to(dtype)
+    ref = (a.double() @ w.double()).to(dtype)  # exact products, one rounding
+    out = matmul(a, w)
+    into = torch.full((rows, 48), float("nan"), dtype=dtype)
+    assert matmul(a, w, out=into) is into
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
+    for got in (out, into):
+        assert got.shape == (rows, 48) and got.dtype == dtype
+        torch.testing.assert_close(got.float(), ref.float(), rtol=tol, atol=tol)

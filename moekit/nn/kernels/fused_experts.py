@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from moekit.errors import ShapeError
 from moekit.nn.config import Activation
-from moekit.nn.kernels.grouped_mm import accumulate_dtype, cast, compute_dtype, grouped_mm, mm_into
+from moekit.nn.kernels.grouped_mm import accumulate_dtype, cast, compute_dtype, grouped_mm, matmul, mm_into
 from moekit.nn.kernels.schedule import intra_op_threads, run_jobs
 
 
@@ -119,9 +119,9 @@ def _forward(x_TD, token_idx_N, weight_N, w_in, w_out, sw_in, sw_out, sweight_T,
             x_n, wi, wo, w, out, hbuf = x_TD[lo:hi], sw_in, sw_out, sweight_T, y_TD, sh_TX
         x_n, wi, wo = cast(x_n, cdt), cast(wi, cdt), cast(wo, cdt)
         if hbuf is not None and hbuf.dtype == cdt:
-            h = torch.mm(x_n, wi, out=hbuf[lo:hi])
+            h = matmul(x_n, wi, out=hbuf[lo:hi])
         else:
-            h = torch.mm(x_n, wi)
+            h = matmul(x_n, wi)
             if hbuf is not None:
                 hbuf[lo:hi] = h
         a = activate(h, Activation.SWIGLU if plan.swiglu else Activation.GELU)
