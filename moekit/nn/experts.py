@@ -15,7 +15,7 @@ from torch import nn
 
 from moekit.nn.config import Activation
 from moekit.nn.kernels.fused_experts import activate
-from moekit.nn.kernels.grouped_mm import accumulate_dtype, cast, grouped_mm, matmul
+from moekit.nn.kernels.grouped_mm import cast, grouped_mm, matmul
 
 
 def expert_dropout_mask(
@@ -65,14 +65,21 @@ class Experts(nn.Module):
         size = self.w_in.numel() + self.w_out.numel()
         return size - size * runs // self.num_experts
 
-    def run_one(self, e: int, x_1D: torch.Tensor, scale: float) -> torch.Tensor:
-        """scale * expert_e(x_1D) for one token row [1, D] at inference, in the accumulation dtype (fp32 for
-        half precision): two GEMVs (:func:`~moekit.nn.kernels.grouped_mm.matmul`), bound by reading the weights."""
-        w_in, w_out = self.w_in[e], self.w_out[e]
-        x_1D = cast(x_1D, w_in.dtype)
-        a = activate(matmul(x_1D, w_in), self.activation).mul_(scale)
-        out = matmul(a, w_out)
-        return cast(out, accumulate_dtype(x_1D.dtype))
+    def run_one(self, e: int, x_1D: torch.Tensor) -> torch.Tensor:
+        """expert_e(x_1D) for one token row [1, D] at inference, in the weights' dtype: two GEMVs
+        (:func:`~moekit.nn.kernels.grouped_mm.matmul`), bound by reading the weights. Decoding calls this
+        k times per layer and token, so it is kept to the fewest ops (per-expert weight views made once)."""
+        views = self._expert_views()
+        w_in, w_out = views[e]
+        return matmul(activate(matmul(cast(x_1D, w_in.dtype), w_in), self.activation), w_out)
+
+    def _expert_views(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """[(w_in[e], w_out[e])], remade when either stack is replaced (not when written in place: views)."""
+        key = (self.w_in.data_ptr(), self.w_out.data_ptr(), self.w_in.shape, self.w_out.shape)
+        if getattr(self, "_views_key", None) != key:
+            self._views = [(self.w_in[e], self.w_out[e]) for e in range(self.num_experts)]
+            self._views_key = key
+        return self._views
 
     def expert_forward(self, e: int, x_nD: torch.Tensor) -> torch.Tensor:
         """One expert on its rows, with plain autograd (used by the reference and analysis)."""

@@ -20,6 +20,7 @@ import torch
 
 from moekit.nn.config import RouterType
 from moekit.nn.executor import LocalExperts
+from moekit.nn.kernels.grouped_mm import accumulate_dtype
 from moekit.nn.kernels.schedule import intra_op_threads
 from moekit.nn.router import _TopKRouter
 from moekit.nn.routing import MoEAux
@@ -63,17 +64,14 @@ def forward(layer: MoE, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
         idx_TK, weight_TK, probs_TE = router.choose(router.logits(x_TD))
         experts = layer.experts
         # One host sync for the choices and weights: python ints/floats then index and scale without more ops.
-        chosen, weights = idx_TK.tolist(), weight_TK.to(x_TD.dtype).tolist()  # scales as the general path
+        chosen, weights = idx_TK.tolist(), weight_TK.to(x_TD.dtype).tolist()  # rounded as the general path's
         x_rows = [x_TD[t : t + 1] for t in range(T)] if T > 1 else [x_TD]
-        y_rows: list[torch.Tensor | None] = [None] * T
+        # The sums are kept in fp32 for half precision; weight-and-add is one op (add_ with alpha).
+        y_TD = torch.zeros(T, x_TD.shape[1], dtype=accumulate_dtype(x_TD.dtype), device=x_TD.device)
         # Ascending expert order per token, as the general path's scatter-add sums them.
         with intra_op_threads(threads):
             for e, t, j in sorted((e, t, j) for t, row in enumerate(chosen) for j, e in enumerate(row)):
-                o = experts.run_one(e, x_rows[t], weights[t][j])
-                prev = y_rows[t]
-                y_rows[t] = o if prev is None else prev.add_(o)
-        rows = [row for row in y_rows if row is not None]  # all of them: every token has top_k >= 1 choices
-        y_TD = rows[0] if T == 1 else torch.cat(rows)
+                y_TD[t : t + 1].add_(experts.run_one(e, x_rows[t]), alpha=weights[t][j])
         if layer.shared_experts is not None:
             y_TD = y_TD + layer._shared(x_TD).to(y_TD.dtype)
         zero = torch.zeros((), dtype=torch.long, device=x_TD.device)
