@@ -134,8 +134,8 @@ class GGUFFile:
             return np.asarray(dequantize(info.data, info.tensor_type), dtype=np.float32)
         except NotImplementedError:
             raise CheckpointError(
-                f"{self.path}: tensor {info.name!r} has GGML type {info.tensor_type.name}, which the gguf package "
-                "cannot dequantise; re-quantise the model to a supported type (Q8_0, Q4_0, Q4_K, F16...)"
+                f"{self.path}: tensor {info.name!r} has GGML type {info.tensor_type.name}, which moekit cannot read as "
+                "float weights; convert the model to a supported type (F32, F16, BF16, Q8_0, Q4_0, Q4_K...)"
             ) from None
 
     def iter_tensors(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
