@@ -285,3 +285,15 @@ def test_tokenizer_problems_are_data_errors(tmp_path):
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
     with pytest.raises(DataError, match="tokenizer.ggml.pre='deepseek-llm' is not supported"):
         tokenizer_json_from_gguf(GGUFFile(tmp_path / "pre.gguf"))
+
+
+def test_metadata_of_the_wrong_type_is_refused(tmp_path):
+    path = tmp_path / "typed.gguf"
+    w = gguf.GGUFWriter(str(path), "qwen3moe")
+    w.add_string("qwen3moe.block_count", "two")
+    w.add_uint32("qwen3moe.attention.head_count", 4)
+    w.add_uint32("qwen3moe.embedding_length", 64)
+    w.add_tensor("token_embd.weight", np.zeros((8, 64), np.float32))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    with pytest.raises(CheckpointError, match="malformed GGUF metadata"):
+        from_gguf(path)

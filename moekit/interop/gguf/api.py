@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import collections
 import os
+import shutil
 import tempfile
+import weakref
 from pathlib import Path
 
 import torch
 
 from moekit.data.tokenizers import HFTokenizer
+from moekit.errors import CheckpointError, MoekitError
 from moekit.interop.gguf.arch import hf_config_from_gguf, hf_tensors_from_gguf
 from moekit.interop.gguf.reader import GGUFFile
 from moekit.interop.gguf.vocab import write_tokenizer
@@ -47,8 +50,16 @@ def from_gguf(
         CheckpointError: not a GGUF file, truncated, an unsupported tensor type, tensors that do not fit.
         ConfigError: an architecture or option moekit does not implement.
     """
-    gg = GGUFFile(path)
-    raw = hf_config_from_gguf(gg)
+    return _model(GGUFFile(path), device, dtype)
+
+
+def _model(gg: GGUFFile, device: str | torch.device, dtype: torch.dtype | str | None) -> MoELM:
+    try:
+        raw = hf_config_from_gguf(gg)
+    except MoekitError:
+        raise
+    except (TypeError, ValueError) as e:  # a number that is a string or a list, in a damaged or odd file
+        raise CheckpointError(f"{gg.path}: malformed GGUF metadata ({e})") from None
     config = lm_config_from_hf(raw, where=str(gg.path), quiet=True)
     target = _as_dtype(dtype) or default_dtype(gg)
     tensors, files = hf_tensors_from_gguf(gg, raw, target)
@@ -60,10 +71,15 @@ def load_gguf(
 ) -> tuple[MoELM, HFTokenizer]:
     """:func:`from_gguf` plus the file's tokenizer (written as ``tokenizer.json`` into a temporary folder that
     lives as long as the tokenizer)."""
-    model = from_gguf(path, device=device, dtype=dtype)
-    folder = tempfile.TemporaryDirectory(prefix="moekit-gguf-tok-")
-    tokenizer = HFTokenizer(write_tokenizer(GGUFFile(path), folder.name))
-    tokenizer._gguf_folder = folder  # type: ignore[attr-defined]  # removed when the tokenizer goes
+    gg = GGUFFile(path)
+    model = _model(gg, device, dtype)
+    folder = tempfile.mkdtemp(prefix="moekit-gguf-tok-")
+    try:
+        tokenizer = HFTokenizer(write_tokenizer(gg, folder))
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    weakref.finalize(tokenizer, shutil.rmtree, folder, ignore_errors=True)  # the folder goes with the tokenizer
     return model, tokenizer
 
 
@@ -71,7 +87,8 @@ def convert_from_gguf(
     source: str | os.PathLike, out: str | os.PathLike, dtype: torch.dtype | str | None = None
 ) -> Path:
     """GGUF file -> moekit checkpoint folder (config.json + model.safetensors + tokenizer.json)."""
-    model = from_gguf(source, dtype=dtype)
+    gg = GGUFFile(source)
+    model = _model(gg, "cpu", dtype)
     folder = save_moekit_checkpoint(model, out, None)
-    write_tokenizer(GGUFFile(source), folder)
+    write_tokenizer(gg, folder)
     return folder

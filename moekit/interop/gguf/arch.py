@@ -84,6 +84,8 @@ def hf_config_from_gguf(gg: GGUFFile) -> dict[str, Any]:
     """An HF ``config.json`` dict equivalent to the GGUF's metadata (for :func:`lm_config_from_hf`)."""
     arch = architecture(gg)
     family, renormalise = ARCHITECTURES[arch]
+    if int(gg.meta("split.count", 1)) > 1:
+        raise CheckpointError(f"{gg.path} is one part of a split GGUF; merge it first (llama-gguf-split --merge)")
 
     def key(name: str, default: Any = ...) -> Any:
         return gg.meta(f"{arch}.{name}", default)

@@ -157,6 +157,7 @@ def load_for_inference(checkpoint: str | os.PathLike | None = None, hf_dir: str 
         return load_model(checkpoint)
     from moekit.interop.gguf import is_gguf_file, load_gguf
 
+    assert hf_dir is not None  # exactly one of the two, checked above
     if is_gguf_file(hf_dir):
         return load_gguf(hf_dir)
     model, tokenizer = load_hf(hf_dir)
