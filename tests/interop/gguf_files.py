@@ -23,8 +23,9 @@ TEXT = (
 ) * 20
 
 
-def tiny_config(family: str):
-    """A transformers config of ``family`` (qwen3_moe, mixtral, qwen2_moe, olmoe) at hidden 64, 2 layers, 4 experts."""
+def tiny_config(family: str, **overrides):
+    """A transformers config of ``family`` (qwen3_moe, mixtral, qwen2_moe, olmoe) at hidden 64, 2 layers, 4 experts
+    (``overrides`` replace any field)."""
     base = dict(
         vocab_size=300,
         hidden_size=64,
@@ -40,16 +41,16 @@ def tiny_config(family: str):
         tie_word_embeddings=False,
     )
     if family == "qwen3_moe":
-        return transformers.Qwen3MoeConfig(
-            **base, head_dim=16, intermediate_size=96, moe_intermediate_size=32, num_experts=4, norm_topk_prob=True
-        )
+        fields = dict(base, head_dim=16, intermediate_size=96, moe_intermediate_size=32, num_experts=4)
+        return transformers.Qwen3MoeConfig(**{**fields, "norm_topk_prob": True, **overrides})
     if family == "qwen2_moe":
-        return transformers.Qwen2MoeConfig(
-            **base, intermediate_size=96, moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=4
-        )
-    if family == "olmoe":
-        return transformers.OlmoeConfig(**base, intermediate_size=32, num_experts=4)
-    return transformers.MixtralConfig(**base, intermediate_size=32, num_local_experts=4, rope_theta=10000.0)
+        fields = dict(base, intermediate_size=96, moe_intermediate_size=32, shared_expert_intermediate_size=48)
+        return transformers.Qwen2MoeConfig(**{**fields, "num_experts": 4, **overrides})
+    if family == "olmoe":  # no GQA, as OLMoE (llama.cpp's olmoe sizes k_norm by the hidden size)
+        fields = dict(base, num_key_value_heads=4, intermediate_size=32, num_experts=4)
+        return transformers.OlmoeConfig(**{**fields, **overrides})
+    fields = dict(base, intermediate_size=32, num_local_experts=4, rope_theta=10000.0)
+    return transformers.MixtralConfig(**{**fields, **overrides})
 
 
 def tiny_model(family: str, seed: int = 0):
