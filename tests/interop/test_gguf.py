@@ -297,3 +297,16 @@ def test_metadata_of_the_wrong_type_is_refused(tmp_path):
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
     with pytest.raises(CheckpointError, match="malformed GGUF metadata"):
         from_gguf(path)
+
+
+def test_a_moe_file_without_expert_tensors_is_refused(tmp_path):
+    path = tmp_path / "noexperts.gguf"
+    w = gguf.GGUFWriter(str(path), "qwen3moe")
+    for key, value in {"block_count": 1, "attention.head_count": 4, "embedding_length": 64}.items():
+        w.add_uint32(f"qwen3moe.{key}", value)
+    w.add_uint32("qwen3moe.expert_count", 4)
+    w.add_uint32("qwen3moe.expert_used_count", 2)
+    w.add_tensor("token_embd.weight", np.zeros((8, 64), np.float32))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    with pytest.raises(CheckpointError, match="has no tensor 'blk.0.ffn_down_exps.weight'"):
+        from_gguf(path)

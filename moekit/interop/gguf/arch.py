@@ -223,7 +223,12 @@ def hf_tensors_from_gguf(
         if part not in _LAYER_NAMES:
             raise CheckpointError(f"{gg.path}: tensor {name!r} has no place in a moekit {arch} model")
         if arch == "llama" and part in ("attn_q", "attn_k"):
-            t = unpermute_rope(t, heads if part == "attn_q" else kv_heads)
+            n = heads if part == "attn_q" else kv_heads
+            if t.shape[0] % (2 * n):
+                raise CheckpointError(
+                    f"{gg.path}: tensor {name!r} has {t.shape[0]} rows, not a multiple of 2 x {n} heads"
+                )
+            t = unpermute_rope(t, n)
         if part == "ffn_gate_inp_shexp":
             t = t.reshape(1, -1)  # GGUF keeps the shared expert's gate as a vector
         out[f"model.layers.{layer}.{_LAYER_NAMES[part]}.{kind}"] = t
@@ -232,6 +237,10 @@ def hf_tensors_from_gguf(
         if missing:
             raise CheckpointError(f"{gg.path}: layer {layer} lacks expert tensors {missing}")
         gate, up = parts["ffn_gate_exps"], parts["ffn_up_exps"]
+        if gate.shape != up.shape:
+            raise CheckpointError(
+                f"{gg.path}: layer {layer}'s ffn_gate_exps {tuple(gate.shape)} and ffn_up_exps {tuple(up.shape)} differ"
+            )
         if gate.dtype != up.dtype:  # e.g. Q4_K gate beside a Q6_K or F16 up: meet in the target dtype
             gate, up = gate.to(dtype), up.to(dtype)
         gate_up = torch.cat([gate, up], dim=1)  # [E, 2I, D]

@@ -101,13 +101,18 @@ class GGUFFile:
         """Every tensor name, in file order."""
         return list(self._tensors)
 
+    def _info(self, name: str) -> Any:
+        if name not in self._tensors:
+            raise CheckpointError(f"{self.path} has no tensor {name!r}")
+        return self._tensors[name]
+
     def shape(self, name: str) -> tuple[int, ...]:
         """A tensor's shape in PyTorch order."""
-        return tuple(int(d) for d in reversed(self._tensors[name].shape.tolist()))
+        return tuple(int(d) for d in reversed(self._info(name).shape.tolist()))
 
     def type_name(self, name: str) -> str:
         """A tensor's GGML type name (``F32``, ``BF16``, ``Q8_0``...)."""
-        return self._tensors[name].tensor_type.name
+        return self._info(name).tensor_type.name
 
     def stored_dtype(self, name: str) -> torch.dtype:
         """The float dtype a tensor is stored in; quantised types count as float32 (what they dequantise to)."""
@@ -116,7 +121,7 @@ class GGUFFile:
     def tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Tensor ``name`` in PyTorch order; float types are views of the mapped file (cast only to ``dtype``),
         quantised ones are dequantised into ``dtype`` (float32 when None)."""
-        info = self._tensors[name]
+        info = self._info(name)
         kind = info.tensor_type.name
         shape = self.shape(name)
         if kind in ("F32", "F16"):
