@@ -26,7 +26,7 @@ def add_parser(verbs: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--checkpoint", metavar="DIR", help="moekit checkpoint or run folder")
-    p.add_argument("--model", metavar="HF_DIR", help="a Hugging Face model folder (instead of --checkpoint)")
+    p.add_argument("--model", metavar="HF_DIR", help="a Hugging Face model folder or .gguf file (not --checkpoint)")
     p.add_argument("--data", required=True, nargs="+", help="text files or folders; NAME=PATH names a source")
     p.add_argument("--labels", choices=LABEL_MODES, default="auto", help="what to measure specialisation against")
     p.add_argument("--compare", metavar="CKPT2", help="a second checkpoint: routing drift between the two")

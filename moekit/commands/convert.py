@@ -1,10 +1,13 @@
-"""``moekit convert --from-hf DIR --out DIR`` / ``moekit convert --to-hf CKPT --out DIR``: Hugging Face <-> moekit.
+"""``moekit convert --from-hf DIR --out DIR`` / ``--to-hf CKPT --out DIR`` / ``--from-gguf FILE.gguf --out DIR``:
+Hugging Face <-> moekit, and llama.cpp GGUF -> moekit.
 
 --from-hf writes a moekit checkpoint folder (config.json + model.safetensors + the tokenizer files) that
 ``moekit generate/eval --checkpoint``, ``moekit train --init-from`` and ``moekit.load`` read; the weights
 keep their dtype. --to-hf writes a folder ``transformers.AutoModelForCausalLM.from_pretrained`` loads,
 in the checkpoint's dtype unless --dtype says otherwise, sharded past --max-shard-size, with the tokenizer
 (moekit's byte/char tokenizers become a ``tokenizer.json`` that ``AutoTokenizer`` loads with the same ids).
+--from-gguf reads a llama.cpp file (qwen3moe, qwen2moe, olmoe, llama/Mixtral; F32/F16/BF16 kept, quantised types
+such as Q8_0/Q4_0/Q4_K dequantised into --dtype, float32 by default) and its tokenizer.
 """
 
 from __future__ import annotations
@@ -18,14 +21,20 @@ from moekit.io.folders import check_output_folder
 
 def add_parser(verbs: argparse._SubParsersAction) -> None:
     p = verbs.add_parser(
-        "convert", help="convert Hugging Face <-> moekit checkpoints", description=__doc__, allow_abbrev=False
+        "convert",
+        help="convert Hugging Face <-> moekit checkpoints, GGUF -> moekit",
+        description=__doc__,
+        allow_abbrev=False,
     )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--from-hf", metavar="DIR", help="Hugging Face model folder to import")
     source.add_argument("--to-hf", metavar="CKPT", help="moekit checkpoint or run folder to export")
+    source.add_argument("--from-gguf", metavar="FILE", help="llama.cpp GGUF file to import")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="write into --out even if it is not empty")
-    p.add_argument("--dtype", default=None, help="--to-hf: float32 | bfloat16 | float16 (default: the checkpoint's)")
+    p.add_argument(
+        "--dtype", default=None, help="--to-hf, --from-gguf: float32 | bfloat16 | float16 (default: the file's)"
+    )
     p.add_argument("--family", default=None, help="--to-hf: HF model_type (default: the imported one, or inferred)")
     p.add_argument("--max-shard-size", default="5GB", help="--to-hf: shard above this size (e.g. 500MB, 5GB)")
     p.set_defaults(func=run)
@@ -40,12 +49,20 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}[unit])
 
 
-def convert(from_hf=None, to_hf=None, out=None, dtype=None, family=None, max_shard_size="5GB"):
+def convert(from_hf=None, to_hf=None, out=None, dtype=None, family=None, max_shard_size="5GB", from_gguf=None):
     """Run one conversion; returns the output folder."""
     from moekit.interop.hf import convert_from_hf, convert_to_hf
 
-    if (from_hf is None) == (to_hf is None):
-        raise ConfigError("give exactly one of from_hf= (an HF folder) or to_hf= (a moekit checkpoint)")
+    if sum(x is not None for x in (from_hf, to_hf, from_gguf)) != 1:
+        raise ConfigError(
+            "give exactly one of from_hf= (an HF folder), to_hf= (a moekit checkpoint) or from_gguf= (a GGUF file)"
+        )
+    if from_gguf is not None:
+        from moekit.interop.gguf import convert_from_gguf
+
+        if family:
+            raise ConfigError("--family applies to --to-hf")
+        return convert_from_gguf(from_gguf, out, dtype=dtype)
     if from_hf is not None:
         if dtype or family:
             raise ConfigError("--dtype and --family apply to --to-hf; --from-hf keeps the checkpoint's dtype")
@@ -56,7 +73,7 @@ def convert(from_hf=None, to_hf=None, out=None, dtype=None, family=None, max_sha
 
 def run(args: argparse.Namespace) -> int:
     check_output_folder(args.out, args.overwrite)
-    path = convert(args.from_hf, args.to_hf, args.out, args.dtype, args.family, args.max_shard_size)
-    kind = "moekit checkpoint" if args.from_hf else "Hugging Face model"
+    path = convert(args.from_hf, args.to_hf, args.out, args.dtype, args.family, args.max_shard_size, args.from_gguf)
+    kind = "Hugging Face model" if args.to_hf else "moekit checkpoint"
     print(f"wrote {kind} to {path}")
     return 0

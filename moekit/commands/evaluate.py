@@ -14,7 +14,7 @@ def add_parser(verbs: argparse._SubParsersAction) -> None:
     p = verbs.add_parser("eval", help="evaluate a checkpoint on a text file", description=__doc__)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="checkpoint or run folder")
-    source.add_argument("--model", metavar="HF_DIR", help="Hugging Face model folder (instead of --checkpoint)")
+    source.add_argument("--model", metavar="HF_DIR", help="Hugging Face model folder or .gguf file (not --checkpoint)")
     p.add_argument("--data", required=True, help="text file, folder or JSONL")
     p.add_argument("--block-size", type=int, default=None, help="window length (default: 128, capped by context)")
     p.add_argument("--batch-size", type=int, default=16)

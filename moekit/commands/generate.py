@@ -16,7 +16,7 @@ def add_parser(verbs: argparse._SubParsersAction) -> None:
     p = verbs.add_parser("generate", help="generate text from a checkpoint", description=__doc__)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="checkpoint or run folder")
-    source.add_argument("--model", metavar="HF_DIR", help="Hugging Face model folder (instead of --checkpoint)")
+    source.add_argument("--model", metavar="HF_DIR", help="Hugging Face model folder or .gguf file (not --checkpoint)")
     p.add_argument("--prompt", default="\n", help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")

@@ -147,13 +147,19 @@ def load_hf(path: str | os.PathLike, device: str | torch.device = "cpu", dtype=N
 
 
 def load_for_inference(checkpoint: str | os.PathLike | None = None, hf_dir: str | os.PathLike | None = None):
-    """(model in eval mode, tokenizer) from a moekit checkpoint/run folder or, with ``hf_dir``, an HF folder."""
+    """(model in eval mode, tokenizer) from a moekit checkpoint/run folder or, with ``hf_dir``, an HF folder
+    (or a llama.cpp ``.gguf`` file)."""
     if (checkpoint is None) == (hf_dir is None):
         raise ConfigError("give exactly one of a moekit checkpoint or a Hugging Face model folder")
     if checkpoint is not None:
         from moekit.checkpoint import load_model
 
         return load_model(checkpoint)
+    from moekit.interop.gguf import is_gguf_file, load_gguf
+
+    assert hf_dir is not None  # exactly one of the two, checked above
+    if is_gguf_file(hf_dir):
+        return load_gguf(hf_dir)
     model, tokenizer = load_hf(hf_dir)
     if tokenizer is None:
         raise DataError(f"{hf_dir} has no {TOKENIZER_FILE}; moekit needs the model's tokenizer to read and write text")

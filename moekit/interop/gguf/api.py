@@ -1,0 +1,94 @@
+"""Import llama.cpp GGUF files: :func:`from_gguf` (a model), :func:`load_gguf` (model + tokenizer),
+:func:`convert_from_gguf` (a moekit checkpoint folder).
+
+The GGUF's metadata becomes an HF config dict and its tensors HF-named tensors (:mod:`.arch`), which the Hugging
+Face import turns into a moekit model; so every check of that import (shapes, leftovers, unsupported options)
+applies to GGUF files too.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import shutil
+import tempfile
+import weakref
+from pathlib import Path
+
+import torch
+
+from moekit.data.tokenizers import HFTokenizer
+from moekit.errors import CheckpointError, MoekitError
+from moekit.interop.gguf.arch import hf_config_from_gguf, hf_tensors_from_gguf
+from moekit.interop.gguf.reader import GGUFFile
+from moekit.interop.gguf.vocab import write_tokenizer
+from moekit.interop.hf.api import _as_dtype, build_model, save_moekit_checkpoint
+from moekit.interop.hf.config_map import lm_config_from_hf
+from moekit.models import MoELM
+
+
+def default_dtype(gg: GGUFFile) -> torch.dtype:
+    """The dtype most of the file's weights (by element count) are stored in; quantised ones count as float32."""
+    counts: collections.Counter[torch.dtype] = collections.Counter()
+    for name in gg.tensor_names():
+        counts[gg.stored_dtype(name)] += int(torch.Size(gg.shape(name)).numel())
+    return counts.most_common(1)[0][0] if counts else torch.float32
+
+
+def from_gguf(
+    path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None
+) -> MoELM:
+    """A moekit model (eval mode) from a GGUF file.
+
+    Args:
+        path: the ``.gguf`` file (one file; split GGUFs are not read).
+        device: where to put the weights.
+        dtype: the weights' dtype; default: the file's (F32 -> float32, BF16 -> bfloat16, F16 -> float16,
+            quantised types -> float32, the values ``gguf.quants.dequantize`` gives).
+
+    Raises:
+        CheckpointError: not a GGUF file, truncated, an unsupported tensor type, tensors that do not fit.
+        ConfigError: an architecture or option moekit does not implement.
+    """
+    return _model(GGUFFile(path), device, dtype)
+
+
+def _model(gg: GGUFFile, device: str | torch.device, dtype: torch.dtype | str | None) -> MoELM:
+    try:
+        raw = hf_config_from_gguf(gg)
+    except MoekitError:
+        raise
+    except (TypeError, ValueError) as e:  # a number that is a string or a list, in a damaged or odd file
+        raise CheckpointError(f"{gg.path}: malformed GGUF metadata ({e})") from None
+    config = lm_config_from_hf(raw, where=str(gg.path), quiet=True)
+    target = _as_dtype(dtype) or default_dtype(gg)
+    tensors, files = hf_tensors_from_gguf(gg, raw, target)
+    return build_model(config, tensors, files, device=device, dtype=target)
+
+
+def load_gguf(
+    path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None
+) -> tuple[MoELM, HFTokenizer]:
+    """:func:`from_gguf` plus the file's tokenizer (written as ``tokenizer.json`` into a temporary folder that
+    lives as long as the tokenizer)."""
+    gg = GGUFFile(path)
+    model = _model(gg, device, dtype)
+    folder = tempfile.mkdtemp(prefix="moekit-gguf-tok-")
+    try:
+        tokenizer = HFTokenizer(write_tokenizer(gg, folder))
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    weakref.finalize(tokenizer, shutil.rmtree, folder, ignore_errors=True)  # the folder goes with the tokenizer
+    return model, tokenizer
+
+
+def convert_from_gguf(
+    source: str | os.PathLike, out: str | os.PathLike, dtype: torch.dtype | str | None = None
+) -> Path:
+    """GGUF file -> moekit checkpoint folder (config.json + model.safetensors + tokenizer.json)."""
+    gg = GGUFFile(source)
+    model = _model(gg, "cpu", dtype)
+    folder = save_moekit_checkpoint(model, out, None)
+    write_tokenizer(gg, folder)
+    return folder
