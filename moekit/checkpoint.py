@@ -42,6 +42,7 @@ from moekit.io.atomic import atomic_write_json, atomic_write_text, fsync_tree
 from moekit.io.safe_io import load_tensors, save_tensors
 from moekit.models import LMConfig, MoELM
 from moekit.models.materialize import materialize
+from moekit.models.quantization import apply_spec
 from moekit.models.resolve import upgrade_saved
 
 FORMAT = "moekit"
@@ -299,6 +300,9 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     ckpt = resolve_checkpoint(path)
     with torch.device("meta"):  # no memory and no random init: the loaded tensors become the parameters
         model = MoELM(read_model_config(ckpt))
+    quantization = json.loads((ckpt / CONFIG_FILE).read_text()).get("quantization")
+    if quantization is not None:  # written by `moekit quantize`: the experts are stored quantised
+        apply_spec(model, quantization)
     if (ckpt / WEIGHTS_FILE).is_file():
         load_tensors_into(model, load_tensors(ckpt / WEIGHTS_FILE), ckpt / WEIGHTS_FILE, assign=True)
     else:  # expert-parallel shards

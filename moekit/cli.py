@@ -16,13 +16,16 @@ from moekit.commands import (
     generate,
     mix,
     predict,
+    quantize,
     train,
     translate,
     upcycle,
 )
 from moekit.errors import MoekitError, TrainingInterrupted
 
-VERBS = (train, evaluate, generate, demo, analyze, distill, compress, convert, upcycle, mix, predict, translate)
+VERBS = (
+    train, evaluate, generate, demo, analyze, distill, compress, quantize, convert, upcycle, mix, predict, translate
+)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -38,6 +38,7 @@ from moekit.io.safe_io import (
 )
 from moekit.models import LMConfig, MoELM
 from moekit.models.materialize import materialize
+from moekit.models.quantization import apply_spec
 
 CONFIG_NAME = "config.json"
 _PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "model.ckpt")
@@ -111,7 +112,10 @@ def _majority_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype:
 
 
 def from_hf(
-    path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None
+    path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str | None = None,
+    quantization: dict[str, Any] | None = None,
 ) -> MoELM:
     """A moekit model (eval mode) from a Hugging Face model folder.
 
@@ -120,6 +124,8 @@ def from_hf(
             in the hub's per-expert layout or transformers 5's fused one.
         device: where to put the weights.
         dtype: cast the weights to this dtype; default: keep the checkpoint's (bf16 stays bf16).
+        quantization: quantise the experts while reading, layer by layer (a :mod:`moekit.models.quantization`
+            spec, e.g. ``uniform_spec(model, 4, 32)``; the float experts of one layer exist at a time).
 
     Returns:
         :class:`~moekit.models.MoELM` whose forward on ``input_ids`` returns an object with ``.logits``;
@@ -134,7 +140,7 @@ def from_hf(
     raw = read_hf_config(folder)
     config = lm_config_from_hf(raw, where=str(folder / CONFIG_NAME))
     tensors, files = _read_weights(folder)
-    model = build_model(config, tensors, files, device=device, dtype=dtype)
+    model = build_model(config, tensors, files, device=device, dtype=dtype, quantization=quantization)
     model._hf_source = folder  # lets to_hf() carry the tokenizer files along
     return model
 
@@ -194,16 +200,30 @@ def build_model(
     files: dict[str, str] | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str | None = None,
+    quantization: dict[str, Any] | None = None,
 ) -> MoELM:
-    """An MoELM holding HF checkpoint tensors, built without a random init (meta device, then assign)."""
+    """An MoELM holding HF checkpoint tensors, built without a random init (meta device, then assign).
+    ``quantization`` (a :mod:`moekit.models.quantization` spec): quantise the experts as each layer is read."""
     dtype = _as_dtype(dtype) or _majority_dtype(hf_tensors)
     with torch.device("meta"):
         model = MoELM(config)
+    transform = None
+    if quantization is not None:
+        apply_spec(model, quantization)
+
+        def transform(layer: int, moe: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            pre = f"layers.{layer}.mlp.experts."
+            w_in, w_out = moe.pop(pre + "w_in"), moe.pop(pre + "w_out")
+            state = model.layers[layer].mlp.experts.state_for(w_in, w_out)  # type: ignore[union-attr, operator]
+            return {**moe, **{pre + k: v for k, v in state.items()}}
+
     expected = {name: t.shape for name, t in model.state_dict().items()}
     source = HFTensors(hf_tensors, files or {})
-    mapped = hf_to_moekit(source, config, expected)
+    mapped = hf_to_moekit(source, config, expected, moe_transform=transform)
     for name, t in mapped.items():
-        keep_fp32 = name.endswith("e_score_correction_bias")
+        if ".experts.q_in." in name or ".experts.q_out." in name:
+            continue  # quantised experts keep their own dtypes
+        keep_fp32 = name.endswith("e_score_correction_bias")  # transformers keeps the balancing bias in fp32
         want = torch.float32 if keep_fp32 else dtype
         # Same dtype and device: keep the mapped view (fused experts stay transposed views of the file, which
         # every kernel takes); a conversion is one copy, straight into the contiguous layout.

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -105,7 +105,11 @@ def _family(config: LMConfig, family: str | None) -> str:
 
 
 def hf_to_moekit(
-    source: HFTensors, config: LMConfig, expected: Mapping[str, torch.Size], family: str | None = None
+    source: HFTensors,
+    config: LMConfig,
+    expected: Mapping[str, torch.Size],
+    family: str | None = None,
+    moe_transform: Callable[[int, dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """moekit state-dict tensors from an HF checkpoint.
 
@@ -114,6 +118,8 @@ def hf_to_moekit(
         config: the model's LMConfig (from :func:`~moekit.interop.hf.config_map.lm_config_from_hf`).
         expected: moekit name -> shape of every persistent tensor of ``MoELM(config)``.
         family: the HF model_type (default: ``config.hf_config["model_type"]``).
+        moe_transform: ``(layer, that layer's MoE tensors) -> tensors``, applied as each layer is read (e.g.
+            quantising its experts, so the float stacks of only one layer exist at a time).
 
     Raises:
         CheckpointError: a missing tensor, a shape that does not match the config, or tensors the model has
@@ -128,7 +134,8 @@ def hf_to_moekit(
         layer, rest = _split(name)
         if layer is not None and rest.startswith("mlp.") and layer in config.sparse_layers:
             if layer not in done_layers:
-                out.update(_moe_in(source, config, family, layer, expected))
+                moe = _moe_in(source, config, family, layer, expected)
+                out.update(moe_transform(layer, moe) if moe_transform is not None else moe)
                 done_layers.add(layer)
             continue
         t = source.take(_hf_name(name), tuple(shape), _why(config, name))

@@ -1,0 +1,105 @@
+"""Quantised experts in a language model: the spec saved in config.json, swapping a model's experts for
+:class:`~moekit.nn.quantized.QuantizedExperts`, and choosing each expert's bit width from its routed load.
+
+The spec (``config.json``'s ``"quantization"``)::
+
+    {"method": "weight-only", "group_size": 32, "bits": {"1": [8, 4, 4, ...], "2": [...]}}
+
+maps every MoE layer to one bit width per expert (8 = int8 per channel, 4 = int4 per group).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from moekit.errors import CheckpointError, ConfigError
+from moekit.models.config import LMConfig
+from moekit.nn.moe import MoE
+from moekit.nn.quantized import QuantizedExperts, check_spec
+
+
+def uniform_spec(config: LMConfig, bits: int, group_size: int = 32) -> dict[str, Any]:
+    """Every expert of every MoE layer of a model of ``config`` at ``bits``."""
+    check_spec(bits, group_size)
+    layers = {str(i): [bits] * config.moe_config(i).num_experts for i in config.sparse_layers}  # type: ignore[union-attr]
+    return {"method": "weight-only", "group_size": group_size, "bits": layers}
+
+
+def mixed_spec(loads: dict[int, torch.Tensor], fraction_8bit: float, group_size: int = 32) -> dict[str, Any]:
+    """Routing-aware precision: in each layer, the most-routed experts (by ``loads[layer]`` [E], tokens routed
+    in calibration) keep 8 bits, as many as ``fraction_8bit`` of the layer's experts; the rest get 4 bits."""
+    if not 0.0 <= fraction_8bit <= 1.0:
+        raise ConfigError(f"the fraction of experts kept at 8 bits must be in [0, 1], got {fraction_8bit}")
+    check_spec(4, group_size)
+    bits = {}
+    for layer, load in loads.items():
+        keep = round(fraction_8bit * load.numel())
+        order = torch.argsort(load.float(), descending=True, stable=True).tolist()
+        chosen = [4] * load.numel()
+        for e in order[:keep]:
+            chosen[e] = 8
+        bits[str(layer)] = chosen
+    return {"method": "weight-only", "group_size": group_size, "bits": bits}
+
+
+def _moe_layers(model: torch.nn.Module) -> list[tuple[int, MoE]]:
+    return [(i, block.mlp) for i, block in enumerate(model.layers) if isinstance(block.mlp, MoE)]  # type: ignore[union-attr]
+
+
+def _layer_bits(spec: dict[str, Any], model: torch.nn.Module) -> dict[int, list[int]]:
+    """Validate ``spec`` against the model: one entry per MoE layer, one width per expert."""
+    if not isinstance(spec, dict) or spec.get("method") != "weight-only" or not isinstance(spec.get("bits"), dict):
+        raise CheckpointError(f"unknown quantization spec {spec!r}: expected method 'weight-only' with 'bits'")
+    layers = dict(_moe_layers(model))
+    got = {int(k): v for k, v in spec["bits"].items() if str(k).isdigit()}
+    if set(got) != set(layers) or len(got) != len(spec["bits"]):
+        raise CheckpointError(
+            f"quantization spec names layers {sorted(spec['bits'])} but the MoE layers are {sorted(layers)}"
+        )
+    for i, bits in got.items():
+        if not isinstance(bits, list) or len(bits) != layers[i].config.num_experts:
+            raise CheckpointError(f"quantization spec: layer {i} needs one bit width per expert")
+        for b in bits:
+            check_spec(b, spec.get("group_size", 32))
+    return got
+
+
+def apply_spec(model: torch.nn.Module, spec: dict[str, Any]) -> None:
+    """Replace each MoE layer's experts by empty :class:`QuantizedExperts` of ``spec`` (on the experts'
+    device, e.g. meta, before loading a quantised checkpoint into the model)."""
+    group = spec.get("group_size", 32)
+    for i, bits in _layer_bits(spec, model).items():
+        layer = dict(_moe_layers(model))[i]
+        old = layer.experts
+        device = next(old.parameters()).device
+        with torch.device(device):
+            layer.experts = QuantizedExperts(
+                old.num_experts, old.hidden_size, old.expert_hidden_size, old.activation, bits, group
+            )
+
+
+@torch.no_grad()
+def quantize_model(model: torch.nn.Module, spec: dict[str, Any], release=None) -> None:
+    """Quantise a float model's experts in place, layer by layer (``release(experts)`` after each layer, e.g.
+    to drop a mapped file's pages)."""
+    group = spec.get("group_size", 32)
+    for i, bits in _layer_bits(spec, model).items():
+        layer = dict(_moe_layers(model))[i]
+        old = layer.experts
+        layer.experts = QuantizedExperts.from_experts(old, bits, group)
+        if release is not None:
+            release(old)
+
+
+def expert_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every MoE layer's expert weights (and scales) as the model holds them now."""
+    total = 0
+    for _, layer in _moe_layers(model):
+        experts = layer.experts
+        if isinstance(experts, QuantizedExperts):
+            total += experts.nbytes()
+        else:
+            total += sum(p.numel() * p.element_size() for p in experts.parameters())
+    return total
