@@ -43,6 +43,7 @@ from moekit.io.safe_io import load_tensors, save_tensors
 from moekit.models import LMConfig, MoELM
 from moekit.models.materialize import materialize
 from moekit.models.resolve import upgrade_saved
+from moekit.nn.offload import offload_experts
 
 FORMAT = "moekit"
 FORMAT_VERSION = 1
@@ -294,8 +295,11 @@ def read_model_config(checkpoint: str | os.PathLike) -> LMConfig:
     return LMConfig.from_dict(data["model"])
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[MoELM, Tokenizer]:
-    """Model (eval mode) and tokenizer from a checkpoint or run folder."""
+def load_model(
+    path: str | os.PathLike, device: str | torch.device = "cpu", expert_memory: str | int | None = None
+) -> tuple[MoELM, Tokenizer]:
+    """Model (eval mode) and tokenizer from a checkpoint or run folder; ``expert_memory`` (bytes or "4GiB"):
+    keep the experts in the file, at most that much of them resident (:mod:`moekit.nn.offload`)."""
     ckpt = resolve_checkpoint(path)
     with torch.device("meta"):  # no memory and no random init: the loaded tensors become the parameters
         model = MoELM(read_model_config(ckpt))
@@ -309,7 +313,10 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
             f"{ckpt}: tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
             f"{model.config.vocab_size}"
         )
-    return model.to(device).eval(), tokenizer
+    model = model.to(device).eval()
+    if expert_memory is not None:
+        offload_experts(model, expert_memory)
+    return model, tokenizer
 
 
 def load_weights_into(model: nn.Module, weights_file: str | os.PathLike) -> None:

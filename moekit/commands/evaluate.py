@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 
+from moekit.commands.generate import add_expert_memory
 from moekit.inference.evaluate import evaluate_file
 
 
@@ -19,10 +20,15 @@ def add_parser(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--block-size", type=int, default=None, help="window length (default: 128, capped by context)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-batches", type=int, default=None, help="evaluate at most this many batches")
+    add_expert_memory(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    r = evaluate_file(args.checkpoint, args.data, args.block_size, args.batch_size, args.max_batches, args.model)
+    r = evaluate_file(
+        args.checkpoint, args.data, args.block_size, args.batch_size, args.max_batches, args.model, args.expert_memory
+    )
     print(f"val_loss={r['val_loss']:.4f} perplexity={r['perplexity']:.3f} tokens={r['tokens']}")
+    if "expert_cache" in r:
+        print(r["expert_cache"])
     return 0

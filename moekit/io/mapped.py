@@ -12,6 +12,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+import weakref
 from pathlib import Path
 
 import torch
@@ -39,6 +40,21 @@ _TORCH_DTYPES: dict[str, torch.dtype] = {
     "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
 }
 
+# storage address -> (file, byte offset of the storage's first byte, the map it lives in): where a mapped
+# tensor's bytes are in its file (expert offload re-reads them from there). The weak reference tells a
+# live entry from a stale one whose address a later allocation reuses.
+_SOURCES: dict[int, tuple[str, int, weakref.ref]] = {}
+
+
+def mapped_source(tensor: torch.Tensor) -> tuple[str, int] | None:
+    """(file, byte offset of ``tensor``'s first element) for a view of a file mapped by :func:`map_tensors`."""
+    if tensor.device.type != "cpu":
+        return None
+    entry = _SOURCES.get(tensor.untyped_storage().data_ptr())
+    if entry is None or entry[2]() is None:
+        return None
+    return entry[0], entry[1] + tensor.storage_offset() * tensor.element_size()
+
 
 def map_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """name -> CPU tensor viewing ``path``'s bytes through a private memory map (header validated first)."""
@@ -51,6 +67,7 @@ def map_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # the fd may close: the map stays
     base = 8 + n
     out: dict[str, torch.Tensor] = {}
+    registered: list[int] = []
     for name, entry in header.items():
         dtype = _TORCH_DTYPES[entry["dtype"]]
         begin, end = entry["data_offsets"]
@@ -62,5 +79,14 @@ def map_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raw = torch.frombuffer(buffer, dtype=torch.uint8, count=end - begin, offset=base + begin)
         if (base + begin) % dtype.itemsize:  # unaligned: a view would be invalid, copy this one
             raw = raw.clone()
+        else:
+            registered.append(raw.untyped_storage().data_ptr())
+            _SOURCES[registered[-1]] = (str(path), base + begin, weakref.ref(buffer))
         out[name] = raw.view(dtype).view(entry["shape"])
+    weakref.finalize(buffer, _forget, registered)
     return out
+
+
+def _forget(addresses: list[int]) -> None:
+    for address in addresses:
+        _SOURCES.pop(address, None)

@@ -38,6 +38,7 @@ from moekit.io.safe_io import (
 )
 from moekit.models import LMConfig, MoELM
 from moekit.models.materialize import materialize
+from moekit.nn.offload import offload_experts
 
 CONFIG_NAME = "config.json"
 _PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "model.ckpt")
@@ -111,7 +112,10 @@ def _majority_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype:
 
 
 def from_hf(
-    path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None
+    path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str | None = None,
+    expert_memory: str | int | None = None,
 ) -> MoELM:
     """A moekit model (eval mode) from a Hugging Face model folder.
 
@@ -120,6 +124,8 @@ def from_hf(
             in the hub's per-expert layout or transformers 5's fused one.
         device: where to put the weights.
         dtype: cast the weights to this dtype; default: keep the checkpoint's (bf16 stays bf16).
+        expert_memory: bytes or a size ("4GiB"): keep the experts in the file, at most that much of them
+            resident (:mod:`moekit.nn.offload`; fused-expert checkpoints in their own dtype).
 
     Returns:
         :class:`~moekit.models.MoELM` whose forward on ``input_ids`` returns an object with ``.logits``;
@@ -136,25 +142,34 @@ def from_hf(
     tensors, files = _read_weights(folder)
     model = build_model(config, tensors, files, device=device, dtype=dtype)
     model._hf_source = folder  # lets to_hf() carry the tokenizer files along
+    if expert_memory is not None:
+        offload_experts(model, expert_memory)
     return model
 
 
-def load_hf(path: str | os.PathLike, device: str | torch.device = "cpu", dtype=None) -> tuple[MoELM, Tokenizer | None]:
+def load_hf(
+    path: str | os.PathLike, device: str | torch.device = "cpu", dtype=None, expert_memory: str | int | None = None
+) -> tuple[MoELM, Tokenizer | None]:
     """:func:`from_hf` plus the folder's ``tokenizer.json`` (None when it has none)."""
-    model = from_hf(path, device=device, dtype=dtype)
+    model = from_hf(path, device=device, dtype=dtype, expert_memory=expert_memory)
     file = Path(path) / TOKENIZER_FILE
     return model, (HFTokenizer(file) if file.is_file() else None)
 
 
-def load_for_inference(checkpoint: str | os.PathLike | None = None, hf_dir: str | os.PathLike | None = None):
-    """(model in eval mode, tokenizer) from a moekit checkpoint/run folder or, with ``hf_dir``, an HF folder."""
+def load_for_inference(
+    checkpoint: str | os.PathLike | None = None,
+    hf_dir: str | os.PathLike | None = None,
+    expert_memory: str | int | None = None,
+):
+    """(model in eval mode, tokenizer) from a moekit checkpoint/run folder or, with ``hf_dir``, an HF folder;
+    ``expert_memory``: see :func:`moekit.checkpoint.load_model`."""
     if (checkpoint is None) == (hf_dir is None):
         raise ConfigError("give exactly one of a moekit checkpoint or a Hugging Face model folder")
     if checkpoint is not None:
         from moekit.checkpoint import load_model
 
-        return load_model(checkpoint)
-    model, tokenizer = load_hf(hf_dir)
+        return load_model(checkpoint, expert_memory=expert_memory)
+    model, tokenizer = load_hf(hf_dir, expert_memory=expert_memory)
     if tokenizer is None:
         raise DataError(f"{hf_dir} has no {TOKENIZER_FILE}; moekit needs the model's tokenizer to read and write text")
     return model, tokenizer
