@@ -53,7 +53,7 @@ def mapped_source(tensor: torch.Tensor) -> tuple[str, int] | None:
     entry = _SOURCES.get(tensor.untyped_storage().data_ptr())
     if entry is None or entry[2]() is None:
         return None
-    return entry[0], entry[1] + tensor.storage_offset() * tensor.element_size()
+    return entry[0], entry[1] + int(tensor.storage_offset()) * tensor.element_size()
 
 
 def map_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -29,6 +29,8 @@ from torch import nn
 from moekit.errors import CheckpointError, ConfigError
 from moekit.io.mapped import mapped_source
 from moekit.nn.experts import Experts
+from moekit.nn.moe import MoE
+from moekit.nn.router import _TopKRouter
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 _UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40})
@@ -66,9 +68,9 @@ class Span:
         source = mapped_source(view)
         if source is None:
             raise CheckpointError(
-                f"expert offload reads experts from their file, but {what} is not a view of one (HF checkpoints "
-                f"with one tensor per expert, or weights cast to another dtype): convert the model with "
-                f"`moekit convert` and load that checkpoint in its own dtype"
+                f"expert offload reads experts from their file, but {what} is not a view of one: HF checkpoints with "
+                f"one tensor per expert are stacked in memory (convert them with `moekit convert` first), and "
+                f"weights cast to another dtype are copies (load the checkpoint in its own dtype)"
             )
         if not (view.is_contiguous() or view.t().is_contiguous()):
             raise CheckpointError(f"expert offload: {what} is not one contiguous span of its file")
@@ -178,6 +180,11 @@ class ExpertCache:
         with self._lock:
             return list(self._entries)
 
+    def held_bytes(self) -> int:
+        """Bytes of the expert tensors held now (what :attr:`used` accounts for)."""
+        with self._lock:
+            return sum(t.untyped_storage().nbytes() for expert in self._entries.values() for t in expert)
+
     def close(self) -> None:
         """Stop the prefetcher and close the files (the cache is unusable after)."""
         if self._prefetcher is not None:
@@ -202,11 +209,13 @@ class ExpertCache:
 
     def _read(self, key: tuple[int, int]) -> Expert:
         w_in, w_out = (self._read_span(span) for span in self._spans[key])
+        if not (bool(torch.isfinite(w_in).all()) and bool(torch.isfinite(w_out).all())):  # unchecked at loading
+            raise CheckpointError(f"{self._spans[key][0].path}: (layer, expert) {key} holds NaN or infinite values")
         return w_in, w_out
 
     def _read_span(self, span: Span) -> torch.Tensor:
         raw = torch.empty(span.nbytes, dtype=torch.uint8)
-        view, done = memoryview(raw.numpy()), 0
+        view, done = raw.numpy().data, 0
         while done < span.nbytes:  # preadv may return less than asked
             n = os.preadv(self._files[span.path], [view[done:]], span.offset + done)
             if n <= 0:
@@ -283,8 +292,6 @@ def offload_experts(
 ) -> ExpertCache:
     """Swap every MoE layer's experts of ``model`` (loaded from mapped safetensors on the CPU) for
     :class:`OffloadedExperts` sharing one cache of ``expert_memory`` bytes; also kept as ``model.expert_cache``."""
-    from moekit.nn.moe import MoE  # moe imports the experts module, which this one builds on
-
     cache = ExpertCache(parse_size(expert_memory), policy, prefetch)
     layers = [m for m in model.modules() if isinstance(m, MoE) and type(m.experts) is Experts]
     if not layers:
@@ -297,8 +304,13 @@ def offload_experts(
     if prefetch:
         for index, (layer, following) in enumerate(zip(layers, layers[1:])):
             layer.register_forward_pre_hook(_prefetcher(cache, index + 1, following))
-    model.expert_cache = cache
+    model.expert_cache = cache  # type: ignore[assignment]  # (nn.Module types attributes as Tensor | Module)
     return cache
+
+
+def is_expert_weight(name: str) -> bool:
+    """Whether a model's state-dict name is a routed experts' stacked weight (what offload keeps in the file)."""
+    return name.endswith((".experts.w_in", ".experts.w_out"))
 
 
 def offload_stats(model: nn.Module) -> OffloadStats | None:
@@ -314,16 +326,16 @@ def _count_tokens(cache: ExpertCache, x: torch.Tensor) -> None:
 _PREFETCH_TOKENS = 2
 
 
-def _prefetcher(cache: ExpertCache, layer: int, moe: nn.Module):
+def _prefetcher(cache: ExpertCache, layer: int, moe: MoE):
     """A pre-hook that scores layer ``layer``'s experts on the current MoE input and prefetches its picks."""
-    choose = getattr(moe.router, "choose", None)
+    router = moe.router
 
     def hook(_module: nn.Module, args: tuple) -> None:
         x_TD = args[0].reshape(-1, args[0].shape[-1])
         # Decode steps only: a prompt's many tokens want most experts, more than a budget holds.
-        if choose is None or x_TD.shape[0] > _PREFETCH_TOKENS:  # (choose: top-k routers only)
+        if not isinstance(router, _TopKRouter) or x_TD.shape[0] > _PREFETCH_TOKENS:
             return
-        idx_TK = choose(moe.router.logits(x_TD))[0]
+        idx_TK = router.choose(router.logits(x_TD))[0]
         cache.prefetch([(layer, e) for e in sorted(set(idx_TK.flatten().tolist()))])
 
     return hook
