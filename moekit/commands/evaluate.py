@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import argparse
 
-from moekit.commands.generate import add_expert_memory
 from moekit.inference.evaluate import evaluate_file
+from moekit.nn.offload import EXPERT_MEMORY_HELP
 
 
 def add_parser(verbs: argparse._SubParsersAction) -> None:
@@ -20,7 +20,7 @@ def add_parser(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--block-size", type=int, default=None, help="window length (default: 128, capped by context)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-batches", type=int, default=None, help="evaluate at most this many batches")
-    add_expert_memory(p)
+    p.add_argument("--expert-memory", metavar="SIZE", help=EXPERT_MEMORY_HELP)
     p.set_defaults(func=run)
 
 

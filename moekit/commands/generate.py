@@ -10,7 +10,7 @@ import sys
 
 from moekit.inference.generate import stream_text
 from moekit.interop.hf.api import load_for_inference
-from moekit.nn.offload import offload_stats
+from moekit.nn.offload import EXPERT_MEMORY_HELP, offload_stats
 
 
 def add_parser(verbs: argparse._SubParsersAction) -> None:
@@ -26,7 +26,7 @@ def add_parser(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--stop", action="append", default=[], help="stop when this text appears (repeatable)")
     p.add_argument("--seed", type=int, default=None)
-    add_expert_memory(p)
+    p.add_argument("--expert-memory", metavar="SIZE", help=EXPERT_MEMORY_HELP)
     p.set_defaults(func=run)
 
 
@@ -55,12 +55,3 @@ def run(args: argparse.Namespace) -> int:
         print(stats.summary(), file=sys.stderr)
     return 0
 
-
-def add_expert_memory(p: argparse.ArgumentParser) -> None:
-    """The ``--expert-memory SIZE`` option of the commands that load a model for inference."""
-    p.add_argument(
-        "--expert-memory",
-        metavar="SIZE",
-        default=None,
-        help="keep the experts in the checkpoint file, at most SIZE of them in memory (512MiB, 4GiB, 1.5GB, bytes)",
-    )

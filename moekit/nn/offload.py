@@ -32,6 +32,7 @@ from moekit.nn.experts import Experts
 from moekit.nn.moe import MoE
 from moekit.nn.router import _TopKRouter
 
+EXPERT_MEMORY_HELP = "keep the experts in the checkpoint file, at most SIZE of them in memory (512MiB, 4GiB, 1.5GB)"
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 _UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40})
 
