@@ -54,4 +54,3 @@ def run(args: argparse.Namespace) -> int:
     if stats is not None:
         print(stats.summary(), file=sys.stderr)
     return 0
-

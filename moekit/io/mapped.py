@@ -56,6 +56,21 @@ def mapped_source(tensor: torch.Tensor) -> tuple[str, int] | None:
     return entry[0], entry[1] + int(tensor.storage_offset()) * tensor.element_size()
 
 
+def release_pages(tensor: torch.Tensor) -> bool:
+    """Drop this process's pages of a mapped ``tensor`` whose bytes are one span (contiguous, or its last two
+    dims transposed), only whole pages inside it; the next touch re-reads them from the file, so writes made
+    to them are lost. False when ``tensor`` is not such a view."""
+    source = mapped_source(tensor)
+    if source is None or not (tensor.is_contiguous() or tensor.transpose(-1, -2).is_contiguous()):
+        return False
+    buffer = _SOURCES[tensor.untyped_storage().data_ptr()][2]()
+    start = -(-source[1] // mmap.PAGESIZE) * mmap.PAGESIZE
+    end = (source[1] + tensor.numel() * tensor.element_size()) // mmap.PAGESIZE * mmap.PAGESIZE
+    if buffer is not None and end > start:
+        buffer.madvise(mmap.MADV_DONTNEED, start, end - start)
+    return True
+
+
 def map_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """name -> CPU tensor viewing ``path``'s bytes through a private memory map (header validated first)."""
     path = Path(path)

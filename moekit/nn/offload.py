@@ -1,12 +1,17 @@
 """Expert offload: a model's expert weights stay in their checkpoint file, at most ``expert_memory`` bytes resident.
 
-:func:`offload_experts` swaps every MoE layer's :class:`~moekit.nn.experts.Experts` for :class:`OffloadedExperts`,
-which fetch an expert's two matrices from one :class:`ExpertCache` shared by all layers (one budget for the
-model), keyed by (layer, expert). A miss reads the expert's bytes with ``os.preadv`` at their offset in the
-file: reading through the file's memory map instead would count every page it touched in the process's
-resident set, which would grow to the whole file (measured in benchmarks/results/offload.md). The fetched
-copy keeps the resident tensor's memory layout (HF fused experts are transposed views), and each expert runs
-through :class:`Experts`' own code, so the decode path gives the resident model's bits.
+:func:`offload_experts` swaps every MoE layer's :class:`~moekit.nn.experts.Experts` for :class:`OffloadedExperts`.
+Their ``w_in``/``w_out`` stay the memory-mapped views of the file, which cost nothing until touched.
+
+* Decode steps (the MoE layer's few-token path, :meth:`Experts.run_one`) fetch an expert's two matrices from
+  one :class:`ExpertCache` shared by all layers (one budget for the model), keyed by (layer, expert). A miss
+  reads the expert's bytes with ``os.preadv`` at their offset in the file: reading through the map would count
+  every touched page in the process's resident set, which would grow to the whole file. The copy keeps the
+  resident tensor's memory layout (HF fused experts are transposed views) and runs through :class:`Experts`'
+  own code: the resident model's bits.
+* A batch of tokens (a prompt) wants most of a layer's experts: the layer runs its fused kernel on the mapped
+  views, the resident model's computation, and then drops the pages it touched (``madvise``). While it runs,
+  one layer's experts are resident beyond the budget.
 
 Eviction: ``"lru"`` (least recently used; the default, see benchmarks/results/offload.md) or ``"lfu"``
 (fewest uses since loading, ties by recency). With ``prefetch``, the MoE layer l's input, scored by layer
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import inspect
 import os
 import re
 import threading
@@ -27,7 +33,8 @@ import torch
 from torch import nn
 
 from moekit.errors import CheckpointError, ConfigError
-from moekit.io.mapped import mapped_source
+from moekit.io.mapped import mapped_source, release_pages
+from moekit.nn import few_tokens
 from moekit.nn.experts import Experts
 from moekit.nn.moe import MoE
 from moekit.nn.router import _TopKRouter
@@ -89,6 +96,7 @@ class OffloadStats:
     tokens: int = 0
     prefetched: int = 0  # experts the prefetcher read
     prefetch_bytes: int = 0
+    mapped_bytes: int = 0  # experts' bytes that batched layer calls read through the file's map
 
     @property
     def hit_rate(self) -> float:
@@ -97,8 +105,9 @@ class OffloadStats:
 
     @property
     def bytes_per_token(self) -> float:
-        """Bytes read from the file per token the model ran, prefetches included."""
-        return (self.bytes_read + self.prefetch_bytes) / self.tokens if self.tokens else 0.0
+        """Bytes read from the file per token the model ran, prefetches and batched calls included."""
+        read = self.bytes_read + self.prefetch_bytes + self.mapped_bytes
+        return read / self.tokens if self.tokens else 0.0
 
     def summary(self) -> str:
         """One line for a command's output."""
@@ -162,7 +171,7 @@ class ExpertCache:
                 self.stats.hits -= 1  # evicted before we came back to it: read it after all
         expert = self._read(key)
         with self._lock:
-            self.stats.bytes_read += self._size(key)
+            self.stats.bytes_read += self.expert_bytes(key)
             self._insert(key, expert)
         return expert
 
@@ -199,13 +208,14 @@ class ExpertCache:
             expert = self._read(key)
             with self._lock:
                 self.stats.prefetched += 1
-                self.stats.prefetch_bytes += self._size(key)
+                self.stats.prefetch_bytes += self.expert_bytes(key)
                 self._insert(key, expert)
         finally:
             with self._lock:
                 self._pending.pop(key, None)
 
-    def _size(self, key: tuple[int, int]) -> int:
+    def expert_bytes(self, key: tuple[int, int]) -> int:
+        """Bytes of expert ``key``'s two matrices."""
         return sum(span.nbytes for span in self._spans[key])
 
     def _read(self, key: tuple[int, int]) -> Expert:
@@ -232,7 +242,7 @@ class ExpertCache:
         if key in self._entries:  # a prefetch and a read raced: keep the first
             self._touch(key)
             return
-        size = self._size(key)
+        size = self.expert_bytes(key)
         while self._entries and self.used + size > self.capacity:
             self._evict()
         self._entries[key] = expert
@@ -245,17 +255,12 @@ class ExpertCache:
         else:  # fewest uses; min() keeps the first, i.e. the least recently used, of equals
             victim = min(self._entries, key=self._uses.__getitem__)
         del self._entries[victim], self._uses[victim]
-        self.used -= self._size(victim)
+        self.used -= self.expert_bytes(victim)
 
 
 class OffloadedExperts(Experts):
-    """One MoE layer's experts whose weights live in a shared :class:`ExpertCache` (read from the file on a miss).
-
-    ``w_in``/``w_out`` stay the mapped views of the file (for the state dict and parameter counts; computing
-    never touches them, so they cost no resident memory).
-    """
-
-    fused_kernel = False
+    """One MoE layer's experts kept in their file: decode steps read them through a shared :class:`ExpertCache`,
+    batched calls through the file's map (see the module docstring)."""
 
     def __init__(self, experts: Experts, layer: int, cache: ExpertCache):
         with torch.device("meta"):  # no allocation, no init: the parameters come from ``experts``
@@ -265,27 +270,18 @@ class OffloadedExperts(Experts):
         for e in range(self.num_experts):
             cache.add_expert((layer, e), self.w_in[e], self.w_out[e])
 
-    def _one(self, e: int) -> SimpleNamespace:
-        """Expert e as a one-expert stand-in that :class:`Experts`' methods run (same code, same bits)."""
-        w_in, w_out = self.cache.get((self.layer, e))
-        return SimpleNamespace(w_in=w_in[None], w_out=w_out[None], activation=self.activation)
-
-    def forward(self, x_ND: torch.Tensor, counts: tuple[int, ...], dropout: float = 0.0) -> torch.Tensor:
-        out_ND, start = None, 0
-        for e, n in enumerate(counts):
-            if n:
-                o = Experts.forward(self._one(e), x_ND[start : start + n], (n,), dropout)  # type: ignore[arg-type]
-                if out_ND is None:
-                    out_ND = o.new_empty(x_ND.shape[0], o.shape[1])
-                out_ND[start : start + n] = o
-            start += n
-        return out_ND if out_ND is not None else x_ND.new_empty(0, self.hidden_size)
-
     def run_one(self, e: int, x_1D: torch.Tensor, scale: float) -> torch.Tensor:
-        return Experts.run_one(self._one(e), 0, x_1D, scale)  # type: ignore[arg-type]
+        w_in, w_out = self.cache.get((self.layer, e))
+        # A one-expert stand-in run by Experts' own code: the same code on the same layout gives the same bits.
+        one = SimpleNamespace(w_in=w_in[None], w_out=w_out[None], activation=self.activation)
+        return Experts.run_one(one, 0, x_1D, scale)  # type: ignore[arg-type]
 
-    def expert_forward(self, e: int, x_nD: torch.Tensor) -> torch.Tensor:
-        return Experts.expert_forward(self._one(e), 0, x_nD)  # type: ignore[arg-type]
+    def release(self, tokens_per_expert: torch.Tensor) -> None:
+        """After a batched call: count the bytes of the experts it ran and drop the pages it touched."""
+        ran = tokens_per_expert.nonzero().flatten().tolist()
+        self.cache.stats.mapped_bytes += sum(self.cache.expert_bytes((self.layer, e)) for e in ran)
+        release_pages(self.w_in)
+        release_pages(self.w_out)
 
 
 def offload_experts(
@@ -301,6 +297,7 @@ def offload_experts(
         raise ConfigError("expert offload keeps experts in host memory: load the model on the CPU")
     for index, layer in enumerate(layers):
         layer.experts = OffloadedExperts(layer.experts, index, cache)
+        layer.register_forward_hook(_release_after_batched_call, with_kwargs=True)
     layers[0].register_forward_pre_hook(lambda _m, args: _count_tokens(cache, args[0]))
     if prefetch:
         for index, (layer, following) in enumerate(zip(layers, layers[1:])):
@@ -318,6 +315,16 @@ def offload_stats(model: nn.Module) -> OffloadStats | None:
     """The expert cache's counters of a model loaded with ``expert_memory``, else None."""
     cache = getattr(model, "expert_cache", None)
     return cache.stats if isinstance(cache, ExpertCache) else None
+
+
+def _release_after_batched_call(layer: nn.Module, args: tuple, kwargs: dict, output: tuple) -> None:
+    """A post-hook: a call that did not take the few-token path read experts through the map (see module doc)."""
+    assert isinstance(layer, MoE)
+    bound = inspect.signature(layer.forward).bind(*args, **kwargs).arguments
+    if not few_tokens.applies(layer, bound["x"], bound.get("mask"), bound.get("record_routing", False)):
+        experts = layer.experts
+        assert isinstance(experts, OffloadedExperts)
+        experts.release(output[1].tokens_per_expert)
 
 
 def _count_tokens(cache: ExpertCache, x: torch.Tensor) -> None:
