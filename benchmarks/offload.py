@@ -4,8 +4,9 @@ A random bf16 Qwen3-MoE (default: hidden 1024, 8 layers, 64 experts top-8, exper
 saved by transformers (``save_pretrained``: one tensor per expert) and converted to a moekit checkpoint
 (``from_hf`` then written: stacked experts, the layout offload reads). Then, in this process, one after the other:
 the resident model, and the model with ``expert_memory`` = 100%, 50%, 25% of the experts' bytes (LRU), the
-same budgets with LFU eviction and with prefetch. Each generates greedily after a prompt; all must give the
-resident model's tokens (asserted).
+same budgets with LFU eviction and with prefetch. Each samples (seeded; a random model's greedy text repeats one
+token, which would flatter the cache) after a prompt; all must give the resident model's tokens (asserted:
+same logits, same seed, same samples).
 
 Measured per run (prompt length L, N new tokens):
   decode tokens/s  = (N - 1) / (T(N tokens) - T(first token))
@@ -104,7 +105,7 @@ def run_case(ckpt: Path, prompt: list[int], args, budget: float | None, policy="
         cache.stats = OffloadStats()
     with torch.inference_mode():  # the prompt alone, so that the decode steps' counters can be told apart
         t0 = time.perf_counter()
-        stream = stream_generate(model, prompt, max_new_tokens=args.new, temperature=0)
+        stream = stream_generate(model, prompt, max_new_tokens=args.new, temperature=args.temperature, seed=args.seed)
         tokens = [next(stream)]
         first = time.perf_counter() - t0
         before = cache.stats.__dict__.copy() if cache is not None else {}
@@ -183,6 +184,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--prompt", type=int, default=32)
     p.add_argument("--new", type=int, default=48)
+    p.add_argument(
+        "--temperature", type=float, default=1.0, help="seeded sampling (a random model's greedy text repeats)"
+    )
     p.add_argument("--budgets", default="1,0.5,0.25", help="shares of the experts' bytes")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
@@ -205,6 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
         budgets = [float(b) for b in args.budgets.split(",")]
         cases = [(None, "lru", False)] + [(b, "lru", False) for b in budgets]
         cases += [(b, "lfu", False) for b in budgets if b < 1] + [(b, "lru", True) for b in budgets if b < 1]
+        cases.append((None, "lru", False))  # the resident model again: how much the machine's load moved
         rows = []
         for budget, policy, prefetch in cases:
             rows.append(run_case(ckpt, prompt, args, budget, policy, prefetch))
