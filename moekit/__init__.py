@@ -14,25 +14,26 @@ os.environ.setdefault("GOMP_SPINCOUNT", "3000")
 __version__ = "0.1.0"
 
 
-def load(path, device="cpu"):
-    """The model of a moekit checkpoint or run folder, in eval mode.
+def load(path, device="cpu", expert_memory=None):
+    """The model of a moekit checkpoint or run folder, in eval mode (``expert_memory="4GiB"``: at most that
+    many bytes of expert weights resident, the rest read from the file when used).
 
     Its forward on ``input_ids`` [batch, seq] returns an object whose ``.logits`` is
     [batch, seq, vocab]. Use :func:`moekit.train.load_model` to get the tokenizer too.
     """
     from moekit.checkpoint import load_model
 
-    return load_model(path, device)[0]
+    return load_model(path, device, expert_memory)[0]
 
 
-def from_hf(path, device="cpu", dtype=None):
+def from_hf(path, device="cpu", dtype=None, expert_memory=None):
     """A moekit model from a Hugging Face model folder (see :func:`moekit.interop.hf.from_hf`).
 
     Its forward on ``input_ids`` returns an object whose ``.logits`` is [batch, seq, vocab].
     """
     from moekit.interop.hf import from_hf as _from_hf
 
-    return _from_hf(path, device=device, dtype=dtype)
+    return _from_hf(path, device=device, dtype=dtype, expert_memory=expert_memory)
 
 
 def to_hf(model, path, tokenizer=None, dtype=None, family=None):

@@ -44,6 +44,7 @@ from moekit.models import LMConfig, MoELM
 from moekit.models.materialize import materialize
 from moekit.models.quantization import apply_spec
 from moekit.models.resolve import upgrade_saved
+from moekit.nn.offload import is_expert_weight, offload_experts
 
 FORMAT = "moekit"
 FORMAT_VERSION = 1
@@ -295,16 +296,21 @@ def read_model_config(checkpoint: str | os.PathLike) -> LMConfig:
     return LMConfig.from_dict(data["model"])
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[MoELM, Tokenizer]:
-    """Model (eval mode) and tokenizer from a checkpoint or run folder."""
+def load_model(
+    path: str | os.PathLike, device: str | torch.device = "cpu", expert_memory: str | int | None = None
+) -> tuple[MoELM, Tokenizer]:
+    """Model (eval mode) and tokenizer from a checkpoint or run folder; ``expert_memory`` (bytes or "4GiB"):
+    keep the experts in the file, at most that much of them resident (:mod:`moekit.nn.offload`)."""
     ckpt = resolve_checkpoint(path)
     with torch.device("meta"):  # no memory and no random init: the loaded tensors become the parameters
         model = MoELM(read_model_config(ckpt))
     quantization = json.loads((ckpt / CONFIG_FILE).read_text()).get("quantization")
     if quantization is not None:  # written by `moekit quantize`: the experts are stored quantised
         apply_spec(model, quantization)
+    # Offloaded experts are checked for NaN where they are read: checking them here would read them all.
+    lazy = is_expert_weight if expert_memory is not None else None
     if (ckpt / WEIGHTS_FILE).is_file():
-        load_tensors_into(model, load_tensors(ckpt / WEIGHTS_FILE), ckpt / WEIGHTS_FILE, assign=True)
+        load_tensors_into(model, load_tensors(ckpt / WEIGHTS_FILE), ckpt / WEIGHTS_FILE, assign=True, unread=lazy)
     else:  # expert-parallel shards
         load_tensors_into(model, read_model_tensors(ckpt), ckpt / EP_INDEX_FILE, assign=True)
     tokenizer = load_tokenizer(ckpt)
@@ -313,7 +319,10 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
             f"{ckpt}: tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
             f"{model.config.vocab_size}"
         )
-    return model.to(device).eval(), tokenizer
+    model = model.to(device).eval()
+    if expert_memory is not None:
+        offload_experts(model, expert_memory)
+    return model, tokenizer
 
 
 def load_weights_into(model: nn.Module, weights_file: str | os.PathLike) -> None:
@@ -322,10 +331,15 @@ def load_weights_into(model: nn.Module, weights_file: str | os.PathLike) -> None
 
 
 def load_tensors_into(
-    model: nn.Module, tensors: dict[str, torch.Tensor], weights_file: str | os.PathLike, assign: bool = False
+    model: nn.Module,
+    tensors: dict[str, torch.Tensor],
+    weights_file: str | os.PathLike,
+    assign: bool = False,
+    unread: Callable[[str], bool] | None = None,
 ) -> None:
     """Load ``tensors`` (read from ``weights_file``) into ``model``, naming missing, unexpected and
-    mis-shaped tensors; ``assign``: make them the parameters of a model built on the meta device."""
+    mis-shaped tensors; ``assign``: make them the parameters of a model built on the meta device;
+    ``unread(name)``: tensors whose values are not checked here (not to read them)."""
     expected = model.state_dict()
     tied = set(expected) - set(model_tensors(model))
     missing = sorted(set(expected) - set(tensors) - tied)
@@ -348,7 +362,7 @@ def load_tensors_into(
             )
         # A sum is finite iff every term is (barring an overflow, which the exact count below rules out);
         # it reads the tensor once without an elementwise temporary (isfinite's is as large as the tensor).
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor.sum())):
+        if tensor.is_floating_point() and not (unread and unread(name)) and not bool(torch.isfinite(tensor.sum())):
             bad = int((~torch.isfinite(tensor)).sum())
             if bad:
                 raise CheckpointError(f"{weights_file}: tensor {name!r} holds {bad} NaN or infinite values")

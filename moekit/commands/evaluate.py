@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 
 from moekit.inference.evaluate import evaluate_file
+from moekit.nn.offload import EXPERT_MEMORY_HELP
 
 
 def add_parser(verbs: argparse._SubParsersAction) -> None:
@@ -19,10 +20,15 @@ def add_parser(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--block-size", type=int, default=None, help="window length (default: 128, capped by context)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-batches", type=int, default=None, help="evaluate at most this many batches")
+    p.add_argument("--expert-memory", metavar="SIZE", help=EXPERT_MEMORY_HELP)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    r = evaluate_file(args.checkpoint, args.data, args.block_size, args.batch_size, args.max_batches, args.model)
+    r = evaluate_file(
+        args.checkpoint, args.data, args.block_size, args.batch_size, args.max_batches, args.model, args.expert_memory
+    )
     print(f"val_loss={r['val_loss']:.4f} perplexity={r['perplexity']:.3f} tokens={r['tokens']}")
+    if "expert_cache" in r:
+        print(r["expert_cache"])
     return 0

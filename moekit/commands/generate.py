@@ -10,6 +10,7 @@ import sys
 
 from moekit.inference.generate import stream_text
 from moekit.interop.hf.api import load_for_inference
+from moekit.nn.offload import EXPERT_MEMORY_HELP, offload_stats
 
 
 def add_parser(verbs: argparse._SubParsersAction) -> None:
@@ -25,11 +26,12 @@ def add_parser(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--stop", action="append", default=[], help="stop when this text appears (repeatable)")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--expert-memory", metavar="SIZE", help=EXPERT_MEMORY_HELP)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    model, tokenizer = load_for_inference(args.checkpoint, args.model)
+    model, tokenizer = load_for_inference(args.checkpoint, args.model, args.expert_memory)
     pieces = stream_text(
         model,
         tokenizer,
@@ -48,4 +50,7 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    stats = offload_stats(model)
+    if stats is not None:
+        print(stats.summary(), file=sys.stderr)
     return 0

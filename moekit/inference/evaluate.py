@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +13,7 @@ from moekit.data.loader import iter_eval_batches
 from moekit.data.text import load_text
 from moekit.errors import DataError
 from moekit.interop.hf.api import load_for_inference
+from moekit.nn.offload import offload_stats
 
 
 @torch.no_grad()
@@ -22,10 +24,12 @@ def evaluate_file(
     batch_size: int = 16,
     max_batches: int | None = None,
     hf_model: str | Path | None = None,
-) -> dict[str, float]:
+    expert_memory: str | int | None = None,
+) -> dict[str, Any]:
     """Mean next-token loss (nats/token), perplexity and token count of a checkpoint (or, with ``hf_model`` and
-    ``checkpoint=None``, a Hugging Face folder) over non-overlapping windows (default 128 tokens) of a file."""
-    model, tokenizer = load_for_inference(checkpoint, hf_model)
+    ``checkpoint=None``, a Hugging Face folder) over non-overlapping windows (default 128 tokens) of a file;
+    with ``expert_memory`` (see :func:`moekit.checkpoint.load_model`) also the expert cache's summary."""
+    model, tokenizer = load_for_inference(checkpoint, hf_model, expert_memory)
     block = min(block_size or 128, model.config.max_position_embeddings)
     ids = tokenizer.encode(load_text(data))
     if ids and max(ids) >= model.config.vocab_size:
@@ -36,4 +40,8 @@ def evaluate_file(
         total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
         count += y.numel()
     loss = total / count
-    return {"val_loss": loss, "perplexity": math.exp(min(loss, 50)), "tokens": count}
+    out: dict[str, Any] = {"val_loss": loss, "perplexity": math.exp(min(loss, 50)), "tokens": count}
+    stats = offload_stats(model)
+    if stats is not None:
+        out["expert_cache"] = stats.summary()
+    return out

@@ -9,7 +9,6 @@ tensor offsets are not (safetensors does not require it) is copied tensor by ten
 
 from __future__ import annotations
 
-import ctypes
 import mmap
 import os
 import struct
@@ -41,11 +40,35 @@ _TORCH_DTYPES: dict[str, torch.dtype] = {
     "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
 }
 
+# storage address -> (file, byte offset of the storage's first byte, the map it lives in): where a mapped
+# tensor's bytes are in its file (expert offload re-reads them from there). The weak reference tells a
+# live entry from a stale one whose address a later allocation reuses.
+_SOURCES: dict[int, tuple[str, int, weakref.ref]] = {}
 
-# The tensors map_tensors returned that view the file (not the copied unaligned ones): release_pages' guard.
-# (WeakSet would compare tensors with ==, so: id -> weak reference, removed when the tensor dies.)
-_VIEWS: dict[int, weakref.ref] = {}
-_PAGE = mmap.PAGESIZE
+
+def mapped_source(tensor: torch.Tensor) -> tuple[str, int] | None:
+    """(file, byte offset of ``tensor``'s first element) for a view of a file mapped by :func:`map_tensors`."""
+    if tensor.device.type != "cpu":
+        return None
+    entry = _SOURCES.get(tensor.untyped_storage().data_ptr())
+    if entry is None or entry[2]() is None:
+        return None
+    return entry[0], entry[1] + int(tensor.storage_offset()) * tensor.element_size()
+
+
+def release_pages(tensor: torch.Tensor) -> bool:
+    """Drop this process's pages of a mapped ``tensor`` whose bytes are one span (contiguous, or its last two
+    dims transposed), only whole pages inside it; the next touch re-reads them from the file, so writes made
+    to them are lost. False when ``tensor`` is not such a view."""
+    source = mapped_source(tensor)
+    if source is None or not (tensor.is_contiguous() or tensor.transpose(-1, -2).is_contiguous()):
+        return False
+    buffer = _SOURCES[tensor.untyped_storage().data_ptr()][2]()
+    start = -(-source[1] // mmap.PAGESIZE) * mmap.PAGESIZE
+    end = (source[1] + tensor.numel() * tensor.element_size()) // mmap.PAGESIZE * mmap.PAGESIZE
+    if buffer is not None and end > start:
+        buffer.madvise(mmap.MADV_DONTNEED, start, end - start)
+    return True
 
 
 def map_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -59,6 +82,7 @@ def map_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # the fd may close: the map stays
     base = 8 + n
     out: dict[str, torch.Tensor] = {}
+    registered: list[int] = []
     for name, entry in header.items():
         dtype = _TORCH_DTYPES[entry["dtype"]]
         begin, end = entry["data_offsets"]
@@ -68,22 +92,16 @@ def map_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         # One storage per tensor, starting at its own bytes (some torch functions, e.g. set_rng_state, read a
         # storage from its start); each keeps `buffer` alive as long as it lives.
         raw = torch.frombuffer(buffer, dtype=torch.uint8, count=end - begin, offset=base + begin)
-        aligned = (base + begin) % dtype.itemsize == 0
-        out[name] = (raw if aligned else raw.clone()).view(dtype).view(entry["shape"])  # unaligned: copied
-        if aligned:
-            key = id(out[name])
-            _VIEWS[key] = weakref.ref(out[name], lambda _, key=key: _VIEWS.pop(key, None))
+        if (base + begin) % dtype.itemsize:  # unaligned: a view would be invalid, copy this one
+            raw = raw.clone()
+        else:
+            registered.append(raw.untyped_storage().data_ptr())
+            _SOURCES[registered[-1]] = (str(path), base + begin, weakref.ref(buffer))
+        out[name] = raw.view(dtype).view(entry["shape"])
+    weakref.finalize(buffer, _forget, registered)
     return out
 
 
-def release_pages(t: torch.Tensor) -> None:
-    """Drop the whole pages under mapped tensor ``t`` from this process's resident memory (they are read from
-    the file again if ``t`` is used later). For tensors an import has copied out of and never wrote to: a
-    write's private copy would be dropped too. Does nothing for a tensor :func:`map_tensors` did not map."""
-    ref = _VIEWS.get(id(t))
-    if ref is None or ref() is not t or not hasattr(mmap, "MADV_DONTNEED"):
-        return
-    begin, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
-    first, last = -(-begin // _PAGE) * _PAGE, end // _PAGE * _PAGE  # pages wholly inside t
-    if last > first:
-        ctypes.CDLL(None).madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED)
+def _forget(addresses: list[int]) -> None:
+    for address in addresses:
+        _SOURCES.pop(address, None)

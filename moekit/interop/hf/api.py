@@ -39,6 +39,7 @@ from moekit.io.safe_io import (
 from moekit.models import LMConfig, MoELM
 from moekit.models.materialize import materialize
 from moekit.models.quantization import apply_spec
+from moekit.nn.offload import offload_experts
 
 CONFIG_NAME = "config.json"
 _PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "model.ckpt")
@@ -116,6 +117,7 @@ def from_hf(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str | None = None,
     quantization: dict[str, Any] | None = None,
+    expert_memory: str | int | None = None,
 ) -> MoELM:
     """A moekit model (eval mode) from a Hugging Face model folder.
 
@@ -125,7 +127,9 @@ def from_hf(
         device: where to put the weights.
         dtype: cast the weights to this dtype; default: keep the checkpoint's (bf16 stays bf16).
         quantization: quantise the experts while reading, layer by layer (a :mod:`moekit.models.quantization`
-            spec, e.g. ``uniform_spec(model, 4, 32)``; the float experts of one layer exist at a time).
+            spec, e.g. ``uniform_spec(config, 4, 32)``; the float experts of one layer exist at a time).
+        expert_memory: bytes or a size ("4GiB"): keep the experts in the file, at most that much of them
+            resident (:mod:`moekit.nn.offload`; fused-expert checkpoints in their own dtype).
 
     Returns:
         :class:`~moekit.models.MoELM` whose forward on ``input_ids`` returns an object with ``.logits``;
@@ -142,31 +146,41 @@ def from_hf(
     tensors, files = _read_weights(folder)
     model = build_model(config, tensors, files, device=device, dtype=dtype, quantization=quantization)
     model._hf_source = folder  # lets to_hf() carry the tokenizer files along
+    if expert_memory is not None:
+        offload_experts(model, expert_memory)
     return model
 
 
-def load_hf(path: str | os.PathLike, device: str | torch.device = "cpu", dtype=None) -> tuple[MoELM, Tokenizer | None]:
+def load_hf(
+    path: str | os.PathLike, device: str | torch.device = "cpu", dtype=None, expert_memory: str | int | None = None
+) -> tuple[MoELM, Tokenizer | None]:
     """:func:`from_hf` plus the folder's ``tokenizer.json`` (None when it has none)."""
-    model = from_hf(path, device=device, dtype=dtype)
+    model = from_hf(path, device=device, dtype=dtype, expert_memory=expert_memory)
     file = Path(path) / TOKENIZER_FILE
     return model, (HFTokenizer(file) if file.is_file() else None)
 
 
-def load_for_inference(checkpoint: str | os.PathLike | None = None, hf_dir: str | os.PathLike | None = None):
+def load_for_inference(
+    checkpoint: str | os.PathLike | None = None,
+    hf_dir: str | os.PathLike | None = None,
+    expert_memory: str | int | None = None,
+):
     """(model in eval mode, tokenizer) from a moekit checkpoint/run folder or, with ``hf_dir``, an HF folder
-    (or a llama.cpp ``.gguf`` file)."""
+    (or a llama.cpp ``.gguf`` file); ``expert_memory``: see :func:`moekit.checkpoint.load_model`."""
     if (checkpoint is None) == (hf_dir is None):
         raise ConfigError("give exactly one of a moekit checkpoint or a Hugging Face model folder")
     if checkpoint is not None:
         from moekit.checkpoint import load_model
 
-        return load_model(checkpoint)
+        return load_model(checkpoint, expert_memory=expert_memory)
     from moekit.interop.gguf import is_gguf_file, load_gguf
 
     assert hf_dir is not None  # exactly one of the two, checked above
     if is_gguf_file(hf_dir):
+        if expert_memory is not None:
+            raise ConfigError("--expert-memory reads experts from a safetensors file; convert the GGUF first")
         return load_gguf(hf_dir)
-    model, tokenizer = load_hf(hf_dir)
+    model, tokenizer = load_hf(hf_dir, expert_memory=expert_memory)
     if tokenizer is None:
         raise DataError(f"{hf_dir} has no {TOKENIZER_FILE}; moekit needs the model's tokenizer to read and write text")
     return model, tokenizer

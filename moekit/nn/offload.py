@@ -1,0 +1,349 @@
+"""Expert offload: a model's expert weights stay in their checkpoint file, at most ``expert_memory`` bytes resident.
+
+:func:`offload_experts` swaps every MoE layer's :class:`~moekit.nn.experts.Experts` for :class:`OffloadedExperts`.
+Their ``w_in``/``w_out`` stay the memory-mapped views of the file, which cost nothing until touched.
+
+* Decode steps (the MoE layer's few-token path, :meth:`Experts.run_one`) fetch an expert's two matrices from
+  one :class:`ExpertCache` shared by all layers (one budget for the model), keyed by (layer, expert). A miss
+  reads the expert's bytes with ``os.preadv`` at their offset in the file: reading through the map would count
+  every touched page in the process's resident set, which would grow to the whole file. The copy keeps the
+  resident tensor's memory layout (HF fused experts are transposed views) and runs through :class:`Experts`'
+  own code: the resident model's bits.
+* A batch of tokens (a prompt) wants most of a layer's experts: the layer runs its fused kernel on the mapped
+  views, the resident model's computation, and then drops the pages it touched (``madvise``). While it runs,
+  one layer's experts are resident beyond the budget.
+
+Eviction: ``"lru"`` (least recently used; the default, see benchmarks/results/offload.md) or ``"lfu"``
+(fewest uses since loading, ties by recency). With ``prefetch``, the MoE layer l's input, scored by layer
+l+1's router, names the experts layer l+1 will likely want; a background thread reads them meanwhile.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import inspect
+import os
+import re
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+from moekit.errors import CheckpointError, ConfigError
+from moekit.io.mapped import mapped_source, release_pages
+from moekit.nn import few_tokens
+from moekit.nn.experts import Experts
+from moekit.nn.moe import MoE
+from moekit.nn.router import _TopKRouter
+
+EXPERT_MEMORY_HELP = "keep the experts in the checkpoint file, at most SIZE of them in memory (512MiB, 4GiB, 1.5GB)"
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40})
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from ``4GiB``, ``512MiB``, ``1.5GB``, ``300MB`` or a plain number of bytes."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        size = text
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", str(text))
+        unit = match.group(2).lower() if match else ""
+        if match is None or unit not in _UNITS:
+            raise ConfigError(f"expert memory {text!r} is not a size such as 512MiB, 4GiB, 1.5GB or a number of bytes")
+        size = int(float(match.group(1)) * _UNITS[unit])
+    if size <= 0:
+        raise ConfigError(f"expert memory {text!r} must be more than 0 bytes")
+    return size
+
+
+@dataclasses.dataclass(frozen=True)
+class Span:
+    """Where one expert matrix's bytes are: ``nbytes`` from ``offset`` in ``path``, laid out by ``stride``."""
+
+    path: str
+    offset: int
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+
+    @staticmethod
+    def of(view: torch.Tensor, what: str) -> Span:
+        """The span of ``view``, a 2-d view of a mapped file that is contiguous or transposed-contiguous."""
+        source = mapped_source(view)
+        if source is None:
+            raise CheckpointError(
+                f"expert offload reads experts from their file, but {what} is not a view of one: HF checkpoints with "
+                f"one tensor per expert are stacked in memory (convert them with `moekit convert` first), and "
+                f"weights cast to another dtype are copies (load the checkpoint in its own dtype)"
+            )
+        if not (view.is_contiguous() or view.t().is_contiguous()):
+            raise CheckpointError(f"expert offload: {what} is not one contiguous span of its file")
+        nbytes = view.numel() * view.element_size()
+        return Span(source[0], source[1], nbytes, view.dtype, tuple(view.shape), tuple(view.stride()))
+
+
+@dataclasses.dataclass
+class OffloadStats:
+    """Counters of an :class:`ExpertCache` (``tokens``: tokens the model ran, counted at its first MoE layer)."""
+
+    lookups: int = 0
+    hits: int = 0
+    bytes_read: int = 0
+    tokens: int = 0
+    prefetched: int = 0  # experts the prefetcher read
+    prefetch_bytes: int = 0
+    mapped_bytes: int = 0  # experts' bytes that batched layer calls read through the file's map
+
+    @property
+    def hit_rate(self) -> float:
+        """Share of expert lookups served from memory (a prefetched expert counts as a hit)."""
+        return self.hits / self.lookups if self.lookups else 0.0
+
+    @property
+    def bytes_per_token(self) -> float:
+        """Bytes read from the file per token the model ran, prefetches and batched calls included."""
+        read = self.bytes_read + self.prefetch_bytes + self.mapped_bytes
+        return read / self.tokens if self.tokens else 0.0
+
+    def summary(self) -> str:
+        """One line for a command's output."""
+        return (
+            f"expert cache: hit rate {self.hit_rate:.1%} over {self.lookups} lookups, "
+            f"{self.bytes_per_token / 2**20:.2f} MiB read per token ({self.tokens} tokens)"
+        )
+
+
+Expert = tuple[torch.Tensor, torch.Tensor]  # (w_in [D, X], w_out [H, D]) as the resident tensors lay them out
+
+
+class ExpertCache:
+    """Experts keyed by (layer, expert), at most ``capacity`` bytes of them, read from their files on a miss."""
+
+    def __init__(self, capacity: int, policy: str = "lru", prefetch: bool = False):
+        if policy not in ("lru", "lfu"):
+            raise ConfigError(f"expert cache policy {policy!r} is not 'lru' or 'lfu'")
+        self.capacity, self.policy, self.used = capacity, policy, 0
+        self.stats = OffloadStats()
+        self._spans: dict[tuple[int, int], tuple[Span, Span]] = {}
+        self._entries: collections.OrderedDict[tuple[int, int], Expert] = collections.OrderedDict()  # oldest first
+        self._uses: collections.Counter[tuple[int, int]] = collections.Counter()
+        self._pending: dict[tuple[int, int], Future] = {}
+        self._lock = threading.Lock()
+        self._files: dict[str, int] = {}
+        self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="moekit-prefetch") if prefetch else None
+
+    def add_expert(self, key: tuple[int, int], w_in: torch.Tensor, w_out: torch.Tensor) -> None:
+        """Register where expert ``key``'s matrices (mapped views) are; checks that one fits the budget."""
+        spans = Span.of(w_in, f"w_in of expert {key}"), Span.of(w_out, f"w_out of expert {key}")
+        size = spans[0].nbytes + spans[1].nbytes
+        if size > self.capacity:
+            raise ConfigError(
+                f"expert memory of {self.capacity} bytes holds not even one expert: give at least {size} bytes "
+                f"({size / 2**20:.2f} MiB)"
+            )
+        for span in spans:
+            if span.path not in self._files:
+                self._files[span.path] = os.open(span.path, os.O_RDONLY)
+        self._spans[key] = spans
+
+    def get(self, key: tuple[int, int]) -> Expert:
+        """Expert ``key``'s (w_in, w_out), read from the file on a miss."""
+        with self._lock:
+            self.stats.lookups += 1
+            expert = self._entries.get(key)
+            if expert is not None:
+                self.stats.hits += 1
+                self._touch(key)
+                return expert
+            pending = self._pending.get(key)
+        if pending is not None:  # being prefetched: wait for it, a hit (nothing more is read)
+            pending.result()
+            with self._lock:
+                self.stats.hits += 1
+                expert = self._entries.get(key)
+                if expert is not None:
+                    self._touch(key)
+                    return expert
+                self.stats.hits -= 1  # evicted before we came back to it: read it after all
+        expert = self._read(key)
+        with self._lock:
+            self.stats.bytes_read += self.expert_bytes(key)
+            self._insert(key, expert)
+        return expert
+
+    def prefetch(self, keys: list[tuple[int, int]]) -> None:
+        """Read these experts on the background thread unless resident or on their way (prefetch mode only)."""
+        if self._prefetcher is None:
+            return
+        with self._lock:
+            for key in keys:
+                if key in self._entries or key in self._pending or key not in self._spans:
+                    continue
+                self._pending[key] = self._prefetcher.submit(self._prefetch_one, key)
+
+    def resident(self) -> list[tuple[int, int]]:
+        """The keys held now, least recently used first."""
+        with self._lock:
+            return list(self._entries)
+
+    def held_bytes(self) -> int:
+        """Bytes of the expert tensors held now (what :attr:`used` accounts for)."""
+        with self._lock:
+            return sum(t.untyped_storage().nbytes() for expert in self._entries.values() for t in expert)
+
+    def close(self) -> None:
+        """Stop the prefetcher and close the files (the cache is unusable after)."""
+        if self._prefetcher is not None:
+            self._prefetcher.shutdown(wait=True)
+        for fd in self._files.values():
+            os.close(fd)
+        self._files.clear()
+
+    def _prefetch_one(self, key: tuple[int, int]) -> None:
+        try:
+            expert = self._read(key)
+            with self._lock:
+                self.stats.prefetched += 1
+                self.stats.prefetch_bytes += self.expert_bytes(key)
+                self._insert(key, expert)
+        finally:
+            with self._lock:
+                self._pending.pop(key, None)
+
+    def expert_bytes(self, key: tuple[int, int]) -> int:
+        """Bytes of expert ``key``'s two matrices."""
+        return sum(span.nbytes for span in self._spans[key])
+
+    def _read(self, key: tuple[int, int]) -> Expert:
+        w_in, w_out = (self._read_span(span) for span in self._spans[key])
+        if not (bool(torch.isfinite(w_in).all()) and bool(torch.isfinite(w_out).all())):  # unchecked at loading
+            raise CheckpointError(f"{self._spans[key][0].path}: (layer, expert) {key} holds NaN or infinite values")
+        return w_in, w_out
+
+    def _read_span(self, span: Span) -> torch.Tensor:
+        raw = torch.empty(span.nbytes, dtype=torch.uint8)
+        view, done = raw.numpy().data, 0
+        while done < span.nbytes:  # preadv may return less than asked
+            n = os.preadv(self._files[span.path], [view[done:]], span.offset + done)
+            if n <= 0:
+                raise CheckpointError(f"{span.path}: file ended while reading an expert (truncated since loading?)")
+            done += n
+        return raw.view(span.dtype).as_strided(span.shape, span.stride)
+
+    def _touch(self, key: tuple[int, int]) -> None:
+        self._entries.move_to_end(key)
+        self._uses[key] += 1
+
+    def _insert(self, key: tuple[int, int], expert: Expert) -> None:
+        if key in self._entries:  # a prefetch and a read raced: keep the first
+            self._touch(key)
+            return
+        size = self.expert_bytes(key)
+        while self._entries and self.used + size > self.capacity:
+            self._evict()
+        self._entries[key] = expert
+        self._uses[key] = 1
+        self.used += size
+
+    def _evict(self) -> None:
+        if self.policy == "lru":
+            victim = next(iter(self._entries))
+        else:  # fewest uses; min() keeps the first, i.e. the least recently used, of equals
+            victim = min(self._entries, key=self._uses.__getitem__)
+        del self._entries[victim], self._uses[victim]
+        self.used -= self.expert_bytes(victim)
+
+
+class OffloadedExperts(Experts):
+    """One MoE layer's experts kept in their file: decode steps read them through a shared :class:`ExpertCache`,
+    batched calls through the file's map (see the module docstring)."""
+
+    def __init__(self, experts: Experts, layer: int, cache: ExpertCache):
+        with torch.device("meta"):  # no allocation, no init: the parameters come from ``experts``
+            super().__init__(experts.num_experts, experts.hidden_size, experts.expert_hidden_size, experts.activation)
+        self.w_in, self.w_out = experts.w_in, experts.w_out
+        self.layer, self.cache = layer, cache
+        for e in range(self.num_experts):
+            cache.add_expert((layer, e), self.w_in[e], self.w_out[e])
+
+    def run_one(self, e: int, x_1D: torch.Tensor, scale: float) -> torch.Tensor:
+        w_in, w_out = self.cache.get((self.layer, e))
+        # A one-expert stand-in run by Experts' own code: the same code on the same layout gives the same bits.
+        one = SimpleNamespace(w_in=w_in[None], w_out=w_out[None], activation=self.activation)
+        return Experts.run_one(one, 0, x_1D, scale)  # type: ignore[arg-type]
+
+    def release(self, tokens_per_expert: torch.Tensor) -> None:
+        """After a batched call: count the bytes of the experts it ran and drop the pages it touched."""
+        ran = tokens_per_expert.nonzero().flatten().tolist()
+        self.cache.stats.mapped_bytes += sum(self.cache.expert_bytes((self.layer, e)) for e in ran)
+        release_pages(self.w_in)
+        release_pages(self.w_out)
+
+
+def offload_experts(
+    model: nn.Module, expert_memory: str | int, policy: str = "lru", prefetch: bool = False
+) -> ExpertCache:
+    """Swap every MoE layer's experts of ``model`` (loaded from mapped safetensors on the CPU) for
+    :class:`OffloadedExperts` sharing one cache of ``expert_memory`` bytes; also kept as ``model.expert_cache``."""
+    cache = ExpertCache(parse_size(expert_memory), policy, prefetch)
+    layers = [m for m in model.modules() if isinstance(m, MoE) and type(m.experts) is Experts]
+    if not layers:
+        raise ConfigError("expert offload: the model has no MoE layers with stacked experts")
+    if layers[0].experts.w_in.device.type != "cpu":
+        raise ConfigError("expert offload keeps experts in host memory: load the model on the CPU")
+    for index, layer in enumerate(layers):
+        layer.experts = OffloadedExperts(layer.experts, index, cache)
+        layer.register_forward_hook(_release_after_batched_call, with_kwargs=True)
+    layers[0].register_forward_pre_hook(lambda _m, args: _count_tokens(cache, args[0]))
+    if prefetch:
+        for index, (layer, following) in enumerate(zip(layers, layers[1:])):
+            layer.register_forward_pre_hook(_prefetcher(cache, index + 1, following))
+    model.expert_cache = cache  # type: ignore[assignment]  # (nn.Module types attributes as Tensor | Module)
+    return cache
+
+
+def is_expert_weight(name: str) -> bool:
+    """Whether a model's state-dict name is a routed experts' stacked weight (what offload keeps in the file)."""
+    return name.endswith((".experts.w_in", ".experts.w_out"))
+
+
+def offload_stats(model: nn.Module) -> OffloadStats | None:
+    """The expert cache's counters of a model loaded with ``expert_memory``, else None."""
+    cache = getattr(model, "expert_cache", None)
+    return cache.stats if isinstance(cache, ExpertCache) else None
+
+
+def _release_after_batched_call(layer: nn.Module, args: tuple, kwargs: dict, output: tuple) -> None:
+    """A post-hook: a call that did not take the few-token path read experts through the map (see module doc)."""
+    assert isinstance(layer, MoE)
+    bound = inspect.signature(layer.forward).bind(*args, **kwargs).arguments
+    if not few_tokens.applies(layer, bound["x"], bound.get("mask"), bound.get("record_routing", False)):
+        experts = layer.experts
+        assert isinstance(experts, OffloadedExperts)
+        experts.release(output[1].tokens_per_expert)
+
+
+def _count_tokens(cache: ExpertCache, x: torch.Tensor) -> None:
+    cache.stats.tokens += x.numel() // x.shape[-1]
+
+
+_PREFETCH_TOKENS = 2
+
+
+def _prefetcher(cache: ExpertCache, layer: int, moe: MoE):
+    """A pre-hook that scores layer ``layer``'s experts on the current MoE input and prefetches its picks."""
+    router = moe.router
+
+    def hook(_module: nn.Module, args: tuple) -> None:
+        x_TD = args[0].reshape(-1, args[0].shape[-1])
+        # Decode steps only: a prompt's many tokens want most experts, more than a budget holds.
+        if not isinstance(router, _TopKRouter) or x_TD.shape[0] > _PREFETCH_TOKENS:
+            return
+        idx_TK = router.choose(router.logits(x_TD))[0]
+        cache.prefetch([(layer, e) for e in sorted(set(idx_TK.flatten().tolist()))])
+
+    return hook
