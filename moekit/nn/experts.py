@@ -26,6 +26,11 @@ def expert_dropout_mask(
     return keep.div_(1 - p)
 
 
+def expert_row(w_in: torch.Tensor, w_out: torch.Tensor, activation: Activation, x_1D: torch.Tensor) -> torch.Tensor:
+    """One expert (w_in [D, X], w_out [H, D]) on one token row [1, D], in the weights' dtype: two GEMVs."""
+    return matmul(activate(matmul(cast(x_1D, w_in.dtype), w_in), activation), w_out)
+
+
 class Experts(nn.Module):
     """E expert MLPs as two stacked tensors, run over expert-sorted contiguous row slices.
 
@@ -69,9 +74,8 @@ class Experts(nn.Module):
         """expert_e(x_1D) for one token row [1, D] at inference, in the weights' dtype: two GEMVs
         (:func:`~moekit.nn.kernels.grouped_mm.matmul`), bound by reading the weights. Decoding calls this
         k times per layer and token, so it is kept to the fewest ops (per-expert weight views made once)."""
-        views = self._expert_views()
-        w_in, w_out = views[e]
-        return matmul(activate(matmul(cast(x_1D, w_in.dtype), w_in), self.activation), w_out)
+        w_in, w_out = self._expert_views()[e]
+        return expert_row(w_in, w_out, self.activation, x_1D)
 
     def _expert_views(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """[(w_in[e], w_out[e])], remade when either stack is replaced (not when written in place: views)."""

@@ -27,7 +27,6 @@ import os
 import re
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -35,7 +34,7 @@ from torch import nn
 from moekit.errors import CheckpointError, ConfigError
 from moekit.io.mapped import mapped_source, release_pages
 from moekit.nn import few_tokens
-from moekit.nn.experts import Experts
+from moekit.nn.experts import Experts, expert_row
 from moekit.nn.moe import MoE
 from moekit.nn.router import _TopKRouter
 
@@ -270,11 +269,9 @@ class OffloadedExperts(Experts):
         for e in range(self.num_experts):
             cache.add_expert((layer, e), self.w_in[e], self.w_out[e])
 
-    def run_one(self, e: int, x_1D: torch.Tensor, scale: float) -> torch.Tensor:
+    def run_one(self, e: int, x_1D: torch.Tensor) -> torch.Tensor:
         w_in, w_out = self.cache.get((self.layer, e))
-        # A one-expert stand-in run by Experts' own code: the same code on the same layout gives the same bits.
-        one = SimpleNamespace(w_in=w_in[None], w_out=w_out[None], activation=self.activation)
-        return Experts.run_one(one, 0, x_1D, scale)  # type: ignore[arg-type]
+        return expert_row(w_in, w_out, self.activation, x_1D)  # Experts' own code, same layout: the same bits
 
     def release(self, tokens_per_expert: torch.Tensor) -> None:
         """After a batched call: count the bytes of the experts it ran and drop the pages it touched."""
