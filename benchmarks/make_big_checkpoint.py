@@ -10,7 +10,7 @@ the output.
 
 Usage:
     python benchmarks/make_big_checkpoint.py --shape 1.7b --out /tmp/q3-1.7b
-    python benchmarks/make_big_checkpoint.py --shape 30b --layers 12 --out /tmp/q3-30b-12l
+    python benchmarks/make_big_checkpoint.py --shape 30b --layers 20 --fused --out /tmp/q3-30b-20l
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ SHAPES = {
 }
 
 
-def layer_tensors(i: int, s: dict, dtype: torch.dtype, g: torch.Generator) -> dict[str, torch.Tensor]:
+def layer_tensors(i: int, s: dict, dtype: torch.dtype, g: torch.Generator, fused: bool) -> dict[str, torch.Tensor]:
     D, hd, I = s["hidden"], 128 if s["hidden"] >= 2048 else 64, s["expert_hidden"]
     p = f"model.layers.{i}."
 
@@ -47,6 +47,10 @@ def layer_tensors(i: int, s: dict, dtype: torch.dtype, g: torch.Generator) -> di
         p + "self_attn.k_norm.weight": torch.ones(hd, dtype=dtype),
         p + "mlp.gate.weight": w(s["experts"], D),
     }
+    if fused:  # transformers 5's in-memory layout: experts.gate_up_proj [E, 2I, D], experts.down_proj [E, D, I]
+        out[p + "mlp.experts.gate_up_proj"] = w(s["experts"], 2 * I, D)
+        out[p + "mlp.experts.down_proj"] = w(s["experts"], D, I)
+        return out
     for e in range(s["experts"]):
         q = f"{p}mlp.experts.{e}."
         out.update({q + "gate_proj.weight": w(I, D), q + "up_proj.weight": w(I, D), q + "down_proj.weight": w(D, I)})
@@ -74,6 +78,7 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, help="override the shape's layer count")
     ap.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--fused", action="store_true", help="fused expert stacks (what expert offload reads) instead")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     import transformers
@@ -111,7 +116,7 @@ def main(argv=None) -> int:
                 "lm_head.weight": torch.empty(s["vocab"], s["hidden"], dtype=dtype).normal_(0, 0.02, generator=g),
             }
         else:
-            tensors = layer_tensors(i, s, dtype, g)
+            tensors = layer_tensors(i, s, dtype, g, args.fused)
         save_file(tensors, str(out / name), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, name))
         total += sum(t.numel() * t.element_size() for t in tensors.values())

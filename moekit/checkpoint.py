@@ -45,6 +45,7 @@ from moekit.models.materialize import materialize
 from moekit.models.quantization import apply_spec
 from moekit.models.resolve import upgrade_saved
 from moekit.nn.offload import is_expert_weight, offload_experts
+from moekit.nn.quantized import is_quantized_tensor
 
 FORMAT = "moekit"
 FORMAT_VERSION = 1
@@ -353,7 +354,7 @@ def load_tensors_into(
     dtype = counts.most_common(1)[0][0] if counts else None
     for name, tensor in tensors.items():
         # moekit writes one dtype, but float32 where precision matters (a router's bias); others were altered
-        if tensor.is_floating_point() and tensor.dtype not in (dtype, torch.float32):
+        if tensor.is_floating_point() and not is_quantized_tensor(name) and tensor.dtype not in (dtype, torch.float32):
             raise CheckpointError(f"{weights_file}: tensor {name!r} is {tensor.dtype} among {dtype} tensors")
         if tuple(tensor.shape) != tuple(expected[name].shape):
             raise CheckpointError(

@@ -33,6 +33,11 @@ _ACT = torch.bfloat16  # the activation dtype both kernels are fast in
 SCALE_DTYPE = torch.bfloat16  # scales and zeros: what both kernels take
 
 
+def is_quantized_tensor(name: str) -> bool:
+    """Whether a state-dict name belongs to quantised experts (their dtypes are their own: int8/uint8, bf16)."""
+    return ".experts.q_in." in name or ".experts.q_out." in name
+
+
 def check_spec(bits: int, group_size: int, in_features: int | None = None) -> None:
     """Raise ConfigError for an unsupported bit width or group size (or one that does not divide ``in_features``)."""
     if bits not in BITS:
@@ -67,6 +72,11 @@ def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tens
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """[out, in/2] uint8 -> [out, in] values 0..15 (uint8)."""
     return torch.stack([packed & 15, packed >> 4], dim=-1).view(packed.shape[0], -1)
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a copy of it where its data is not 64-byte aligned (a mapped file's tensor can be anywhere)."""
+    return t if t.data_ptr() % 64 == 0 else t.clone()
 
 
 class QuantMatrix(nn.Module):
@@ -110,8 +120,8 @@ class QuantMatrix(nn.Module):
 
     def _kernel_operands(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._kernel is None:  # made once, at first use (the stored form is the portable one)
-            if self.bits == 8:
-                self._kernel = (self.q, self.scales.to(_ACT))
+            if self.bits == 8:  # the int8 kernel reads its operands 64-byte aligned (unaligned: a crash)
+                self._kernel = (_aligned(self.q), _aligned(self.scales.to(_ACT)))
             else:
                 packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(self.q).to(torch.int32), 1)
                 scales_zeros = torch.stack([self.scales, self.zeros], dim=-1).transpose(0, 1).contiguous().to(_ACT)

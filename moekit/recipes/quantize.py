@@ -46,7 +46,8 @@ def quantize(
         raise CheckpointError(f"{out} already holds a checkpoint; choose another --out")
     if calibration_data is not None:
         float_model, tokenizer = load_for_inference(checkpoint, hf_dir)
-        batches = calibration_batches(tokenizer, calibration_data, 128, 8, max_batches, float_model.config.vocab_size)
+        block = min(128, float_model.config.max_position_embeddings)
+        batches = calibration_batches(tokenizer, calibration_data, block, 8, max_batches, float_model.config.vocab_size)
         layers, load = expert_load(float_model, batches)
         spec = mixed_spec({i: load[row] for row, i in enumerate(layers)}, fraction_8bit, group_size)
         del float_model

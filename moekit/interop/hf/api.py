@@ -40,6 +40,7 @@ from moekit.models import LMConfig, MoELM
 from moekit.models.materialize import materialize
 from moekit.models.quantization import apply_spec
 from moekit.nn.offload import offload_experts
+from moekit.nn.quantized import is_quantized_tensor
 
 CONFIG_NAME = "config.json"
 _PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "model.ckpt")
@@ -235,7 +236,7 @@ def build_model(
     source = HFTensors(hf_tensors, files or {})
     mapped = hf_to_moekit(source, config, expected, moe_transform=transform)
     for name, t in mapped.items():
-        if ".experts.q_in." in name or ".experts.q_out." in name:
+        if is_quantized_tensor(name):
             continue  # quantised experts keep their own dtypes
         keep_fp32 = name.endswith("e_score_correction_bias")  # transformers keeps the balancing bias in fp32
         want = torch.float32 if keep_fp32 else dtype

@@ -1,0 +1,104 @@
+"""Weight-only quantised experts: the math, each kernel against dequantise-then-matmul, the MoE layer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moekit.errors import ConfigError
+from moekit.nn import MoE, few_tokens
+from moekit.nn.quantized import QuantizedExperts, QuantMatrix, quantize_int4, quantize_int8, unpack_int4
+
+
+def test_int8_error_is_at_most_half_a_step_and_representable_values_come_back_exactly():
+    torch.manual_seed(0)
+    w = torch.randn(40, 96)
+    q, scales = quantize_int8(w)
+    deq = q.float() * scales.float()[:, None]
+    assert q.dtype == torch.int8 and int(q.abs().max()) <= 127
+    assert bool(((deq - w).abs() <= scales.float()[:, None] / 2 + 1e-6).all())
+    exact = deq  # values on the grid: quantising again gives them back bit for bit
+    q2, scales2 = quantize_int8(exact)
+    assert torch.equal(q2.float() * scales2.float()[:, None], exact)
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int4_packs_two_values_per_byte_and_stays_within_a_step(group):
+    torch.manual_seed(1)
+    w = torch.randn(24, 256)
+    m = QuantMatrix.from_float(w, 4, group)
+    assert m.q.shape == (24, 128) and m.q.dtype == torch.uint8
+    values = unpack_int4(m.q)
+    assert int(values.max()) <= 15 and values.shape == (24, 256)
+    step = m.scales.float().repeat_interleave(group, dim=1)
+    assert bool(((m.dequantize() - w).abs() <= step * 0.5 + 1e-2 * step + 1e-6).all())
+    q, scales, zeros = quantize_int4(w, group)  # the module stores exactly what the function returns
+    assert torch.equal(q, m.q) and torch.equal(scales, m.scales) and torch.equal(zeros, m.zeros)
+
+
+@pytest.mark.parametrize("bits,group", [(8, 32), (4, 32), (4, 64), (4, 128)])
+@pytest.mark.parametrize("rows", [1, 7])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_each_kernel_equals_dequantise_then_matmul(bits, group, rows, dtype):
+    torch.manual_seed(2)
+    m = QuantMatrix.from_float(torch.randn(160, 256) * 0.05, bits, group)
+    x = torch.randn(rows, 256).to(dtype)
+    ref = x.to(torch.bfloat16).float() @ m.dequantize().t()  # the kernels take bf16 activations
+    out = m(x)
+    assert out.dtype == dtype and out.shape == (rows, 160)
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2 * float(ref.abs().max()))
+
+
+def test_bad_widths_and_groups_are_config_errors():
+    with pytest.raises(ConfigError, match="bits=3"):
+        QuantMatrix(8, 64, 3)
+    with pytest.raises(ConfigError, match="group_size=48"):
+        QuantMatrix(8, 96, 4, 48)
+    with pytest.raises(ConfigError, match="does not divide the input width 96"):
+        QuantMatrix(8, 96, 4, 64)
+
+
+def _layer_pair(bits):
+    torch.manual_seed(3)
+    layer = MoE(hidden_size=64, num_experts=8, top_k=2, expert_hidden_size=64, num_shared_experts=1).eval()
+    quantized = QuantizedExperts.from_experts(layer.experts, bits, 32)
+    reference = MoE(hidden_size=64, num_experts=8, top_k=2, expert_hidden_size=64, num_shared_experts=1).eval()
+    reference.load_state_dict(layer.state_dict())
+    with torch.no_grad():  # the float layer with the dequantised weights: what the quantised one must compute
+        for e in range(8):
+            reference.experts.w_in[e] = quantized.q_in[e].dequantize().t()
+            reference.experts.w_out[e] = quantized.q_out[e].dequantize().t()
+    layer.experts = quantized
+    return layer, reference
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 64), (3, 5, 64)])
+def test_a_moe_layer_with_mixed_quantised_experts_computes_its_dequantised_twin(shape):
+    layer, reference = _layer_pair([8, 4, 4, 8, 4, 8, 8, 4])
+    x = torch.randn(shape).to(torch.bfloat16).float()
+    with torch.inference_mode():
+        assert few_tokens.applies(layer, x, None, False) == (shape[1] == 1)
+        out, aux = layer(x)
+        ref, ref_aux = reference(x)
+    assert torch.equal(aux.tokens_per_expert, ref_aux.tokens_per_expert)
+    torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2 * float(ref.abs().max()))
+    assert layer.experts.nbytes() < sum(p.numel() * 4 for p in reference.experts.parameters()) / 3
+
+
+def test_quantised_experts_refuse_expert_dropout():
+    layer, _ = _layer_pair([8] * 8)
+    with pytest.raises(ConfigError, match="inference"):
+        layer.experts(torch.randn(4, 64), (4, 0, 0, 0, 0, 0, 0, 0), dropout=0.1)
+
+
+def test_int8_weights_anywhere_in_memory_work(tmp_path):
+    """A mapped checkpoint's tensors are only dtype-aligned; ATen's int8 kernel needs 64-byte alignment."""
+    m = QuantMatrix.from_float(torch.randn(64, 32), 8)
+    x = torch.randn(3, 32)
+    ref = m(x)
+    buffer = torch.empty(64 * 32 + 8, dtype=torch.int8)
+    buffer[8:].copy_(m.q.view(-1))
+    moved = QuantMatrix(64, 32, 8)
+    moved.q, moved.scales = buffer[8:].view(64, 32), m.scales
+    assert moved.q.data_ptr() % 64 != 0
+    assert torch.equal(moved(x), ref)
