@@ -10,6 +10,7 @@ maps every MoE layer to one bit width per expert (8 = int8 per channel, 4 = int4
 
 from __future__ import annotations
 
+import typing
 from typing import Any
 
 import torch
@@ -45,7 +46,8 @@ def mixed_spec(loads: dict[int, torch.Tensor], fraction_8bit: float, group_size:
 
 
 def _moe_layers(model: torch.nn.Module) -> list[tuple[int, MoE]]:
-    return [(i, block.mlp) for i, block in enumerate(model.layers) if isinstance(block.mlp, MoE)]  # type: ignore[union-attr]
+    blocks = typing.cast(torch.nn.ModuleList, model.layers)
+    return [(i, block.mlp) for i, block in enumerate(blocks) if isinstance(block.mlp, MoE)]
 
 
 def _layer_bits(spec: dict[str, Any], model: torch.nn.Module) -> dict[int, list[int]]:

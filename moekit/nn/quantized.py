@@ -19,6 +19,8 @@ compute-bound at one row, so int8 saves memory more than time.
 
 from __future__ import annotations
 
+import typing
+
 import torch
 from torch import nn
 
@@ -81,6 +83,10 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
 
 class QuantMatrix(nn.Module):
     """One quantised weight [out, in]; ``forward(x)`` = x @ W.T in x's dtype (see module docstring)."""
+
+    q: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
 
     def __init__(self, out_features: int, in_features: int, bits: int, group_size: int = 32):
         super().__init__()
@@ -147,6 +153,8 @@ class QuantizedExperts(Experts):
     """
 
     fused_kernel = False
+    q_in: nn.ModuleList  # of QuantMatrix
+    q_out: nn.ModuleList
 
     def __init__(
         self,
@@ -200,7 +208,8 @@ class QuantizedExperts(Experts):
         return sum(m.nbytes() for m in [*self.q_in, *self.q_out])
 
     def inactive_parameters(self, runs: int) -> int:
-        per_expert = (self.q_in[0].out_features + self.expert_hidden_size) * self.hidden_size
+        width = 2 * self.expert_hidden_size if self.activation == Activation.SWIGLU else self.expert_hidden_size
+        per_expert = (width + self.expert_hidden_size) * self.hidden_size
         return per_expert * (self.num_experts - runs)
 
     def run_one(self, e: int, x_1D: torch.Tensor) -> torch.Tensor:
@@ -221,5 +230,6 @@ class QuantizedExperts(Experts):
 
     def expert_forward(self, e: int, x_nD: torch.Tensor) -> torch.Tensor:
         """One expert through the dequantised weights (the slow reference; analysis)."""
-        h = x_nD @ self.q_in[e].dequantize().t().to(x_nD.dtype)
-        return activate(h, self.activation) @ self.q_out[e].dequantize().t().to(x_nD.dtype)
+        w_in, w_out = typing.cast(QuantMatrix, self.q_in[e]), typing.cast(QuantMatrix, self.q_out[e])
+        h = x_nD @ w_in.dequantize().t().to(x_nD.dtype)
+        return activate(h, self.activation) @ w_out.dequantize().t().to(x_nD.dtype)
