@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.nn.config import Activation
+from moekit.nn.kernels import native
 from moekit.nn.kernels.fused_experts import activate
 from moekit.nn.kernels.grouped_mm import cast, grouped_mm, matmul
 
@@ -76,6 +77,21 @@ class Experts(nn.Module):
         k times per layer and token, so it is kept to the fewest ops (per-expert weight views made once)."""
         w_in, w_out = self._expert_views()[e]
         return expert_row(w_in, w_out, self.activation, x_1D)
+
+    def run_chosen(self, x_1D: torch.Tensor, experts: list[int], weights: list[float], y_1D: torch.Tensor) -> None:
+        """y_1D (fp32 for half weights) += sum_k weights[k] * expert_{experts[k]}(x_1D), in the given order: one
+        decoding token's experts. bf16 SwiGLU experts stored [out, in] (as imported) take the native kernel, one
+        call for all k; otherwise :meth:`run_one` per expert (which subclasses override)."""
+        if (
+            type(self).run_one is Experts.run_one
+            and self.activation == Activation.SWIGLU
+            and native.swiglu_experts_bf16(
+                x_1D.reshape(-1), self.w_in.transpose(1, 2), self.w_out.transpose(1, 2), experts, weights, y_1D
+            )
+        ):
+            return
+        for e, w in zip(experts, weights):
+            y_1D.add_(self.run_one(e, x_1D).view(y_1D.shape), alpha=w)
 
     def _expert_views(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """[(w_in[e], w_out[e])], remade when either stack is replaced (not when written in place: views)."""

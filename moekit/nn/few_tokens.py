@@ -70,8 +70,9 @@ def forward(layer: MoE, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
         y_TD = torch.zeros(T, x_TD.shape[1], dtype=accumulate_dtype(x_TD.dtype), device=x_TD.device)
         # Ascending expert order per token, as the general path's scatter-add sums them.
         with intra_op_threads(threads):
-            for e, t, j in sorted((e, t, j) for t, row in enumerate(chosen) for j, e in enumerate(row)):
-                y_TD[t : t + 1].add_(experts.run_one(e, x_rows[t]), alpha=weights[t][j])
+            for t, row in enumerate(chosen):
+                order = sorted(range(len(row)), key=row.__getitem__)
+                experts.run_chosen(x_rows[t], [row[j] for j in order], [weights[t][j] for j in order], y_TD[t])
         if layer.shared_experts is not None:
             y_TD = y_TD + layer._shared(x_TD).to(y_TD.dtype)
         zero = torch.zeros((), dtype=torch.long, device=x_TD.device)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from moekit.nn.kernels import native
+
 _HALF = (torch.bfloat16, torch.float16)
 
 
@@ -24,7 +26,9 @@ def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         and not (module._forward_hooks or module._forward_pre_hooks)
         and module.weight.dtype == x.dtype
     ):
-        y = torch.mv(module.weight, x.reshape(-1))
+        y = native.gemv_bf16(module.weight, x.reshape(-1))
+        if y is None:
+            y = torch.mv(module.weight, x.reshape(-1))
         if module.bias is not None:
             y = y.add_(module.bias)
         return y.view(*x.shape[:-1], y.shape[0])

@@ -7,7 +7,14 @@ import torch
 
 from moekit.errors import ConfigError
 from moekit.nn import MoE, few_tokens
-from moekit.nn.quantized import QuantizedExperts, QuantMatrix, quantize_int4, quantize_int8, unpack_int4
+from moekit.nn.quantized import (
+    QuantizedExperts,
+    QuantMatrix,
+    int4_kernel_weight,
+    quantize_int4,
+    quantize_int8,
+    unpack_int4,
+)
 
 
 def test_int8_error_is_at_most_half_a_step_and_representable_values_come_back_exactly():
@@ -102,3 +109,10 @@ def test_int8_weights_anywhere_in_memory_work(tmp_path):
     moved.q, moved.scales = buffer[8:].view(64, 32), m.scales
     assert moved.q.data_ptr() % 64 != 0
     assert torch.equal(moved(x), ref)
+
+
+@pytest.mark.parametrize("rows", [128, 80])  # 80: not a whole number of 64-row blocks
+def test_int4_operand_built_in_row_blocks_equals_the_whole_matrix_conversion(rows):
+    packed = torch.randint(0, 256, (rows, 96), dtype=torch.uint8)
+    whole = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(packed).to(torch.int32), 1)
+    assert torch.equal(int4_kernel_weight(packed), whole)

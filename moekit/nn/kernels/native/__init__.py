@@ -1,0 +1,136 @@
+"""Hand-written CPU kernels for bf16 decode steps, compiled from C on first use (``decode.c`` beside this file).
+
+Why C: a decode step is bound by reading weights, and ATen runs each expert's GEMV as its own parallel
+call; one call per layer over the chosen experts, on the CPU's bf16 dot instruction, reads them ~1.3x
+faster (``benchmarks/big_model.py``). The library is built with the system C compiler (``cc -O3
+-march=native -fopenmp``) into ``$MOEKIT_KERNEL_CACHE`` (default ``~/.cache/moekit/kernels``), keyed by
+the source's hash, and loaded with ctypes: no Python headers or torch C++ build. It is used only where
+it is built for this CPU (AVX512-BF16); with no compiler, another CPU, or ``MOEKIT_NATIVE=0`` every
+caller runs its ATen path, which the tests compare these kernels against.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+_SOURCE = Path(__file__).with_name("decode.c")
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+_P = ctypes.c_void_p
+_I64 = ctypes.c_int64
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels are kept."""
+    return Path(os.environ.get("MOEKIT_KERNEL_CACHE") or Path.home() / ".cache" / "moekit" / "kernels")
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None where they cannot be used here (see the module docstring)."""
+    if os.environ.get("MOEKIT_NATIVE", "1") == "0" or not _cpu_has_avx512_bf16():
+        return None
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None:
+        return None
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join([compiler, *_FLAGS]).encode()).hexdigest()[:16]
+    path = cache_dir() / f"decode-{key}.so"
+    if not path.is_file() and not _compile(compiler, path):
+        return None
+    lib = ctypes.CDLL(str(path))
+    if not lib.moekit_native_ok():
+        return None
+    lib.moekit_gemv_bf16.argtypes = [_P, _I64, _P, _I64, _I64, _P, ctypes.c_int]
+    lib.moekit_swiglu_experts_bf16.argtypes = [_P, _P, _I64, _I64, _P, _I64, _I64, _I64, _I64, _I64, _P, _P, _P, _P]
+    lib.moekit_swiglu_experts_bf16.argtypes += [_P, ctypes.c_int]
+    return lib
+
+
+def _cpu_has_avx512_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: no way to know cheaply, so no native kernels
+        return False
+    return " avx512_bf16" in flags and " avx512bw" in flags
+
+
+def _compile(compiler: str, path: Path) -> bool:
+    """Build the library into ``path`` (written under another name, then renamed: concurrent builds are safe)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", tmp, "-lm"], capture_output=True, timeout=120)
+        if done.returncode != 0:
+            return False
+        os.replace(tmp, path)
+        return True
+    except (OSError, subprocess.SubprocessError):
+        return False
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def gemv_bf16(w_OI: torch.Tensor, x_I: torch.Tensor) -> torch.Tensor | None:
+    """bf16(w_OI @ x_I) for a bf16 weight with contiguous rows, or None where the kernel does not apply."""
+    lib = library()
+    if lib is None or not _rows_contiguous(w_OI) or not x_I.is_contiguous() or x_I.dtype != torch.bfloat16:
+        return None
+    out, inp = w_OI.shape
+    y = torch.empty(out, dtype=torch.bfloat16)
+    lib.moekit_gemv_bf16(w_OI.data_ptr(), w_OI.stride(0), x_I.data_ptr(), out, inp, y.data_ptr(), _threads())
+    return y
+
+
+def swiglu_experts_bf16(
+    x_D: torch.Tensor,
+    w_in_EXD: torch.Tensor,
+    w_out_EDH: torch.Tensor,
+    experts: list[int],
+    weights: list[float],
+    y_D: torch.Tensor,
+) -> bool:
+    """y_D (fp32) += sum_k weights[k] * expert_{experts[k]}(x_D), in the given order; False (y_D untouched)
+    where the kernel does not apply. ``w_in_EXD`` is [E, 2H, D] (gate rows then up rows), ``w_out_EDH``
+    [E, D, H], both bf16 with contiguous rows."""
+    lib = library()
+    if (
+        lib is None
+        or x_D.dtype != torch.bfloat16
+        or not x_D.is_contiguous()
+        or y_D.dtype != torch.float32
+        or not y_D.is_contiguous()
+        or not (_rows_contiguous(w_in_EXD) and _rows_contiguous(w_out_EDH))
+    ):
+        return False
+    _, width, dim = w_in_EXD.shape
+    hidden = width // 2
+    n = len(experts)
+    chosen = torch.tensor(experts, dtype=torch.int64)
+    scale = torch.tensor(weights, dtype=torch.float32)
+    scratch = torch.empty(n * 3 * hidden, dtype=torch.bfloat16)
+    lib.moekit_swiglu_experts_bf16(
+        x_D.data_ptr(), w_in_EXD.data_ptr(), w_in_EXD.stride(0), w_in_EXD.stride(1),
+        w_out_EDH.data_ptr(), w_out_EDH.stride(0), w_out_EDH.stride(1), dim, hidden, n,
+        chosen.data_ptr(), scale.data_ptr(), y_D.data_ptr(), scratch.data_ptr(), scratch[n * 2 * hidden :].data_ptr(),
+        _threads(),
+    )  # fmt: skip
+    return True
+
+
+def _rows_contiguous(w: torch.Tensor) -> bool:
+    return w.dtype == torch.bfloat16 and w.device.type == "cpu" and w.stride(-1) == 1
+
+
+def _threads() -> int:
+    return torch.get_num_threads()
