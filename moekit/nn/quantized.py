@@ -27,6 +27,7 @@ from torch import nn
 from moekit.errors import ConfigError
 from moekit.nn.config import Activation
 from moekit.nn.experts import Experts
+from moekit.nn.kernels import native
 from moekit.nn.kernels.fused_experts import activate
 
 BITS = (4, 8)
@@ -227,6 +228,18 @@ class QuantizedExperts(Experts):
 
     def run_one(self, e: int, x_1D: torch.Tensor) -> torch.Tensor:
         return self.q_out[e](activate(self.q_in[e](x_1D), self.activation))
+
+    def run_chosen(self, x_1D: torch.Tensor, experts: list[int], weights: list[float], y_1D: torch.Tensor) -> None:
+        """As :meth:`Experts.run_chosen`: a layer of int8 SwiGLU experts takes the native kernel (one call, the
+        stored form read as is), others :meth:`run_one` per expert."""
+        if self.activation == Activation.SWIGLU and native.library() is not None:
+            key = (self.q_in[0].q.data_ptr(), self.q_out[-1].q.data_ptr())  # buffers are replaced all at once
+            if getattr(self, "_table_key", None) != key:
+                self._table = native.Int8Table(list(self.q_in), list(self.q_out))
+                self._table_key = key
+            if native.swiglu_experts_int8(x_1D.reshape(-1), self._table, experts, weights, y_1D):
+                return
+        super().run_chosen(x_1D, experts, weights, y_1D)
 
     def forward(self, x_ND: torch.Tensor, counts: tuple[int, ...], dropout: float = 0.0) -> torch.Tensor:
         """Rows sorted by expert (``counts`` each) through their experts; ``dropout`` must be 0 (inference)."""

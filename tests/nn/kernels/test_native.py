@@ -113,3 +113,29 @@ def test_imported_bf16_experts_run_a_token_through_the_kernel():
         for e, w in ((1, 0.7), (3, 0.3)):
             loop.add_(experts.run_one(e, x)[0], alpha=w)
     torch.testing.assert_close(y, loop, rtol=2e-2, atol=2e-2 * loop.abs().max().item())
+
+
+@pytest.mark.parametrize("bits", [[8, 8, 8, 8], [8, 4, 4, 8]])
+def test_int8_experts_in_one_call_match_their_aten_kernel(bits):
+    """The C kernel reads the stored int8 form; ATen's kernel (run_one, per expert) is the reference. A layer
+    with int4 experts keeps ATen's kernels (run_chosen gives the same either way)."""
+    from moekit.nn.experts import Experts
+    from moekit.nn.quantized import QuantizedExperts
+
+    torch.manual_seed(2)
+    experts = QuantizedExperts.from_experts(Experts(num_experts=4, hidden_size=256, expert_hidden_size=96), bits)
+    x = torch.randn(1, 256).bfloat16()
+    chosen, weights = [0, 2, 3], [0.5, 0.25, 0.25]
+    table = native.Int8Table(list(experts.q_in), list(experts.q_out))
+    assert table.usable == (set(bits) == {8})
+    with torch.inference_mode():
+        loop = torch.zeros(256)
+        for e, w in zip(chosen, weights):
+            loop.add_(experts.run_one(e, x)[0].float(), alpha=w)
+        via_layer = torch.zeros(256)
+        experts.run_chosen(x, chosen, weights, via_layer)
+        y = torch.zeros(256)
+        assert native.swiglu_experts_int8(x[0], table, chosen, weights, y) == table.usable
+    torch.testing.assert_close(via_layer, loop, rtol=2e-2, atol=2e-2 * loop.abs().max().item())
+    if table.usable:
+        assert torch.equal(via_layer, y)

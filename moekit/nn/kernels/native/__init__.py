@@ -52,6 +52,7 @@ def library() -> ctypes.CDLL | None:
     lib.moekit_gemv_bf16.argtypes = [_P, _I64, _P, _I64, _I64, _P, ctypes.c_int]
     lib.moekit_swiglu_experts_bf16.argtypes = [_P, _P, _I64, _I64, _P, _I64, _I64, _I64, _I64, _I64, _P, _P, _P, _P]
     lib.moekit_swiglu_experts_bf16.argtypes += [_P, ctypes.c_int]
+    lib.moekit_swiglu_experts_int8.argtypes = [_P, _P, _I64, _I64, _I64, _P, _P, _P, _P, _P, ctypes.c_int]
     return lib
 
 
@@ -124,6 +125,43 @@ def swiglu_experts_bf16(
         w_out_EDH.data_ptr(), w_out_EDH.stride(0), w_out_EDH.stride(1), dim, hidden, n,
         chosen.data_ptr(), scale.data_ptr(), y_D.data_ptr(), scratch.data_ptr(), scratch[n * 2 * hidden :].data_ptr(),
         _threads(),
+    )  # fmt: skip
+    return True
+
+
+class Int8Table:
+    """The data pointers of a layer's int8 experts (q and scales of w_in, then of w_out, per expert), as the
+    kernel reads them. It holds the matrices it points into, so they outlive it; rebuild it when their
+    buffers are replaced. ``usable`` is False unless every expert is int8 with contiguous CPU buffers."""
+
+    def __init__(self, matrices_in: list, matrices_out: list):
+        self.matrices = [*matrices_in, *matrices_out]
+        self.usable = all(m.bits == 8 and m.q.is_contiguous() and m.q.device.type == "cpu" for m in self.matrices)
+        rows = [
+            [m.q.data_ptr(), m.scales.data_ptr(), o.q.data_ptr(), o.scales.data_ptr()]
+            for m, o in zip(matrices_in, matrices_out)
+        ]
+        self.table = torch.tensor(rows if self.usable else [], dtype=torch.int64)
+
+
+def swiglu_experts_int8(
+    x_D: torch.Tensor, table: Int8Table, experts: list[int], weights: list[float], y_D: torch.Tensor
+) -> bool:
+    """y_D (fp32) += sum_k weights[k] * expert_{experts[k]}(x_D) for int8 SwiGLU experts (``table``), in the
+    given order, as :meth:`moekit.nn.quantized.QuantizedExperts.run_one` computes each; False (y_D
+    untouched) where the kernel does not apply."""
+    lib = library()
+    if lib is None or not table.usable or y_D.dtype != torch.float32 or not y_D.is_contiguous():
+        return False
+    m_in = table.matrices[0]
+    dim, hidden, n = m_in.in_features, m_in.out_features // 2, len(experts)
+    x = x_D.to(torch.bfloat16).float().contiguous()  # the bf16 activations ATen's kernel takes
+    chosen = torch.tensor(experts, dtype=torch.int64)
+    scale = torch.tensor(weights, dtype=torch.float32)
+    scratch = torch.empty(n * 3 * hidden, dtype=torch.float32)
+    lib.moekit_swiglu_experts_int8(
+        x.data_ptr(), table.table.data_ptr(), dim, hidden, n, chosen.data_ptr(), scale.data_ptr(),
+        y_D.data_ptr(), scratch.data_ptr(), scratch[2 * n * hidden :].data_ptr(), _threads(),
     )  # fmt: skip
     return True
 
