@@ -233,7 +233,8 @@ class QuantizedExperts(Experts):
         """As :meth:`Experts.run_chosen`: a layer of int8 SwiGLU experts takes the native kernel (one call, the
         stored form read as is), others :meth:`run_one` per expert."""
         if self.activation == Activation.SWIGLU and native.library() is not None:
-            key = (self.q_in[0].q.data_ptr(), self.q_out[-1].q.data_ptr())  # buffers are replaced all at once
+            first, last = typing.cast(QuantMatrix, self.q_in[0]), typing.cast(QuantMatrix, self.q_out[-1])
+            key = (first.q.data_ptr(), last.q.data_ptr())  # the buffers are replaced all at once
             if getattr(self, "_table_key", None) != key:
                 self._table = native.Int8Table(list(self.q_in), list(self.q_out))
                 self._table_key = key
