@@ -37,8 +37,8 @@ SCALE_DTYPE = torch.bfloat16  # scales and zeros: what both kernels take
 
 
 def is_quantized_tensor(name: str) -> bool:
-    """Whether a state-dict name belongs to quantised experts (their dtypes are their own: int8/uint8, bf16)."""
-    return ".experts.q_in." in name or ".experts.q_out." in name
+    """Whether a state-dict name belongs to quantised experts or linears (their dtypes are their own)."""
+    return ".experts.q_in." in name or ".experts.q_out." in name or ".quantized." in name
 
 
 def check_spec(bits: int, group_size: int, in_features: int | None = None) -> None:
@@ -230,15 +230,15 @@ class QuantizedExperts(Experts):
         return self.q_out[e](activate(self.q_in[e](x_1D), self.activation))
 
     def run_chosen(self, x_1D: torch.Tensor, experts: list[int], weights: list[float], y_1D: torch.Tensor) -> None:
-        """As :meth:`Experts.run_chosen`: a layer of int8 SwiGLU experts takes the native kernel (one call, the
-        stored form read as is), others :meth:`run_one` per expert."""
+        """As :meth:`Experts.run_chosen`: SwiGLU experts take the native kernel (one call, the stored form read
+        as is), others :meth:`run_one` per expert."""
         if self.activation == Activation.SWIGLU and native.library() is not None:
             first, last = typing.cast(QuantMatrix, self.q_in[0]), typing.cast(QuantMatrix, self.q_out[-1])
             key = (first.q.data_ptr(), last.q.data_ptr())  # the buffers are replaced all at once
             if getattr(self, "_table_key", None) != key:
-                self._table = native.Int8Table(list(self.q_in), list(self.q_out))
+                self._table = native.QuantTable(list(self.q_in), list(self.q_out), self.group_size)
                 self._table_key = key
-            if native.swiglu_experts_int8(x_1D.reshape(-1), self._table, experts, weights, y_1D):
+            if native.swiglu_experts_quantized(x_1D.reshape(-1), self._table, experts, weights, y_1D):
                 return
         super().run_chosen(x_1D, experts, weights, y_1D)
 
@@ -260,3 +260,39 @@ class QuantizedExperts(Experts):
         w_in, w_out = typing.cast(QuantMatrix, self.q_in[e]), typing.cast(QuantMatrix, self.q_out[e])
         h = x_nD @ w_in.dequantize().t().to(x_nD.dtype)
         return activate(h, self.activation) @ w_out.dequantize().t().to(x_nD.dtype)
+
+
+class QuantLinear(nn.Module):
+    """An ``nn.Linear`` with a quantised weight (``quantized``, a :class:`QuantMatrix`) and a float bias: the
+    attention projections and the output head of a model quantised with ``linear_bits``. One int8 row runs
+    on the native kernel (:mod:`moekit.nn.kernels.native`), anything else on ATen's."""
+
+    bias: torch.Tensor | None
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int = 32, bias: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.quantized = QuantMatrix(out_features, in_features, bits, group_size)
+        self.register_buffer("bias", torch.empty(out_features) if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int = 32) -> QuantLinear:
+        """Quantise a float ``nn.Linear``."""
+        q = cls.__new__(cls)
+        nn.Module.__init__(q)
+        q.in_features, q.out_features = linear.in_features, linear.out_features
+        q.quantized = QuantMatrix.from_float(linear.weight.detach(), bits, group_size)
+        q.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+        return q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.quantized
+        y = None
+        if m.bits == 8 and x.numel() == x.shape[-1] and not torch.is_grad_enabled():
+            y = native.gemv_int8(m.q, m.scales, x.reshape(-1))
+        if y is None:
+            y = m(x.reshape(-1, x.shape[-1]))
+        y = y.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.view(*x.shape[:-1], self.out_features)

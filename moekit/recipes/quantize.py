@@ -33,12 +33,14 @@ def quantize(
     fraction_8bit: float = 0.25,
     dtype: str | None = None,
     max_batches: int = 8,
+    linear_bits: int | None = None,
 ) -> dict[str, Any]:
     """Quantise ``checkpoint`` (moekit) or ``hf_dir`` (Hugging Face) into ``out``; returns a report (spec, bytes).
 
     ``bits``/``group_size``: the uniform width (int4 groups of 32/64/128 columns). ``calibration_data``: a text
     file; then each layer keeps ``fraction_8bit`` of its experts (the most routed) at 8 bits, the rest at 4.
-    ``dtype``: of the weights that stay float (default: the checkpoint's)."""
+    ``dtype``: of the weights that stay float (default: the checkpoint's). ``linear_bits``: also quantise the
+    attention projections and the output head (:func:`~moekit.models.quantization.quantized_linears`)."""
     if (checkpoint is None) == (hf_dir is None):
         raise ConfigError("give exactly one of a moekit checkpoint or a Hugging Face model folder")
     out = Path(out)
@@ -49,18 +51,18 @@ def quantize(
         block = min(128, float_model.config.max_position_embeddings)
         batches = calibration_batches(tokenizer, calibration_data, block, 8, max_batches, float_model.config.vocab_size)
         layers, load = expert_load(float_model, batches)
-        spec = mixed_spec({i: load[row] for row, i in enumerate(layers)}, fraction_8bit, group_size)
+        spec = mixed_spec({i: load[row] for row, i in enumerate(layers)}, fraction_8bit, group_size, linear_bits)
         del float_model
     if hf_dir is not None:
         file = Path(hf_dir) / TOKENIZER_FILE
         if not file.is_file():
             raise DataError(f"{hf_dir} has no {TOKENIZER_FILE}; the quantised model needs the model's tokenizer")
         config = lm_config_from_hf(read_hf_config(hf_dir))
-        spec = spec if calibration_data is not None else uniform_spec(config, bits, group_size)
+        spec = spec if calibration_data is not None else uniform_spec(config, bits, group_size, linear_bits)
         model, tokenizer = from_hf(hf_dir, dtype=dtype, quantization=spec), HFTokenizer(file)
     else:
         model, tokenizer = load_model(checkpoint)  # type: ignore[arg-type]
-        spec = spec if calibration_data is not None else uniform_spec(model.config, bits, group_size)
+        spec = spec if calibration_data is not None else uniform_spec(model.config, bits, group_size, linear_bits)
         float_bytes = expert_bytes(model)
         quantize_model(model, spec)
     write_model_folder(out, model_tensors(model), {"model": model.config.to_dict(), "quantization": spec}, tokenizer)

@@ -14,7 +14,7 @@ from moekit.checkpoint import load_model
 from moekit.cli import main
 from moekit.interop.hf.api import from_hf
 from moekit.models.quantization import expert_bytes, quantize_model, uniform_spec
-from moekit.nn.quantized import QuantizedExperts
+from moekit.nn.quantized import QuantizedExperts, QuantLinear
 from moekit.recipes.calibration import calibration_batches
 from moekit.recipes.quantize import quantize
 from tests.analysis.helpers import save_tiny_checkpoint
@@ -98,3 +98,37 @@ def test_an_existing_checkpoint_is_never_overwritten(tmp_path, capsys):
     assert main(["quantize", "--checkpoint", str(run), "--bits", "4", "--out", str(tmp_path / "q")]) == 2
     assert "already holds a checkpoint" in capsys.readouterr().err
     assert (tmp_path / "q" / "model.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize("linear_bits", [8, 4])
+def test_linear_bits_quantise_attention_and_head_and_load_back(tmp_path, linear_bits):
+    """--linear-bits: the attention projections and the untied head are stored quantised too; the checkpoint
+    loads as quantising in memory does, and its logits stay near the float model's."""
+    run = save_tiny_checkpoint(tmp_path / "run")
+    quantize(tmp_path / "q", checkpoint=run, bits=8, linear_bits=linear_bits)
+    float_model, _ = load_model(run)
+    expected, _ = load_model(run)
+    quantize_model(expected, uniform_spec(expected.config, 8, 32, linear_bits))
+    loaded = moekit.load(tmp_path / "q")
+    attn = loaded.layers[0].self_attn
+    assert all(isinstance(getattr(attn, n), QuantLinear) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    assert isinstance(loaded.lm_head, QuantLinear) == (not loaded.config.tie_word_embeddings)
+    ids = torch.arange(3, 19)[None]
+    with torch.inference_mode():
+        got, want, ref = loaded(ids).logits, expected(ids).logits, float_model(ids).logits
+        one = loaded(ids[:, :1]).logits  # one row: the native int8 GEMV where it is built
+    assert torch.equal(got, want)
+    torch.testing.assert_close(one[0, 0], want[0, 0], rtol=2e-2, atol=2e-2 * want[0, 0].abs().max().item())
+    assert (got - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+def test_linear_bits_on_a_hugging_face_folder_match_a_full_load(tmp_path):
+    src = save_hf_model("qwen3_moe", tmp_path / "hf")
+    write_tokenizer(src)
+    quantize(tmp_path / "q", hf_dir=src, bits=8, linear_bits=8)
+    full = from_hf(src)
+    quantize_model(full, uniform_spec(full.config, 8, 32, 8))
+    streamed = moekit.load(tmp_path / "q")
+    mine, theirs = streamed.state_dict(), full.state_dict()
+    assert any(".quantized." in k for k in mine)
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)

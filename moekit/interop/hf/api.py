@@ -38,7 +38,7 @@ from moekit.io.safe_io import (
 )
 from moekit.models import LMConfig, MoELM
 from moekit.models.materialize import materialize
-from moekit.models.quantization import apply_spec
+from moekit.models.quantization import apply_spec, quantize_linears
 from moekit.nn.offload import offload_experts
 from moekit.nn.quantized import is_quantized_tensor
 
@@ -224,7 +224,7 @@ def build_model(
         model = MoELM(config)
     transform = None
     if quantization is not None:
-        apply_spec(model, quantization)
+        apply_spec(model, quantization, linears=False)  # the linears are quantised once loaded (below)
 
         def transform(layer: int, moe: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             pre = f"layers.{layer}.mlp.experts."
@@ -246,6 +246,8 @@ def build_model(
             t = t.to(device=device, dtype=want, memory_format=torch.contiguous_format)
         mapped[name] = t
     materialize(model, mapped, device)
+    if quantization is not None:
+        quantize_linears(model, quantization)
     return model.eval()
 
 

@@ -115,19 +115,20 @@ def test_imported_bf16_experts_run_a_token_through_the_kernel():
     torch.testing.assert_close(y, loop, rtol=2e-2, atol=2e-2 * loop.abs().max().item())
 
 
-@pytest.mark.parametrize("bits", [[8, 8, 8, 8], [8, 4, 4, 8]])
-def test_int8_experts_in_one_call_match_their_aten_kernel(bits):
-    """The C kernel reads the stored int8 form; ATen's kernel (run_one, per expert) is the reference. A layer
-    with int4 experts keeps ATen's kernels (run_chosen gives the same either way)."""
+@pytest.mark.parametrize("bits", [[8, 8, 8, 8], [4, 4, 4, 4], [8, 4, 4, 8]])
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_quantised_experts_in_one_call_match_their_aten_kernels(bits, group):
+    """The C kernel reads the stored int8/int4 form; ATen's kernels (run_one, per expert) are the reference."""
     from moekit.nn.experts import Experts
     from moekit.nn.quantized import QuantizedExperts
 
     torch.manual_seed(2)
-    experts = QuantizedExperts.from_experts(Experts(num_experts=4, hidden_size=256, expert_hidden_size=96), bits)
+    dense = Experts(num_experts=4, hidden_size=256, expert_hidden_size=384)
+    experts = QuantizedExperts.from_experts(dense, bits, group_size=group)
     x = torch.randn(1, 256).bfloat16()
     chosen, weights = [0, 2, 3], [0.5, 0.25, 0.25]
-    table = native.Int8Table(list(experts.q_in), list(experts.q_out))
-    assert table.usable == (set(bits) == {8})
+    table = native.QuantTable(list(experts.q_in), list(experts.q_out), group)
+    assert table.usable
     with torch.inference_mode():
         loop = torch.zeros(256)
         for e, w in zip(chosen, weights):
@@ -135,7 +136,35 @@ def test_int8_experts_in_one_call_match_their_aten_kernel(bits):
         via_layer = torch.zeros(256)
         experts.run_chosen(x, chosen, weights, via_layer)
         y = torch.zeros(256)
-        assert native.swiglu_experts_int8(x[0], table, chosen, weights, y) == table.usable
-    torch.testing.assert_close(via_layer, loop, rtol=2e-2, atol=2e-2 * loop.abs().max().item())
-    if table.usable:
-        assert torch.equal(via_layer, y)
+        assert native.swiglu_experts_quantized(x[0], table, chosen, weights, y)
+    torch.testing.assert_close(y, loop, rtol=2e-2, atol=2e-2 * loop.abs().max().item())
+    assert torch.equal(via_layer, y)
+
+
+def test_int4_widths_off_the_kernels_block_run_atens_kernel():
+    from moekit.nn.experts import Experts
+    from moekit.nn.quantized import QuantizedExperts
+
+    experts = QuantizedExperts.from_experts(Experts(num_experts=2, hidden_size=96, expert_hidden_size=64), [4, 4])
+    table = native.QuantTable(list(experts.q_in), list(experts.q_out), 32)
+    assert not table.usable  # 96 is not a multiple of 128
+    x = torch.randn(1, 96).bfloat16()
+    with torch.inference_mode():
+        y = torch.zeros(96)
+        experts.run_chosen(x, [0, 1], [0.5, 0.5], y)
+        want = 0.5 * experts.run_one(0, x)[0].float() + 0.5 * experts.run_one(1, x)[0].float()
+    torch.testing.assert_close(y, want)
+
+
+def test_int8_gemv_matches_atens_int8_kernel():
+    from moekit.nn.quantized import QuantMatrix
+
+    torch.manual_seed(3)
+    m = QuantMatrix.from_float(torch.randn(96, 256), bits=8)
+    x = torch.randn(256).bfloat16()
+    y = native.gemv_int8(m.q, m.scales, x)
+    assert y is not None and y.dtype == torch.bfloat16
+    _close_in_bf16(y, m(x[None])[0])
+    ragged = QuantMatrix.from_float(torch.randn(8, 200), bits=8)  # a tail of 8 columns; vs the dequantised weight
+    _close_in_bf16(native.gemv_int8(ragged.q, ragged.scales, x[:200]), ragged.dequantize() @ x[:200].float())
+    assert native.gemv_int8(m.q.t(), m.scales, x) is None  # columns: not this kernel's layout

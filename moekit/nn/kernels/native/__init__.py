@@ -52,7 +52,9 @@ def library() -> ctypes.CDLL | None:
     lib.moekit_gemv_bf16.argtypes = [_P, _I64, _P, _I64, _I64, _P, ctypes.c_int]
     lib.moekit_swiglu_experts_bf16.argtypes = [_P, _P, _I64, _I64, _P, _I64, _I64, _I64, _I64, _I64, _P, _P, _P, _P]
     lib.moekit_swiglu_experts_bf16.argtypes += [_P, ctypes.c_int]
-    lib.moekit_swiglu_experts_int8.argtypes = [_P, _P, _I64, _I64, _I64, _P, _P, _P, _P, _P, ctypes.c_int]
+    lib.moekit_gemv_int8.argtypes = [_P, _P, _P, _I64, _I64, _P, ctypes.c_int]
+    lib.moekit_swiglu_experts_quant.argtypes = [_P, _P, _P, _P, _I64, _I64, _I64, _I64, _P, _P, _P, _P, _P, _P]
+    lib.moekit_swiglu_experts_quant.argtypes += [_P, _P, ctypes.c_int]
     return lib
 
 
@@ -93,6 +95,20 @@ def gemv_bf16(w_OI: torch.Tensor, x_I: torch.Tensor) -> torch.Tensor | None:
     return y
 
 
+def gemv_int8(q_OI: torch.Tensor, scales_O: torch.Tensor, x_I: torch.Tensor) -> torch.Tensor | None:
+    """bf16(scales * (q_OI @ x_I)) for an int8 weight (x rounded to bf16 first, as ATen's int8 kernel takes
+    it), or None where the kernel does not apply."""
+    lib = library()
+    if lib is None or q_OI.dtype != torch.int8 or not q_OI.is_contiguous() or q_OI.device.type != "cpu":
+        return None
+    out, inp = q_OI.shape
+    x = x_I.to(torch.bfloat16).float().contiguous()
+    scales = scales_O.to(torch.bfloat16).contiguous()
+    y = torch.empty(out, dtype=torch.bfloat16)
+    lib.moekit_gemv_int8(q_OI.data_ptr(), scales.data_ptr(), x.data_ptr(), out, inp, y.data_ptr(), _threads())
+    return y
+
+
 def swiglu_experts_bf16(
     x_D: torch.Tensor,
     w_in_EXD: torch.Tensor,
@@ -129,39 +145,50 @@ def swiglu_experts_bf16(
     return True
 
 
-class Int8Table:
-    """The data pointers of a layer's int8 experts (q and scales of w_in, then of w_out, per expert), as the
-    kernel reads them. It holds the matrices it points into, so they outlive it; rebuild it when their
-    buffers are replaced. ``usable`` is False unless every expert is int8 with contiguous CPU buffers."""
+class QuantTable:
+    """The data pointers and widths of a layer's quantised experts (q, scales, zeros of w_in, then of w_out,
+    per expert), as the kernel reads them. It holds the matrices it points into, so they outlive it; rebuild
+    it when their buffers are replaced. ``usable``: every buffer a contiguous CPU tensor, and with int4
+    experts the widths multiples of 128 (the kernel's block)."""
 
-    def __init__(self, matrices_in: list, matrices_out: list):
+    def __init__(self, matrices_in: list, matrices_out: list, group: int):
         self.matrices = [*matrices_in, *matrices_out]
-        self.usable = all(m.bits == 8 and m.q.is_contiguous() and m.q.device.type == "cpu" for m in self.matrices)
-        rows = [
-            [m.q.data_ptr(), m.scales.data_ptr(), o.q.data_ptr(), o.scales.data_ptr()]
-            for m, o in zip(matrices_in, matrices_out)
-        ]
+        buffers = [b for m in self.matrices for b in (m.q, m.scales, *([m.zeros] if m.bits == 4 else []))]
+        widths_ok = all(m.bits == 8 or m.in_features % 128 == 0 for m in self.matrices)
+        self.usable = widths_ok and all(b.is_contiguous() and b.device.type == "cpu" for b in buffers)
+        self.usable &= all(m.bits == o.bits for m, o in zip(matrices_in, matrices_out))
+        rows = [[p for m in pair for p in _pointers(m)] for pair in zip(matrices_in, matrices_out)]
         self.table = torch.tensor(rows if self.usable else [], dtype=torch.int64)
+        self.bits = torch.tensor([m.bits for m in matrices_in], dtype=torch.int32)
+        self.group = group
 
 
-def swiglu_experts_int8(
-    x_D: torch.Tensor, table: Int8Table, experts: list[int], weights: list[float], y_D: torch.Tensor
+def _pointers(m) -> list[int]:
+    return [m.q.data_ptr(), m.scales.data_ptr(), m.zeros.data_ptr() if m.bits == 4 else 0]
+
+
+def swiglu_experts_quantized(
+    x_D: torch.Tensor, table: QuantTable, experts: list[int], weights: list[float], y_D: torch.Tensor
 ) -> bool:
-    """y_D (fp32) += sum_k weights[k] * expert_{experts[k]}(x_D) for int8 SwiGLU experts (``table``), in the
-    given order, as :meth:`moekit.nn.quantized.QuantizedExperts.run_one` computes each; False (y_D
+    """y_D (fp32) += sum_k weights[k] * expert_{experts[k]}(x_D) for quantised SwiGLU experts (``table``), in
+    the given order, as :meth:`moekit.nn.quantized.QuantizedExperts.run_one` computes each; False (y_D
     untouched) where the kernel does not apply."""
     lib = library()
     if lib is None or not table.usable or y_D.dtype != torch.float32 or not y_D.is_contiguous():
         return False
     m_in = table.matrices[0]
-    dim, hidden, n = m_in.in_features, m_in.out_features // 2, len(experts)
-    x = x_D.to(torch.bfloat16).float().contiguous()  # the bf16 activations ATen's kernel takes
+    dim, hidden, n, group = m_in.in_features, m_in.out_features // 2, len(experts), table.group
+    x16 = x_D.to(torch.bfloat16).contiguous()  # the bf16 activations ATen's kernels take
+    x = x16.float()
     chosen = torch.tensor(experts, dtype=torch.int64)
     scale = torch.tensor(weights, dtype=torch.float32)
-    scratch = torch.empty(n * 3 * hidden, dtype=torch.float32)
-    lib.moekit_swiglu_experts_int8(
-        x.data_ptr(), table.table.data_ptr(), dim, hidden, n, chosen.data_ptr(), scale.data_ptr(),
-        y_D.data_ptr(), scratch.data_ptr(), scratch[2 * n * hidden :].data_ptr(), _threads(),
+    floats = torch.empty(n * 3 * hidden + (dim + n * hidden) // group + 1, dtype=torch.float32)
+    halves = torch.empty(dim + n * hidden, dtype=torch.bfloat16)
+    lib.moekit_swiglu_experts_quant(
+        x.data_ptr(), x16.data_ptr(), table.table.data_ptr(), table.bits.data_ptr(), group, dim, hidden, n,
+        chosen.data_ptr(), scale.data_ptr(), y_D.data_ptr(), floats.data_ptr(),
+        floats[2 * n * hidden :].data_ptr(), halves.data_ptr(), halves[dim:].data_ptr(),
+        floats[3 * n * hidden :].data_ptr(), _threads(),
     )  # fmt: skip
     return True
 

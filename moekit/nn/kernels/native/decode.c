@@ -10,10 +10,10 @@
  * each GEMV output, silu(gate) and silu(gate) * up are rounded to bf16; the weighted sum over experts is
  * fp32, in the order given.
  *
- * int8 experts (moekit.nn.quantized: W = q * scale, a bf16 scale per row) are read in their stored form;
- * activations are bf16 values held in fp32, as ATen's int8 kernel takes them, and each output is rounded to
- * bf16 as its are. (int4 stays on ATen's kernel: its repacked layout, 64 rows per block, runs ~2x faster
- * than a row-wise kernel on the stored nibbles, measured while writing this.)
+ * Quantised experts (moekit.nn.quantized) are read in their stored form, no repacked copy: int8 rows with a
+ * bf16 scale per row (W = q * scale), int4 rows of packed nibbles (even column low) with a bf16 scale and
+ * zero per group of G columns (W = (q - 8) * scale + zero). Activations are bf16 values, as ATen's int8/int4
+ * kernels take them; each output is rounded to bf16 as theirs is.
  */
 #include <math.h>
 #include <stdint.h>
@@ -114,21 +114,105 @@ static inline float dot_q8(const int8_t *q, const float *x, int64_t n) {
     return reduce(_mm512_add_ps(acc0, acc1));
 }
 
-/* Row `row` of an int8 matrix (q [rows, n] int8, scales [rows] bf16) times x, rounded to bf16 as ATen's. */
-static inline float int8_row(const int64_t *m, int64_t row, int64_t n, const float *x) {
-    float v = dot_q8((const int8_t *)m[0] + row * n, x, n) * bf16_to_f32(((const uint16_t *)m[1])[row]);
+static inline __m512 load_bf16x16(const uint16_t *p, __mmask16 m) { /* 16 bf16 (masked) as fp32 */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+/* x [n] (bf16) rearranged per block of 128 as the four residues of the column mod 4: xs[b + 32 j + i] =
+ * x[b + 4 i + j], the order an int4 row's 16-bit words give their nibbles in (see dot_q4). */
+static void split_mod4(const uint16_t *x, uint16_t *xs, int64_t n) {
+    for (int64_t b = 0; b + 128 <= n; b += 128)
+        for (int64_t j = 0; j < 4; j++)
+            for (int64_t i = 0; i < 32; i++) xs[b + 32 * j + i] = x[b + 4 * i + j];
+}
+
+static void group_sums(const float *x, int64_t n, int64_t group, float *out) {
+    for (int64_t g = 0; g < n / group; g++) {
+        float s = 0.0f;
+        for (int64_t i = g * group; i < (g + 1) * group; i++) s += x[i];
+        out[g] = s;
+    }
+}
+
+/* One int4 row (n a multiple of 128) times x: W = (q - 8) scale + zero per group. Each 16-bit word of the row
+ * holds columns 4i..4i+3 in its four nibbles; OR-ing a nibble v into bf16 0x4300 (128.0, whose last place is 1)
+ * makes the bf16 value 128 + v exactly, so four shift-and-mask steps give 128 values as bf16 for the bf16 dot
+ * instruction, against x rearranged by split_mod4. Lane l of the dot sums columns 8l..8l+7, one group's, so
+ * the scales apply as a vector; the 128 + (and - 8) offsets are a per-group multiple of sum(x) (xsum):
+ * sum W x = sum_g scale_g sum (128 + q) x + (zero_g - 136 scale_g) xsum_g. */
+static inline float dot_q4(const uint8_t *q, const uint16_t *scale, const uint16_t *zero, const uint16_t *xs,
+                           const float *xsum, int64_t n, int64_t group) {
+    const __m512i nibble = _mm512_set1_epi16(0x000f), magic = _mm512_set1_epi16(0x4300);
+    const __m512i lane_group = _mm512_srli_epi32(_mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9,
+        10, 11, 12, 13, 14, 15), _mm512_set1_epi32(8)), __builtin_ctzll((unsigned long long)group));
+    const __mmask16 block_groups = (__mmask16)((1u << (128 / group)) - 1u);
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    for (int64_t b = 0; b < n; b += 128) {
+        __m512i w = _mm512_loadu_si512(q + b / 2);
+        __m512i v0 = _mm512_ternarylogic_epi32(w, nibble, magic, 0xEA); /* (w & 0xf) | 0x4300 */
+        __m512i v1 = _mm512_ternarylogic_epi32(_mm512_srli_epi16(w, 4), nibble, magic, 0xEA);
+        __m512i v2 = _mm512_ternarylogic_epi32(_mm512_srli_epi16(w, 8), nibble, magic, 0xEA);
+        __m512i v3 = _mm512_ternarylogic_epi32(_mm512_srli_epi16(w, 12), nibble, magic, 0xEA);
+        __m512 s0 = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)v0, (__m512bh)_mm512_loadu_si512(xs + b));
+        __m512 s1 = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)v1, (__m512bh)_mm512_loadu_si512(xs + b + 32));
+        s0 = _mm512_dpbf16_ps(s0, (__m512bh)v2, (__m512bh)_mm512_loadu_si512(xs + b + 64));
+        s1 = _mm512_dpbf16_ps(s1, (__m512bh)v3, (__m512bh)_mm512_loadu_si512(xs + b + 96));
+        __m512 scales = _mm512_permutexvar_ps(lane_group, load_bf16x16(scale + b / group, block_groups));
+        acc0 = _mm512_fmadd_ps(s0, scales, acc0);
+        acc1 = _mm512_fmadd_ps(s1, scales, acc1);
+    }
+    int64_t groups = n / group;
+    __m512 offsets = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; g += 16) {
+        __mmask16 m = (groups - g) >= 16 ? 0xffffu : (__mmask16)((1u << (groups - g)) - 1u);
+        __m512 sc = load_bf16x16(scale + g, m), ze = load_bf16x16(zero + g, m);
+        __m512 off = _mm512_fnmadd_ps(_mm512_set1_ps(136.0f), sc, ze);
+        offsets = _mm512_fmadd_ps(off, _mm512_maskz_loadu_ps(m, xsum + g), offsets);
+    }
+    return reduce(_mm512_add_ps(acc0, acc1)) + reduce(offsets);
+}
+
+/* Row `row` of one quantised matrix (m: q, scales, zeros pointers; bits 8 or 4) times x, rounded to bf16 as
+ * ATen's kernels round. int8 reads x (fp32), int4 xs and xsum (split_mod4, group_sums). */
+static inline float quant_row(const int64_t *m, int bits, int64_t row, int64_t n, int64_t group, const float *x,
+                              const uint16_t *xs, const float *xsum) {
+    const uint16_t *scales = (const uint16_t *)m[1];
+    float v;
+    if (bits == 8) {
+        v = dot_q8((const int8_t *)m[0] + row * n, x, n) * bf16_to_f32(scales[row]);
+    } else {
+        int64_t groups = n / group;
+        v = dot_q4((const uint8_t *)m[0] + row * (n / 2), scales + row * groups, (const uint16_t *)m[2] + row * groups,
+                   xs, xsum, n, group);
+    }
     return bf16_to_f32(f32_to_bf16(v));
 }
 
-/* int8 SwiGLU experts on one token, as moekit_swiglu_experts_bf16. table[e] holds four pointers for expert
- * e: w_in's q and scales, then w_out's. x is [D] (bf16 values) in fp32; scratch: h n*2H and a n*H floats. */
-void moekit_swiglu_experts_int8(const float *x, const int64_t *table, int64_t D, int64_t H, int64_t n,
-                                const int64_t *experts, const float *weights, float *y, float *h, float *a,
-                                int threads) {
+/* y[O] = bf16(scales[o] * (q[o] . x)) for an int8 matrix q [O, I] and x [I] (bf16 values) in fp32. */
+void moekit_gemv_int8(const int8_t *q, const uint16_t *scales, const float *x, int64_t O, int64_t I, uint16_t *y,
+                      int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t o = 0; o < O; o++) y[o] = f32_to_bf16(dot_q8(q + o * I, x, I) * bf16_to_f32(scales[o]));
+}
+
+/* Quantised SwiGLU experts on one token, as moekit_swiglu_experts_bf16. table[e] holds six pointers for
+ * expert e (w_in's q, scales, zeros, then w_out's; zeros 0 for int8), bits[e] its width: 8, or 4 in groups
+ * of `group` (D and H multiples of 128 then). x is [D] (bf16 values) in fp32, x16 the same in bf16.
+ * Scratch: h n*2H and a n*H floats, xs D and as n*H bf16, sums (D + n*H) / group floats. */
+void moekit_swiglu_experts_quant(const float *x, const uint16_t *x16, const int64_t *table, const int32_t *bits,
+                                 int64_t group, int64_t D, int64_t H, int64_t n, const int64_t *experts,
+                                 const float *weights, float *y, float *h, float *a, uint16_t *xs, uint16_t *as,
+                                 float *sums, int threads) {
+    float *xsum = sums, *asum = sums + D / group;
+    group_sums(x, D, group, xsum);
+    split_mod4(x16, xs, D);
 #pragma omp parallel num_threads(threads)
     {
 #pragma omp for schedule(static)
-        for (int64_t r = 0; r < n * 2 * H; r++) h[r] = int8_row(table + experts[r / (2 * H)] * 4, r % (2 * H), D, x);
+        for (int64_t r = 0; r < n * 2 * H; r++) {
+            int64_t e = experts[r / (2 * H)];
+            h[r] = quant_row(table + e * 6, bits[e], r % (2 * H), D, group, x, xs, xsum);
+        }
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < n * H; r++) {
             int64_t k = r / H, j = r % H;
@@ -137,9 +221,20 @@ void moekit_swiglu_experts_int8(const float *x, const int64_t *table, int64_t D,
             a[r] = bf16_to_f32(f32_to_bf16(s * u));
         }
 #pragma omp for schedule(static)
+        for (int64_t k = 0; k < n; k++) {
+            uint16_t a16[H];
+            for (int64_t j = 0; j < H; j++) a16[j] = f32_to_bf16(a[k * H + j]);
+            split_mod4(a16, as + k * H, H);
+            group_sums(a + k * H, H, group, asum + k * (H / group));
+        }
+#pragma omp for schedule(static)
         for (int64_t d = 0; d < D; d++) {
             float acc = y[d];
-            for (int64_t k = 0; k < n; k++) acc += weights[k] * int8_row(table + experts[k] * 4 + 2, d, H, a + k * H);
+            for (int64_t k = 0; k < n; k++) {
+                int64_t e = experts[k];
+                acc += weights[k] * quant_row(table + e * 6 + 3, bits[e], d, H, group, a + k * H, as + k * H,
+                                              asum + k * (H / group));
+            }
             y[d] = acc;
         }
     }
