@@ -7,8 +7,10 @@ loading), prefill tokens/s (one forward of a 256-token prompt), and batch-1 / ba
 
 Configurations (``--peers``, comma-separated):
   moekit-fp32, moekit-bf16            ``moekit.from_hf(DIR, dtype=...)``
-  moekit-int8, moekit-int4, moekit-mixed   a ``moekit quantize`` output (``--quantized-dir KIND=DIR``)
+  moekit-KIND                         a ``moekit quantize`` output (``--quantized-dir KIND=DIR``, e.g.
+                                      int8, int4, mixed; int8-all / int4-all with ``--linear-bits 8``)
   moekit-bf16-offload                 bf16 with ``expert_memory=--expert-memory``
+  moekit-...-aten                     that peer without moekit's native decode kernels (MOEKIT_NATIVE=0)
   transformers-bf16                   ``AutoModelForCausalLM.from_pretrained(DIR, dtype=bfloat16)``
   llamacpp-bf16, llamacpp-q8_0, llamacpp-q4_k_m   llama-cpp-python on ``--gguf KIND=FILE`` (its own
                                       interpreter: ``--llama-python``); batch-8 decode is not measured there
@@ -68,7 +70,7 @@ def worker_torch(args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    kind = args.worker
+    kind = args.worker.removesuffix("-aten")
     if kind.startswith("transformers"):
         import transformers
     else:
@@ -89,8 +91,8 @@ def worker_torch(args) -> dict:
                 )  # fmt: skip
     else:
         extra = {"expert_memory": args.expert_memory} if kind.endswith("offload") else {}
-        if kind in ("moekit-int8", "moekit-int4", "moekit-mixed"):
-            model = moekit.load(args.quantized[kind.split("-")[1]], **extra)
+        if kind.split("-", 1)[1] in args.quantized:
+            model = moekit.load(args.quantized[kind.split("-", 1)[1]], **extra)
         else:
             model = moekit.from_hf(args.model, dtype="float32" if kind == "moekit-fp32" else "bfloat16", **extra)
 
@@ -165,7 +167,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="HF checkpoint folder (make_big_checkpoint.py)")
     ap.add_argument("--peers", default="moekit-bf16,moekit-fp32,transformers-bf16")
-    ap.add_argument("--quantized-dir", action="append", default=[], help="KIND=DIR with KIND int8|int4|mixed")
+    ap.add_argument("--quantized-dir", action="append", default=[], help="KIND=DIR: peer moekit-KIND loads DIR")
     ap.add_argument("--gguf", action="append", default=[], help="KIND=FILE with KIND bf16|q8_0|q4_k_m")
     ap.add_argument("--llama-python", default=os.environ.get("MOEKIT_LLAMA_PYTHON"))
     ap.add_argument("--expert-memory", default="1GiB")
@@ -191,9 +193,11 @@ def main(argv=None) -> int:
             cmd += [str(args.vocab), str(args.repeats)]
         else:
             cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--worker", peer]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        # a "-aten" suffix runs that moekit peer without its native decode kernels (MOEKIT_NATIVE=0)
+        env = {**os.environ, "MOEKIT_NATIVE": "0"} if peer.endswith("-aten") else None
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
-            print(f"{peer}: failed\n{proc.stderr[-2000:]}", flush=True)
+            print(f"{peer}: failed (exit {proc.returncode})\n{proc.stderr[-2000:]}", flush=True)
             continue
         row = {"peer": peer, **json.loads(proc.stdout.strip().splitlines()[-1])}
         row["decode_b1_gb_s"] = (
