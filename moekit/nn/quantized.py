@@ -1,4 +1,4 @@
-"""Weight-only quantised experts: int8 per output channel, int4 per group, on PyTorch's own CPU kernels.
+"""Weight-only quantised experts: int8 per output channel, int4 per group, on PyTorch's and moekit's CPU kernels.
 
 A weight matrix W [out, in] (``x @ W.T``) is stored as
 
@@ -7,14 +7,13 @@ A weight matrix W [out, in] (``x @ W.T``) is stored as
   ``scales``, ``zeros`` [out, in / group] in bf16: W = (q - 8) * scale + zero, per group of ``group`` columns
   (asymmetric: zero = the group's minimum + 8 * scale, the convention ATen's int4 kernel takes).
 
-The stored form is portable (plain bytes); the kernel's own layout is made when the matrix is first used:
-``torch.ops.aten._weight_int8pack_mm`` takes the int8 form as is, ``_weight_int4pack_mm_for_cpu`` a
-repacked one (:func:`torch.ops.aten._convert_weight_to_int4pack_for_cpu`) and [in / group, out, 2]
-scales-and-zeros. Both want half-precision activations (fp32 activations were measured 2-3x slower for int8):
-inputs are cast to bf16 and the result back. :meth:`QuantMatrix.dequantize` is the slow reference every
-kernel is tested against. Measured (bf16 [1, 1024] x [1024, 1024]^T, 2 threads): bf16 ``mv`` 124 us,
-int8 118 us, int4 g32 41 us: int4 reads a quarter of the bytes and its kernel keeps up; the int8 kernel is
-compute-bound at one row, so int8 saves memory more than time.
+The stored form is portable (plain bytes). Prompts (many rows) run on PyTorch's CPU kernels:
+``torch.ops.aten._weight_int8pack_mm`` takes the int8 form as is, ``_weight_int4pack_mm_for_cpu`` a repacked
+copy made at first use (:func:`int4_kernel_weight`) and [in / group, out, 2] scales-and-zeros; both want bf16
+activations (fp32 ones were measured 2-3x slower for int8), so inputs are cast to bf16 and the result back.
+Decode steps (one row) run moekit's native kernels on the stored form where they are built
+(:mod:`moekit.nn.kernels.native`: one call for a token's experts, ~1.5x the ATen kernels' speed).
+:meth:`QuantMatrix.dequantize` is the slow reference every kernel is tested against.
 """
 
 from __future__ import annotations
