@@ -9,6 +9,7 @@ tensor offsets are not (safetensors does not require it) is copied tensor by ten
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import struct
@@ -68,6 +69,27 @@ def release_pages(tensor: torch.Tensor) -> bool:
     end = (source[1] + tensor.numel() * tensor.element_size()) // mmap.PAGESIZE * mmap.PAGESIZE
     if buffer is not None and end > start:
         buffer.madvise(mmap.MADV_DONTNEED, start, end - start)
+    return True
+
+
+def copy_from_file(dst: torch.Tensor, src: torch.Tensor) -> bool:
+    """dst.copy_(src) for a contiguous mapped ``src`` of dst's dtype and shape, by reading its bytes from the file
+    straight into ``dst`` (one kernel copy from the page cache; no page of the mapping is touched, so none needs
+    releasing). False, ``dst`` untouched, when ``src`` is not such a view."""
+    source = mapped_source(src)
+    if source is None or not (src.is_contiguous() and dst.is_contiguous()) or dst.device.type != "cpu":
+        return False
+    if dst.dtype != src.dtype or dst.shape != src.shape:
+        return False
+    size = dst.numel() * dst.element_size()
+    target = memoryview((ctypes.c_char * size).from_address(dst.data_ptr())).cast("B")
+    done = 0
+    with open(source[0], "rb", buffering=0) as f:
+        while done < size:
+            got = os.preadv(f.fileno(), [target[done:]], source[1] + done)
+            if got <= 0:
+                raise OSError(f"{source[0]}: file ended {size - done} bytes early")
+            done += got
     return True
 
 

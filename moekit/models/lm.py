@@ -59,7 +59,11 @@ class MoELM(nn.Module):
         super().__init__()
         self.config = config
         c = config
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        # On the meta device (built to be given loaded tensors) no init runs: Embedding's own would import ~1 s
+        # of torch's reference ops for nothing.
+        meta = torch.empty(0).is_meta
+        given = torch.empty(c.vocab_size, c.hidden_size) if meta else None
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size, _weight=given)
         self.embed_dropout = nn.Dropout(c.dropout) if c.dropout > 0 else nn.Identity()
         self.rotary_emb = RotaryEmbedding(c.rope_dim, c.rope_theta)
         self.layers = nn.ModuleList([self._build_block(i) for i in range(c.num_hidden_layers)])

@@ -31,7 +31,8 @@ class Router(nn.Module):
         self.config = config
         self.weight = nn.Parameter(torch.empty(config.num_experts, hidden_size))
         self.bias = nn.Parameter(torch.zeros(config.num_experts)) if config.router_bias else None
-        nn.init.normal_(self.weight, std=hidden_size**-0.5)
+        if not self.weight.is_meta:  # built to be given loaded tensors (an init op on meta costs ~1 s of imports)
+            nn.init.normal_(self.weight, std=hidden_size**-0.5)
 
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         """Router logits [T, E] in fp32, outside any autocast region."""

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from moekit.io.mapped import map_tensors, release_pages
+from moekit.io.mapped import copy_from_file, map_tensors, release_pages
 
 
 def _rss_kib() -> int:
@@ -158,3 +158,19 @@ def test_loading_a_bf16_checkpoint_holds_about_one_copy_of_it(tmp_path):
         m = json.loads(proc.stdout)
         grown = (m["peak"] - m["before"]) * 1024
         assert grown <= 1.2 * size, f"{source}: loading grew the process by {grown / size:.2f}x the file"
+
+
+def test_copy_from_file_reads_a_mapped_tensor_into_place(tmp_path):
+    tensors = {"a": torch.randn(64, 48).bfloat16(), "b": torch.arange(1000, dtype=torch.int32)}
+    save_file(tensors, tmp_path / "w.safetensors")
+    mapped = map_tensors(tmp_path / "w.safetensors")
+    stack = torch.zeros(3, 64, 48, dtype=torch.bfloat16)
+    assert copy_from_file(stack[1], mapped["a"])
+    assert torch.equal(stack[1], tensors["a"]) and not stack[0].any() and not stack[2].any()
+    ints = torch.empty(1000, dtype=torch.int32)
+    assert copy_from_file(ints, mapped["b"]) and torch.equal(ints, tensors["b"])
+    # not a mapped view, another dtype or shape, or a non-contiguous source: declined, destination untouched
+    assert not copy_from_file(stack[0], tensors["a"])
+    assert not copy_from_file(torch.zeros(64, 48), mapped["a"])
+    assert not copy_from_file(torch.zeros(48, 64, dtype=torch.bfloat16), mapped["a"].t())
+    assert not stack[0].any()

@@ -35,7 +35,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 from moekit.errors import CheckpointError
-from moekit.io.mapped import release_pages
+from moekit.io.mapped import copy_from_file, release_pages
 from moekit.models.config import LMConfig
 
 logger = logging.getLogger(__name__)
@@ -194,17 +194,20 @@ def _moe_in(
         out[f"{mine}.experts.w_out"] = source.take(f"{pre}.experts.down_proj", (E, D, I), why).transpose(1, 2)
     else:
         g, u, d = _EXPERT_NAMES.get(family, _DEFAULT_EXPERT_NAMES)
-        # Stacked in the fused layout ([E, 2I, D] = gate rows then up rows; [E, D, I]) with plain row copies;
-        # moekit's w_in / w_out are transposed views of it. Each source tensor's pages are released once
-        # copied, so importing a mapped checkpoint holds about one copy of the weights, not two.
+        # Stacked in the fused layout ([E, 2I, D] = gate rows then up rows; [E, D, I]); moekit's w_in / w_out
+        # are transposed views of it. A mapped source is read from its file into place (faulting in its pages
+        # and copying them was 2x slower); any other is copied and its pages released, so importing a mapped
+        # checkpoint holds about one copy of the weights, not two.
         first = source.take(f"{pre}.experts.0.{g}.weight", (I, D), why)
         gate_up = first.new_empty(E, 2 * I, D)
         down = first.new_empty(E, D, I)
         for e in range(E):
             for part, (name, shape) in enumerate(((g, (I, D)), (u, (I, D)), (d, (D, I)))):
                 t = source.take(f"{pre}.experts.{e}.{name}.weight", shape, why)
-                (down[e] if part == 2 else gate_up[e, part * I : (part + 1) * I]).copy_(t)
-                release_pages(t)
+                target = down[e] if part == 2 else gate_up[e, part * I : (part + 1) * I]
+                if not copy_from_file(target, t):
+                    target.copy_(t)
+                    release_pages(t)
         out[f"{mine}.experts.w_in"] = gate_up.transpose(1, 2)
         out[f"{mine}.experts.w_out"] = down.transpose(1, 2)
     shared = _SHARED_NAME.get(family)
