@@ -32,3 +32,12 @@ def tiny_model(seed: int = 0, context: int = 96) -> MoELM:
 @pytest.fixture(scope="module")
 def model() -> MoELM:
     return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    """A live server on the tiny model (byte tokenizer, plain chat template)."""
+    from .server import live_server
+
+    with live_server(model, max_tokens_limit=64) as url:
+        yield url
