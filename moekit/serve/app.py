@@ -90,9 +90,15 @@ def build_app(engine: Engine, tokenizer: Tokenizer, template: ChatTemplate, opti
     async def prometheus():
         return PlainTextResponse(metrics.render(engine), media_type="text/plain; version=0.0.4")
 
+    moe = engine.model.moe_layers()
+    moe_info = {
+        "moe_layers": [i for i, _ in moe],
+        "num_experts": max((m.config.num_experts for _, m in moe), default=0),
+    }
+
     @app.get("/v1/models")
     async def models():
-        entry = {"id": options.model_name, "object": "model", "created": 0, "owned_by": "moekit"}
+        entry = {"id": options.model_name, "object": "model", "created": 0, "owned_by": "moekit", "moekit": moe_info}
         return {"object": "list", "data": [entry]}
 
     @app.post("/v1/completions")
