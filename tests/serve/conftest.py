@@ -11,10 +11,10 @@ from moekit.nn import MoEConfig
 VOCAB = 256  # the byte tokenizer's
 
 
-def tiny_model(seed: int = 0, context: int = 96) -> MoELM:
+def tiny_model(seed: int = 0, context: int = 96, **overrides) -> MoELM:
     """A 2-layer MoE LM with a large init, so greedy answers vary from token to token."""
     torch.manual_seed(seed)
-    config = LMConfig(
+    fields = dict(
         vocab_size=VOCAB,
         hidden_size=32,
         intermediate_size=48,
@@ -26,7 +26,7 @@ def tiny_model(seed: int = 0, context: int = 96) -> MoELM:
         scaled_residual_init=False,
         moe=MoEConfig(num_experts=4, top_k=2, expert_hidden_size=16),
     )
-    return MoELM(config).eval()
+    return MoELM(LMConfig(**{**fields, **overrides})).eval()
 
 
 @pytest.fixture(scope="module")

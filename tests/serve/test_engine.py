@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from moekit.inference import generate
+from moekit.nn import MoEConfig
 from moekit.serve.engine import Engine, EngineStopped, Finished, QueueFull
 from moekit.serve.rows import combine
 from moekit.serve.sampling import SamplingParams
@@ -51,6 +52,32 @@ def test_sixteen_concurrent_greedy_requests_equal_sixteen_sequential_ones_and_ge
     reference = [generate(model, [p], max_new_tokens=n, temperature=0)[0] for p, n in zip(batch, lengths)]
     assert together == alone == reference
     assert [len(t) for t in together] == lengths
+
+
+VARIANTS = {
+    "mla_sigmoid_first_dense": dict(
+        attention_type="mla", kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+        num_hidden_layers=3, first_k_dense=1,
+        moe=MoEConfig(num_experts=8, top_k=2, expert_hidden_size=16, router="sigmoid_topk", n_group=2, topk_group=1),
+    ),
+    "dense": dict(moe=None),
+    "qk_norm_one_kv_head": dict(qk_norm="head", num_key_value_heads=1, head_dim=12),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_batched_answers_equal_lone_ones_across_model_variants(variant):
+    model = tiny_model(**VARIANTS[variant])
+    engine = Engine(model, max_batch=8).start()
+    try:
+        batch = prompts(8, seed=11)
+        params = SamplingParams(max_tokens=12, temperature=0, return_routed_experts=True)
+        together = engine.generate(batch, params)
+        assert [ids(c) for c in together] == [generate(model, [p], max_new_tokens=12, temperature=0)[0] for p in batch]
+        layers = len(model.moe_layers())
+        assert all(len(c.experts) == layers for choices in together for c in choices)
+    finally:
+        engine.stop()
 
 
 def test_a_request_joining_a_running_batch_gets_its_lone_answer(model, engine):
