@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
 
     from moekit.interop.hf.api import load_for_inference
     from moekit.serve.app import ServerOptions, build_app
-    from moekit.serve.chat import ChatTemplate
+    from moekit.serve.chat import ChatTemplate, end_token_ids
     from moekit.serve.engine import Engine
 
     api_key = args.api_key or os.environ.get("MOEKIT_API_KEY") or None
@@ -77,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body_bytes,
         max_n=args.max_n,
         request_timeout_s=args.request_timeout,
+        end_token_ids=end_token_ids(folder, tokenizer.eos_token_id),
     )
     engine = Engine(model, args.max_batch, args.max_queue, vocab_limit=tokenizer.vocab_size).start()
     app = build_app(engine, tokenizer, ChatTemplate.find(folder), options)

@@ -39,6 +39,7 @@ class ServerOptions:
     max_n: int = 4
     max_stop: int = 4
     request_timeout_s: float = 600.0
+    end_token_ids: tuple[int, ...] | None = None  # tokens that end an answer (None: the tokenizer's EOS)
 
 
 def build_app(engine: Engine, tokenizer: Tokenizer, template: ChatTemplate, options: ServerOptions) -> FastAPI:

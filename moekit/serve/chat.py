@@ -65,6 +65,20 @@ class ChatTemplate:
         return cls(PLAIN_TEMPLATE, stop=PLAIN_STOP)
 
 
+def end_token_ids(folder: str | Path, eos_token_id: int | None) -> tuple[int, ...]:
+    """The tokens that end an answer: the tokenizer's EOS and the ``eos_token_id`` (one or a list) of the
+    folder's ``generation_config.json`` and ``config.json``, as transformers' generate stops on them."""
+    root = Path(folder)
+    root = root if root.is_dir() else root.parent
+    ids = [] if eos_token_id is None else [eos_token_id]
+    for name in ("generation_config.json", "config.json"):
+        found = _read_json(root / name).get("eos_token_id")
+        for token in found if isinstance(found, list) else [found]:
+            if isinstance(token, int) and token not in ids:
+                ids.append(token)
+    return tuple(ids)
+
+
 def _template_source(root: Path, config: dict[str, Any]) -> str | None:
     jinja_file = root / "chat_template.jinja"
     if jinja_file.is_file():

@@ -42,7 +42,8 @@ class _Route:
 
     def __init__(self, engine: Engine, tokenizer: Tokenizer, options: ServerOptions, metrics: Metrics):
         self.engine, self.tokenizer, self.options, self.metrics = engine, tokenizer, options, metrics
-        self.stop_token_ids = tuple(t for t in (tokenizer.eos_token_id,) if t is not None)
+        eos = tuple(t for t in (tokenizer.eos_token_id,) if t is not None)
+        self.stop_token_ids = options.end_token_ids if options.end_token_ids is not None else eos
 
     # -- checks --------------------------------------------------------------------------------------
     def check(self, body: _Sampling, prompt: list[int], max_tokens: int | None) -> list[SamplingParams]:

@@ -19,6 +19,12 @@ from moekit.serve.engine import Engine
 MODEL_NAME = "tiny-moe"
 
 
+class LiveURL(str):
+    """The server's base URL, carrying its engine for tests that look inside."""
+
+    engine: Engine
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -33,7 +39,7 @@ def live_server(
     max_batch: int = 16,
     max_queue: int = 64,
     **options,
-) -> Iterator[str]:
+) -> Iterator[LiveURL]:
     """Serve ``model`` and yield its base URL; the server and its engine are stopped after."""
     tokenizer = tokenizer or ByteTokenizer()
     engine = Engine(model, max_batch=max_batch, max_queue=max_queue, vocab_limit=tokenizer.vocab_size).start()
@@ -47,8 +53,10 @@ def live_server(
     while not server.started:
         assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
         time.sleep(0.02)
+    url = LiveURL(f"http://127.0.0.1:{port}")
+    url.engine = engine
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield url
     finally:
         server.should_exit = True
         thread.join(timeout=30)

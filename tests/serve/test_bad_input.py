@@ -124,3 +124,16 @@ def test_non_loopback_bind_without_a_key_is_refused(capsys, monkeypatch):
     check_bind("0.0.0.0", "key")
     assert main(["serve", "--checkpoint", "nowhere", "--host", "0.0.0.0"]) == 2
     assert "MOEKIT_API_KEY" in capsys.readouterr().err
+
+
+def test_timeout_is_504_and_a_stopped_engine_is_503(model):
+    with live_server(model, request_timeout_s=0.0) as url:
+        status, _, raw = request(url, "POST", "/v1/completions", body(max_tokens=50))
+        assert status == 504 and "timed out" in json.loads(raw)["error"]["message"]
+        status, _, raw = request(url, "POST", "/v1/completions", body(max_tokens=50, stream=True))
+        assert status == 504
+    with live_server(model) as url:
+        url.engine.stop()
+        assert request(url, "GET", "/health")[0] == 503
+        status, _, raw = request(url, "POST", "/v1/completions", body())
+        assert status == 503 and "cannot take requests" in json.loads(raw)["error"]["message"]

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from moekit.interop.hf.api import load_for_inference
-from moekit.serve.chat import ChatTemplate
+from moekit.serve.chat import ChatTemplate, end_token_ids
 
 from .server import free_port, live_server, request
 
@@ -60,6 +60,14 @@ def test_the_checkpoint_chat_template_renders_as_transformers_renders_it(hf_dir)
     ours = ChatTemplate.find(hf_dir).render(MESSAGES)
     hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
     assert ours == hf_tok.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
+
+
+def test_answers_end_at_the_eos_of_the_tokenizer_and_the_generation_config(hf_dir, tmp_path):
+    _, tokenizer = load_for_inference(hf_dir=hf_dir)
+    im_end = tokenizer.eos_token_id
+    assert end_token_ids(hf_dir, im_end) == (im_end,)  # config.json names the same token
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, im_end, 9]}))
+    assert end_token_ids(tmp_path, im_end) == (im_end, 7, 9)
 
 
 def test_a_template_cannot_escape_its_sandbox(tmp_path):
