@@ -10,7 +10,10 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -79,8 +82,24 @@ def run(args: argparse.Namespace) -> int:
         request_timeout_s=args.request_timeout,
         end_token_ids=end_token_ids(folder, tokenizer.eos_token_id),
     )
-    engine = Engine(model, args.max_batch, args.max_queue, vocab_limit=tokenizer.vocab_size).start()
+    engine = Engine(model, args.max_batch, args.max_queue, vocab_limit=tokenizer.vocab_size)
     app = build_app(engine, tokenizer, ChatTemplate.find(folder), options)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
+    # The model runs on the main thread (see Engine.run); HTTP on a second one. The server's shutdown stops
+    # the engine; Ctrl-C or SIGTERM stop both.
+    signal.signal(signal.SIGTERM, lambda *_: engine.stop())
+    http = threading.Thread(target=server.run, name="moekit-http", daemon=True)
+    http.start()
+    while not server.started:  # a port in use ends the HTTP thread: say so rather than serve nothing
+        if not http.is_alive():
+            raise ConfigError(f"could not listen on {args.host}:{args.port} (in use, or not an address here)")
+        time.sleep(0.05)
     print(f"moekit serve: {options.model_name} on http://{args.host}:{args.port}", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    try:
+        engine.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.should_exit = True
+        http.join(timeout=30)
     return 0

@@ -109,27 +109,39 @@ class Engine:
         self._wake = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._looping = False  # run() is serving, on whichever thread called it
         self._moe_layers = [i for i, _ in model.moe_layers()]
 
     # -- control -----------------------------------------------------------------------------------
     def start(self) -> Engine:
-        """Start the serving thread (idempotent)."""
+        """Serve on a background thread (idempotent); see :meth:`run` for the faster main-thread way."""
         if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="moekit-engine", daemon=True)
+            self._looping = True  # submit() may be called before the thread is scheduled
+            self._thread = threading.Thread(target=self.run, name="moekit-engine", daemon=True)
             self._thread.start()
         return self
+
+    def run(self) -> None:
+        """Serve on the calling thread until :meth:`stop`. ``moekit serve`` runs it on the main thread: with
+        OpenMP, a thread other than the main one pays for a new thread team whenever ATen's intra-op thread
+        count changes (moekit's decode path changes it per MoE layer), measured 3x slower decoding at batch 1."""
+        self._looping = True
+        try:
+            self._loop()
+        finally:
+            self._looping = False
 
     def stop(self) -> None:
         """End every request (``Finished('error', 'server shutting down')``) and the thread."""
         with self._wake:
             self._stopping = True
             self._wake.notify()
-        if self._thread is not None:
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=30)
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._stopping
+        return self._looping and not self._stopping
 
     @property
     def queue_depth(self) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -112,6 +113,14 @@ def test_moekit_serve_command_serves_an_hf_folder(hf_dir):
             time.sleep(0.2)
         status, _, raw = request(url, "GET", "/v1/models")
         assert status == 200 and json.loads(raw)["data"][0]["id"] == hf_dir.name
+        proc.terminate()  # SIGTERM: the engine and the HTTP server stop, the command returns 0
+        assert proc.wait(timeout=30) == 0
+        with socket.socket() as busy:  # a port in use is a one-line error, not a server serving nothing
+            busy.bind(("127.0.0.1", 0))
+            busy.listen()
+            cmd[cmd.index("--port") + 1] = str(busy.getsockname()[1])
+            taken = subprocess.run(cmd, env=env, capture_output=True, timeout=120, text=True)
+        assert taken.returncode == 2 and "could not listen" in taken.stderr
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        if proc.poll() is None:
+            proc.kill()
