@@ -4,7 +4,9 @@ A small random Qwen3-MoE (4 layers, hidden 256, 16 experts top-4) with a 2,000-t
 chat template is saved with ``save_pretrained``. Each server runs in its own process on 127.0.0.1 (one at a time,
 so they never share the cores); the official ``openai`` client sends streamed chat completions (64 output tokens
 each, greedy) from 1, 4 and 16 concurrent streams. Reported per server and concurrency: output tokens/s (all
-streams' tokens over the wall time of the round) and p50/p99 time to first token.
+streams' tokens over the wall time of the round) and p50/p99 time to first token. moekit serve uses its default
+intra-op threads (all cores but one); transformers runs with its default and, as ``transformers-1t``, with
+``OMP_NUM_THREADS=1``.
 
 Output tokens are counted from ``usage`` when the server sends it (``stream_options.include_usage``), else as
 content chunks. A random model may end early at its EOS token: the counts say what each server produced.
@@ -172,7 +174,8 @@ def main() -> int:
     p.add_argument("--requests", type=int, default=16, help="requests per round (at least 2x the concurrency)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--servers", nargs="+", default=["moekit", "transformers"])
+    # transformers-1t: transformers serve with OMP_NUM_THREADS=1, as moekit serve uses on 2 cores (all but one)
+    p.add_argument("--servers", nargs="+", default=["moekit", "transformers", "transformers-1t"])
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve"))
     args = p.parse_args()
     if args.quick:
@@ -196,7 +199,8 @@ def main() -> int:
                 exe = shutil.which("transformers", path=str(Path(sys.executable).parent)) or "transformers"
                 cmd = [exe, "serve", "--continuous-batching", "--port", str(port), "--host", "127.0.0.1",
                        str(folder)]  # fmt: skip
-                results += serve_and_measure("transformers", cmd, url, str(folder), args, env)
+                server_env = {**env, "OMP_NUM_THREADS": "1"} if server == "transformers-1t" else env
+                results += serve_and_measure(server, cmd, url, str(folder), args, server_env)
     report = {
         "machine": {
             "platform": platform.platform(),

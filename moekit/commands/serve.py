@@ -38,6 +38,12 @@ def add_parser(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens-limit", type=int, default=2048, help="largest max_tokens a request may ask")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
     p.add_argument("--max-n", type=int, default=4, help="largest n (choices per request)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="intra-op threads for the model (default: all cores but one, which HTTP and clients use)",
+    )
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is ended")
     p.set_defaults(func=run)
 
@@ -66,9 +72,12 @@ def run(args: argparse.Namespace) -> int:
 
     api_key = args.api_key or os.environ.get("MOEKIT_API_KEY") or None
     check_bind(args.host, api_key)
-    for name in ("max_batch", "max_queue", "max_tokens_limit", "max_body_bytes", "max_n"):
-        if getattr(args, name) < 1:
+    for name in ("max_batch", "max_queue", "max_tokens_limit", "max_body_bytes", "max_n", "threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+    # Measured on 2 cores: with one intra-op thread the model no longer fights the HTTP thread and the clients
+    # for the cores, and serves 2-2.5x the tokens/s of two threads (benchmarks/results/serve.md).
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) - 1))
     model, tokenizer = load_for_inference(args.checkpoint, args.model)
     if args.dtype:
         model = model.to(DTYPES[args.dtype])
