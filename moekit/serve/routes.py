@@ -107,7 +107,8 @@ class _Route:
                              None if body.stream else request.is_disconnected)  # fmt: skip
         if body.stream:
             first = await self._first(pieces, started)  # errors before the first byte keep their status
-            return StreamingResponse(self._events(body, prompt, first, pieces), media_type="text/event-stream",
+            events = self._events(body, prompt, first, pieces, prefix)
+            return StreamingResponse(events, media_type="text/event-stream",
                                      headers=SSE_HEADERS)  # fmt: skip
         texts = [prefix] * len(params)
         tokens: list[list] = [[] for _ in params]
@@ -144,7 +145,8 @@ class _Route:
         self.metrics.first_token(time.monotonic() - started)
         return first
 
-    async def _events(self, body: _Sampling, prompt: list[int], first: Piece | None, pieces: AsyncIterator[Piece]):
+    async def _events(self, body: _Sampling, prompt: list[int], first: Piece | None, pieces: AsyncIterator[Piece],
+                      prefix: str):  # fmt: skip
         rid = protocol.new_id(self.id_prefix)
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         extra = {"usage": None} if include_usage else {}
@@ -152,7 +154,7 @@ class _Route:
         offsets = [0] * body.n
         status = 200
         try:
-            for opening in self.openings(body):
+            for opening in self.openings(body, prefix):
                 yield sse(protocol.envelope(rid, self.chunk_name, body.model, [opening], **extra))
             piece = first
             while piece is not None:
@@ -172,8 +174,8 @@ class _Route:
             self.metrics.request_done(self.path, status)
         yield sse("[DONE]")
 
-    def openings(self, body: Any) -> list[dict[str, Any]]:
-        """Chunks sent before the first token (chat announces the role)."""
+    def openings(self, body: Any, prefix: str) -> list[dict[str, Any]]:
+        """Choices of the chunks sent before the first token: chat announces the role, completions echo."""
         return []
 
 
@@ -200,6 +202,11 @@ class CompletionRoute(_Route):
 
     def logprobs(self, body: CompletionRequest) -> int | None:
         return body.logprobs
+
+    def openings(self, body: CompletionRequest, prefix: str) -> list[dict[str, Any]]:
+        if not prefix:
+            return []
+        return [{"index": i, "text": prefix, "logprobs": None, "finish_reason": None} for i in range(body.n)]
 
     def choice_body(self, piece: Piece, text: str, body: CompletionRequest, offset: int, stream: bool):
         choice: dict[str, Any] = {"index": piece.index, "text": text, "logprobs": None,
@@ -242,7 +249,7 @@ class ChatRoute(_Route):
             raise APIError(400, "top_logprobs needs logprobs: true", "invalid_value", "top_logprobs")
         return (body.top_logprobs or 0) if body.logprobs else None
 
-    def openings(self, body: ChatRequest) -> list[dict[str, Any]]:
+    def openings(self, body: ChatRequest, prefix: str) -> list[dict[str, Any]]:
         return [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
                 for i in range(body.n)]  # fmt: skip
 

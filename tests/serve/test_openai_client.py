@@ -113,6 +113,10 @@ def test_n_choices_echo_and_stop_string(client, model):
     assert r.usage.completion_tokens == 18
     echoed = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=5, temperature=0, echo=True)
     assert echoed.choices[0].text == PROMPT + greedy_text(model, PROMPT, 5)
+    streamed = client.completions.create(
+        model=MODEL_NAME, prompt=PROMPT, max_tokens=5, temperature=0, echo=True, stream=True
+    )
+    assert "".join(c.choices[0].text for c in streamed) == echoed.choices[0].text
     full = greedy_text(model, PROMPT, 12)
     stop = full[5:7]
     cut = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=12, temperature=0, stop=[stop])
