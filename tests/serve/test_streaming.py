@@ -112,6 +112,7 @@ def test_load_with_disconnecting_clients_ends_every_request_and_stays_healthy():
             status, _, metrics = request(url, "GET", "/metrics")
         assert b"moekit_running_requests 0" in metrics and b"moekit_queue_depth 0" in metrics
         assert request(url, "GET", "/health")[0] == 200
+        assert url.engine._cache is None and url.engine._running == []  # every row's memory is released
         status, _, raw = request(url, "POST", "/v1/completions", json.dumps(
             {"model": MODEL_NAME, "prompt": "after", "max_tokens": 8, "temperature": 0}).encode())  # fmt: skip
         expected = tokenizer.decode(generate(model, [tokenizer.encode("after")], max_new_tokens=8, temperature=0)[0])
