@@ -17,6 +17,7 @@ from moekit.commands import (
     mix,
     predict,
     quantize,
+    serve,
     train,
     translate,
     upcycle,
@@ -24,7 +25,8 @@ from moekit.commands import (
 from moekit.errors import MoekitError, TrainingInterrupted
 
 VERBS = (
-    train, evaluate, generate, demo, analyze, distill, compress, quantize, convert, upcycle, mix, predict, translate
+    train, evaluate, generate, demo, analyze, distill, compress, quantize, convert, upcycle, mix, predict, translate,
+    serve,
 )  # fmt: skip
 
 

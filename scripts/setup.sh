@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-if [ "${1:-}" = "--with-browser" ] && ! command -v chromium >/dev/null; then
+if [ "${1:-}" = "--with-browser" ] && ! { command -v chromium && command -v chromedriver; } >/dev/null; then
   if [ "$(id -u)" != 0 ]; then
     echo "setup.sh --with-browser installs chromium with apt-get and must run as root" >&2
     exit 1

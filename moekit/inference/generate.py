@@ -252,7 +252,7 @@ def _decode(model, rows: list[list[int]], config: GenerationConfig) -> Iterator[
             cache, logits_BV = _prefill(model, ids_BL, mask_BL, L + config.max_new_tokens, C)
         for step in range(config.max_new_tokens):
             with torch.inference_mode():
-                next_B = _next_tokens(logits_BV, config, generator, seen_BV)
+                next_B = next_tokens(logits_BV, config, generator, seen_BV)
             tokens = next_B.tolist()
             emitted: list[int | None] = []
             for i, t in enumerate(tokens):
@@ -291,7 +291,7 @@ def _prefill(model, ids_BL: torch.Tensor, mask_BL: torch.Tensor, total: int, con
     return cache, out.logits[:, -1]
 
 
-def _next_tokens(
+def next_tokens(
     logits_BV: torch.Tensor,
     config: GenerationConfig,
     generator: torch.Generator | None,

@@ -1,0 +1,232 @@
+"""moekit serve against ``transformers serve --continuous-batching``: the same checkpoint, prompts and client.
+
+A small random Qwen3-MoE (4 layers, hidden 256, 16 experts top-4) with a 2,000-token byte-level BPE and a ChatML
+chat template is saved with ``save_pretrained``. Each server runs in its own process on 127.0.0.1 (one at a time,
+so they never share the cores); the official ``openai`` client sends streamed chat completions (64 output tokens
+each, greedy) from 1, 4 and 16 concurrent streams. Reported per server and concurrency: output tokens/s (all
+streams' tokens over the wall time of the round) and p50/p99 time to first token. moekit serve uses its default
+intra-op threads (all cores but one); transformers runs with its default and, as ``transformers-1t``, with
+``OMP_NUM_THREADS=1``.
+
+Output tokens are counted from ``usage`` when the server sends it (``stream_options.include_usage``), else as
+content chunks. A random model may end early at its EOS token: the counts say what each server produced.
+
+Needs ``accelerate`` beside transformers (``transformers serve`` loads with a device map).
+
+Usage:
+    python benchmarks/serve.py                       # writes benchmarks/results/serve.{md,json}
+    python benchmarks/serve.py --quick               # fewer requests (smoke)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + "
+    "'\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+TEXT = (
+    "Mixture-of-experts models route every token to a few experts. The router learns which experts suit which "
+    "tokens, and a balancing loss keeps them all busy. Serving such a model means batching many requests. "
+) * 200
+
+
+def build_checkpoint(folder: Path) -> None:
+    """The random Qwen3-MoE and its tokenizer, saved as transformers saves them."""
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(
+        vocab_size=2000, initial_alphabet=alphabet, special_tokens=specials, show_progress=False
+    )
+    tok.train_from_iterator([TEXT], trainer)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    config = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "chat_template": CHATML,
+              "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 2048}  # fmt: skip
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    torch.manual_seed(0)
+    hf_config = transformers.Qwen3MoeConfig(
+        vocab_size=tok.get_vocab_size(), hidden_size=256, intermediate_size=1024, moe_intermediate_size=256,
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_experts=16,
+        num_experts_per_tok=4, max_position_embeddings=2048, eos_token_id=tok.token_to_id("<|im_end|>"),
+        pad_token_id=tok.token_to_id("<|endoftext|>"),
+    )  # fmt: skip
+    transformers.AutoModelForCausalLM.from_config(hf_config).eval().save_pretrained(folder)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError("the server did not come up")
+
+
+def one_stream(client, model: str, prompt: str, max_tokens: int) -> tuple[float, int]:
+    """(time to first token, output tokens) of one streamed chat completion."""
+    start = time.perf_counter()
+    first, chunks, usage = None, 0, None
+    stream = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0,
+        stream=True, stream_options={"include_usage": True},
+    )  # fmt: skip
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage.completion_tokens
+        if chunk.choices and chunk.choices[0].delta.content:
+            if first is None:
+                first = time.perf_counter() - start
+            chunks += 1
+    return (first if first is not None else time.perf_counter() - start), (usage if usage else chunks)
+
+
+def measure(url: str, model: str, concurrency: int, requests: int, max_tokens: int) -> dict:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
+    one_stream(client, model, "warm up", 8)
+    prompts = [f"Request {i}: tell me about experts number {i % 7} and routing." for i in range(requests)]
+    ttfts, tokens = [], []
+    lock, queue = threading.Lock(), list(prompts)
+
+    def worker():
+        while True:
+            with lock:
+                if not queue:
+                    return
+                prompt = queue.pop()
+            ttft, n = one_stream(client, model, prompt, max_tokens)
+            with lock:
+                ttfts.append(ttft)
+                tokens.append(n)
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    ttfts.sort()
+    return {
+        "concurrency": concurrency, "requests": requests, "output_tokens": sum(tokens), "wall_s": round(wall, 3),
+        "tokens_per_s": round(sum(tokens) / wall, 1), "ttft_p50_s": round(statistics.median(ttfts), 4),
+        "ttft_p99_s": round(ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))], 4),
+    }  # fmt: skip
+
+
+def serve_and_measure(name: str, cmd: list[str], url: str, model: str, args, env) -> list[dict]:
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_ready(url, proc)
+        rows = []
+        for concurrency in args.concurrency:
+            requests = max(args.requests, 2 * concurrency)
+            row = {"server": name, **measure(url, model, concurrency, requests, args.max_tokens)}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+        return rows
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--requests", type=int, default=16, help="requests per round (at least 2x the concurrency)")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--quick", action="store_true")
+    # transformers-1t: transformers serve with OMP_NUM_THREADS=1, as moekit serve uses on 2 cores (all but one)
+    p.add_argument("--servers", nargs="+", default=["moekit", "transformers", "transformers-1t"])
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve"))
+    args = p.parse_args()
+    if args.quick:
+        args.requests, args.concurrency = 4, [1, 4]
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env.pop("MOEKIT_API_KEY", None)
+    load_before = os.getloadavg()
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "qwen3-moe-small"
+        build_checkpoint(folder)
+        for server in args.servers:
+            port = free_port()
+            url = f"http://127.0.0.1:{port}"
+            if server == "moekit":
+                cmd = [sys.executable, "-m", "moekit", "serve", "--model", str(folder), "--port", str(port),
+                       "--served-model-name", "bench", "--max-batch", "16"]  # fmt: skip
+                results += serve_and_measure("moekit", cmd, url, "bench", args, env)
+            else:
+                exe = shutil.which("transformers", path=str(Path(sys.executable).parent)) or "transformers"
+                cmd = [exe, "serve", "--continuous-batching", "--port", str(port), "--host", "127.0.0.1",
+                       str(folder)]  # fmt: skip
+                server_env = {**env, "OMP_NUM_THREADS": "1"} if server == "transformers-1t" else env
+                results += serve_and_measure(server, cmd, url, str(folder), args, server_env)
+    report = {
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "load_before": load_before,
+            "load_after": os.getloadavg(),
+        },  # fmt: skip
+        "model": "random Qwen3-MoE: 4 layers, hidden 256, 16 experts top-4, 2,000-token byte-level BPE",
+        "max_tokens": args.max_tokens,
+        "results": results,
+    }
+    out = Path(args.out)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    lines = ["# moekit serve vs transformers serve --continuous-batching", "",
+             f"{report['model']}; {args.max_tokens} greedy streamed chat tokens per request, openai client.",
+             f"Machine: {report['machine']['cpus']} CPUs, load average before {load_before[0]:.2f}, after "
+             f"{report['machine']['load_after'][0]:.2f} (shared with other work). Written by benchmarks/serve.py.", "",
+             "| server | streams | requests | output tokens | tokens/s | TTFT p50 (s) | TTFT p99 (s) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for r in results:
+        lines.append(f"| {r['server']} | {r['concurrency']} | {r['requests']} | {r['output_tokens']} | "
+                     f"{r['tokens_per_s']} | {r['ttft_p50_s']} | {r['ttft_p99_s']} |")  # fmt: skip
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print(out.with_suffix(".md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

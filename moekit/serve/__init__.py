@@ -1,0 +1,1 @@
+"""moekit.serve: an OpenAI-compatible HTTP server with continuous batching (``moekit serve``)."""

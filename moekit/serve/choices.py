@@ -1,0 +1,95 @@
+"""Running one HTTP request's ``n`` choices on the engine from asyncio, as text pieces ready to send."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+
+from moekit.data.tokenizers import Tokenizer
+from moekit.serve.engine import Engine, EngineStopped, Finished, QueueFull, Request
+from moekit.serve.protocol import APIError
+from moekit.serve.sampling import SamplingParams, TokenChoice
+from moekit.serve.text import TextStream
+
+DISCONNECT_POLL_S = 0.5
+
+
+@dataclasses.dataclass
+class Piece:
+    """New text of one choice, the tokens that produced it, and the finish reason on its last piece."""
+
+    index: int
+    text: str
+    tokens: list[TokenChoice]
+    finish_reason: str | None = None
+
+
+async def run_choices(
+    engine: Engine,
+    tokenizer: Tokenizer,
+    prompt: Sequence[int],
+    params: Sequence[SamplingParams],
+    stop: Sequence[str],
+    disconnected: Callable[[], Awaitable[bool]] | None = None,
+) -> AsyncIterator[Piece]:
+    """Submit one engine request per choice and yield their pieces as they come; every request is cancelled when
+    this generator ends early (a client went away) and an engine failure becomes an :class:`APIError`."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[tuple[int, TokenChoice | Finished]] = asyncio.Queue()
+    requests: list[Request] = []
+
+    def sink_for(i: int):
+        return lambda event: loop.call_soon_threadsafe(queue.put_nowait, (i, event))
+
+    try:
+        for i, p in enumerate(params):
+            try:
+                requests.append(engine.submit(prompt, p, sink_for(i)))
+            except QueueFull as err:
+                raise APIError(429, f"the server is busy: {err}; retry later", "queue_full") from None
+            except EngineStopped as err:
+                raise APIError(503, f"the server cannot take requests: {err}", "unavailable") from None
+        texts = [TextStream(tokenizer, stop) for _ in params]
+        pending: list[list[TokenChoice]] = [[] for _ in params]
+        open_requests = len(params)
+        while open_requests:
+            i, event = await _next_event(queue, disconnected)
+            stream = texts[i]
+            if isinstance(event, Finished):
+                open_requests -= 1
+                if stream.stopped:
+                    continue  # already finished at its stop string
+                if event.reason in ("stop", "length"):
+                    yield Piece(i, stream.flush(), pending[i], event.reason)
+                elif event.reason == "timeout":
+                    raise APIError(504, f"the request timed out after {params[i].timeout_s:g} s", "timeout")
+                else:
+                    raise APIError(503, event.message or f"the request ended early ({event.reason})", event.reason)
+                continue
+            if stream.stopped:
+                continue  # tokens decoded before the cancellation reached the engine
+            pending[i].append(event)
+            text = stream.push(event.token_id)
+            if stream.stopped:
+                requests[i].cancel()
+                yield Piece(i, text, pending[i], "stop")
+            elif text:
+                yield Piece(i, text, pending[i])
+            else:
+                continue
+            pending[i] = []
+    finally:
+        for request in requests:
+            request.cancel()
+
+
+async def _next_event(queue: asyncio.Queue, disconnected: Callable[[], Awaitable[bool]] | None):
+    if disconnected is None:
+        return await queue.get()
+    while True:
+        try:
+            return await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S)
+        except asyncio.TimeoutError:
+            if await disconnected():
+                raise APIError(499, "the client disconnected", "client_closed") from None
