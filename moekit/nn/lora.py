@@ -79,9 +79,9 @@ class LoRALinear(nn.Linear):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
         self.scale, self.dropout = config.scale, config.dropout
-        kw = {"device": base.weight.device, "dtype": base.weight.dtype}
-        self.lora_A = nn.Parameter(torch.empty(config.rank, base.in_features, **kw))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, config.rank, **kw))
+        w = base.weight
+        self.lora_A = nn.Parameter(w.new_empty(config.rank, base.in_features))
+        self.lora_B = nn.Parameter(w.new_zeros(base.out_features, config.rank))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's own init, as PEFT does
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -132,11 +132,11 @@ class LoRAExperts(Experts):
         self.w_in, self.w_out = base.w_in, base.w_out
         self.scale, self.dropout = config.scale, config.dropout
         r, X = config.rank, base.w_in.shape[-1]
-        kw = {"device": base.w_in.device, "dtype": base.w_in.dtype}
-        self.lora_in_A = nn.Parameter(torch.empty(E, r, D, **kw))
-        self.lora_in_B = nn.Parameter(torch.zeros(E, X, r, **kw))
-        self.lora_out_A = nn.Parameter(torch.empty(E, r, H, **kw))
-        self.lora_out_B = nn.Parameter(torch.zeros(E, D, r, **kw))
+        w = base.w_in
+        self.lora_in_A = nn.Parameter(w.new_empty(E, r, D))
+        self.lora_in_B = nn.Parameter(w.new_zeros(E, X, r))
+        self.lora_out_A = nn.Parameter(w.new_empty(E, r, H))
+        self.lora_out_B = nn.Parameter(w.new_zeros(E, D, r))
         for a in (self.lora_in_A, self.lora_out_A):
             bound = 1 / math.sqrt(a.shape[-1])  # kaiming_uniform(a=sqrt(5)) of each expert's [r, in]
             nn.init.uniform_(a, -bound, bound)
@@ -213,7 +213,12 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
     names = {id(m): n for n, m in model.named_modules()}
     adapted = []
     for parent, attr, module in _targets_of(model, config.targets):
-        wrapped = LoRAExperts(module, config) if isinstance(module, Experts) else LoRALinear(module, config)
+        wrapped: nn.Module
+        if isinstance(module, Experts):
+            wrapped = LoRAExperts(module, config)
+        else:
+            assert isinstance(module, nn.Linear), "targets are linears or experts"
+            wrapped = LoRALinear(module, config)
         setattr(parent, attr, wrapped)
         adapted.append(names[id(module)])
     if not adapted:
