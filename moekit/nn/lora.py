@@ -115,8 +115,9 @@ class LoRAExperts(Experts):
     """
 
     fused_kernel = False
+    lora_experts: torch.Tensor  # buffer, registered in __init__
 
-    def __init__(self, base: Experts, config: LoRAConfig):
+    def __init__(self, base: Experts, config: LoRAConfig, experts: list[int] | None = None):
         if type(base) is not Experts:
             raise ConfigError(
                 f"LoRA on experts needs plain stacked experts, not {type(base).__name__} (quantised or "
@@ -124,22 +125,30 @@ class LoRAExperts(Experts):
             )
         nn.Module.__init__(self)
         self.activation = base.activation
-        self.num_experts, self.hidden_size, self.expert_hidden_size = E, D, H = (
-            base.num_experts,
-            base.hidden_size,
-            base.expert_hidden_size,
-        )
+        self.num_experts, self.hidden_size = base.num_experts, base.hidden_size
+        self.expert_hidden_size = H = base.expert_hidden_size
         self.w_in, self.w_out = base.w_in, base.w_out
         self.scale, self.dropout = config.scale, config.dropout
-        r, X = config.rank, base.w_in.shape[-1]
-        w = base.w_in
-        self.lora_in_A = nn.Parameter(w.new_empty(E, r, D))
-        self.lora_in_B = nn.Parameter(w.new_zeros(E, X, r))
-        self.lora_out_A = nn.Parameter(w.new_empty(E, r, H))
-        self.lora_out_B = nn.Parameter(w.new_zeros(E, D, r))
+        # Adapters for ``experts`` only (ESFT + LoRA): the others' pairs are zero and hold no parameter.
+        chosen = list(range(base.num_experts)) if experts is None else sorted(set(experts))
+        self.register_buffer("lora_experts", torch.tensor(chosen, dtype=torch.long, device=base.w_in.device))
+        S, r, D, X, w = len(chosen), config.rank, base.hidden_size, base.w_in.shape[-1], base.w_in
+        self.lora_in_A = nn.Parameter(w.new_empty(S, r, D))
+        self.lora_in_B = nn.Parameter(w.new_zeros(S, X, r))
+        self.lora_out_A = nn.Parameter(w.new_empty(S, r, H))
+        self.lora_out_B = nn.Parameter(w.new_zeros(S, D, r))
         for a in (self.lora_in_A, self.lora_out_A):
             bound = 1 / math.sqrt(a.shape[-1])  # kaiming_uniform(a=sqrt(5)) of each expert's [r, in]
             nn.init.uniform_(a, -bound, bound)
+
+    def _stacks(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(in_A, in_B, out_A, out_B) over all E experts: zero pairs for experts without adapters."""
+        pairs = (self.lora_in_A, self.lora_in_B, self.lora_out_A, self.lora_out_B)
+        if self.lora_experts.numel() == self.num_experts:
+            return pairs
+        idx = (self.lora_experts,)
+        full = [p.new_zeros(self.num_experts, *p.shape[1:]).index_put(idx, p) for p in pairs]
+        return full[0], full[1], full[2], full[3]
 
     def _drop(self, x: torch.Tensor) -> torch.Tensor:
         return F.dropout(x, self.dropout, self.training)
@@ -147,29 +156,32 @@ class LoRAExperts(Experts):
     def forward(self, x_ND: torch.Tensor, counts: tuple[int, ...], dropout: float = 0.0) -> torch.Tensor:
         if torch.is_autocast_enabled(x_ND.device.type):
             x_ND = x_ND.to(torch.get_autocast_dtype(x_ND.device.type))
+        in_A, in_B, out_A, out_B = self._stacks()
         h_NX = grouped_mm(x_ND, self.w_in, counts)
-        h_NX = h_NX + self.scale * grouped_low_rank(self._drop(x_ND), self.lora_in_A, self.lora_in_B, counts)
+        h_NX = h_NX + self.scale * grouped_low_rank(self._drop(x_ND), in_A, in_B, counts)
         a_NH = activate(h_NX, self.activation)
         if dropout > 0:
             a_NH = F.dropout(a_NH, dropout)
         out_ND = grouped_mm(a_NH, self.w_out, counts)
-        return out_ND + self.scale * grouped_low_rank(self._drop(a_NH), self.lora_out_A, self.lora_out_B, counts)
+        return out_ND + self.scale * grouped_low_rank(self._drop(a_NH), out_A, out_B, counts)
 
     def run_one(self, e: int, x_1D: torch.Tensor) -> torch.Tensor:
         return self.expert_forward(e, x_1D)
 
     def expert_forward(self, e: int, x_nD: torch.Tensor) -> torch.Tensor:
         """One expert on its rows with its adapters, plain autograd: the per-expert reference of :meth:`forward`."""
+        in_A, in_B, out_A, out_B = self._stacks()
         h = x_nD @ self.w_in[e].to(x_nD.dtype)
-        h = h + self.scale * _low_rank(x_nD, self.lora_in_A[e], self.lora_in_B[e], self.dropout, self.training)
+        h = h + self.scale * _low_rank(x_nD, in_A[e], in_B[e], self.dropout, self.training)
         a = activate(h, self.activation)
         out = a @ self.w_out[e].to(x_nD.dtype)
-        return out + self.scale * _low_rank(a, self.lora_out_A[e], self.lora_out_B[e], self.dropout, self.training)
+        return out + self.scale * _low_rank(a, out_A[e], out_B[e], self.dropout, self.training)
 
     def deltas(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The updates of ``w_in`` [E, D, X] and ``w_out`` [E, H, D] in the stacks' layout (fp32)."""
-        d_in = torch.bmm(self.lora_in_B.float(), self.lora_in_A.float()).transpose(1, 2) * self.scale
-        d_out = torch.bmm(self.lora_out_B.float(), self.lora_out_A.float()).transpose(1, 2) * self.scale
+        in_A, in_B, out_A, out_B = self._stacks()
+        d_in = torch.bmm(in_B.float(), in_A.float()).transpose(1, 2) * self.scale
+        d_out = torch.bmm(out_B.float(), out_A.float()).transpose(1, 2) * self.scale
         return d_in, d_out
 
     def merged(self) -> Experts:
@@ -206,23 +218,46 @@ def _is_shared(model: nn.Module, mlp: nn.Module) -> bool:
     return any(isinstance(m, MoE) and m.shared_experts is mlp for m in model.modules())
 
 
-def apply_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
-    """Put adapters on the modules ``config.targets`` names, in place; returns their names. Freezes nothing."""
+def apply_lora(model: nn.Module, config: LoRAConfig, experts: dict[str, list[int]] | None = None) -> list[str]:
+    """Put adapters on the modules ``config.targets`` names, in place; returns their names. Freezes nothing.
+
+    ``experts``: expert modules by name (``layers.1.mlp.experts``) -> the experts that get adapters; when given,
+    expert modules it does not name get none (ESFT + LoRA)."""
     if any(isinstance(m, (LoRALinear, LoRAExperts)) for m in model.modules()):
         raise ConfigError("this model already has LoRA adapters (merge them first: moekit merge-adapter)")
     names = {id(m): n for n, m in model.named_modules()}
     adapted = []
     for parent, attr, module in _targets_of(model, config.targets):
+        name = names[id(module)]
         wrapped: nn.Module
         if isinstance(module, Experts):
-            wrapped = LoRAExperts(module, config)
+            if experts is not None and name not in experts:
+                continue
+            wrapped = LoRAExperts(module, config, None if experts is None else experts[name])
         else:
             assert isinstance(module, nn.Linear), "targets are linears or experts"
             wrapped = LoRALinear(module, config)
+        wrapped.train(module.training)  # a new module starts in training mode; keep the model's mode
         setattr(parent, attr, wrapped)
-        adapted.append(names[id(module)])
+        adapted.append(name)
     if not adapted:
         raise ConfigError(f"lora targets {list(config.targets)} match no module of this model")
+    return adapted
+
+
+def load_lora(model: nn.Module, config: LoRAConfig, tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Put the adapters of ``tensors`` (a :func:`lora_state_dict`) on ``model``, in place; returns their modules."""
+    suffix = ".lora_experts"
+    subsets = {k[: -len(suffix)]: v.tolist() for k, v in tensors.items() if k.endswith(suffix)}
+    adapted = apply_lora(model, config, subsets or None)
+    own = lora_state_dict(model)
+    missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+    if missing or unexpected:
+        raise ConfigError(f"the adapter does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for key, value in tensors.items():
+        if own[key].shape != value.shape:
+            raise ConfigError(f"adapter tensor {key} has shape {tuple(value.shape)}, the model {tuple(own[key].shape)}")
+    model.load_state_dict(tensors, strict=False)
     return adapted
 
 

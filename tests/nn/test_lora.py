@@ -83,7 +83,8 @@ def test_adapter_state_holds_only_the_adapters_with_their_layout():
     model = make_lm()
     apply_lora(model, LoRAConfig(rank=2, targets=("experts",)))
     state = lora_state_dict(model)
-    assert set(state) == {f"layers.{i}.mlp.experts.lora_{p}_{m}" for i in (1, 2) for p in ("in", "out") for m in "AB"}
+    pairs = {f"layers.{i}.mlp.experts.lora_{p}_{m}" for i in (1, 2) for p in ("in", "out") for m in "AB"}
+    assert set(state) == pairs | {f"layers.{i}.mlp.experts.lora_experts" for i in (1, 2)}
     assert state["layers.1.mlp.experts.lora_in_A"].shape == (4, 2, 32)  # [E, r, in]
     assert state["layers.1.mlp.experts.lora_in_B"].shape == (4, 32, 2)  # [E, out = 2H, r]
     assert state["layers.1.mlp.experts.lora_out_A"].shape == (4, 2, 16)
@@ -127,3 +128,20 @@ def test_bad_lora_configs_are_errors():
     apply_lora(model, LoRAConfig())
     with pytest.raises(ConfigError, match="already has LoRA"):
         apply_lora(model, LoRAConfig())
+
+
+def test_adapters_on_some_experts_leave_the_others_exactly_unchanged():
+    torch.manual_seed(0)
+    layer = MoE(hidden_size=16, num_experts=4, top_k=2, expert_hidden_size=8).double()
+    x = torch.randn(20, 16, dtype=torch.float64)
+    base = [layer.experts.expert_forward(e, x) for e in range(4)]
+    layer.experts = LoRAExperts(layer.experts, LoRAConfig(rank=2), experts=[2, 0])
+    assert layer.experts.lora_in_A.shape[0] == 2 and layer.experts.lora_experts.tolist() == [0, 2]
+    randomise_adapters(layer)
+    for e in range(4):
+        changed = not torch.equal(layer.experts.expert_forward(e, x), base[e])
+        assert changed == (e in (0, 2))
+    fast, _ = layer(x)
+    torch.testing.assert_close(fast, reference_moe(layer, x), rtol=1e-10, atol=1e-10)
+    d_in, d_out = layer.experts.deltas()
+    assert d_in[[1, 3]].abs().sum() == 0 and d_in[[0, 2]].abs().sum() > 0
