@@ -13,6 +13,7 @@ from moekit.commands import (
     demo,
     distill,
     evaluate,
+    finetune,
     generate,
     mix,
     predict,
@@ -24,7 +25,7 @@ from moekit.commands import (
 from moekit.errors import MoekitError, TrainingInterrupted
 
 VERBS = (
-    train, evaluate, generate, demo, analyze, distill, compress, quantize, convert, upcycle, mix, predict, translate
+    train, finetune, evaluate, generate, demo, analyze, distill, compress, quantize, convert, upcycle, mix, predict, translate
 )  # fmt: skip
 
 

@@ -142,3 +142,24 @@ def test_finetune_errors(data, tmp_path):
             TrainConfig.from_options(dict(RUN, init_from=str(base), trainable="router", out_dir=str(tmp_path / "y"))),
             FinetuneConfig(),
         )
+
+
+def test_finetune_and_merge_adapter_from_the_command_line(data, tmp_path, capsys):
+    from moekit.cli import main
+
+    root, base = data
+    common = ["--data", root / "math.txt", "--max-steps", 2, "--batch-size", 2, "--block-size", 16]
+    common += ["--progress", "false", "--tensorboard", "false", "--eval-batches", 1]
+    args = ["finetune", "--init-from", base, "--method", "esft+lora", "--esft", "token", "--top-p", 0.3]
+    args += ["--calibration-data", root / "math.txt", "--lora-rank", 2, "--out", tmp_path / "run", *common]
+    assert main([str(a) for a in args]) == 0
+    out = capsys.readouterr().out
+    assert "esft+lora: training" in out and "val_loss=" in out
+    assert (tmp_path / "run" / "esft_selection.json").is_file()
+    assert main(["merge-adapter", str(tmp_path / "run"), "--out", str(tmp_path / "merged")]) == 0
+    assert moekit.load(tmp_path / "merged").config.moe is not None
+    bad = ["finetune", "--init-from", str(base), "--method", "esft", "--calibration-data", str(tmp_path / "no.txt")]
+    assert main(bad + [str(a) for a in common] + ["--out", str(tmp_path / "bad")]) == 2
+    assert "moekit finetune: error:" in capsys.readouterr().err
+    assert main(["merge-adapter", str(base), "--out", str(tmp_path / "m2")]) == 2
+    assert "nothing to merge" in capsys.readouterr().err
