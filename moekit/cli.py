@@ -25,7 +25,8 @@ from moekit.commands import (
 from moekit.errors import MoekitError, TrainingInterrupted
 
 VERBS = (
-    train, finetune, evaluate, generate, demo, analyze, distill, compress, quantize, convert, upcycle, mix, predict, translate
+    train, finetune, evaluate, generate, demo, analyze, distill, compress, quantize, convert, upcycle, mix, predict,
+    translate,
 )  # fmt: skip
 
 
