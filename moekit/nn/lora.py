@@ -15,14 +15,17 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import json
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from moekit.config import Config, check_choice, require
-from moekit.errors import ConfigError
+from moekit.errors import CheckpointError, ConfigError
+from moekit.io.safe_io import load_tensors, save_tensors
 from moekit.nn.attention import Attention
 from moekit.nn.experts import Experts
 from moekit.nn.kernels.fused_experts import activate
@@ -30,6 +33,9 @@ from moekit.nn.kernels.grouped_mm import grouped_mm
 from moekit.nn.mla import MultiHeadLatentAttention
 from moekit.nn.mlp import MLP
 from moekit.nn.moe import MoE
+
+ADAPTER_FILE = "adapter.safetensors"  # beside a checkpoint's model.safetensors; its header holds the LoRAConfig
+_ADAPTER_META = "moekit_lora"
 
 
 class LoRATarget(str, enum.Enum):
@@ -275,3 +281,19 @@ def merge_lora(model: nn.Module) -> int:
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapters' tensors by their names in ``model.state_dict()`` (what an adapter file holds)."""
     return {k: v.detach() for k, v in model.state_dict().items() if k.rsplit(".", 1)[-1].startswith("lora_")}
+
+
+def save_adapter(model: nn.Module, config: LoRAConfig, path: str | Path) -> None:
+    """Write the model's adapters (:func:`lora_state_dict`) with ``config`` in the file's header."""
+    save_tensors(lora_state_dict(model), path, {_ADAPTER_META: json.dumps(config.to_dict())})
+
+
+def read_adapter(path: str | Path, device: str | torch.device = "cpu") -> tuple[LoRAConfig, dict[str, torch.Tensor]]:
+    """(settings, tensors) of an adapter file written by :func:`save_adapter`."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if _ADAPTER_META not in meta:
+        raise CheckpointError(f"{path} names no LoRA settings (not written by moekit finetune)")
+    return LoRAConfig.from_dict(json.loads(meta[_ADAPTER_META])), load_tensors(path, device)

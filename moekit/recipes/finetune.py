@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -29,17 +28,24 @@ from moekit import checkpoint as ckpt
 from moekit.config import Config, check_choice, require
 from moekit.data.text import load_text
 from moekit.errors import CheckpointError, ConfigError
-from moekit.io.safe_io import load_tensors, save_tensors
+from moekit.io.safe_io import save_tensors
 from moekit.models import MoELM
-from moekit.nn.lora import LoRAConfig, LoRAExperts, LoRALinear, apply_lora, load_lora, lora_state_dict, merge_lora
+from moekit.nn.lora import (
+    ADAPTER_FILE,
+    LoRAConfig,
+    LoRAExperts,
+    LoRALinear,
+    apply_lora,
+    load_lora,
+    merge_lora,
+    read_adapter,
+    save_adapter,
+)
 from moekit.nn.split_experts import merge_split_experts, split_experts
 from moekit.recipes.esft import SELECTION_FILE, Relevance, expert_relevance, select_experts, write_selection
 from moekit.train.config import TrainConfig
 from moekit.train.loop import Loop, SingleProcess, TrainResult, open_run
 from moekit.train.trainer import LanguageModelTask, encode_corpus
-
-ADAPTER_FILE = "adapter.safetensors"
-_ADAPTER_META = "moekit_lora"
 
 
 class Method(str, enum.Enum):
@@ -132,7 +138,7 @@ class _FinetuneCheckpoints(SingleProcess):
         if kwargs.get("optimizer") is not None:
             save_tensors(ckpt.optimizer_tensors(kwargs["optimizer"]), tmp / ckpt.OPTIMIZER_FILE)
         if has_adapters(model):
-            save_tensors(lora_state_dict(model), tmp / ADAPTER_FILE, {_ADAPTER_META: json.dumps(self.lora.to_dict())})
+            save_adapter(model, self.lora, tmp / ADAPTER_FILE)
         state = {"step": step, **(kwargs.get("trainer_state") or {})}
         return ckpt.commit_checkpoint(tmp, final, state, kwargs.get("keep", 2))
 
@@ -176,19 +182,8 @@ def load_finetuned(path: str | Path, device: str = "cpu") -> tuple[MoELM, Any]:
     model, tokenizer = ckpt.load_model(source, device)
     adapter = source / ADAPTER_FILE
     if adapter.is_file():
-        load_lora(model, adapter_config(adapter), load_tensors(adapter, device))
+        load_lora(model, *read_adapter(adapter, device))
     return model, tokenizer
-
-
-def adapter_config(adapter: Path) -> LoRAConfig:
-    """The LoRA settings in an adapter file's header."""
-    from safetensors import safe_open
-
-    with safe_open(str(adapter), framework="pt") as f:
-        meta = f.metadata() or {}
-    if _ADAPTER_META not in meta:
-        raise CheckpointError(f"{adapter} names no LoRA settings (not written by moekit finetune)")
-    return LoRAConfig.from_dict(json.loads(meta[_ADAPTER_META]))
 
 
 def merge_adapter(path: str | Path, out: str | Path) -> Path:
