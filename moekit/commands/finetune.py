@@ -74,8 +74,8 @@ def run(args: argparse.Namespace) -> int:
     )
     console = Console()
     trainer = FinetuneTrainer(TrainConfig.from_options(overrides), finetune, console=console)
-    total = sum(p.numel() for p in trainer.model.parameters())
-    console.print(f"{args.method}: training {trainable_parameters(trainer.model):,} of {total:,} parameters")
+    trainable, total = trainable_parameters(trainer.model), trainer.total_parameters
+    console.print(f"{args.method}: training {trainable:,} of {total:,} parameters")
     result = trainer.run()
     step, val = result.val_losses[-1]
     console.print(f"step {step}: val_loss={val:.4f}  ({result.tokens_per_second:,.0f} tok/s over the run)")

@@ -158,6 +158,7 @@ class FinetuneTrainer(Loop):
         calibration = task.train_tokens
         if finetune.calibration_data is not None:
             calibration = encode_corpus(task.tokenizer, load_text(finetune.calibration_data))
+        self.total_parameters = sum(p.numel() for p in task.model.parameters())  # before any split or adapter
         self.chosen = prepare(task.model, finetune, calibration, config.block_size)
         if "selection" in self.chosen:
             run_dir.mkdir(parents=True, exist_ok=True)

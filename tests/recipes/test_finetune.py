@@ -163,3 +163,10 @@ def test_finetune_and_merge_adapter_from_the_command_line(data, tmp_path, capsys
     assert "moekit finetune: error:" in capsys.readouterr().err
     assert main(["merge-adapter", str(base), "--out", str(tmp_path / "m2")]) == 2
     assert "nothing to merge" in capsys.readouterr().err
+
+
+def test_trainable_share_counts_the_frozen_experts(data, tmp_path):
+    trainer = run_method(data, tmp_path, method="esft", top_p=0.2)
+    full = run_method(data, tmp_path / "full", method="full")
+    assert trainer.total_parameters == full.total_parameters == trainable_parameters(full.model)
+    assert trainable_parameters(trainer.model) < trainer.total_parameters // 4
