@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import moekit
+from moekit.checkpoint import resolve_checkpoint
 from moekit.errors import ConfigError
 from moekit.recipes.esft import read_selection, select_experts
 from moekit.recipes.finetune import (
@@ -170,3 +171,24 @@ def test_trainable_share_counts_the_frozen_experts(data, tmp_path):
     full = run_method(data, tmp_path / "full", method="full")
     assert trainer.total_parameters == full.total_parameters == trainable_parameters(full.model)
     assert trainable_parameters(trainer.model) < trainer.total_parameters // 4
+
+
+def test_lora_fine_tune_of_a_hugging_face_folder_exports_back(data, tmp_path):
+    """HF folder -> moekit finetune (LoRA) -> convert --to-hf: transformers + peft give the fine-tune's logits."""
+    pytest.importorskip("peft")
+    import transformers
+    from peft import PeftModel
+
+    from moekit.interop.hf import convert_to_hf, to_hf
+
+    root, base = data
+    hf_dir = to_hf(moekit.load(base), tmp_path / "hf", tokenizer=resolve_checkpoint(base), family="qwen2_moe")
+    trainer = run_method((root, hf_dir), tmp_path, method="lora", lora_rank=2, lora_targets=("experts", "attention"))
+    result = trainer.run()
+    out = convert_to_hf(result.checkpoint, tmp_path / "back")
+    ids = torch.randint(0, 200, (1, 10), generator=torch.Generator().manual_seed(1))
+    model, _ = load_finetuned(result.checkpoint)
+    with torch.no_grad():
+        hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+        got = PeftModel.from_pretrained(hf, out / "adapter").eval()(ids).logits
+        torch.testing.assert_close(got, model(ids).logits, rtol=0, atol=1e-4)
