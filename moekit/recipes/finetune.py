@@ -152,6 +152,10 @@ class FinetuneTrainer(Loop):
         if config.trainable:
             raise ConfigError("finetune chooses what trains from --method; leave --trainable unset")
         run_dir = Path(config.out_dir or f"runs/finetune-{time.strftime('%Y%m%d-%H%M%S')}")
+        if run_dir.is_dir() and ckpt.find_checkpoint(run_dir) is not None:
+            raise CheckpointError(
+                f"{run_dir} already holds a run; choose another --out (fine-tuning runs do not resume)"
+            )
         open_run(run_dir, resume=False)
         parallel = _FinetuneCheckpoints(finetune.lora())
         task = LanguageModelTask(config, None, parallel)

@@ -10,7 +10,7 @@ import torch
 
 import moekit
 from moekit.checkpoint import resolve_checkpoint
-from moekit.errors import ConfigError
+from moekit.errors import CheckpointError, ConfigError
 from moekit.recipes.esft import read_selection, select_experts
 from moekit.recipes.finetune import (
     ADAPTER_FILE,
@@ -134,6 +134,8 @@ def test_select_experts_keeps_the_fewest_reaching_top_p():
 
 def test_finetune_errors(data, tmp_path):
     root, base = data
+    with pytest.raises(CheckpointError, match="do not resume"):
+        FinetuneTrainer(TrainConfig.from_options(dict(RUN, init_from=str(base), out_dir=str(base))), FinetuneConfig())
     with pytest.raises(ConfigError, match="method"):
         FinetuneConfig(method="qlora")
     with pytest.raises(ConfigError, match="init-from"):
