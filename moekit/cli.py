@@ -13,6 +13,7 @@ from moekit.commands import (
     demo,
     distill,
     evaluate,
+    finetune,
     generate,
     mix,
     predict,
@@ -25,8 +26,8 @@ from moekit.commands import (
 from moekit.errors import MoekitError, TrainingInterrupted
 
 VERBS = (
-    train, evaluate, generate, demo, analyze, distill, compress, quantize, convert, upcycle, mix, predict, translate,
-    serve,
+    train, finetune, evaluate, generate, demo, analyze, distill, compress, quantize, convert, upcycle, mix, predict,
+    translate, serve,
 )  # fmt: skip
 
 

@@ -14,13 +14,14 @@ from __future__ import annotations
 import dataclasses
 import enum
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 
 from moekit.config import Config, check_choice, require
 from moekit.data.tokenizers import Tokenizer
 from moekit.errors import ShapeError
+from moekit.nn.replay import RouterReplay
 
 
 class ContextOverflow(str, enum.Enum):
@@ -92,26 +93,72 @@ class GenerationConfig(Config):
         return self.temperature == 0
 
 
+@overload
 def generate(
     model: torch.nn.Module,
     prompts: Sequence[Sequence[int]] | torch.Tensor,
     config: GenerationConfig | None = None,
+    *,
+    return_routed_experts: Literal[False] = False,
     **overrides: Any,
-) -> list[list[int]]:
+) -> list[list[int]]: ...
+
+
+@overload
+def generate(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]] | torch.Tensor,
+    config: GenerationConfig | None = None,
+    *,
+    return_routed_experts: Literal[True],
+    **overrides: Any,
+) -> tuple[list[list[int]], list[torch.Tensor]]: ...
+
+
+def generate(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]] | torch.Tensor,
+    config: GenerationConfig | None = None,
+    *,
+    return_routed_experts: bool = False,
+    **overrides: Any,
+) -> list[list[int]] | tuple[list[list[int]], list[torch.Tensor]]:
     """Continue each prompt; returns the new token ids of each, without the stop token (stopped rows are shorter).
 
     ``model`` is a :class:`moekit.models.MoELM` (or any module with its forward, ``new_cache`` and ``config``);
     ``prompts`` are token-id lists of any lengths (left-padded here) or a [B, L] tensor without padding;
     ``overrides`` are GenerationConfig fields replacing ``config``'s (``max_new_tokens=20, temperature=0``).
+    With ``return_routed_experts`` it returns ``(tokens, routed)``: per row the experts each MoE layer chose for
+    every prompt and new token, [tokens, layers, top_k] (the layout of :class:`moekit.nn.replay.RouterReplay`,
+    which replays it in a training forward over prompt + new tokens).
     """
     config = _resolve_config(config, overrides)
     rows = _as_rows(prompts)
     out: list[list[int]] = [[] for _ in rows]
-    for step_tokens in _decode(model, rows, config):
-        for row, token in enumerate(step_tokens):
-            if token is not None:
-                out[row].append(token)
-    return out
+    if not return_routed_experts:
+        for step_tokens in _decode(model, rows, config):
+            for row, token in enumerate(step_tokens):
+                if token is not None:
+                    out[row].append(token)
+        return out
+    lm_config: Any = model.config
+    context = lm_config.max_position_embeddings
+    _check_prompts(rows, config, lm_config.vocab_size, context)
+    longest = max(len(r) for r in rows)
+    if config.max_new_tokens == 0:
+        raise ShapeError("return_routed_experts needs max_new_tokens >= 1 (with 0 the model never runs)")
+    if longest + config.max_new_tokens > context:
+        raise ShapeError(
+            f"return_routed_experts needs prompt + max_new_tokens ({longest} + {config.max_new_tokens}) within the "
+            f"model's context of {context} tokens (a sliding window re-encodes, and would record tokens twice)"
+        )
+    with RouterReplay(model) as recorder:
+        for step_tokens in _decode(model, rows, config, feed_last=True):
+            for row, token in enumerate(step_tokens):
+                if token is not None:
+                    out[row].append(token)
+    routed_BSLW = recorder.experts()
+    return out, [routed_BSLW[i, longest - len(r) : longest + len(out[i])] for i, r in enumerate(rows)]
 
 
 def stream_generate(
@@ -220,8 +267,11 @@ def _device_of(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _decode(model, rows: list[list[int]], config: GenerationConfig) -> Iterator[list[int | None]]:
-    """Yield, per step, each row's new token (None once the row has stopped)."""
+def _decode(
+    model, rows: list[list[int]], config: GenerationConfig, feed_last: bool = False
+) -> Iterator[list[int | None]]:
+    """Yield, per step, each row's new token (None once the row has stopped); ``feed_last``: run the model on the
+    last new tokens too (their routing is recorded; the cache has room, being sized for prompt + new tokens)."""
     lm_cfg = model.config
     V, C = lm_cfg.vocab_size, lm_cfg.max_position_embeddings
     _check_prompts(rows, config, V, C)
@@ -262,7 +312,8 @@ def _decode(model, rows: list[list[int]], config: GenerationConfig) -> Iterator[
                 else:
                     emitted.append(t)
             yield emitted
-            if all(finished) or step == config.max_new_tokens - 1:
+            last = all(finished) or step == config.max_new_tokens - 1
+            if last and not (feed_last and not all(finished)):
                 return
             with torch.inference_mode():
                 alive_B = torch.tensor([not f for f in finished], device=device)
@@ -279,6 +330,8 @@ def _decode(model, rows: list[list[int]], config: GenerationConfig) -> Iterator[
                 else:
                     out = model(next_B[:, None], cache=cache, logits_to_keep=1)
                     logits_BV = out.logits[:, -1]
+            if last:
+                return
     finally:
         model.train(was_training)
 

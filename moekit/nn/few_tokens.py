@@ -38,6 +38,7 @@ def applies(layer: MoE, x: torch.Tensor, mask: torch.Tensor | None, record_routi
         torch.is_inference_mode_enabled()
         and not layer.training
         and not record_routing
+        and layer.replay is None  # router replay records or forces the choices on the general path
         and type(layer.executor) is LocalExperts  # every expert is here
         and cfg.router in (RouterType.SOFTMAX_TOPK, RouterType.SIGMOID_TOPK)
         and cfg.capacity_factor is None

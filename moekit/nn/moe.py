@@ -6,6 +6,7 @@ Shape legend: B batch, S sequence, T = B*S tokens, D hidden, E experts, N kept a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -64,6 +65,8 @@ class MoE(nn.Module):
         # Runs the experts and sums the statistics over a global batch; moekit.distributed.shard_model
         # replaces it (this rank then holds E / P experts; tokens travel to them by all-to-all).
         self.executor: ExpertExecutor = LocalExperts()
+        # Set by moekit.nn.replay.RouterReplay while it records or replays this layer's expert choices.
+        self.replay: Callable[..., Routing] | None = None
 
     def extra_repr(self) -> str:
         c = self.config
@@ -115,7 +118,10 @@ class MoE(nn.Module):
         # the experts (and shared experts) spread over `threads` single-threaded workers.
         with intra_op_threads(1):
             x_TD, valid_T, ids_T, seq_len = self._flatten_inputs(x, mask, token_ids)
-            routing = self.route(x_TD, valid_T, ids_T)
+            if self.replay is None:
+                routing = self.route(x_TD, valid_T, ids_T)
+            else:
+                routing = self.replay(self, tuple(x.shape[:-1]), x_TD, valid_T, ids_T)
             plan = dispatch(routing, cfg.num_experts, cfg.capacity_factor, cfg.drop_policy)
             fuse = self.executor.fuses_shared and self.experts.fused_kernel
             shared = self._fusable_shared(x_TD) if fuse else None

@@ -84,6 +84,10 @@ class _TopKRouter(Router):
         """(expert ids [T, k], combine weights [T, k], normalised scores [T, E]); few_tokens calls it too."""
         raise NotImplementedError
 
+    def gate_weights(self, logits_TE: torch.Tensor, idx_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(combine weights [T, k], normalised scores [T, E]) of given expert choices (router replay)."""
+        raise NotImplementedError
+
     def forward(
         self, x_TD: torch.Tensor, valid_T: torch.Tensor | None = None, token_ids_T: torch.Tensor | None = None
     ) -> Routing:
@@ -109,6 +113,18 @@ class SoftmaxTopKRouter(_TopKRouter):
         if cfg.routed_scaling_factor != 1.0:
             weight_TK = weight_TK * cfg.routed_scaling_factor
         return idx_TK, weight_TK, probs_TE
+
+    def gate_weights(self, logits_TE: torch.Tensor, idx_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(combine weights [T, k], scores [T, E]) of given expert choices, as :meth:`choose` weighs its own
+        (router replay: the choices are fixed, the weights and their gradient come from the live logits)."""
+        cfg = self.config
+        probs_TE = logits_TE.softmax(dim=-1)
+        weight_TK = probs_TE.gather(1, idx_TK)
+        if cfg.norm_topk_prob:
+            weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True)
+        if cfg.routed_scaling_factor != 1.0:
+            weight_TK = weight_TK * cfg.routed_scaling_factor
+        return weight_TK, probs_TE
 
 
 class SigmoidTopKRouter(_TopKRouter):
@@ -148,6 +164,15 @@ class SigmoidTopKRouter(_TopKRouter):
         if cfg.norm_topk_prob:
             weight_TK = weight_TK / (weight_TK.sum(dim=-1, keepdim=True) + 1e-20)
         return idx_TK, weight_TK * cfg.routed_scaling_factor, scores_TE / scores_TE.sum(dim=-1, keepdim=True)
+
+    def gate_weights(self, logits_TE: torch.Tensor, idx_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(combine weights [T, k], scores [T, E]) of given expert choices, as :meth:`choose` weighs its own."""
+        cfg = self.config
+        scores_TE = logits_TE.sigmoid()
+        weight_TK = scores_TE.gather(1, idx_TK)
+        if cfg.norm_topk_prob:
+            weight_TK = weight_TK / (weight_TK.sum(dim=-1, keepdim=True) + 1e-20)
+        return weight_TK * cfg.routed_scaling_factor, scores_TE / scores_TE.sum(dim=-1, keepdim=True)
 
     @torch.no_grad()
     def update_bias(self, load_E: torch.Tensor | None = None) -> None:
@@ -226,6 +251,11 @@ class DenseRouter(_TopKRouter):
         probs_TE = logits_TE.softmax(dim=-1)
         T, E = probs_TE.shape
         return torch.arange(E, device=logits_TE.device).expand(T, E), probs_TE, probs_TE
+
+    def gate_weights(self, logits_TE: torch.Tensor, idx_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(combine weights [T, E], softmax [T, E]) of given choices (every expert, in the recorded order)."""
+        probs_TE = logits_TE.softmax(dim=-1)
+        return probs_TE.gather(1, idx_TK), probs_TE
 
 
 ROUTERS: dict[RouterType, type[nn.Module]] = {

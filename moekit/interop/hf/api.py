@@ -39,6 +39,7 @@ from moekit.io.safe_io import (
 from moekit.models import LMConfig, MoELM
 from moekit.models.materialize import materialize
 from moekit.models.quantization import apply_spec, quantize_linears
+from moekit.nn.lora import ADAPTER_FILE, load_lora, read_adapter
 from moekit.nn.offload import offload_experts
 from moekit.nn.quantized import is_quantized_tensor
 
@@ -47,6 +48,7 @@ _PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt"
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
+PEFT_ADAPTER_FOLDER = "adapter"  # --to-hf of a LoRA fine-tune: the PEFT adapter, beside the base model's files
 
 
 # ------------------------------------------------------------------------------------------------ recognising
@@ -379,7 +381,7 @@ def convert_to_hf(
     folder = ckpt.resolve_checkpoint(checkpoint)
     model, _ = ckpt.load_model(folder)  # checks the tokenizer fits the model; the folder's files are exported
     dtype = _as_dtype(dtype) or checkpoint_dtype(ckpt.weights_files(folder)[0])  # one file, or EP shards
-    return to_hf(
+    path = to_hf(
         model,
         out,
         tokenizer=folder,
@@ -388,3 +390,11 @@ def convert_to_hf(
         max_shard_bytes=max_shard_bytes,
         family_flag=family_flag,
     )
+    if (folder / ADAPTER_FILE).is_file():  # a `moekit finetune` LoRA checkpoint: its adapter as a PEFT folder
+        from moekit.interop.hf.peft_export import write_peft_adapter
+
+        lora, tensors = read_adapter(folder / ADAPTER_FILE)
+        load_lora(model, lora, tensors)
+        family = family or (model.config.hf_config or {}).get("model_type") or infer_family(model.config)
+        write_peft_adapter(model, lora, path / PEFT_ADAPTER_FOLDER, family, base_model=str(path))
+    return path
