@@ -41,16 +41,18 @@ def _kib(key: str) -> int:
     return int(open("/proc/self/status").read().split(key + ":")[1].split()[0])
 
 
-def _decode_rates(generate, vocab: int, repeats: int) -> dict:
-    """prefill tok/s and batch-1 / batch-8 decode tok/s of ``generate(ids [B, L], n) -> None``."""
+def _decode_rates(generate, vocab: int, repeats: int, decode_only: bool = False) -> dict:
+    """prefill tok/s and batch-1 / batch-8 decode tok/s of ``generate(ids [B, L], n) -> None`` (batch-1 decode
+    only with ``decode_only``: the big shapes, whose int4 prompts take minutes)."""
     import torch
 
     g = torch.Generator().manual_seed(0)
     out = {}
-    long = torch.randint(3, vocab, (1, PREFILL), generator=g)
-    generate(long, 1)
-    out["prefill_tok_s"] = PREFILL / statistics.median(_timed(lambda: generate(long, 1)) for _ in range(repeats))
-    for batch in (1, 8):
+    if not decode_only:
+        long = torch.randint(3, vocab, (1, PREFILL), generator=g)
+        generate(long, 1)
+        out["prefill_tok_s"] = PREFILL / statistics.median(_timed(lambda: generate(long, 1)) for _ in range(repeats))
+    for batch in (1,) if decode_only else (1, 8):
         ids = torch.randint(3, vocab, (batch, PROMPT), generator=g)
         generate(ids, 4)
         one = statistics.median(_timed(lambda ids=ids: generate(ids, 1)) for _ in range(repeats))
@@ -101,7 +103,7 @@ def worker_torch(args) -> dict:
 
     load_s = time.perf_counter() - t0
     load_peak = _kib("VmHWM") - before
-    rates = _decode_rates(generate, args.vocab, args.repeats)
+    rates = _decode_rates(generate, args.vocab, args.repeats, args.decode_only)
     result = {"peer": kind, "load_s": load_s, "load_peak_gb": load_peak * 1024 / 1e9}
     result["peak_gb"] = (_kib("VmHWM") - before) * 1024 / 1e9
     result.update(rates)
@@ -174,6 +176,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--decode-only", action="store_true", help="batch-1 decode only (no 256-token prefill, no batch 8)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.vocab = json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
@@ -206,7 +209,7 @@ def main(argv=None) -> int:
         rows.append(row)
         print(
             f"{peer:22s} load {row['load_s']:6.2f} s  peak {row['peak_gb']:6.2f} GB  "
-            f"prefill {row['prefill_tok_s']:7.1f}  decode b1 {row['decode_b1_tok_s']:6.1f}  "
+            f"prefill {row.get('prefill_tok_s', float('nan')):7.1f}  decode b1 {row['decode_b1_tok_s']:6.1f}  "
             f"b8 {row.get('decode_b8_tok_s', float('nan')):6.1f} tok/s",
             flush=True,
         )
