@@ -202,7 +202,7 @@ def main(argv=None) -> int:
         if proc.returncode != 0:
             print(f"{peer}: failed (exit {proc.returncode})\n{proc.stderr[-2000:]}", flush=True)
             continue
-        row = {"peer": peer, **json.loads(proc.stdout.strip().splitlines()[-1])}
+        row = {**json.loads(proc.stdout.strip().splitlines()[-1]), "peer": peer}
         row["decode_b1_gb_s"] = (
             machine["bf16_bytes_per_token"] * row["decode_b1_tok_s"] / 1e9 if "bf16" in peer else None
         )
