@@ -56,9 +56,8 @@ def main(argv=None) -> int:
         generate(model, ids, max_new_tokens=STEPS + 1, temperature=0)
         total = time.perf_counter() - t0 - prompt
     step, e, g = (1e3 * v / STEPS for v in (total, spent["experts"], spent["gemv"]))
-    print(
-        f"decode step {step:.1f} ms: expert kernels {e:.1f} ms, attention + head GEMVs {g:.1f} ms, rest {step - e - g:.1f} ms"
-    )
+    rest = step - e - g
+    print(f"decode step {step:.1f} ms: expert kernels {e:.1f} ms, attention+head GEMVs {g:.1f} ms, rest {rest:.1f} ms")
     return 0
 
 
