@@ -1,11 +1,12 @@
-"""Hand-written CPU kernels for bf16 decode steps, compiled from C on first use (``decode.c`` beside this file).
+"""Hand-written CPU kernels for decode steps (bf16, int8 and int4 weights), compiled from C on first use
+(``decode.c`` beside this file).
 
 Why C: a decode step is bound by reading weights, and ATen runs each expert's GEMV as its own parallel
-call; one call per layer over the chosen experts, on the CPU's bf16 dot instruction, decodes a 1.72B
-bf16 MoE 1.39x faster (``benchmarks/big_model.py``: 27.0 vs 19.5 tok/s). The library is built with the system C compiler (``cc -O3
--march=native -fopenmp``) into ``$MOEKIT_KERNEL_CACHE`` (default ``~/.cache/moekit/kernels``), keyed by
-the source's hash, and loaded with ctypes: no Python headers or torch C++ build. It is used only where
-it is built for this CPU (AVX512-BF16); with no compiler, another CPU, or ``MOEKIT_NATIVE=0`` every
+call; one call per layer over the chosen experts, on the CPU's bf16 dot instruction, decodes a 1.72B bf16
+MoE 1.39x faster (``benchmarks/big_model.py``: 27.0 vs 19.5 tok/s). The library is built with the system C
+compiler (``cc -O3 -march=native -fopenmp``) into ``$MOEKIT_KERNEL_CACHE`` (default ``~/.cache/moekit/kernels``),
+keyed by the source's hash, and loaded with ctypes: no Python headers or torch C++ build. It is used only
+where it is built for this CPU (AVX512-BF16); with no compiler, another CPU, or ``MOEKIT_NATIVE=0`` every
 caller runs its ATen path, which the tests compare these kernels against.
 """
 
