@@ -16,6 +16,8 @@ Needs ``accelerate`` beside transformers (``transformers serve`` loads with a de
 Usage:
     python benchmarks/serve.py                       # writes benchmarks/results/serve.{md,json}
     python benchmarks/serve.py --quick               # fewer requests (smoke)
+    python benchmarks/serve.py --model /work/bench/q3-1.7b --out benchmarks/results/serve_1.7b
+                                                     # a given HF folder (ChatML added if it has no template)
 """
 
 from __future__ import annotations
@@ -73,6 +75,25 @@ def build_checkpoint(folder: Path) -> None:
         pad_token_id=tok.token_to_id("<|endoftext|>"),
     )  # fmt: skip
     transformers.AutoModelForCausalLM.from_config(hf_config).eval().save_pretrained(folder)
+
+
+def given_checkpoint(source: Path, folder: Path) -> str:
+    """``folder``: links to ``source``'s files, with ChatML as the chat template where the tokenizer has none;
+    returns a one-line description of the model."""
+    folder.mkdir(parents=True)
+    for item in source.iterdir():
+        if item.name != "tokenizer_config.json":
+            (folder / item.name).symlink_to(item.resolve())
+    config_file = source / "tokenizer_config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    config.setdefault("chat_template", CHATML)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    c = json.loads((source / "config.json").read_text())
+    experts = c.get("num_experts", c.get("num_local_experts"))
+    return (
+        f"{source.name}: random {c['model_type']}, {c['num_hidden_layers']} layers, hidden {c['hidden_size']}, "
+        f"{experts} experts top-{c['num_experts_per_tok']}, vocab {c['vocab_size']}, {c.get('dtype', 'bf16')}"
+    )
 
 
 def free_port() -> int:
@@ -177,6 +198,7 @@ def main() -> int:
     # transformers-1t: transformers serve with OMP_NUM_THREADS=1, as moekit serve uses on 2 cores (all but one)
     p.add_argument("--servers", nargs="+", default=["moekit", "transformers", "transformers-1t"])
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve"))
+    p.add_argument("--model", default=None, help="an HF model folder to serve instead of the small random one")
     args = p.parse_args()
     if args.quick:
         args.requests, args.concurrency = 4, [1, 4]
@@ -187,7 +209,11 @@ def main() -> int:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "qwen3-moe-small"
-        build_checkpoint(folder)
+        described = "random Qwen3-MoE: 4 layers, hidden 256, 16 experts top-4, 2,000-token byte-level BPE"
+        if args.model:
+            described = given_checkpoint(Path(args.model), folder)
+        else:
+            build_checkpoint(folder)
         for server in args.servers:
             port = free_port()
             url = f"http://127.0.0.1:{port}"
@@ -208,7 +234,7 @@ def main() -> int:
             "load_before": load_before,
             "load_after": os.getloadavg(),
         },  # fmt: skip
-        "model": "random Qwen3-MoE: 4 layers, hidden 256, 16 experts top-4, 2,000-token byte-level BPE",
+        "model": described,
         "max_tokens": args.max_tokens,
         "results": results,
     }

@@ -125,6 +125,17 @@ class QuantMatrix(nn.Module):
             m.q, m.scales, m.zeros = quantize_int4(w, group_size)
         return m
 
+    def _apply(self, fn, recurse=True):
+        """Device moves apply; dtype casts (``model.to(torch.float32)``) leave the quantised form as it is: every
+        kernel reads bf16 scales and zeros (a cast there and back is exact). Kernel operands are remade."""
+        super()._apply(fn, recurse)
+        for name in ("scales", "zeros"):
+            t = self._buffers.get(name)
+            if t is not None and t.dtype != SCALE_DTYPE:
+                self._buffers[name] = t.to(SCALE_DTYPE)
+        self._kernel = None
+        return self
+
     def dequantize(self) -> torch.Tensor:
         """W [out, in] in fp32: the reference the kernels are tested against."""
         if self.bits == 8:
@@ -233,7 +244,8 @@ class QuantizedExperts(Experts):
         as is), others :meth:`run_one` per expert."""
         if self.activation == Activation.SWIGLU and native.library() is not None:
             first, last = typing.cast(QuantMatrix, self.q_in[0]), typing.cast(QuantMatrix, self.q_out[-1])
-            key = (first.q.data_ptr(), last.q.data_ptr())  # the buffers are replaced all at once
+            # rebuilt when the buffers are replaced (loading, a move or a cast: all experts at once)
+            key = (first.q.data_ptr(), first.scales.data_ptr(), last.q.data_ptr(), last.scales.data_ptr())
             if getattr(self, "_table_key", None) != key:
                 self._table = native.QuantTable(list(self.q_in), list(self.q_out), self.group_size)
                 self._table_key = key

@@ -116,3 +116,19 @@ def test_int4_operand_built_in_row_blocks_equals_the_whole_matrix_conversion(row
     packed = torch.randint(0, 256, (rows, 96), dtype=torch.uint8)
     whole = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(packed).to(torch.int32), 1)
     assert torch.equal(int4_kernel_weight(packed), whole)
+
+
+def test_a_dtype_cast_of_the_model_leaves_the_quantised_form_and_its_results_alone():
+    """``model.to(torch.float32)`` (as ``serve --dtype`` does) must not turn the bf16 scales the kernels read
+    into fp32: the quantised experts give the same output before and after, on every path."""
+    torch.manual_seed(5)
+    layer = MoE(hidden_size=256, num_experts=4, top_k=2, expert_hidden_size=128).to(torch.bfloat16).eval()
+    layer.experts = QuantizedExperts.from_experts(layer.experts, [8, 4, 8, 4])
+    x_one, x_many = torch.randn(1, 1, 256).bfloat16(), torch.randn(1, 40, 256).bfloat16()
+    with torch.inference_mode():
+        before = [layer(x)[0] for x in (x_one, x_many)]
+        layer.float()
+        assert all(m.scales.dtype == torch.bfloat16 for m in layer.experts.q_in)
+        after = [layer(x.float())[0] for x in (x_one, x_many)]
+    for b, a in zip(before, after):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2 * b.float().abs().max().item())
