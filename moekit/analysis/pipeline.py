@@ -157,6 +157,7 @@ def analyze(
     device: str = "cpu",
     progress: bool = True,
     console: Console | None = None,
+    esft_selection: dict[str, Any] | None = None,
 ) -> AnalysisResult:
     """Analyse a model's routing on some text and write the report in ``out``; what ``moekit analyze`` runs.
 
@@ -167,6 +168,7 @@ def analyze(
     checkpoint with the same MoE layers) adds routing drift; ``raw_traces`` writes per-token traces to
     ``out/traces`` (:mod:`moekit.analysis.traces`); ``view_tokens`` per source fill the coloured text view;
     ``metrics`` (a metrics.jsonl or its run folder; default: the run's) gives the imbalance-over-training plot.
+    ``esft_selection`` (an ``esft_selection.json`` record of ``moekit finetune --esft``) adds its view.
     """
     if labels not in LABEL_MODES:
         raise ConfigError(f"labels={labels!r} must be one of {', '.join(LABEL_MODES)}")
@@ -186,6 +188,8 @@ def analyze(
     source = str(checkpoint if checkpoint is not None else model)
     training = metrics_records(metrics, checkpoint)
     summary = summarize_recording(net, source, inputs, recorder, drift, max_tokens, compare, training)
+    if esft_selection is not None:
+        summary["esft"] = esft_selection
     from moekit.analysis import plots  # matplotlib: a quarter second that every other verb would pay at startup
 
     samples = token_views(net, tokenizer, inputs, view_tokens, device)

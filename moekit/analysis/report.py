@@ -225,6 +225,35 @@ def _token_view(samples: Sequence[dict[str, Any]], summary: dict[str, Any]) -> s
     )
 
 
+def _esft_view(record: dict[str, Any]) -> str:
+    """The experts ESFT chose to train, per MoE layer: every expert's relevance as a bar, the chosen coloured."""
+    parts = [
+        f'<p class="note">Relevance: {html.escape(str(record.get("relevance")))}; per layer the fewest experts whose '
+        f"share of it reaches top_p = {html.escape(str(record.get('top_p')))} train, every other weight is frozen.</p>"
+    ]
+    for entry in record["layers"]:
+        scores, chosen = entry["scores"], set(entry["experts"])
+        total = sum(scores) or 1.0
+        share = sum(scores[e] for e in chosen) / total
+        parts.append(
+            f'<h3 data-esft-layer="{int(entry["moe_layer"])}">MoE layer {int(entry["moe_layer"])}: trains '
+            f"{len(chosen)} of {len(scores)} experts ({share:.0%} of the relevance)</h3>"
+        )
+        bars = []
+        for e in sorted(range(len(scores)), key=lambda i: -scores[i]):
+            colour = expert_colour(e, len(scores)) if e in chosen else "#d9d9d9"
+            width = 100 * scores[e] / max(max(scores), 1e-12)
+            bars.append(
+                f'<div class="esft-bar" data-expert="{e}" data-chosen="{int(e in chosen)}" '
+                f'style="display:flex;align-items:center;gap:8px;font-size:13px">'
+                f'<span style="width:3em;text-align:right">{e}</span>'
+                f'<span style="display:inline-block;height:12px;width:{width:.1f}%;max-width:70%;background:{colour}">'
+                f"</span><span>{scores[e] / total:.1%}</span></div>"
+            )
+        parts.append("".join(bars))
+    return "".join(parts)
+
+
 def _cards(summary: dict[str, Any]) -> str:
     layers = summary["layers"]
     model = summary.get("model") or {}
@@ -282,6 +311,8 @@ def render_html(summary: dict[str, Any], plots: Sequence[Plot], samples: Sequenc
     if "drift" in by_name:
         body = _figure(by_name["drift"]) + _reading(read["drift"]) + _drift_table(summary)
         sections.append(("drift", "Drift", body))
+    if summary.get("esft"):
+        sections.append(("esft", "ESFT selection", _esft_view(summary["esft"])))
     if samples:
         intro = (
             '<p class="note">Each token is coloured by the expert with the largest weight (top-1) in the chosen '

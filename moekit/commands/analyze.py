@@ -10,12 +10,14 @@ there are several sources, else ``category``.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from rich.console import Console
 
 from moekit.analysis.pipeline import analyze
 from moekit.analysis.sources import LABEL_MODES
 from moekit.io.folders import check_output_folder
+from moekit.recipes.esft import SELECTION_FILE, read_selection_record
 
 
 def add_parser(verbs: argparse._SubParsersAction) -> None:
@@ -30,6 +32,11 @@ def add_parser(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, nargs="+", help="text files or folders; NAME=PATH names a source")
     p.add_argument("--labels", choices=LABEL_MODES, default="auto", help="what to measure specialisation against")
     p.add_argument("--compare", metavar="CKPT2", help="a second checkpoint: routing drift between the two")
+    p.add_argument(
+        "--esft-selection",
+        metavar="FILE",
+        help=f"an ESFT selection to show (default: the checkpoint folder's {SELECTION_FILE}, if any)",
+    )
     p.add_argument("--max-tokens", type=int, default=65536, help="tokens to analyse, split evenly over sources")
     p.add_argument("--block-size", type=int, default=None, help="window length (default: 256, capped by context)")
     p.add_argument("--batch-size", type=int, default=8)
@@ -44,6 +51,9 @@ def add_parser(verbs: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_output_folder(args.out, args.overwrite)
+    selection = args.esft_selection
+    if selection is None and args.checkpoint and (Path(args.checkpoint) / SELECTION_FILE).is_file():
+        selection = Path(args.checkpoint) / SELECTION_FILE  # a `moekit finetune --method esft` run
     result = analyze(
         checkpoint=args.checkpoint,
         data=args.data,
@@ -59,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
         metrics=args.metrics,
         device=args.device,
         console=Console(stderr=True),
+        esft_selection=read_selection_record(selection) if selection is not None else None,
     )
     print(f"analysed {result.summary['tokens']:,} tokens in {len(result.summary['layers'])} MoE layers")
     for line in result.summary["readings"]["overview"]:

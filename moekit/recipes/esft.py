@@ -88,10 +88,24 @@ def write_selection(
     return Path(path)
 
 
-def read_selection(path: str | Path) -> dict[int, list[int]]:
-    """The per-layer expert lists of a selection file written by :func:`write_selection`."""
+def read_selection_record(path: str | Path) -> dict[str, Any]:
+    """A selection file written by :func:`write_selection`, checked: its layers' experts and scores."""
     try:
         record = json.loads(Path(path).read_text())
-        return {int(entry["moe_layer"]): [int(e) for e in entry["experts"]] for entry in record["layers"]}
+        for entry in record["layers"]:
+            int(entry["moe_layer"])
+            if not all(isinstance(e, int) for e in entry["experts"]):
+                raise TypeError("expert ids must be integers")
+            if not all(isinstance(x, (int, float)) for x in entry["scores"]):
+                raise TypeError("scores must be numbers")
+            if any(not 0 <= e < len(entry["scores"]) for e in entry["experts"]):
+                raise ValueError("an expert id is out of range of its layer's scores")
+        return record
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"{path} is not an ESFT selection file: {e}") from None
+
+
+def read_selection(path: str | Path) -> dict[int, list[int]]:
+    """The per-layer expert lists of a selection file written by :func:`write_selection`."""
+    record = read_selection_record(path)
+    return {int(entry["moe_layer"]): [int(e) for e in entry["experts"]] for entry in record["layers"]}
