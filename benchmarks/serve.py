@@ -16,7 +16,7 @@ Needs ``accelerate`` beside transformers (``transformers serve`` loads with a de
 Usage:
     python benchmarks/serve.py                       # writes benchmarks/results/serve.{md,json}
     python benchmarks/serve.py --quick               # fewer requests (smoke)
-    python benchmarks/serve.py --model /work/bench/q3-1.7b --out benchmarks/results/serve_1.7b
+    python benchmarks/serve.py --model /work/bench/q3-1.7b --out benchmarks/results/serve_big
                                                      # a given HF folder (ChatML added if it has no template)
 """
 
@@ -195,7 +195,8 @@ def main() -> int:
     p.add_argument("--requests", type=int, default=16, help="requests per round (at least 2x the concurrency)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--quick", action="store_true")
-    # transformers-1t: transformers serve with OMP_NUM_THREADS=1, as moekit serve uses on 2 cores (all but one)
+    # transformers-1t: transformers serve with OMP_NUM_THREADS=1, as moekit serve uses on 2 cores (all but one);
+    # moekit-Nt: moekit serve --threads N
     p.add_argument("--servers", nargs="+", default=["moekit", "transformers", "transformers-1t"])
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve"))
     p.add_argument("--model", default=None, help="an HF model folder to serve instead of the small random one")
@@ -217,10 +218,12 @@ def main() -> int:
         for server in args.servers:
             port = free_port()
             url = f"http://127.0.0.1:{port}"
-            if server == "moekit":
+            if server.startswith("moekit"):  # moekit-2t: --threads 2 (default: all cores but one)
                 cmd = [sys.executable, "-m", "moekit", "serve", "--model", str(folder), "--port", str(port),
                        "--served-model-name", "bench", "--max-batch", "16"]  # fmt: skip
-                results += serve_and_measure("moekit", cmd, url, "bench", args, env)
+                if server.startswith("moekit-") and server.endswith("t"):
+                    cmd += ["--threads", server[len("moekit-") : -1]]
+                results += serve_and_measure(server, cmd, url, "bench", args, env)
             else:
                 exe = shutil.which("transformers", path=str(Path(sys.executable).parent)) or "transformers"
                 cmd = [exe, "serve", "--continuous-batching", "--port", str(port), "--host", "127.0.0.1",
