@@ -72,7 +72,7 @@ def pretrain(args, work: Path, prose_file: Path) -> Path:
         hidden_size=args.hidden, intermediate_size=4 * args.hidden, num_hidden_layers=args.layers,
         num_attention_heads=4, max_position_embeddings=args.block,
     )  # fmt: skip
-    moe = dict(num_experts=args.experts, top_k=2, expert_hidden_size=args.hidden, aux_loss_coef=0.01)
+    moe = dict(num_experts=args.experts, top_k=args.top_k, expert_hidden_size=args.expert_hidden, aux_loss_coef=0.01)
     overrides = {f"model.{k}": v for k, v in model.items()} | {f"model.moe.{k}": v for k, v in moe.items()}
     options = run_options(args, work / "base", prose_file, args.pretrain_steps, 3e-3, model="tiny", **overrides)
     return train(options).run_dir
@@ -139,7 +139,8 @@ def markdown(rows: list[dict], before: dict, replay: dict, args) -> str:
     lines = [
         "# Fine-tuning methods (moekit finetune), prose -> math",
         "",
-        f"Base: byte-level MoE ({args.layers} layers, hidden {args.hidden}, {args.experts} experts top-2), "
+        f"Base: byte-level MoE ({args.layers} layers, hidden {args.hidden}, {args.experts} experts of width "
+        f"{args.expert_hidden} top-{args.top_k}), "
         f"{args.pretrain_steps} steps on War and Peace. Fine-tune: {args.steps} steps on GSM8K, batch {args.batch} x "
         f"{args.block} bytes, AdamW; ESFT calibrated on GSM8K text, top_p 0.2. Before fine-tuning: math val "
         f"{before['math_val']:.4f}, prose val {before['prose_val']:.4f}.",
@@ -166,8 +167,9 @@ def markdown(rows: list[dict], before: dict, replay: dict, args) -> str:
         f"{esft['trainable'] / full['trainable']:.0%} of full's (target < 25%), LoRA training state "
         f"{lora['train_state_mib'] / full['train_state_mib']:.0%} of full's (target < 40%; gradients and AdamW "
         "moments, not the process's peak, which the shared weights and activations dominate at this size). ESFT "
-        "here trains 1-2 of 8 experts per layer of a 2-layer model with attention and embeddings frozen; the "
-        "paper's parity is on DeepSeek-V2-Lite (64 fine-grained experts, 26 layers).",
+        f"here trains {esft['trainable'] / 1e3:.0f}k parameters (the selected experts of {args.experts} per layer, "
+        f"{args.layers} layers) with attention and embeddings frozen; the paper's parity is on DeepSeek-V2-Lite "
+        "(64 fine-grained experts, 26 layers).",
         "",
         "Step times come from 2 shared CPU cores: compare them within this table only.",
         "",
@@ -187,10 +189,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--work", type=Path, default=Path("/tmp/moekit-finetune-methods"))
     p.add_argument("--render", action="store_true", help="rewrite the .md from the saved .json only")
+    # the model: the default is coarse (8 experts top-2); ESFT's paper uses fine-grained experts, e.g.
+    # --layers 4 --experts 32 --top-k 4 --expert-hidden 48 (the same active expert width, 192)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--expert-hidden", type=int, default=96)
+    p.add_argument("--stem", default=None, help="results file name (default: finetune_methods)")
     args = p.parse_args(argv)
-    args.hidden, args.layers, args.experts, args.block, args.batch = 96, 2, 8, 64, 8
+    args.hidden, args.block, args.batch = 96, 64, 8
     args.pretrain_steps, args.steps, args.eval_batches = (30, 10, 2) if args.quick else (800, 200, 16)
-    stem = "finetune_methods-quick" if args.quick else "finetune_methods"
+    stem = args.stem or ("finetune_methods-quick" if args.quick else "finetune_methods")
     out = ROOT / "results"
     if args.render:
         saved = json.loads((out / f"{stem}.json").read_text())
