@@ -22,7 +22,7 @@ from moekit.nn.config import RouterType
 from moekit.nn.executor import LocalExperts
 from moekit.nn.kernels.grouped_mm import accumulate_dtype
 from moekit.nn.kernels.schedule import intra_op_threads
-from moekit.nn.router import _TopKRouter
+from moekit.nn.router import TopKRouter
 from moekit.nn.routing import MoEAux
 
 if TYPE_CHECKING:  # moe imports this module
@@ -61,7 +61,7 @@ def forward(layer: MoE, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
         x_TD = x.reshape(-1, x.shape[-1])
         T = x_TD.shape[0]
         router = layer.router
-        assert isinstance(router, _TopKRouter), "applies() admits top-k routers only"
+        assert isinstance(router, TopKRouter), "applies() admits top-k routers only"
         idx_TK, weight_TK, probs_TE = router.choose(router.logits(x_TD))
         experts = layer.experts
         # One host sync for the choices and weights: python ints/floats then index and scale without more ops.

@@ -36,7 +36,7 @@ from moekit.io.mapped import mapped_source, release_pages
 from moekit.nn import few_tokens
 from moekit.nn.experts import Experts, expert_row
 from moekit.nn.moe import MoE
-from moekit.nn.router import _TopKRouter
+from moekit.nn.router import TopKRouter
 
 EXPERT_MEMORY_HELP = "keep the experts in the checkpoint file, at most SIZE of them in memory (512MiB, 4GiB, 1.5GB)"
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
@@ -338,7 +338,7 @@ def _prefetcher(cache: ExpertCache, layer: int, moe: MoE):
     def hook(_module: nn.Module, args: tuple) -> None:
         x_TD = args[0].reshape(-1, args[0].shape[-1])
         # Decode steps only: a prompt's many tokens want most experts, more than a budget holds.
-        if not isinstance(router, _TopKRouter) or x_TD.shape[0] > _PREFETCH_TOKENS:
+        if not isinstance(router, TopKRouter) or x_TD.shape[0] > _PREFETCH_TOKENS:
             return
         idx_TK = router.choose(router.logits(x_TD))[0]
         cache.prefetch([(layer, e) for e in sorted(set(idx_TK.flatten().tolist()))])

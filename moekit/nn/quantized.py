@@ -12,7 +12,7 @@ The stored form is portable (plain bytes). Prompts (many rows) run on PyTorch's 
 copy made at first use (:func:`int4_kernel_weight`) and [in / group, out, 2] scales-and-zeros; both want bf16
 activations (fp32 ones were measured 2-3x slower for int8), so inputs are cast to bf16 and the result back.
 Decode steps (one row) run moekit's native kernels on the stored form where they are built
-(:mod:`moekit.nn.kernels.native`: one call for a token's experts, ~1.5x the ATen kernels' speed).
+(:mod:`moekit.nn.kernels.native`: one call for a token's experts, read in the stored form).
 :meth:`QuantMatrix.dequantize` is the slow reference every kernel is tested against.
 """
 
@@ -79,7 +79,8 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 def int4_kernel_weight(packed: torch.Tensor) -> torch.Tensor:
     """[out, in/2] packed nibbles -> ATen's CPU int4 operand, converted 64 rows at a time (its layout is blocked
     by 64 rows, so the blocks convert alone). Whole-matrix int32 temporaries, 8x the result, fragmented the heap:
-    a 30B-shaped model's 5,120 matrices grew the process by ~13 GB more than their packed size."""
+    a 30B-shaped int4 model's batch-8 prompt was OOM-killed past 21 GB of anonymous memory; converted by blocks,
+    the same prompt peaks at 6.5 GB."""
     rows = packed.shape[0]
     step = 64 if rows % 64 == 0 else rows
     out = torch.empty_like(packed)

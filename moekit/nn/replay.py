@@ -24,7 +24,7 @@ from torch import nn
 
 from moekit.errors import ShapeError
 from moekit.nn.config import RouterType
-from moekit.nn.router import ExpertChoiceRouter, HashRouter, _token_choice, _TopKRouter
+from moekit.nn.router import ExpertChoiceRouter, HashRouter, TopKRouter, token_choice
 from moekit.nn.routing import Routing
 
 if TYPE_CHECKING:  # moe imports this module
@@ -85,12 +85,12 @@ def replayed_routing(
     idx_TK = ids_TW.clamp(min=0) if valid_T is not None else ids_TW
     if isinstance(router, HashRouter):
         weight_TK = torch.ones(idx_TK.shape, dtype=torch.float32, device=x_TD.device)
-        return _token_choice(idx_TK, weight_TK, None, None, valid_T)
-    if not isinstance(router, _TopKRouter):
+        return token_choice(idx_TK, weight_TK, None, None, valid_T)
+    if not isinstance(router, TopKRouter):
         raise ShapeError(f"router replay does not know the router {type(router).__name__}")
     logits_TE = router.logits(x_TD)
     weight_TK, probs_TE = router.gate_weights(logits_TE, idx_TK)
-    return _token_choice(idx_TK, weight_TK, logits_TE, probs_TE, valid_T)
+    return token_choice(idx_TK, weight_TK, logits_TE, probs_TE, valid_T)
 
 
 class _LayerReplay:

@@ -47,7 +47,7 @@ class Router(nn.Module):
             return F.linear(x_TD.to(dtype), self.weight.to(dtype), bias)
 
 
-def _token_choice(
+def token_choice(
     topk_idx_TK: torch.Tensor,
     weight_TK: torch.Tensor,
     logits_TE: torch.Tensor | None,
@@ -77,7 +77,7 @@ def _token_choice(
     )
 
 
-class _TopKRouter(Router):
+class TopKRouter(Router):
     """Token choice: each token picks its top k experts from the scores that :meth:`choose` derives."""
 
     def choose(self, logits_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -93,10 +93,10 @@ class _TopKRouter(Router):
     ) -> Routing:
         logits_TE = self.logits(x_TD)
         topk_idx_TK, weight_TK, probs_TE = self.choose(logits_TE)
-        return _token_choice(topk_idx_TK, weight_TK, logits_TE, probs_TE, valid_T)
+        return token_choice(topk_idx_TK, weight_TK, logits_TE, probs_TE, valid_T)
 
 
-class SoftmaxTopKRouter(_TopKRouter):
+class SoftmaxTopKRouter(TopKRouter):
     """Softmax over all experts, keep the top k (Switch k=1, Mixtral k=2, OLMoE/Qwen k=8).
 
     With ``norm_topk_prob`` the k kept probabilities are renormalised to sum to one (Mixtral's
@@ -105,29 +105,27 @@ class SoftmaxTopKRouter(_TopKRouter):
     """
 
     def choose(self, logits_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        cfg = self.config
         probs_TE = logits_TE.softmax(dim=-1)
-        weight_TK, idx_TK = probs_TE.topk(cfg.top_k, dim=-1)
-        if cfg.norm_topk_prob:
-            weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True)
-        if cfg.routed_scaling_factor != 1.0:
-            weight_TK = weight_TK * cfg.routed_scaling_factor
-        return idx_TK, weight_TK, probs_TE
+        weight_TK, idx_TK = probs_TE.topk(self.config.top_k, dim=-1)
+        return idx_TK, self._combine(weight_TK), probs_TE
 
     def gate_weights(self, logits_TE: torch.Tensor, idx_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(combine weights [T, k], scores [T, E]) of given expert choices, as :meth:`choose` weighs its own
         (router replay: the choices are fixed, the weights and their gradient come from the live logits)."""
-        cfg = self.config
         probs_TE = logits_TE.softmax(dim=-1)
-        weight_TK = probs_TE.gather(1, idx_TK)
+        return self._combine(probs_TE.gather(1, idx_TK)), probs_TE
+
+    def _combine(self, weight_TK: torch.Tensor) -> torch.Tensor:
+        """The chosen experts' probabilities as combine weights (renormalised, scaled)."""
+        cfg = self.config
         if cfg.norm_topk_prob:
             weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True)
         if cfg.routed_scaling_factor != 1.0:
             weight_TK = weight_TK * cfg.routed_scaling_factor
-        return weight_TK, probs_TE
+        return weight_TK
 
 
-class SigmoidTopKRouter(_TopKRouter):
+class SigmoidTopKRouter(TopKRouter):
     """DeepSeek-V3 routing: sigmoid scores, aux-loss-free balancing bias, group-limited top-k.
 
     The per-expert bias ``e_score_correction_bias`` is added to the scores for *selection only*;
@@ -160,15 +158,15 @@ class SigmoidTopKRouter(_TopKRouter):
             choice_TE = grouped_TGe.masked_fill(~keep_group_TG.unsqueeze(-1), float("-inf")).view(T, -1)
         # The balancing bias steers only which experts are chosen; the weights come from the raw scores.
         idx_TK = choice_TE.topk(cfg.top_k, dim=-1).indices
-        weight_TK = scores_TE.gather(1, idx_TK)
-        if cfg.norm_topk_prob:
-            weight_TK = weight_TK / (weight_TK.sum(dim=-1, keepdim=True) + 1e-20)
-        return idx_TK, weight_TK * cfg.routed_scaling_factor, scores_TE / scores_TE.sum(dim=-1, keepdim=True)
+        return (idx_TK, *self._weigh(scores_TE, idx_TK))
 
     def gate_weights(self, logits_TE: torch.Tensor, idx_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(combine weights [T, k], scores [T, E]) of given expert choices, as :meth:`choose` weighs its own."""
+        return self._weigh(logits_TE.sigmoid(), idx_TK)
+
+    def _weigh(self, scores_TE: torch.Tensor, idx_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(combine weights of the chosen experts, from the raw scores; normalised scores [T, E])."""
         cfg = self.config
-        scores_TE = logits_TE.sigmoid()
         weight_TK = scores_TE.gather(1, idx_TK)
         if cfg.norm_topk_prob:
             weight_TK = weight_TK / (weight_TK.sum(dim=-1, keepdim=True) + 1e-20)
@@ -241,10 +239,10 @@ class HashRouter(nn.Module):
             raise ShapeError(f"token_ids has {token_ids_T.shape[0]} tokens but x has {x_TD.shape[0]}")
         expert_TK = self.expert_of(token_ids_T).unsqueeze(1)
         weight_TK = torch.ones(expert_TK.shape, dtype=torch.float32, device=x_TD.device)
-        return _token_choice(expert_TK, weight_TK, None, None, valid_T)
+        return token_choice(expert_TK, weight_TK, None, None, valid_T)
 
 
-class DenseRouter(_TopKRouter):
+class DenseRouter(TopKRouter):
     """Classic soft mixture (Jacobs et al. 1991): every expert runs, weighted by the softmax."""
 
     def choose(self, logits_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

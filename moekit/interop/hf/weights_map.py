@@ -195,8 +195,8 @@ def _moe_in(
     else:
         g, u, d = _EXPERT_NAMES.get(family, _DEFAULT_EXPERT_NAMES)
         # Stacked in the fused layout ([E, 2I, D] = gate rows then up rows; [E, D, I]); moekit's w_in / w_out
-        # are transposed views of it. A mapped source is read from its file into place (faulting in its pages
-        # and copying them was 2x slower); any other is copied and its pages released, so importing a mapped
+        # are transposed views of it. A mapped source is read from its file into place (no page faults on the
+        # mapping, no pages to release); any other is copied and its pages released, so importing a mapped
         # checkpoint holds about one copy of the weights, not two.
         first = source.take(f"{pre}.experts.0.{g}.weight", (I, D), why)
         gate_up = first.new_empty(E, 2 * I, D)
