@@ -19,6 +19,18 @@ class RouterType(str, enum.Enum):
     DENSE = "dense"  # Jacobs et al. 1991: every expert runs, softmax weights
 
 
+class BalanceScope(str, enum.Enum):
+    """Over which tokens the balancing loss counts each expert's share of the assignments (its f_e).
+
+    micro: the tokens of one forward pass (every rank of it under data/expert parallelism).
+    global: every micro-batch of the optimizer step as well (Qwen, arXiv 2501.11873): a sequence may specialise,
+    since only the whole global batch must be balanced.
+    """
+
+    MICRO = "micro"
+    GLOBAL = "global"
+
+
 class Activation(str, enum.Enum):
     SWIGLU = "swiglu"
     GELU = "gelu"
@@ -74,12 +86,14 @@ class MoEConfig(Config):
     aux_loss_coef: float = 0.01  # Switch/GShard load-balancing loss
     seq_aux_loss_coef: float = 0.0  # DeepSeek-V3 sequence-level balance loss
     z_loss_coef: float = 0.0  # ST-MoE router z-loss
+    aux_loss_scope: BalanceScope = BalanceScope.MICRO  # the aux loss's expert shares over a micro or global batch
     router_bias: bool = False  # a bias in the router's linear layer
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "router", check_choice("router", self.router, RouterType))
         object.__setattr__(self, "activation", check_choice("activation", self.activation, Activation))
         object.__setattr__(self, "drop_policy", check_choice("drop_policy", self.drop_policy, DropPolicy))
+        object.__setattr__(self, "aux_loss_scope", check_choice("aux_loss_scope", self.aux_loss_scope, BalanceScope))
         if self.norm_topk_prob is None:  # a renormalised top-1 weight is always 1: Switch scales by the gate instead
             object.__setattr__(self, "norm_topk_prob", self.top_k > 1)
         for name in ("num_experts", "expert_hidden_size", "top_k", "n_group", "topk_group"):

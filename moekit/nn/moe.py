@@ -14,7 +14,7 @@ from torch import nn
 
 from moekit.errors import ShapeError
 from moekit.nn import few_tokens
-from moekit.nn.config import Activation, MoEConfig, RouterType
+from moekit.nn.config import Activation, BalanceScope, MoEConfig, RouterType
 from moekit.nn.dispatch import Dispatch, dispatch, expert_capacity
 from moekit.nn.executor import ExpertExecutor, LocalExperts, SharedWeights
 from moekit.nn.experts import Experts
@@ -67,6 +67,9 @@ class MoE(nn.Module):
         self.executor: ExpertExecutor = LocalExperts()
         # Set by moekit.nn.replay.RouterReplay while it records or replays this layer's expert choices.
         self.replay: Callable[..., Routing] | None = None
+        # aux_loss_scope="global": the sums (assignments per expert, tokens, router probabilities; over ranks) of
+        # the micro-batches seen since reset_balance_window(), which the training loop calls at each step's start.
+        self._balance_window: dict[str, torch.Tensor] | None = None
 
     def extra_repr(self) -> str:
         c = self.config
@@ -173,6 +176,8 @@ class MoE(nn.Module):
             with torch.no_grad():  # the load the aux-loss-free bias update balances (global under EP)
                 load_E += sums["routed_E"].to(load_E.dtype)
         losses = losses_from_sums(sums, c.num_experts)
+        if "aux" in losses and c.aux_loss_scope == BalanceScope.GLOBAL and self.training:
+            losses["aux"] = self._global_batch_aux(sums)
         return MoEAux(
             loss=sum((coefs[name] * loss for name, loss in losses.items()), torch.zeros(())),
             losses=losses,
@@ -183,12 +188,45 @@ class MoE(nn.Module):
             routing=routing if record_routing else None,
         )
 
+    def _global_batch_aux(self, sums: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Global-batch balancing (Qwen, arXiv 2501.11873): E * sum_e f_e * P_e with P_e this micro-batch's mean
+        router probability (the gradient's path) and f_e the share of expert e among the assignments of every
+        micro-batch of the step so far, this one included (exact for the step's last micro-batch: the f of a
+        micro-batch still to come cannot steer an earlier one's gradient; Megatron's global aux loss chooses alike)."""
+        seen = {"routed_E": sums["routed_E"], "n_valid": sums["n_valid"], "probs_E": sums["probs_E"]}
+        seen = {name: value.detach().to(torch.float64) for name, value in seen.items()}
+        if self._balance_window is not None:
+            seen = {name: value + self._balance_window[name] for name, value in seen.items()}
+        self._balance_window = seen
+        f_E = (seen["routed_E"] / seen["n_valid"].clamp(min=1)).to(sums["probs_E"].dtype)
+        return self.config.num_experts * (f_E * sums["probs_E"] / sums["n_valid"].clamp(min=1)).sum()
+
+    def reset_balance_window(self) -> None:
+        """Start a new global batch for ``aux_loss_scope="global"`` (the training loop calls it every step)."""
+        self._balance_window = None
+
+    def balance_window_loss(self) -> torch.Tensor | None:
+        """The balancing loss of the micro-batches since the last reset, as if they were one batch (detached,
+        fp64); None before the first training forward with ``aux_loss_scope="global"``."""
+        w = self._balance_window
+        if w is None:
+            return None
+        n = w["n_valid"].clamp(min=1)
+        return self.config.num_experts * ((w["routed_E"] / n) * (w["probs_E"] / n)).sum()
+
     @torch.no_grad()
     def update_bias(self, load_E: torch.Tensor | None = None) -> None:
         """Aux-loss-free balancing step of a sigmoid router (no-op for other routers)."""
         update_bias = getattr(self.router, "update_bias", None)  # duck-typed: custom routers may have one
         if update_bias is not None:
             update_bias(load_E)
+
+
+def start_global_batch(model: nn.Module) -> None:
+    """Reset every MoE layer's global-batch balancing window: call it before an optimizer step's micro-batches."""
+    for module in model.modules():
+        if isinstance(module, MoE):
+            module.reset_balance_window()
 
 
 def reference_moe(

@@ -25,6 +25,7 @@ from torch import nn
 from moekit import checkpoint as ckpt
 from moekit.errors import CheckpointError, ConfigError, NonFiniteError, TrainingInterrupted
 from moekit.io.safe_io import load_tensors
+from moekit.nn.moe import start_global_batch
 from moekit.train.average import WeightAverage
 from moekit.train.budget import BudgetPlan, BudgetPlanner
 from moekit.train.config import Precision, RunConfig
@@ -212,6 +213,7 @@ class Loop(Generic[ModelT]):
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss_sum, aux_sum, loads, items = 0.0, 0.0, None, 0
+        start_global_batch(self.model)  # aux_loss_scope="global" balances over this step's micro-batches
         for _ in range(cfg.grad_accum):
             with self._autocast():
                 out = self.task.loss(self.task.next_batch())
