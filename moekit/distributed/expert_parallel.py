@@ -30,7 +30,7 @@ import logging
 import torch
 from torch import nn
 
-from moekit.distributed.collectives import all_reduce_sum, all_to_all, exchange_counts
+from moekit.distributed.collectives import all_reduce_, all_reduce_sum, all_to_all, exchange_counts
 from moekit.distributed.mesh import DistContext
 from moekit.errors import ConfigError
 from moekit.nn.config import RouterType
@@ -93,6 +93,12 @@ class ExpertParallel(ExpertExecutor):
             t, piece = sums[k], piece.view(sums[k].shape)
             out[k] = piece.to(t.dtype) if t.is_floating_point() else piece.detach().round().to(t.dtype)
         return out
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` of every rank, stacked [world, ...]: each rank fills its slot of zeros, then one all-reduce."""
+        out = x.new_zeros((self.ctx.world_size, *x.shape))
+        out[self.ctx.rank] = x.detach()
+        return all_reduce_(out)
 
 
 def shard_model(model: nn.Module, ctx: DistContext) -> nn.Module:

@@ -17,6 +17,7 @@ class RouterType(str, enum.Enum):
     EXPERT_CHOICE = "expert_choice"  # Zhou et al. 2022: each expert picks its top-C tokens
     HASH = "hash"  # Roller et al. 2021: a fixed token-id -> expert map
     DENSE = "dense"  # Jacobs et al. 1991: every expert runs, softmax weights
+    EXPERT_THRESHOLD = "expert_threshold"  # Sun et al. 2026: experts whose running score threshold a token passes
 
 
 class BalanceScope(str, enum.Enum):
@@ -80,6 +81,9 @@ class MoEConfig(Config):
     bias_update_rate: float = 1e-3  # gamma of aux-loss-free balancing; 0 disables the update
     # Expert choice: capacity per expert = ceil(expert_choice_capacity * T / E).
     expert_choice_capacity: float = 2.0
+    # Expert-threshold routing: decay of each expert's running score threshold (top_k: the experts per token
+    # the thresholds aim at, on average).
+    threshold_decay: float = 0.99
     # Hash routing: seed of the fixed token-id -> expert map.
     hash_seed: int = 0
     # Balancing losses (coefficients; 0 disables). Computed in fp32 from the router logits.
@@ -100,7 +104,7 @@ class MoEConfig(Config):
             value = getattr(self, name)
             require(isinstance(value, int) and value >= 1, f"{name} must be a positive integer, got {value!r}")
         require(self.num_shared_experts >= 0, f"num_shared_experts must be >= 0, got {self.num_shared_experts}")
-        if self.router in (RouterType.SOFTMAX_TOPK, RouterType.SIGMOID_TOPK):
+        if self.router in (RouterType.SOFTMAX_TOPK, RouterType.SIGMOID_TOPK, RouterType.EXPERT_THRESHOLD):
             require(
                 self.top_k <= self.num_experts,
                 f"top_k={self.top_k} exceeds num_experts={self.num_experts}",
@@ -123,11 +127,13 @@ class MoEConfig(Config):
         if self.capacity_factor is not None:
             require(self.capacity_factor > 0, f"capacity_factor must be > 0 or None, got {self.capacity_factor}")
             require(
-                self.router not in (RouterType.EXPERT_CHOICE, RouterType.DENSE),
-                f"capacity_factor applies to token-choice routers, not router={self.router.value!r} "
-                "(expert_choice sets its capacity with expert_choice_capacity; dense drops nothing)",
+                self.router not in (RouterType.EXPERT_CHOICE, RouterType.DENSE, RouterType.EXPERT_THRESHOLD),
+                f"capacity_factor applies to token-choice top-k routers, not router={self.router.value!r} "
+                "(expert_choice sets its capacity with expert_choice_capacity; expert_threshold balances by its "
+                "thresholds; dense drops nothing)",
             )
         require(self.expert_choice_capacity > 0, "expert_choice_capacity must be > 0")
+        require(0 <= self.threshold_decay < 1, f"threshold_decay must be in [0, 1), got {self.threshold_decay}")
         require(self.router_jitter >= 0, f"router_jitter must be >= 0, got {self.router_jitter}")
         require(0 <= self.expert_dropout < 1, f"expert_dropout must be in [0, 1), got {self.expert_dropout}")
         for name in ("aux_loss_coef", "seq_aux_loss_coef", "z_loss_coef", "bias_update_rate"):
@@ -141,7 +147,7 @@ class MoEConfig(Config):
 
     @property
     def experts_per_token(self) -> int:
-        """How many routed experts process each token (on average for expert choice)."""
+        """How many routed experts process each token (on average for expert choice and expert threshold)."""
         if self.router == RouterType.DENSE:
             return self.num_experts
         if self.router == RouterType.HASH:

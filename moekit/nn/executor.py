@@ -55,6 +55,10 @@ class ExpertExecutor:
         """The layer's batch sums (losses, counts) added over the processes of a global batch: here, one."""
         return sums
 
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` of every process of a global batch, stacked [P, ...] (same shape on each; no autograd): here, one."""
+        return x.unsqueeze(0)
+
 
 class LocalExperts(ExpertExecutor):
     """All experts on this process, in one fused op (gather, GEMMs, combine, shared experts)."""

@@ -21,7 +21,7 @@ from moekit.nn.experts import Experts
 from moekit.nn.kernels.schedule import intra_op_threads
 from moekit.nn.losses import losses_from_sums, routing_sums
 from moekit.nn.mlp import MLP
-from moekit.nn.router import build_router
+from moekit.nn.router_registry import build_router
 from moekit.nn.routing import MoEAux, Routing
 
 # Routers whose balance is not guaranteed by construction, and so take the balancing losses.
@@ -175,6 +175,9 @@ class MoE(nn.Module):
         if self.router.training and isinstance(load_E, torch.Tensor):
             with torch.no_grad():  # the load the aux-loss-free bias update balances (global under EP)
                 load_E += sums["routed_E"].to(load_E.dtype)
+        observe = getattr(self.router, "observe", None)  # expert threshold: move the thresholds (global batch)
+        if self.router.training and observe is not None:
+            observe(routing, int(sums["n_valid"]), self.executor.gather)
         losses = losses_from_sums(sums, c.num_experts)
         if "aux" in losses and c.aux_loss_scope == BalanceScope.GLOBAL and self.training:
             losses["aux"] = self._global_batch_aux(sums)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.errors import ShapeError
-from moekit.nn.config import MoEConfig, RouterType
+from moekit.nn.config import MoEConfig
 from moekit.nn.routing import Routing
 
 
@@ -254,17 +254,3 @@ class DenseRouter(TopKRouter):
         """(combine weights [T, E], softmax [T, E]) of given choices (every expert, in the recorded order)."""
         probs_TE = logits_TE.softmax(dim=-1)
         return probs_TE.gather(1, idx_TK), probs_TE
-
-
-ROUTERS: dict[RouterType, type[nn.Module]] = {
-    RouterType.SOFTMAX_TOPK: SoftmaxTopKRouter,
-    RouterType.SIGMOID_TOPK: SigmoidTopKRouter,
-    RouterType.EXPERT_CHOICE: ExpertChoiceRouter,
-    RouterType.HASH: HashRouter,
-    RouterType.DENSE: DenseRouter,
-}
-
-
-def build_router(config: MoEConfig, hidden_size: int) -> nn.Module:
-    """The router module that ``config.router`` names, for tokens of ``hidden_size``."""
-    return ROUTERS[config.router](config, hidden_size)

@@ -17,7 +17,7 @@ from tests.analysis.helpers import tiny_model
 ROUTERS = [
     {},
     {"router": "sigmoid_topk"},
-    {"router": "expert_choice"},
+    {"router": "expert_threshold"},  # a variable number of experts per token (expert choice: not in a causal LM)
     {"router": "hash", "top_k": 1},
     {"router": "dense"},
     {"capacity_factor": 0.5},

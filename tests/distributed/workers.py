@@ -32,7 +32,7 @@ from moekit.distributed import (  # noqa: E402
 )
 from moekit.models import MoELM  # noqa: E402
 from moekit.models.presets import TINY  # noqa: E402
-from moekit.nn import MoE  # noqa: E402
+from moekit.nn import MoE, start_global_batch  # noqa: E402
 from moekit.train import TrainConfig  # noqa: E402
 
 VOCAB = 64
@@ -194,6 +194,27 @@ def compare_checkpoint(ctx, checkpoint: str) -> dict:
     return {"logits": _max_err(logits, ref[2 * r : 2 * r + 2])}
 
 
+def compare_global_batch(ctx, micro=2, batch=2, seq=12, seed=0) -> dict:
+    """aux_loss_scope="global": each rank runs ``micro`` micro-batches of its share; then every layer's balancing
+    window equals the aux loss of one process running the whole global batch at once."""
+    torch.manual_seed(seed)
+    ref = MoELM(lm_config(experts=4, aux_loss_scope="global")).train()
+    model = shard_model(copy.deepcopy(ref), ctx)
+    W, r = ctx.world_size, ctx.rank
+    x = torch.randint(0, VOCAB, (W * micro * batch, seq), generator=torch.Generator().manual_seed(seed + 1))
+    start_global_batch(ref)
+    ref(x)
+    start_global_batch(model)
+    for m in range(micro):
+        first = (m * W + r) * batch  # micro-batch m of rank r
+        model(x[first : first + batch])
+    errs = {}
+    for (_, a), (_, a_ref) in zip(model.moe_layers(), ref.moe_layers()):
+        got, want = a.balance_window_loss(), a_ref.balance_window_loss()
+        errs["window_loss"] = max(errs.get("window_loss", 0.0), _rel_err(got, want))
+    return errs
+
+
 # -- cases ---------------------------------------------------------------------------------------------
 def case_equivalence(out: Path, checkpoint: str | None = None) -> dict:
     results = {}
@@ -203,6 +224,8 @@ def case_equivalence(out: Path, checkpoint: str | None = None) -> dict:
     results["masked_layer"] = compare_masked_layer(ctx)
     if W == 2:
         results["softmax"] = compare_lm(ctx, lm_config(experts=E, router_bias=True), steps=2)
+        results["global_batch_balance"] = compare_global_batch(ctx)
+        results["expert_threshold"] = compare_lm(ctx, lm_config("expert_threshold", experts=E), steps=3)
     results["skew_first_rank"] = compare_lm(ctx, lm_config(experts=E, router_bias=True), skew=(0, 1))
     results["skew_last_rank"] = compare_lm(ctx, lm_config(experts=E, router_bias=True), skew=(E - 2, E - 1))
     results["sigmoid_shared"] = compare_lm(

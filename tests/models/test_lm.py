@@ -395,3 +395,13 @@ def test_logits_match_hugging_face(arch):
         got = ours(ids, attention_mask=mask).logits
     valid = mask.bool()
     torch.testing.assert_close(got[valid], expected[valid], rtol=1e-5, atol=1e-5)
+
+
+def test_causal_lm_refuses_expert_choice_and_names_the_causal_alternative():
+    """Expert choice compares a batch's tokens, later ones included: training would see the future."""
+    tiny = get_preset("tiny")
+    with pytest.raises(ConfigError, match="router='expert_choice' \\(layer 0\\).*later tokens.*expert_threshold"):
+        tiny.replace(moe=tiny.moe.replace(router="expert_choice"))
+    with pytest.raises(ConfigError, match="layer 1"):  # a per-layer override is caught too
+        tiny.replace(moe_layer_overrides={1: {"router": "expert_choice"}})
+    tiny.replace(moe=tiny.moe.replace(router="expert_threshold"))  # the causal form is accepted

@@ -6,7 +6,7 @@ import torch
 
 from moekit.nn import MoE
 
-ROUTERS = ["softmax_topk", "sigmoid_topk", "expert_choice", "hash", "dense"]
+ROUTERS = ["softmax_topk", "sigmoid_topk", "expert_choice", "hash", "dense", "expert_threshold"]
 TOKEN_CHOICE = ["softmax_topk", "sigmoid_topk", "hash"]
 
 
@@ -26,7 +26,11 @@ def make_layer(router="softmax_topk", *, dtype=torch.float32, seed=0, **override
         fields.update(n_group=3, topk_group=2, routed_scaling_factor=2.5)
     fields.update(overrides)
     torch.manual_seed(seed)
-    return MoE(**fields).to(dtype)
+    layer = MoE(**fields).to(dtype)
+    if router == "expert_threshold":  # thresholds from one training batch, then frozen (eval) so that the fast
+        layer(torch.randn(64, fields["hidden_size"], dtype=dtype))  # path and the reference route alike
+        layer.eval()
+    return layer
 
 
 def grads_of(layer: MoE, x: torch.Tensor, forward, upstream: torch.Tensor):

@@ -20,7 +20,7 @@ BASE = dict(hidden_size=8, **FIELDS)  # MoE(...) keywords
         ({"activation": "relu"}, r"activation='relu'"),
         ({"num_experts": 0}, r"num_experts must be a positive integer, got 0"),
         ({"capacity_factor": -1.0}, r"capacity_factor must be > 0"),
-        ({"router": "expert_choice", "capacity_factor": 1.0}, r"capacity_factor applies to token-choice"),
+        ({"router": "expert_choice", "capacity_factor": 1.0}, r"capacity_factor applies to token-choice top-k"),
         ({"router": "sigmoid_topk", "n_group": 3}, r"num_experts=4 is not divisible by n_group=3"),
         ({"n_group": 2, "topk_group": 3}, r"topk_group=3 exceeds n_group=2"),
         ({"drop_policy": "random"}, r"drop_policy='random'"),
