@@ -245,11 +245,11 @@ class LMConfig(Config):
             normalised[layer] = {name: plain[name] for name in fields}
         set_(self, "moe_layer_overrides", {k: normalised[k] for k in sorted(normalised)} or None)
         layer_moe = {i: moe.replace(**normalised[i]) if i in normalised else moe for i in self.sparse_layers}
-        for i, layer in layer_moe.items():
+        for i, layer_config in layer_moe.items():
             # Expert choice ranks a batch's tokens against each other, later positions included: a causal LM
             # would route a token by its future in training and without it in generation.
             require(
-                layer.router != RouterType.EXPERT_CHOICE,
+                layer_config.router != RouterType.EXPERT_CHOICE,
                 f"router='expert_choice' (layer {i}) lets each expert pick among all tokens of the batch, so in a "
                 "causal language model a token's experts would depend on later tokens in training but not in "
                 "generation; use router='expert_threshold' (expert choice made causal: per-expert running "
