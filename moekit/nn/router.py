@@ -256,12 +256,15 @@ class DenseRouter(TopKRouter):
         return probs_TE.gather(1, idx_TK), probs_TE
 
 
+from moekit.nn.relu_router import ReLURouter  # noqa: E402  (a Router subclass: imported once Router exists)
+
 ROUTERS: dict[RouterType, type[nn.Module]] = {
     RouterType.SOFTMAX_TOPK: SoftmaxTopKRouter,
     RouterType.SIGMOID_TOPK: SigmoidTopKRouter,
     RouterType.EXPERT_CHOICE: ExpertChoiceRouter,
     RouterType.HASH: HashRouter,
     RouterType.DENSE: DenseRouter,
+    RouterType.RELU: ReLURouter,
 }
 
 
