@@ -252,3 +252,26 @@ def test_config_checks():
     with pytest.raises(ConfigError, match="top_k"):
         MoEConfig(num_experts=4, top_k=5, expert_hidden_size=8, router="relu")
     assert MoEConfig(num_experts=8, top_k=3, expert_hidden_size=8, router="relu").experts_per_token == 3
+
+
+def test_routing_report_counts_the_measured_experts_per_token(tmp_path):
+    """The analysis of a relu model reports the experts tokens really took (varying per token), not top_k."""
+    from moekit.analysis import plots, report, stats
+    from moekit.analysis.recorder import RoutingRecorder
+    from tests.analysis.helpers import tiny_model
+
+    model = tiny_model(router="relu", top_k=1)
+    x = torch.randint(0, 256, (3, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        auxes = model(x, record_routing=True).moe_aux
+    rec = RoutingRecorder(model)
+    rec.update(x)
+    summary = stats.summarize(rec.aggregates())
+    measured = [aux.routing.num_assignments / 60 for aux in auxes]
+    assert [layer["experts_per_token"] for layer in summary["layers"]] == pytest.approx(measured, abs=1e-6)
+    assert min(measured) > 1.5, "an untrained relu router is far denser than its target"
+    per_token = torch.bincount(auxes[0].routing.token_idx_A, minlength=60)
+    assert rec.aggregates().layers[0].routed.sum() == per_token.sum() and per_token.unique().numel() > 1
+    page = report.write_report(tmp_path, summary, plots.make_plots(summary))["report"].read_text()
+    cards = "/".join(sorted({f"{m:.3g}" for m in measured}, key=float))
+    assert f'<div class="v">{cards}</div><div class="k">experts per token</div>' in page
