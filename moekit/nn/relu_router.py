@@ -45,14 +45,17 @@ class ReLURouter(Router):
         self, x_TD: torch.Tensor, valid_T: torch.Tensor | None = None, token_ids_T: torch.Tensor | None = None
     ) -> Routing:
         logits_TE = self.logits(x_TD)
+        return self.assign(logits_TE, logits_TE > 0, valid_T)
+
+    def assign(self, logits_TE: torch.Tensor, chosen_TE: torch.Tensor, valid_T: torch.Tensor | None) -> Routing:
+        """The Routing that sends token t to expert e where ``chosen_TE`` (its positive gates, or a replayed
+        record), weighted by the gate ReLU(logit); padding (``valid_T`` False) goes nowhere."""
         gates_TE = logits_TE.relu()
-        active_TE = gates_TE > 0
         if valid_T is not None:
-            active_TE &= valid_T.unsqueeze(1)
-        token_idx_A, expert_idx_A = active_TE.nonzero(as_tuple=True)  # token-major, experts ascending
+            chosen_TE = chosen_TE & valid_T.unsqueeze(1)
+        token_idx_A, expert_idx_A = chosen_TE.nonzero(as_tuple=True)  # token-major, experts ascending
         # A token's assignments ranked by falling gate (ties to the lower expert), as top-k routers rank theirs.
-        order_TE = gates_TE.detach().argsort(dim=-1, descending=True, stable=True)
-        rank_TE = order_TE.argsort(dim=-1)
+        rank_TE = gates_TE.detach().argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)
         total_T = gates_TE.sum(dim=-1, keepdim=True)
         return Routing(
             token_idx_A=token_idx_A,
@@ -62,7 +65,7 @@ class ReLURouter(Router):
             logits_TE=logits_TE,
             # The gates as a distribution (for the entropy and the routing report); a token without experts is 0.
             probs_TE=gates_TE / total_T.clamp_min(1e-20),
-            num_tokens=x_TD.shape[0],
+            num_tokens=logits_TE.shape[0],
             valid_T=valid_T,
         )
 

@@ -20,6 +20,7 @@ ROUTERS = {
     "expert_choice": dict(router="expert_choice"),
     "hash": dict(router="hash", top_k=1),
     "dense": dict(router="dense"),
+    "relu": dict(router="relu"),
     "capacity": dict(router="softmax_topk", top_k=2, capacity_factor=1.0),
 }
 
