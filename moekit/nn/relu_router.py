@@ -12,6 +12,13 @@ With ``relu_l1_balanced`` (ReMoE's default) the L1 of expert e is weighted by it
 #tokens routed to e (detached), which pushes the gates of overloaded experts down harder. Both terms are
 ratios of batch sums (:func:`l1_sums`, :func:`l1_loss`), reduced over ranks like the other balancing losses.
 
+Where moekit chooses: each MoE layer holds its own lambda (a buffer, saved in checkpoints) and holds its own
+sparsity at the target, where the paper adapts one lambda to the sparsity averaged over layers (so layers may
+differ there); the L1 is a mean over tokens, summed over experts (not divided by E), and each layer's term
+enters the model's aux loss (a sum over layers, the paper's is a mean: a constant factor lambda absorbs). The
+observed sparsity is that of the whole optimizer step: every micro-batch, every rank. lambda_0 = 1e-8 and
+alpha = 1.2 are the paper's defaults.
+
 Shape legend: T tokens, D hidden, E experts, A assignments.
 """
 

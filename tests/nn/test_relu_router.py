@@ -63,6 +63,16 @@ def test_zero_gates_make_no_assignment_and_the_count_varies_per_token():
     assert torch.equal(aux.tokens_per_expert, (gates > 0).sum(0))
 
 
+def test_a_token_without_positive_gates_skips_the_experts_and_is_not_dropped():
+    layer = make_layer("relu", num_experts=2, top_k=1, num_shared_experts=0)
+    x = torch.randn(50, 12)
+    y, aux = layer(x)
+    idle = (x @ layer.router.weight.t()).relu().sum(1) == 0
+    assert idle.sum() > 0
+    assert bool((y[idle] == 0).all()) and bool((y[~idle] != 0).any(-1).all())
+    assert aux.dropped_tokens == 0
+
+
 def test_choice_rank_orders_a_tokens_gates():
     routing = relu_layer().route(torch.randn(9, 12))
     for t in range(9):
