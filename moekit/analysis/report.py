@@ -259,11 +259,11 @@ def _cards(summary: dict[str, Any]) -> str:
     model = summary.get("model") or {}
     imbs = [layer["imbalance"] for layer in layers if layer["imbalance"] is not None]
     experts = sorted({layer["num_experts"] for layer in layers})
-    ks = sorted({layer["top_k"] for layer in layers})
+    ks = sorted({f"{layer.get('experts_per_token', layer['top_k']):.3g}" for layer in layers}, key=float)
     cards = [
         ("MoE layers", str(len(layers))),
         ("experts per layer", "/".join(map(str, experts))),
-        ("experts per token", "/".join(map(str, ks))),
+        ("experts per token", "/".join(ks)),
         ("router", str(model.get("router", "?"))),
         ("tokens analysed", f"{summary['tokens']:,}"),
         ("worst max/mean", f"{max(imbs):.2f}" if imbs else "n/a"),

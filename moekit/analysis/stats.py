@@ -192,6 +192,8 @@ def layer_summary(agg: LayerAggregate, label_names: Sequence[str], dead_fraction
         "name": agg.name,
         "num_experts": E,
         "top_k": agg.top_k,
+        # Measured: relu routing and expert choice give tokens a varying number of experts around top_k.
+        "experts_per_token": _num(load.sum() / tokens),
         "tokens": agg.tokens,
         "load": [int(v) for v in agg.routed.tolist()],
         "load_share": _nums(share),

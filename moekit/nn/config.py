@@ -18,6 +18,7 @@ class RouterType(str, enum.Enum):
     HASH = "hash"  # Roller et al. 2021: a fixed token-id -> expert map
     DENSE = "dense"  # Jacobs et al. 1991: every expert runs, softmax weights
     EXPERT_THRESHOLD = "expert_threshold"  # Sun et al. 2026: experts whose running score threshold a token passes
+    RELU = "relu"  # ReMoE (arXiv 2412.14711): ReLU gates, sparsity held by an adaptive L1 penalty
 
 
 class BalanceScope(str, enum.Enum):
@@ -84,6 +85,11 @@ class MoEConfig(Config):
     # Expert-threshold routing: decay of each expert's running score threshold (top_k: the experts per token
     # the thresholds aim at, on average).
     threshold_decay: float = 0.99
+    # ReLU routing (ReMoE): top_k is the target *average* experts per token; the L1 coefficient starts at
+    # relu_l1_init and is multiplied or divided by relu_l1_alpha each optimizer step to hold that target.
+    relu_l1_init: float = 1e-8
+    relu_l1_alpha: float = 1.2
+    relu_l1_balanced: bool = True  # weigh each expert's L1 by its load (ReMoE's load-balancing L1)
     # Hash routing: seed of the fixed token-id -> expert map.
     hash_seed: int = 0
     # Balancing losses (coefficients; 0 disables). Computed in fp32 from the router logits.
@@ -104,7 +110,12 @@ class MoEConfig(Config):
             value = getattr(self, name)
             require(isinstance(value, int) and value >= 1, f"{name} must be a positive integer, got {value!r}")
         require(self.num_shared_experts >= 0, f"num_shared_experts must be >= 0, got {self.num_shared_experts}")
-        if self.router in (RouterType.SOFTMAX_TOPK, RouterType.SIGMOID_TOPK, RouterType.EXPERT_THRESHOLD):
+        if self.router in (
+            RouterType.SOFTMAX_TOPK,
+            RouterType.SIGMOID_TOPK,
+            RouterType.EXPERT_THRESHOLD,
+            RouterType.RELU,
+        ):
             require(
                 self.top_k <= self.num_experts,
                 f"top_k={self.top_k} exceeds num_experts={self.num_experts}",
@@ -127,13 +138,16 @@ class MoEConfig(Config):
         if self.capacity_factor is not None:
             require(self.capacity_factor > 0, f"capacity_factor must be > 0 or None, got {self.capacity_factor}")
             require(
-                self.router not in (RouterType.EXPERT_CHOICE, RouterType.DENSE, RouterType.EXPERT_THRESHOLD),
+                self.router
+                not in (RouterType.EXPERT_CHOICE, RouterType.DENSE, RouterType.EXPERT_THRESHOLD, RouterType.RELU),
                 f"capacity_factor applies to token-choice top-k routers, not router={self.router.value!r} "
                 "(expert_choice sets its capacity with expert_choice_capacity; expert_threshold balances by its "
-                "thresholds; dense drops nothing)",
+                "thresholds; dense and relu drop nothing)",
             )
         require(self.expert_choice_capacity > 0, "expert_choice_capacity must be > 0")
         require(0 <= self.threshold_decay < 1, f"threshold_decay must be in [0, 1), got {self.threshold_decay}")
+        require(self.relu_l1_init > 0, f"relu_l1_init must be > 0, got {self.relu_l1_init}")
+        require(self.relu_l1_alpha >= 1, f"relu_l1_alpha must be >= 1, got {self.relu_l1_alpha}")
         require(self.router_jitter >= 0, f"router_jitter must be >= 0, got {self.router_jitter}")
         require(0 <= self.expert_dropout < 1, f"expert_dropout must be in [0, 1), got {self.expert_dropout}")
         for name in ("aux_loss_coef", "seq_aux_loss_coef", "z_loss_coef", "bias_update_rate"):
@@ -147,7 +161,8 @@ class MoEConfig(Config):
 
     @property
     def experts_per_token(self) -> int:
-        """How many routed experts process each token (on average for expert choice and expert threshold)."""
+        """How many routed experts process each token (on average for expert choice and expert threshold; the
+        target average for relu)."""
         if self.router == RouterType.DENSE:
             return self.num_experts
         if self.router == RouterType.HASH:

@@ -21,6 +21,7 @@ from moekit.nn.experts import Experts
 from moekit.nn.kernels.schedule import intra_op_threads
 from moekit.nn.losses import losses_from_sums, routing_sums
 from moekit.nn.mlp import MLP
+from moekit.nn.relu_router import l1_loss, l1_sums
 from moekit.nn.router_registry import build_router
 from moekit.nn.routing import MoEAux, Routing
 
@@ -170,19 +171,28 @@ class MoE(nn.Module):
         sums = routing_sums(routing, c.num_experts, seq_len, [name for name, coef in coefs.items() if coef > 0])
         sums.update(kept_E=plan.tokens_per_expert_E, dropped_assignments=plan.dropped_assignments)
         sums.update(dropped_tokens=plan.dropped_tokens)
+        relu = c.router == RouterType.RELU
+        if relu:
+            sums.update(l1_sums(routing))
         sums = self.executor.reduce(sums)
         load_E = getattr(self.router, "load_since_update", None)
         if self.router.training and isinstance(load_E, torch.Tensor):
             with torch.no_grad():  # the load the aux-loss-free bias update balances (global under EP)
                 load_E += sums["routed_E"].to(load_E.dtype)
+                if relu:  # and the tokens, for the sparsity that relu's L1 coefficient holds at its target
+                    self.router.get_buffer("tokens_since_update").add_(sums["n_valid"].to(load_E.dtype))
         observe = getattr(self.router, "observe", None)  # expert threshold: move the thresholds (global batch)
         if self.router.training and observe is not None:
             observe(routing, int(sums["n_valid"]), self.executor.gather)
         losses = losses_from_sums(sums, c.num_experts)
         if "aux" in losses and c.aux_loss_scope == BalanceScope.GLOBAL and self.training:
             losses["aux"] = self._global_batch_aux(sums)
+        loss = sum((coefs[name] * value for name, value in losses.items()), torch.zeros(()))
+        if relu:  # ReMoE's L1 on the gates, at the coefficient the router adapts each step
+            losses["l1"] = l1_loss(sums, c)
+            loss = loss + self.router.get_buffer("l1_coef") * losses["l1"]
         return MoEAux(
-            loss=sum((coefs[name] * loss for name, loss in losses.items()), torch.zeros(())),
+            loss=loss,
             losses=losses,
             tokens_per_expert=sums["kept_E"],
             dropped_assignments=sums["dropped_assignments"],
@@ -219,7 +229,8 @@ class MoE(nn.Module):
 
     @torch.no_grad()
     def update_bias(self, load_E: torch.Tensor | None = None) -> None:
-        """Aux-loss-free balancing step of a sigmoid router (no-op for other routers)."""
+        """Once per optimizer step: the aux-loss-free balancing step of a sigmoid router, the L1 coefficient step of
+        a relu router (no-op for other routers)."""
         update_bias = getattr(self.router, "update_bias", None)  # duck-typed: custom routers may have one
         if update_bias is not None:
             update_bias(load_E)

@@ -7,8 +7,8 @@ in the training forward fixes it (R3, arXiv 2510.11370; Megatron-Core ``RouterRe
 gradient.
 
 A record is a tensor [B, S, L, W] of expert ids (long): batch row, position, MoE layer, slot. Token-choice
-routers fill W = top_k slots in choice order (hash: 1; dense: every expert); expert choice, whose tokens get a
-varying number of experts, uses W = E slots, slot e holding e when expert e took the token. Unused slots and
+routers fill W = top_k slots in choice order (hash: 1; dense: every expert); expert choice and relu routing, whose
+tokens get a varying number of experts, use W = E slots, slot e holding e when expert e took the token. Unused slots and
 tokens that were not routed (padding) hold -1. Successive forwards under one context append along S (prefill,
 then one position per decoding step), and a replayed forward consumes the next S positions of each layer.
 
@@ -24,8 +24,10 @@ from torch import nn
 
 from moekit.errors import ShapeError
 from moekit.nn.config import RouterType
+from moekit.nn.relu_router import ReLURouter
 from moekit.nn.router import ExpertChoiceRouter, HashRouter, TopKRouter, token_choice
 from moekit.nn.routing import Routing
+from moekit.nn.threshold_router import ExpertThresholdRouter
 
 if TYPE_CHECKING:  # moe imports this module
     from moekit.nn.moe import MoE
@@ -36,7 +38,7 @@ def slot_width(layer: MoE) -> int:
     router, cfg = layer.router, layer.config
     if isinstance(router, HashRouter):
         return 1
-    if isinstance(router, ExpertChoiceRouter) or cfg.router == RouterType.DENSE:
+    if isinstance(router, (ExpertChoiceRouter, ReLURouter, ExpertThresholdRouter)) or cfg.router == RouterType.DENSE:
         return cfg.num_experts
     return cfg.top_k
 
@@ -81,6 +83,8 @@ def replayed_routing(
             num_tokens=x_TD.shape[0],
             valid_T=valid_T,
         )
+    if isinstance(router, (ReLURouter, ExpertThresholdRouter)):  # slot e holds e: the recorded experts, live weights
+        return router.assign(router.logits(x_TD), ids_TW >= 0, valid_T)
     # Token choice: padding tokens hold -1 and are dropped by valid_T; any id is fine for them.
     idx_TK = ids_TW.clamp(min=0) if valid_T is not None else ids_TW
     if isinstance(router, HashRouter):
@@ -139,7 +143,7 @@ class _LayerReplay:
             raise ShapeError(
                 f"router replay: the record names expert {int(ids_TW.max())} but MoE layer {self.index} has {E} experts"
             )
-        if isinstance(layer.router, ExpertChoiceRouter):
+        if isinstance(layer.router, (ExpertChoiceRouter, ReLURouter, ExpertThresholdRouter)):  # a token may have none
             return
         routed_T = torch.ones(ids_TW.shape[0], dtype=torch.bool, device=ids_TW.device) if valid_T is None else valid_T
         if bool((ids_TW[routed_T] < 0).any()):

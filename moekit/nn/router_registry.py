@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from moekit.nn.config import MoEConfig, RouterType
+from moekit.nn.relu_router import ReLURouter
 from moekit.nn.router import DenseRouter, ExpertChoiceRouter, HashRouter, SigmoidTopKRouter, SoftmaxTopKRouter
 from moekit.nn.threshold_router import ExpertThresholdRouter
 
@@ -15,6 +16,7 @@ ROUTERS: dict[RouterType, type[nn.Module]] = {
     RouterType.HASH: HashRouter,
     RouterType.DENSE: DenseRouter,
     RouterType.EXPERT_THRESHOLD: ExpertThresholdRouter,
+    RouterType.RELU: ReLURouter,
 }
 
 

@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 
 from moekit.nn.config import MoEConfig
-from moekit.nn.router import Router, token_choice
+from moekit.nn.router import Router
 from moekit.nn.routing import Routing
 
 
@@ -42,21 +42,27 @@ class ExpertThresholdRouter(Router):
         self, x_TD: torch.Tensor, valid_T: torch.Tensor | None = None, token_ids_T: torch.Tensor | None = None
     ) -> Routing:
         logits_TE = self.logits(x_TD)
+        probs_TE = logits_TE.detach().softmax(dim=-1)
+        if bool(self.calibrated):
+            chosen_TE = probs_TE >= self.threshold_E.to(probs_TE.dtype)
+        else:  # no thresholds yet: top-k, whose cutoffs observe() turns into the first thresholds
+            chosen_TE = torch.zeros_like(probs_TE, dtype=torch.bool)
+            chosen_TE.scatter_(1, probs_TE.topk(self.config.top_k, dim=-1).indices, True)
+        return self.assign(logits_TE, chosen_TE, valid_T)
+
+    def assign(self, logits_TE: torch.Tensor, chosen_TE: torch.Tensor, valid_T: torch.Tensor | None) -> Routing:
+        """The Routing that sends token t to expert e where ``chosen_TE`` (its passed thresholds, or a replayed
+        record), weighted by the softmax score times ``routed_scaling_factor``; padding goes nowhere."""
         probs_TE = logits_TE.softmax(dim=-1)
-        scale = self.config.routed_scaling_factor
-        if not bool(self.calibrated):  # no thresholds yet: top-k, whose cutoffs observe() turns into thresholds
-            weight_TK, idx_TK = probs_TE.topk(self.config.top_k, dim=-1)
-            return token_choice(idx_TK, weight_TK * scale, logits_TE, probs_TE, valid_T)
-        chosen_TE = probs_TE.detach() >= self.threshold_E.to(probs_TE.dtype)
         if valid_T is not None:
-            chosen_TE &= valid_T.unsqueeze(1)
+            chosen_TE = chosen_TE & valid_T.unsqueeze(1)
         token_idx_A, expert_idx_A = chosen_TE.nonzero(as_tuple=True)  # token-major, experts in id order
         # A token's rank among its own choices (0 for its first expert): the order a capacity policy would read.
         choice_rank_TE = chosen_TE.long().cumsum(dim=1) - 1
         return Routing(
             token_idx_A=token_idx_A,
             expert_idx_A=expert_idx_A,
-            weight_A=probs_TE[token_idx_A, expert_idx_A] * scale,
+            weight_A=probs_TE[token_idx_A, expert_idx_A] * self.config.routed_scaling_factor,
             choice_rank_A=choice_rank_TE[token_idx_A, expert_idx_A],
             logits_TE=logits_TE,
             probs_TE=probs_TE,

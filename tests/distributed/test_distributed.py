@@ -106,9 +106,9 @@ def runs(tmp_path_factory):
 
 # -- equivalence ----------------------------------------------------------------------------------------
 def test_two_ranks_equal_one_process(tmp_path):
-    """ep=2 (balanced, skewed both ways, sigmoid + groups + shared expert), dp=2 x ep=1, and a masked layer
-    where one rank sends no tokens: outputs, losses, statistics, every gradient, clipping, AdamW steps and
-    the aux-free bias update equal one process on the global batch."""
+    """ep=2 (balanced, skewed both ways, sigmoid + groups + shared expert, relu), dp=2 x ep=1 (sigmoid, relu), and
+    a masked layer where one rank sends no tokens: outputs, losses, statistics, every gradient, clipping, AdamW
+    steps, the aux-free bias update and relu's L1 coefficient update equal one process on the global batch."""
     code, results, logs = _workers("equivalence", 2, tmp_path)
     assert code == 0, logs
     _assert_equal_to_one_process(results, logs)

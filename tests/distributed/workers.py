@@ -134,6 +134,8 @@ def compare_lm(ctx, config, batch=8, seq=12, skew=None, steps=1, max_norm=0.05, 
             if hasattr(m.router, "e_score_correction_bias"):
                 bias, bias_ref = m.router.e_score_correction_bias, m_ref.router.e_score_correction_bias
                 note("router_bias_update", _max_err(bias, bias_ref))
+            if hasattr(m.router, "l1_coef"):  # relu: the L1 coefficient adapted to the global batch's sparsity
+                note("relu_l1_coef_update", abs(float(m.router.l1_coef) / float(m_ref.router.l1_coef) - 1))
     ref_params = dict(ref.named_parameters())
     for name, p in model.named_parameters():
         value_ref = ref_params[name].detach()
@@ -226,6 +228,7 @@ def case_equivalence(out: Path, checkpoint: str | None = None) -> dict:
         results["softmax"] = compare_lm(ctx, lm_config(experts=E, router_bias=True), steps=2)
         results["global_batch_balance"] = compare_global_batch(ctx)
         results["expert_threshold"] = compare_lm(ctx, lm_config("expert_threshold", experts=E), steps=3)
+        results["relu"] = compare_lm(ctx, lm_config("relu", experts=E, relu_l1_init=0.05), steps=2)
     results["skew_first_rank"] = compare_lm(ctx, lm_config(experts=E, router_bias=True), skew=(0, 1))
     results["skew_last_rank"] = compare_lm(ctx, lm_config(experts=E, router_bias=True), skew=(E - 2, E - 1))
     results["sigmoid_shared"] = compare_lm(
@@ -238,6 +241,7 @@ def case_equivalence(out: Path, checkpoint: str | None = None) -> dict:
     else:
         ctx21 = init_distributed(ep=1, timeout=60)
         results["dp2_ep1_sigmoid"] = compare_lm(ctx21, lm_config("sigmoid_topk", experts=4), steps=2)
+        results["dp2_ep1_relu"] = compare_lm(ctx21, lm_config("relu", experts=4, relu_l1_init=0.05), steps=2)
     if checkpoint:
         for ep in sorted({1, 2, W}):
             results[f"checkpoint_ep{ep}"] = compare_checkpoint(init_distributed(ep=ep, timeout=60), checkpoint)

@@ -17,9 +17,10 @@ ROUTERS = {
     "softmax_topk": dict(router="softmax_topk", top_k=2),
     "softmax_norm_scaled": dict(router="softmax_topk", top_k=2, norm_topk_prob=True, routed_scaling_factor=2.5),
     "sigmoid_grouped": dict(router="sigmoid_topk", top_k=2, n_group=2, topk_group=1, num_shared_experts=1),
-    "expert_choice": dict(router="expert_choice"),
+    "expert_threshold": dict(router="expert_threshold"),  # (expert choice: refused in a causal LM)
     "hash": dict(router="hash", top_k=1),
     "dense": dict(router="dense"),
+    "relu": dict(router="relu"),
     "capacity": dict(router="softmax_topk", top_k=2, capacity_factor=1.0),
 }
 
@@ -58,7 +59,7 @@ def test_replay_of_a_recorded_forward_is_bit_identical(name):
     assert torch.equal(logits, replayed)
 
 
-@pytest.mark.parametrize("name", ["softmax_topk", "sigmoid_grouped", "expert_choice", "dense"])
+@pytest.mark.parametrize("name", ["softmax_topk", "sigmoid_grouped", "expert_threshold", "dense"])
 def test_router_keeps_a_gradient_under_replay(name):
     model = make_lm(ROUTERS[name])
     ids = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(2))
