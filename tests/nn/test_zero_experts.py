@@ -7,6 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moekit.analysis import RoutingRecorder, capture_routing
+from moekit.analysis.plots import Plot
+from moekit.analysis.readings import readings
+from moekit.analysis.report import render_html
+from moekit.analysis.stats import summarize
 from moekit.checkpoint import load_model, model_tensors, write_model_folder
 from moekit.data import ByteTokenizer
 from moekit.errors import ConfigError, ShapeError
@@ -271,3 +276,38 @@ def test_hugging_face_export_refuses_moe_pp(moe, named):
     model = tiny_lm(**{"zero_experts": 0, "copy_experts": 0, "constant_experts": 0, "gating_residual": False, **moe})
     with pytest.raises(ConfigError, match=f"cannot export this model as qwen2_moe: layers.1.mlp.{named}"):
         hf_config_from_lm(model.config)
+
+
+# -- statistics and the routing report ----------------------------------------------------------------------
+def test_routing_report_counts_tokens_that_skip_the_ffn():
+    model = tiny_lm(router_bias=True, top_k=1).eval()
+    (i0, first), (i1, second) = model.moe_layers()
+    with torch.no_grad():
+        first.router.bias[4] = 3.0  # the zero expert: many (not all) tokens of layer 1 skip the FFN
+    rec = RoutingRecorder(model)
+    x = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
+    with capture_routing(model) as seen:
+        model(x)
+    skipped = []
+    for _, aux in seen:
+        r = aux.routing
+        ffn_T = torch.zeros(r.num_tokens, dtype=torch.bool)
+        ffn_T[r.token_idx_A[r.expert_idx_A < 4]] = True
+        skipped.append(int((~ffn_T).sum()))
+        assert int(aux.ffn_skipped_tokens) == skipped[-1]
+    assert 0 < skipped[0] < 64
+    rec.update(x)
+    summary = summarize(rec.aggregates())
+    layer = summary["layers"][0]
+    zc = layer["zero_computation"]
+    assert zc["kinds"] == candidate_kinds(first.config) and zc["ffn_skipped_tokens"] == skipped[0]
+    assert sum(zc["assignment_share"].values()) == pytest.approx(1.0)
+    assert layer["num_experts"] == 8 and len(layer["load"]) == 8 and sum(layer["processed"]) == 64
+    assert layer["dead_experts"] == [e for e in layer["dead_experts"] if e < 4]  # balance: FFN experts only
+    lines = readings(summary)
+    expected = f"{skipped[0] / 64:.0%} of tokens skipped the FFN in layer {i0}"
+    assert any(line.startswith(expected) for line in lines["overview"])
+    assert any(
+        line.startswith(f"{skipped[1] / 64:.0%} of tokens skipped the FFN in layer {i1}") for line in lines["load"]
+    )
+    assert expected in render_html(summary, [Plot("load_heatmap", "load", "caption", b"", "layers")])
