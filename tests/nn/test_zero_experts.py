@@ -20,6 +20,7 @@ from moekit.interop.hf.config_export import hf_config_from_lm
 from moekit.models import LMConfig, MoELM
 from moekit.nn import MoE, MoEConfig, reference_moe
 from moekit.nn.zero_experts import candidate_kinds
+from moekit.recipes.prune import prune_experts
 from tests.nn.helpers import make_layer
 from tests.nn.test_moe import assert_matches_reference
 
@@ -311,3 +312,10 @@ def test_routing_report_counts_tokens_that_skip_the_ffn():
         line.startswith(f"{skipped[1] / 64:.0%} of tokens skipped the FFN in layer {i1}") for line in lines["load"]
     )
     assert expected in render_html(summary, [Plot("load_heatmap", "load", "caption", b"", "layers")])
+
+
+@pytest.mark.parametrize("moe", [dict(zero_experts=1), dict(zero_experts=0, copy_experts=0, constant_experts=0)])
+def test_pruning_and_merging_refuse_moe_pp(moe):
+    model = tiny_lm(**moe)
+    with pytest.raises(ConfigError, match="layer [12] has MoE\\+\\+ zero-computation experts or a gating residual"):
+        prune_experts(model, {1: [0, 1], 2: [0, 1]})
