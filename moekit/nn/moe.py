@@ -23,7 +23,7 @@ from moekit.nn.losses import losses_from_sums, routing_sums
 from moekit.nn.mlp import MLP
 from moekit.nn.router import TopKRouter, build_router, token_choice
 from moekit.nn.routing import MoEAux, Routing
-from moekit.nn.zero_experts import GatingResidual, ZeroComputationExperts, skipped_tokens, split_routing
+from moekit.nn.zero_experts import GatingResidual, ZeroComputationExperts, skipped_tokens, split_routing, weigh_balance
 
 # Routers whose balance is not guaranteed by construction, and so take the balancing losses.
 _BALANCED_BY_LOSS = (RouterType.SOFTMAX_TOPK, RouterType.SIGMOID_TOPK)
@@ -136,8 +136,8 @@ class MoE(nn.Module):
         moe_pp = self.zero_computation is not None or self.gating_residual is not None
         if not moe_pp and few_tokens.applies(self, x, mask, record_routing):
             return few_tokens.forward(self, x)
-        if self.replay is not None and self.gating_residual is not None:
-            raise ConfigError("router replay does not support gating_residual (the choices depend on the layer below)")
+        if self.replay is not None and moe_pp:
+            raise ConfigError("router replay does not support MoE++ layers (zero-computation experts, gating_residual)")
         cfg = self.config
         threads = torch.get_num_threads()
         # The many small ops run on one intra-op thread (see moekit.nn.kernels.schedule.intra_op_threads);
@@ -207,10 +207,7 @@ class MoE(nn.Module):
             with torch.no_grad():  # the load the aux-loss-free bias update balances (global under EP)
                 load_E += sums["routed_E"].to(load_E.dtype)
         if c.num_zero_computation and "probs_E" in sums:
-            # MoE++'s heterogeneous balance loss: sum_i eta_i f_i P_i, eta = 1 for FFN experts, tau for the others.
-            eta_N = torch.ones_like(sums["probs_E"])
-            eta_N[c.num_experts :] = c.zero_expert_balance_weight
-            sums["probs_E"] = sums["probs_E"] * eta_N
+            sums["probs_E"] = weigh_balance(sums["probs_E"], c)
         losses = losses_from_sums(sums, N)
         zero_load = sums["routed_E"][c.num_experts :].round().long() if c.num_zero_computation else None
         return MoEAux(

@@ -56,6 +56,14 @@ def skipped_tokens(routing: Routing, num_experts: int) -> torch.Tensor:
     return routed_T.sum()
 
 
+def weigh_balance(probs_N: torch.Tensor, config: MoEConfig) -> torch.Tensor:
+    """MoE++'s heterogeneous balance loss sum_i eta_i f_i P_i (eq. 8): the summed router probabilities P times
+    eta = 1 for the FFN experts and tau (``zero_expert_balance_weight``) for the zero-computation ones."""
+    eta_N = torch.ones_like(probs_N)
+    eta_N[config.num_experts :] = config.zero_expert_balance_weight
+    return probs_N * eta_N
+
+
 class ZeroComputationExperts(nn.Module):
     """The zero, copy and constant experts of one MoE layer; :meth:`forward` adds their weighted outputs."""
 

@@ -19,6 +19,7 @@ from moekit.inference import generate
 from moekit.interop.hf.config_export import hf_config_from_lm
 from moekit.models import LMConfig, MoELM
 from moekit.nn import MoE, MoEConfig, reference_moe
+from moekit.nn.replay import RouterReplay
 from moekit.nn.zero_experts import candidate_kinds
 from moekit.recipes.prune import prune_experts
 from tests.nn.helpers import make_layer
@@ -319,3 +320,11 @@ def test_pruning_and_merging_refuse_moe_pp(moe):
     model = tiny_lm(**moe)
     with pytest.raises(ConfigError, match="layer [12] has MoE\\+\\+ zero-computation experts or a gating residual"):
         prune_experts(model, {1: [0, 1], 2: [0, 1]})
+
+
+@pytest.mark.parametrize("moe", [dict(zero_experts=1), dict(zero_experts=0, copy_experts=0, constant_experts=0)])
+def test_router_replay_refuses_moe_pp(moe):
+    model = tiny_lm(**moe)
+    with pytest.raises(ConfigError, match="router replay does not support MoE\\+\\+ layers"):
+        with RouterReplay(model):
+            model(torch.randint(0, 256, (1, 5)))
