@@ -7,7 +7,7 @@ FFN assignments go through dispatch and the expert executor, the others are adde
 ops. Candidate ids: FFN ``[0, E)``, zero ``[E, E+Z)``, copy ``[E+Z, E+Z+C)``, constant ``[E+Z+C, N)``.
 
 The gating residual adds a learned projection of the previous MoE layer's router logits to this layer's:
-G_j(x) = W_j x + W_g^j G_{j-1}(x) (MoE++ eq. 7); the first MoE layer has none.
+G_j(x) = W_j x + W_g^j G_{j-1}(x); the first MoE layer has none.
 
 Shape legend: T tokens, D hidden, N candidates (FFN + zero-computation experts), A assignments.
 """
@@ -57,7 +57,7 @@ def skipped_tokens(routing: Routing, num_experts: int) -> torch.Tensor:
 
 
 def weigh_balance(probs_N: torch.Tensor, config: MoEConfig) -> torch.Tensor:
-    """MoE++'s heterogeneous balance loss sum_i eta_i f_i P_i (eq. 8): the summed router probabilities P times
+    """MoE++'s heterogeneous balance loss sum_i eta_i f_i P_i: the summed router probabilities P times
     eta = 1 for the FFN experts and tau (``zero_expert_balance_weight``) for the zero-computation ones."""
     eta_N = torch.ones_like(probs_N)
     eta_N[config.num_experts :] = config.zero_expert_balance_weight
@@ -70,13 +70,9 @@ class ZeroComputationExperts(nn.Module):
     def __init__(self, config: MoEConfig, hidden_size: int):
         super().__init__()
         c = config
-        self.num_experts, self.zero, self.copy, self.constant = (
-            c.num_experts,
-            c.zero_experts,
-            c.copy_experts,
-            c.constant_experts,
-        )
-        # v_j and W_c^j of each constant expert (MoE++ eq. 5); W_c^j is [2, D], one row per mixing weight.
+        self.num_experts, self.zero = c.num_experts, c.zero_experts
+        self.copy, self.constant = c.copy_experts, c.constant_experts
+        # v_j and W_c^j of each constant expert; W_c^j is [2, D], one row per mixing weight.
         self.constant_vectors = nn.Parameter(torch.empty(self.constant, hidden_size))
         self.constant_gates = nn.Parameter(torch.empty(self.constant, 2, hidden_size))
         if not self.constant_vectors.is_meta:
