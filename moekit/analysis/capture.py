@@ -54,7 +54,10 @@ def layer_routing(aux: MoEAux, num_experts: int) -> LayerRouting:
     routing: Routing | None = aux.routing
     if routing is None:
         raise ShapeError("this MoEAux holds no routing; run the layer with record_routing=True")
-    T, E = routing.num_tokens, num_experts
+    processed_E = aux.tokens_per_expert.detach().cpu().long()
+    if aux.zero_computation_load is not None:  # MoE++: the zero, copy and constant experts follow the FFN ones
+        processed_E = torch.cat([processed_E, aux.zero_computation_load.detach().cpu().long()])
+    T, E = routing.num_tokens, max(num_experts, processed_E.numel())
     token_A = routing.token_idx_A.detach().cpu()
     expert_A = routing.expert_idx_A.detach().cpu()
     weight_A = routing.weight_A.detach().float().cpu()
@@ -81,7 +84,7 @@ def layer_routing(aux: MoEAux, num_experts: int) -> LayerRouting:
         valid_T=valid_T,
         entropy_T=entropy_T,
         routed_E=torch.bincount(expert_A, minlength=E),
-        processed_E=aux.tokens_per_expert.detach().cpu().long(),
+        processed_E=processed_E,
         dropped_tokens=int(aux.dropped_tokens),
         dropped_assignments=int(aux.dropped_assignments),
     )

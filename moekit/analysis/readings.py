@@ -46,6 +46,20 @@ def _layer_load_reading(layer: dict[str, Any]) -> str:
     return text
 
 
+def _zero_computation(layers: list[dict[str, Any]]) -> list[str]:
+    """MoE++ layers: how many tokens skipped the FFN, and where the assignments went."""
+    out = []
+    for layer in layers:
+        if not (zc := layer.get("zero_computation")):
+            continue
+        shares = ", ".join(f"{kind} {share:.0%}" for kind, share in zc["assignment_share"].items())
+        out.append(
+            f"{zc['ffn_skipped_share']:.0%} of tokens skipped the FFN in layer {layer['layer']} (every choice a "
+            f"zero-computation expert); assignments: {shares}"
+        )
+    return out
+
+
 def _overview(layers: list[dict[str, Any]], load: list[str]) -> list[str]:
     imbs = [layer["imbalance"] for layer in layers if layer["imbalance"] is not None]
     if imbs and max(imbs) <= BALANCED and not any(layer["dead_experts"] for layer in layers):
@@ -185,5 +199,7 @@ def readings(summary: dict[str, Any]) -> dict[str, list[str]]:
         "drift": _drift(summary.get("drift")),
     }
     # The headline: unbalanced layers (above), then the most label-specific layer and the drift.
-    out["overview"] += out["specialisation"][:1] + out["drift"][:1]
+    zero_computation = _zero_computation(layers)
+    out["load"] += zero_computation
+    out["overview"] += zero_computation + out["specialisation"][:1] + out["drift"][:1]
     return out

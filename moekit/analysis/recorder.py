@@ -34,6 +34,7 @@ from torch import nn
 from moekit.analysis.capture import LayerRouting, capture_routing, find_moe_layers, layer_routing
 from moekit.errors import ConfigError, ShapeError
 from moekit.nn.routing import MoEAux
+from moekit.nn.zero_experts import candidate_kinds
 
 
 # -- streaming aggregates ----------------------------------------------------------------------
@@ -61,6 +62,10 @@ class LayerAggregate:
     label_tokens: torch.Tensor = None
     label_routed: torch.Tensor = None
     label_top1: torch.Tensor = None
+    # MoE++: the kind of each candidate ("ffn", "zero", "copy", "constant"; None: all FFN experts) and the
+    # tokens whose every choice was a zero-computation expert.
+    kinds: list[str] | None = None
+    ffn_skipped_tokens: int = 0
 
     def __post_init__(self):
         E, N = self.num_experts, self.num_labels
@@ -85,6 +90,9 @@ class LayerAggregate:
         self.processed += r.processed_E
         self.dropped_tokens += r.dropped_tokens
         self.dropped_assignments += r.dropped_assignments
+        if self.kinds is not None:
+            ffn_VK = chosen_VK & (experts_VK < self.kinds.count("ffn"))
+            self.ffn_skipped_tokens += int((chosen_VK.any(dim=1) & ~ffn_VK.any(dim=1)).sum())
         flat_e = experts_VK[chosen_VK]
         self.weight_sum += torch.bincount(flat_e, weights=weights_VK[chosen_VK].double(), minlength=E)
         top1_V = experts_VK[:, 0]
@@ -167,11 +175,12 @@ class RoutingRecorder:
             LayerAggregate(
                 layer=index,
                 name=name,
-                num_experts=moe.config.num_experts,
+                num_experts=moe.config.num_candidates,
                 top_k=moe.config.experts_per_token,
                 has_scores=moe.config.router.value != "hash",
                 entropy_bins=entropy_bins,
                 num_labels=len(self.label_names),
+                kinds=candidate_kinds(moe.config) if moe.config.num_zero_computation else None,
             )
             for index, name, moe in self.moe_layers
         ]

@@ -202,7 +202,9 @@ def _token_view(samples: Sequence[dict[str, Any]], summary: dict[str, Any]) -> s
             "border-color:var(--accent); }"
         )
         E = layer["num_experts"]
-        legend = "".join(f'<span style="background:{expert_colour(e, E)}">expert {e}</span>' for e in range(E))
+        kinds = (layer.get("zero_computation") or {}).get("kinds") or ["ffn"] * E  # MoE++: label the zero-computation
+        names = [f"expert {e}" if kind == "ffn" else f"{kind} expert ({e})" for e, kind in enumerate(kinds)]
+        legend = "".join(f'<span style="background:{expert_colour(e, E)}">{names[e]}</span>' for e in range(E))
         parts = [f'<div class="tv-layer tv-layer-{n}"><div class="legend">{legend}</div>']
         for s in samples:
             spans = []

@@ -187,6 +187,8 @@ def layer_summary(agg: LayerAggregate, label_names: Sequence[str], dead_fraction
     load = _arr(agg.routed)
     share = load_share(load)
     tokens = max(agg.tokens, 1)
+    # Balance is that of the FFN experts: MoE++'s zero-computation experts (after them) are meant to differ.
+    ffn = load[: agg.kinds.count("ffn")] if agg.kinds is not None else load
     out: dict[str, Any] = {
         "layer": agg.layer,
         "name": agg.name,
@@ -203,11 +205,11 @@ def layer_summary(agg: LayerAggregate, label_names: Sequence[str], dead_fraction
         "top1": [int(v) for v in agg.top1.tolist()],
         "weight_sum": _nums(agg.weight_sum),
         "weight_mean": _nums(np.divide(_arr(agg.weight_sum), load, out=np.zeros(E), where=load > 0)),
-        "imbalance": _num(imbalance(load)),
-        "cv": _num(coefficient_of_variation(load)),
-        "max_expert": int(np.argmax(load)) if E else None,
-        "max_token_share": _num(load.max() / tokens) if E else None,
-        "dead_experts": dead_experts(load, dead_fraction),
+        "imbalance": _num(imbalance(ffn)),
+        "cv": _num(coefficient_of_variation(ffn)),
+        "max_expert": int(np.argmax(ffn)) if ffn.size else None,
+        "max_token_share": _num(ffn.max() / tokens) if ffn.size else None,
+        "dead_experts": dead_experts(ffn, dead_fraction),
         "dead_fraction": dead_fraction,
         "load_entropy_bits": _num(entropy_bits(load)),
         "dropped_tokens": agg.dropped_tokens,
@@ -217,9 +219,25 @@ def layer_summary(agg: LayerAggregate, label_names: Sequence[str], dead_fraction
         # Derivable from the counts; kept for readable E only, so stats.json stays small for 256-expert models.
         "coactivation_conditional": _nums(coactivation_conditional(agg.coactivation)) if E <= 64 else None,
     }
+    if agg.kinds is not None:
+        out["zero_computation"] = _zero_computation_summary(agg, load)
     out["entropy"] = _entropy_summary(agg)
     out["specialisation"] = _specialisation_summary(agg, label_names)
     return out
+
+
+def _zero_computation_summary(agg: LayerAggregate, load: np.ndarray) -> dict[str, Any]:
+    """MoE++ layers: each candidate's kind, the share of assignments per kind, and the share of tokens that skipped
+    the FFN (every choice a zero, copy or constant expert)."""
+    assert agg.kinds is not None, "called for MoE++ layers only"
+    total = max(load.sum(), 1.0)
+    kinds = list(dict.fromkeys(agg.kinds))
+    return {
+        "kinds": list(agg.kinds),
+        "assignment_share": {k: _num(sum(v for v, kind in zip(load, agg.kinds) if kind == k) / total) for k in kinds},
+        "ffn_skipped_tokens": agg.ffn_skipped_tokens,
+        "ffn_skipped_share": _num(agg.ffn_skipped_tokens / max(agg.tokens, 1)),
+    }
 
 
 def _entropy_summary(agg: LayerAggregate) -> dict[str, Any] | None:

@@ -20,11 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moekit.errors import ShapeError
+from moekit.errors import ConfigError, ShapeError
 from moekit.models.config import AttentionType, LMConfig
 from moekit.nn.attention import Attention, KVCache, QKNorm
 from moekit.nn.attention import attention_mask as build_attention_mask
 from moekit.nn.block import Block
+from moekit.nn.config import MoEConfig
 from moekit.nn.experts import Experts
 from moekit.nn.gemv import linear
 from moekit.nn.mla import MultiHeadLatentAttention
@@ -67,6 +68,8 @@ class MoELM(nn.Module):
         self.embed_dropout = nn.Dropout(c.dropout) if c.dropout > 0 else nn.Identity()
         self.rotary_emb = RotaryEmbedding(c.rope_dim, c.rope_theta)
         self.layers = nn.ModuleList([self._build_block(i) for i in range(c.num_hidden_layers)])
+        moes = [c.moe_config(i) for i in c.sparse_layers]
+        self._gating_residual = any(m is not None and m.gating_residual for m in moes)
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
         if c.tie_word_embeddings:
@@ -101,8 +104,24 @@ class MoELM(nn.Module):
                 output_bias=c.attention_out_bias,
             )
         moe = c.moe_config(i)
+        if moe and moe.gating_residual:
+            moe = self._gating_residual_config(i, moe)
         ffn = MoE(moe, hidden_size=c.hidden_size) if moe else MLP(c.hidden_size, c.intermediate_size, c.activation)
         return Block(attn, ffn, c.hidden_size, c.rms_norm_eps, c.dropout)
+
+    def _gating_residual_config(self, i: int, moe: MoEConfig) -> MoEConfig:
+        """MoE++'s gating residual reads the previous MoE layer's logits: the first MoE layer has none, the others
+        need a predecessor scoring as many candidates."""
+        earlier = [j for j in self.config.sparse_layers if j < i]
+        if not earlier:
+            return moe.replace(gating_residual=False)
+        prev = self.config.moe_config(earlier[-1])
+        if prev is None or prev.num_candidates != moe.num_candidates:
+            raise ConfigError(
+                f"gating_residual: MoE layer {i} scores {moe.num_candidates} candidates but the MoE layer before it "
+                f"({earlier[-1]}) scores {0 if prev is None else prev.num_candidates}; give them the same experts"
+            )
+        return moe
 
     # -- initialisation --------------------------------------------------------------------------
     @torch.no_grad()
@@ -174,10 +193,14 @@ class MoELM(nn.Module):
         x = self.embed_dropout(self.embed_tokens(input_ids))  # [B, S, D]
         cos, sin = self.rotary_emb(position_ids_BS, x.dtype)  # [B, S, hd] each
         moe_aux: list[MoEAux] = []
+        gate_logits = None  # the last MoE layer's router logits, for the next one's gating residual (MoE++)
         for block in self.layers:
-            x, aux = block(x, cos, sin, attn_mask, is_causal, cache, new_valid_BS, input_ids, record_routing)
+            x, aux = block(
+                x, cos, sin, attn_mask, is_causal, cache, new_valid_BS, input_ids, record_routing, gate_logits
+            )
             if aux is not None:
                 moe_aux.append(aux)
+                gate_logits = aux.gate_logits if self._gating_residual else None
         if cache is not None:
             cache.advance(S, key_valid_BK)
         return self.norm(x), moe_aux, new_valid_BS

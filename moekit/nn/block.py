@@ -46,14 +46,21 @@ class Block(nn.Module):
         pad_mask: torch.Tensor | None = None,
         token_ids: torch.Tensor | None = None,
         record_routing: bool = False,
+        prev_logits: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, MoEAux | None]:
         """One block over the S new positions of the residual stream ``x_BSD``: (x, the MoE's MoEAux or None for a
         dense block). The attention arguments are :meth:`Attention.forward`'s; the MoE gets ``pad_mask`` [B, S]
-        (True = real token, not routed otherwise), ``token_ids`` (hash routing) and ``record_routing``."""
+        (True = real token, not routed otherwise), ``token_ids`` (hash routing), ``record_routing`` and
+        ``prev_logits`` (the previous MoE layer's router logits, for a gating residual)."""
         h = x_BSD + self.dropout(self.self_attn(self.input_layernorm(x_BSD), cos, sin, attn_mask, is_causal, cache))
         if self.is_moe:
+            extra = {} if prev_logits is None else {"prev_logits": prev_logits}  # MoE++ gating residual
             y, aux = self.mlp(
-                self.post_attention_layernorm(h), mask=pad_mask, token_ids=token_ids, record_routing=record_routing
+                self.post_attention_layernorm(h),
+                mask=pad_mask,
+                token_ids=token_ids,
+                record_routing=record_routing,
+                **extra,
             )
             return h + self.dropout(y), aux
         return h + self.dropout(self.mlp(self.post_attention_layernorm(h))), None

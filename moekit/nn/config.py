@@ -98,6 +98,13 @@ class MoEConfig(Config):
     z_loss_coef: float = 0.0  # ST-MoE router z-loss
     aux_loss_scope: BalanceScope = BalanceScope.MICRO  # the aux loss's expert shares over a micro or global batch
     router_bias: bool = False  # a bias in the router's linear layer
+    # MoE++ (Jin et al., ICLR 2025, arXiv 2410.07348): zero-computation experts scored beside the FFN experts
+    # (moekit.nn.zero_experts). zero: adds nothing; copy: adds x; constant: adds a1*x + a2*v, v learned.
+    zero_experts: int = 0
+    copy_experts: int = 0
+    constant_experts: int = 0
+    zero_expert_balance_weight: float = 0.75  # MoE++'s tau: their weight in the aux loss (FFN experts: 1)
+    gating_residual: bool = False  # router logits += W_g @ (previous MoE layer's router logits)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "router", check_choice("router", self.router, RouterType))
@@ -110,6 +117,7 @@ class MoEConfig(Config):
             value = getattr(self, name)
             require(isinstance(value, int) and value >= 1, f"{name} must be a positive integer, got {value!r}")
         require(self.num_shared_experts >= 0, f"num_shared_experts must be >= 0, got {self.num_shared_experts}")
+        self._check_zero_computation()
         if self.router in (
             RouterType.SOFTMAX_TOPK,
             RouterType.SIGMOID_TOPK,
@@ -117,8 +125,9 @@ class MoEConfig(Config):
             RouterType.RELU,
         ):
             require(
-                self.top_k <= self.num_experts,
-                f"top_k={self.top_k} exceeds num_experts={self.num_experts}",
+                self.top_k <= self.num_candidates,
+                f"top_k={self.top_k} exceeds num_experts={self.num_experts}"
+                + (f" + {self.num_zero_computation} zero-computation experts" if self.num_zero_computation else ""),
             )
         require(
             self.num_experts % self.n_group == 0,
@@ -158,6 +167,31 @@ class MoEConfig(Config):
                 "top_k=1 with norm_topk_prob=True: the chosen expert's weight is always 1, so the router "
                 "learns only from the balancing losses; set norm_topk_prob=False to scale by the gate (Switch)"
             )
+
+    def _check_zero_computation(self) -> None:
+        """MoE++'s extra candidates and gating residual: top-k routers only, no expert groups."""
+        for name in ("zero_experts", "copy_experts", "constant_experts"):
+            value = getattr(self, name)
+            require(isinstance(value, int) and value >= 0, f"{name} must be an integer >= 0, got {value!r}")
+        require(self.zero_expert_balance_weight >= 0, "zero_expert_balance_weight must be >= 0")
+        if not (self.num_zero_computation or self.gating_residual):
+            return
+        what = "zero-computation experts" if self.num_zero_computation else "gating_residual"
+        require(
+            self.router in (RouterType.SOFTMAX_TOPK, RouterType.SIGMOID_TOPK),
+            f"{what} (MoE++) need router='softmax_topk' or 'sigmoid_topk', not {self.router.value!r}",
+        )
+        require(self.n_group == 1 or not self.num_zero_computation, f"{what} do not combine with n_group > 1")
+
+    @property
+    def num_zero_computation(self) -> int:
+        """Zero, copy and constant experts together (MoE++)."""
+        return self.zero_experts + self.copy_experts + self.constant_experts
+
+    @property
+    def num_candidates(self) -> int:
+        """What the router scores: the FFN experts, then the zero, copy and constant experts."""
+        return self.num_experts + self.num_zero_computation
 
     @property
     def experts_per_token(self) -> int:

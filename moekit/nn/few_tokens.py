@@ -62,7 +62,8 @@ def forward(layer: MoE, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
         T = x_TD.shape[0]
         router = layer.router
         assert isinstance(router, TopKRouter), "applies() admits top-k routers only"
-        idx_TK, weight_TK, probs_TE = router.choose(router.logits(x_TD))
+        logits_TE = router.logits(x_TD)
+        idx_TK, weight_TK, probs_TE = router.choose(logits_TE)
         experts = layer.experts
         # One host sync for the choices and weights: python ints/floats then index and scale without more ops.
         chosen, weights = idx_TK.tolist(), weight_TK.to(x_TD.dtype).tolist()  # rounded as the general path's
@@ -85,5 +86,6 @@ def forward(layer: MoE, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
             dropped_tokens=zero.clone(),
             router_entropy=-(probs_TE * probs_TE.clamp_min(1e-30).log()).sum(dim=-1).mean(),
             routing=None,
+            gate_logits=logits_TE,
         )
         return y_TD.to(x.dtype).view(x.shape), aux

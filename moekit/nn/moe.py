@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moekit.errors import ShapeError
+from moekit.errors import ConfigError, ShapeError
 from moekit.nn import few_tokens
 from moekit.nn.config import Activation, BalanceScope, MoEConfig, RouterType
 from moekit.nn.dispatch import Dispatch, dispatch, expert_capacity
@@ -22,8 +22,10 @@ from moekit.nn.kernels.schedule import intra_op_threads
 from moekit.nn.losses import losses_from_sums, routing_sums
 from moekit.nn.mlp import MLP
 from moekit.nn.relu_router import l1_loss, l1_sums
+from moekit.nn.router import TopKRouter, token_choice
 from moekit.nn.router_registry import build_router
 from moekit.nn.routing import MoEAux, Routing
+from moekit.nn.zero_experts import GatingResidual, ZeroComputationExperts, skipped_tokens, split_routing, weigh_balance
 
 # Routers whose balance is not guaranteed by construction, and so take the balancing losses.
 _BALANCED_BY_LOSS = (RouterType.SOFTMAX_TOPK, RouterType.SIGMOID_TOPK)
@@ -46,6 +48,7 @@ class MoE(nn.Module):
             the balancing losses or statistics.
         token_ids: token ids of x's leading shape; required by hash routing.
         record_routing: keep the full Routing in ``aux.routing`` (for analysis).
+        prev_logits: the previous MoE layer's ``aux.gate_logits``; required with ``gating_residual``.
     """
 
     def __init__(self, config: MoEConfig | None = None, *, hidden_size: int, **fields: Any):
@@ -63,6 +66,9 @@ class MoE(nn.Module):
         self.shared_expert_gate = (
             nn.Linear(hidden_size, 1, bias=False) if config.num_shared_experts and config.shared_expert_gate else None
         )
+        # MoE++ (moekit.nn.zero_experts): zero/copy/constant experts beside the FFN experts; gating residual.
+        self.zero_computation = ZeroComputationExperts(config, hidden_size) if config.num_zero_computation else None
+        self.gating_residual = GatingResidual(config.num_candidates) if config.gating_residual else None
         # Runs the experts and sums the statistics over a global batch; moekit.distributed.shard_model
         # replaces it (this rank then holds E / P experts; tokens travel to them by all-to-all).
         self.executor: ExpertExecutor = LocalExperts()
@@ -102,10 +108,27 @@ class MoE(nn.Module):
 
     # -- forward ------------------------------------------------------------------------------
     def route(
-        self, x_TD: torch.Tensor, valid_T: torch.Tensor | None = None, token_ids_T: torch.Tensor | None = None
+        self,
+        x_TD: torch.Tensor,
+        valid_T: torch.Tensor | None = None,
+        token_ids_T: torch.Tensor | None = None,
+        prev_logits: torch.Tensor | None = None,
     ) -> Routing:
-        """The router's decision for flattened tokens."""
-        return self.router(x_TD, valid_T, token_ids_T)
+        """The router's decision for flattened tokens (plus the previous layer's logits with a gating residual)."""
+        if self.gating_residual is None:
+            return self.router(x_TD, valid_T, token_ids_T)
+        if prev_logits is None or prev_logits.numel() // prev_logits.shape[-1] != x_TD.shape[0]:
+            got = "none" if prev_logits is None else f"shape {tuple(prev_logits.shape)}"
+            raise ShapeError(
+                f"gating_residual=True needs prev_logits, the previous MoE layer's aux.gate_logits for the same "
+                f"{x_TD.shape[0]} tokens; got {got}"
+            )
+        router = self.router
+        assert isinstance(router, TopKRouter), "MoEConfig admits top-k routers only with gating_residual"
+        logits_TN = router.logits(x_TD)
+        logits_TN = logits_TN + self.gating_residual(prev_logits.reshape(-1, prev_logits.shape[-1]).to(logits_TN))
+        topk_idx_TK, weight_TK, probs_TN = router.choose(logits_TN)
+        return token_choice(topk_idx_TK, weight_TK, logits_TN, probs_TN, valid_T)
 
     def forward(
         self,
@@ -113,9 +136,13 @@ class MoE(nn.Module):
         mask: torch.Tensor | None = None,
         token_ids: torch.Tensor | None = None,
         record_routing: bool = False,
+        prev_logits: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, MoEAux]:
-        if few_tokens.applies(self, x, mask, record_routing):
+        moe_pp = self.zero_computation is not None or self.gating_residual is not None
+        if not moe_pp and few_tokens.applies(self, x, mask, record_routing):
             return few_tokens.forward(self, x)
+        if self.replay is not None and moe_pp:
+            raise ConfigError("router replay does not support MoE++ layers (zero-computation experts, gating_residual)")
         cfg = self.config
         threads = torch.get_num_threads()
         # The many small ops run on one intra-op thread (see moekit.nn.kernels.schedule.intra_op_threads);
@@ -123,10 +150,13 @@ class MoE(nn.Module):
         with intra_op_threads(1):
             x_TD, valid_T, ids_T, seq_len = self._flatten_inputs(x, mask, token_ids)
             if self.replay is None:
-                routing = self.route(x_TD, valid_T, ids_T)
+                routing = self.route(x_TD, valid_T, ids_T, prev_logits)
             else:
                 routing = self.replay(self, tuple(x.shape[:-1]), x_TD, valid_T, ids_T)
-            plan = dispatch(routing, cfg.num_experts, cfg.capacity_factor, cfg.drop_policy)
+            ffn_routing, extra = (
+                (routing, None) if self.zero_computation is None else split_routing(routing, cfg.num_experts)
+            )
+            plan = dispatch(ffn_routing, cfg.num_experts, cfg.capacity_factor, cfg.drop_policy)
             fuse = self.executor.fuses_shared and self.experts.fused_kernel
             shared = self._fusable_shared(x_TD) if fuse else None
             dropout = cfg.expert_dropout if self.training else 0.0
@@ -134,6 +164,8 @@ class MoE(nn.Module):
         if self.shared_experts is not None and shared is None:
             y_TD = y_TD + self._shared(x_TD).to(y_TD.dtype)
         with intra_op_threads(1):
+            if self.zero_computation is not None and extra is not None:  # no FFN runs for these assignments
+                y_TD = y_TD + self.zero_computation(x_TD, extra).to(y_TD.dtype)
             y_TD = y_TD.to(x.dtype)
             aux = self._aux(routing, plan, seq_len, record_routing)
         return y_TD.view(x.shape), aux
@@ -168,12 +200,15 @@ class MoE(nn.Module):
         coefs = {"aux": c.aux_loss_coef, "seq_aux": c.seq_aux_loss_coef, "z": c.z_loss_coef}
         if c.router not in _BALANCED_BY_LOSS:
             coefs["aux"] = coefs["seq_aux"] = 0.0
-        sums = routing_sums(routing, c.num_experts, seq_len, [name for name, coef in coefs.items() if coef > 0])
+        N = c.num_candidates  # the FFN experts, then MoE++'s zero-computation ones (if any)
+        sums = routing_sums(routing, N, seq_len, [name for name, coef in coefs.items() if coef > 0])
         sums.update(kept_E=plan.tokens_per_expert_E, dropped_assignments=plan.dropped_assignments)
         sums.update(dropped_tokens=plan.dropped_tokens)
         relu = c.router == RouterType.RELU
         if relu:
             sums.update(l1_sums(routing))
+        if c.num_zero_computation:
+            sums["ffn_skipped"] = skipped_tokens(routing, c.num_experts)
         sums = self.executor.reduce(sums)
         load_E = getattr(self.router, "load_since_update", None)
         if self.router.training and isinstance(load_E, torch.Tensor):
@@ -184,13 +219,16 @@ class MoE(nn.Module):
         observe = getattr(self.router, "observe", None)  # expert threshold: move the thresholds (global batch)
         if self.router.training and observe is not None:
             observe(routing, int(sums["n_valid"]), self.executor.gather)
-        losses = losses_from_sums(sums, c.num_experts)
+        if c.num_zero_computation and "probs_E" in sums:
+            sums["probs_E"] = weigh_balance(sums["probs_E"], c)
+        losses = losses_from_sums(sums, N)
         if "aux" in losses and c.aux_loss_scope == BalanceScope.GLOBAL and self.training:
             losses["aux"] = self._global_batch_aux(sums)
         loss = sum((coefs[name] * value for name, value in losses.items()), torch.zeros(()))
         if relu:  # ReMoE's L1 on the gates, at the coefficient the router adapts each step
             losses["l1"] = l1_loss(sums, c)
             loss = loss + self.router.get_buffer("l1_coef") * losses["l1"]
+        zero_load = sums["routed_E"][c.num_experts :].round().long() if c.num_zero_computation else None
         return MoEAux(
             loss=loss,
             losses=losses,
@@ -199,6 +237,9 @@ class MoE(nn.Module):
             dropped_tokens=sums["dropped_tokens"],
             router_entropy=sums["entropy"] / sums["n_valid"].clamp(min=1),
             routing=routing if record_routing else None,
+            zero_computation_load=zero_load,
+            ffn_skipped_tokens=sums.get("ffn_skipped"),
+            gate_logits=routing.logits_TE,
         )
 
     def _global_batch_aux(self, sums: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -212,7 +253,7 @@ class MoE(nn.Module):
             seen = {name: value + self._balance_window[name] for name, value in seen.items()}
         self._balance_window = seen
         f_E = (seen["routed_E"] / seen["n_valid"].clamp(min=1)).to(sums["probs_E"].dtype)
-        return self.config.num_experts * (f_E * sums["probs_E"] / sums["n_valid"].clamp(min=1)).sum()
+        return self.config.num_candidates * (f_E * sums["probs_E"] / sums["n_valid"].clamp(min=1)).sum()
 
     def reset_balance_window(self) -> None:
         """Start a new global batch for ``aux_loss_scope="global"`` (the training loop calls it every step)."""
@@ -225,7 +266,7 @@ class MoE(nn.Module):
         if w is None:
             return None
         n = w["n_valid"].clamp(min=1)
-        return self.config.num_experts * ((w["routed_E"] / n) * (w["probs_E"] / n)).sum()
+        return self.config.num_candidates * ((w["routed_E"] / n) * (w["probs_E"] / n)).sum()
 
     @torch.no_grad()
     def update_bias(self, load_E: torch.Tensor | None = None) -> None:
@@ -244,15 +285,20 @@ def start_global_batch(model: nn.Module) -> None:
 
 
 def reference_moe(
-    layer: MoE, x: torch.Tensor, mask: torch.Tensor | None = None, token_ids: torch.Tensor | None = None
+    layer: MoE,
+    x: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    token_ids: torch.Tensor | None = None,
+    prev_logits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The obviously-right MoE output: the layer's own routing, then a plain loop over experts.
 
-    Capacity is re-derived here with python sorting, so the fast dispatcher is checked too.
+    Capacity is re-derived here with python sorting, so the fast dispatcher is checked too. Zero-computation
+    experts (MoE++) are added token by token.
     """
     cfg = layer.config
     x_TD, valid_T, ids_T, _ = layer._flatten_inputs(x, mask, token_ids)
-    routing = layer.route(x_TD, valid_T, ids_T)
+    routing = layer.route(x_TD, valid_T, ids_T, prev_logits)
     assignments = list(
         zip(
             routing.token_idx_A.tolist(),
@@ -274,6 +320,10 @@ def reference_moe(
         for i, (t, _, _, _) in mine:
             out_D = layer.experts.expert_forward(e, x_TD[t : t + 1])[0]
             y_TD[t] = y_TD[t] + routing.weight_A[i].to(x.dtype) * out_D
+    for i, (t, e, _, _) in enumerate(assignments):
+        if e >= cfg.num_experts:
+            assert layer.zero_computation is not None, "only MoE++ layers route beyond the FFN experts"
+            y_TD[t] = y_TD[t] + routing.weight_A[i].to(x.dtype) * layer.zero_computation.reference(x_TD[t], e)
     if layer.shared_experts is not None:
         y_TD = y_TD + layer._shared(x_TD)
     return y_TD.view(x.shape)

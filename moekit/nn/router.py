@@ -29,8 +29,9 @@ class Router(nn.Module):
     def __init__(self, config: MoEConfig, hidden_size: int):
         super().__init__()
         self.config = config
-        self.weight = nn.Parameter(torch.empty(config.num_experts, hidden_size))
-        self.bias = nn.Parameter(torch.zeros(config.num_experts)) if config.router_bias else None
+        # One row per candidate: the FFN experts, then MoE++'s zero-computation experts (moekit.nn.zero_experts).
+        self.weight = nn.Parameter(torch.empty(config.num_candidates, hidden_size))
+        self.bias = nn.Parameter(torch.zeros(config.num_candidates)) if config.router_bias else None
         if not self.weight.is_meta:  # built to be given loaded tensors (an init op on meta costs ~1 s of imports)
             nn.init.normal_(self.weight, std=hidden_size**-0.5)
 
@@ -139,10 +140,10 @@ class SigmoidTopKRouter(TopKRouter):
 
     def __init__(self, config: MoEConfig, hidden_size: int):
         super().__init__(config, hidden_size)
-        self.register_buffer("e_score_correction_bias", torch.zeros(config.num_experts, dtype=torch.float32))
+        self.register_buffer("e_score_correction_bias", torch.zeros(config.num_candidates, dtype=torch.float32))
         # Load observed since the last update_bias(), summed over micro-batches by the MoE layer in training
         # (over all ranks under expert parallelism).
-        self.register_buffer("load_since_update", torch.zeros(config.num_experts), persistent=False)
+        self.register_buffer("load_since_update", torch.zeros(config.num_candidates), persistent=False)
 
     def choose(self, logits_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         cfg = self.config

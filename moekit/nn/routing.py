@@ -48,3 +48,8 @@ class MoEAux:
     dropped_tokens: torch.Tensor  # tokens that lost every assignment: only the residual carries them
     router_entropy: torch.Tensor  # mean entropy of the router distribution over valid tokens (nats)
     routing: Routing | None = None  # the full Routing when the layer was asked to record it
+    # MoE++ (moekit.nn.zero_experts): assignments per zero, copy and constant expert [Z+C+K] (long), and the
+    # tokens whose every choice was one of them (skipped the FFN); None for a layer without them.
+    zero_computation_load: torch.Tensor | None = None
+    ffn_skipped_tokens: torch.Tensor | None = None
+    gate_logits: torch.Tensor | None = None  # router logits [T, N]: what the next layer's gating residual reads

@@ -53,6 +53,8 @@ def check_compressible(model: MoELM, what: str) -> None:
             raise ConfigError(
                 f"layer {i} uses router='hash' (a fixed token -> expert map): its experts cannot be {what}d"
             )
+        if moe.config.num_zero_computation or moe.config.gating_residual:  # router rows beyond the FFN experts
+            raise ConfigError(f"layer {i} has MoE++ zero-computation experts or a gating residual: cannot {what} it")
 
 
 def rebuild_with_experts(

@@ -103,6 +103,9 @@ def compare_lm(ctx, config, batch=8, seq=12, skew=None, steps=1, max_norm=0.05, 
             for name in a_ref.losses:
                 note(f"loss:{name}", _rel_err(a.losses[name], a_ref.losses[name]))
             note("tokens_per_expert", _max_err(a.tokens_per_expert, a_ref.tokens_per_expert))
+            if a_ref.zero_computation_load is not None:  # MoE++: the zero-computation experts' load, FFN skips
+                note("zero_computation_load", _max_err(a.zero_computation_load, a_ref.zero_computation_load))
+                note("ffn_skipped_tokens", _max_err(a.ffn_skipped_tokens, a_ref.ffn_skipped_tokens))
             note("router_entropy", _max_err(a.router_entropy, a_ref.router_entropy))
             El = config.moe.num_experts // P
             received.append(int(a_ref.tokens_per_expert[ctx.ep_rank * El : (ctx.ep_rank + 1) * El].sum()))
@@ -229,6 +232,9 @@ def case_equivalence(out: Path, checkpoint: str | None = None) -> dict:
         results["global_batch_balance"] = compare_global_batch(ctx)
         results["expert_threshold"] = compare_lm(ctx, lm_config("expert_threshold", experts=E), steps=3)
         results["relu"] = compare_lm(ctx, lm_config("relu", experts=E, relu_l1_init=0.05), steps=2)
+        moe_pp = dict(zero_experts=1, copy_experts=1, constant_experts=1, gating_residual=True)
+        results["moe_pp_softmax"] = compare_lm(ctx, lm_config(experts=E, **moe_pp), steps=2)
+        results["moe_pp_sigmoid"] = compare_lm(ctx, lm_config("sigmoid_topk", experts=E, **moe_pp), steps=2)
     results["skew_first_rank"] = compare_lm(ctx, lm_config(experts=E, router_bias=True), skew=(0, 1))
     results["skew_last_rank"] = compare_lm(ctx, lm_config(experts=E, router_bias=True), skew=(E - 2, E - 1))
     results["sigmoid_shared"] = compare_lm(

@@ -275,6 +275,11 @@ def math_signature(config: LMConfig) -> dict[str, Any]:
             "capacity_factor": m.capacity_factor,
             "router_bias": m.router_bias,
         }
+        if m.num_zero_computation:  # MoE++: no Hugging Face family has these
+            kinds = {"zero": m.zero_experts, "copy": m.copy_experts, "constant": m.constant_experts}
+            layer["zero_computation_experts"] = kinds
+        if m.gating_residual:
+            layer["gating_residual"] = True
         if m.router in (RouterType.SOFTMAX_TOPK, RouterType.SIGMOID_TOPK):
             layer["norm_topk_prob"] = m.norm_topk_prob
             layer["routed_scaling_factor"] = m.routed_scaling_factor
