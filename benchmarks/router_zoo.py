@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from upcycle_experiments import TRAIN, VALID, domain_losses  # each domain's files; held-out loss per domain
 
 from moekit.analysis.load import expert_load
 from moekit.data.loader import iter_eval_batches
@@ -48,10 +49,6 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "relu": ("demo", {"router": "relu", "aux_loss_coef": 0.0}),
     "zero-experts": ("demo", {"zero_experts": 1, "copy_experts": 1, "constant_experts": 1, "gating_residual": True}),
 }
-
-# Each domain's training and held-out file, relative to --data (the multidomain folder).
-TRAIN = {"code": "code_networkx/train.txt", "math": "math_gsm8k/train.txt", "prose": "prose_warpeace/train.txt"}
-VALID = {"code": "code_networkx/valid.txt", "math": "math_gsm8k/test.txt", "prose": "prose_warpeace/valid.txt"}
 
 
 def make_trainer(name: str, args, out: Path) -> Trainer:
@@ -101,20 +98,12 @@ def mutual_information(load_DLE: torch.Tensor) -> float:
 def domain_results(trainer: Trainer, args) -> dict[str, Any]:
     """Held-out loss per domain and the domain/expert mutual information (MoE only)."""
     model, tokenizer = trainer.model, trainer.tokenizer
-    losses, loads = {}, []
-    model.eval()
-    with torch.no_grad():
-        for name, path in VALID.items():
-            tokens = torch.tensor(tokenizer.encode(load_text(args.data / path)[: args.valid_bytes]))
-            total, count = 0.0, 0
-            for x, y in iter_eval_batches(tokens, args.block_size, 16):
-                logits = model(x).logits
-                total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
-                count += y.numel()
-            losses[name] = total / count
-            if model.moe_layers():
-                loads.append(expert_load(model, (x for x, _ in iter_eval_batches(tokens, args.block_size, 16)))[1])
-    model.train()
+    losses = {name: loss for name, loss in domain_losses(model, tokenizer, args).items() if name in VALID}
+    loads = []
+    for path in VALID.values():
+        tokens = torch.tensor(tokenizer.encode(load_text(args.data / path)[: args.valid_bytes]))
+        if model.moe_layers():
+            loads.append(expert_load(model, (x for x, _ in iter_eval_batches(tokens, args.block_size, 16)))[1])
     result: dict[str, Any] = {"domain_loss": losses, "val_loss": sum(losses.values()) / len(losses)}
     if loads:
         load_DLE = torch.stack(loads)
