@@ -90,6 +90,11 @@ class EncoderConfig(Config):
         require((self.hidden_size // self.num_attention_heads) % 2 == 0, "head size must be even (rotary)")
         require(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
         require(0 <= self.token_dropout < 1, f"token_dropout must be in [0, 1), got {self.token_dropout}")
+        require(
+            self.moe is None or not self.moe.gating_residual,
+            "gating_residual (MoE++) chains router logits from one MoE layer to the next, which only the language "
+            "model (MoELM) wires; set gating_residual=false here",
+        )
         if self.image_size is not None:
             require(
                 self.image_size % self.patch_size == 0,

@@ -96,6 +96,11 @@ class Seq2SeqConfig(Config):
             "use ffn='moe' or 'dense'",
         )
         require(
+            self.moe is None or not self.moe.gating_residual,
+            "gating_residual (MoE++) chains router logits from one MoE layer to the next, which only the language "
+            "model (MoELM) wires; set gating_residual=false here",
+        )
+        require(
             self.moe is None or self.moe.router != RouterType.EXPERT_CHOICE,
             "router='expert_choice' lets experts pick tokens by comparing them across positions, so a target "
             "token's routing would depend on later ones; use a token-choice router (softmax_topk, sigmoid_topk)",

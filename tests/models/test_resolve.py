@@ -74,3 +74,10 @@ def test_old_flat_task_model_configs_load_as_nested():
     assert Seq2SeqConfig.from_dict(old.to_dict()) == old
     enc = EncoderConfig.from_dict({"num_labels": 2, "image_size": 8, "patch_size": 4, "num_experts": 2})
     assert enc.moe.num_experts == 2 and enc.moe.top_k == 1 and enc.moe.expert_hidden_size == 256
+
+
+def test_encoder_refuses_a_gating_residual_it_cannot_wire():
+    with pytest.raises(ConfigError, match="gating_residual .*only the language model"):
+        EncoderConfig(
+            num_labels=2, vocab_size=10, moe={"expert_hidden_size": 16, "zero_experts": 1, "gating_residual": True}
+        )

@@ -138,3 +138,8 @@ def test_top_k_routers_learn_from_the_task_loss(top_k):
     fixed(torch.randint(4, 50, (2, 6)), torch.randint(4, 50, (2, 5))).logits.sum().backward()
     grads = [p.grad.abs().sum().item() for n, p in fixed.named_parameters() if n.endswith("router.weight")]
     assert (max(grads) < 1e-4) == (top_k == 1), grads
+
+
+def test_config_refuses_a_gating_residual_it_cannot_wire():
+    with pytest.raises(ConfigError, match="gating_residual .*only the language model"):
+        Seq2SeqConfig(vocab_size=10, moe={"gating_residual": True, "zero_experts": 1})
