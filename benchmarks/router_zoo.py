@@ -118,6 +118,17 @@ def validation_balance(trainer: Trainer) -> float | None:
     return balance(torch.stack([load.float() for load in loads])) if loads else None
 
 
+def ffn_experts_per_token(trainer: Trainer, args) -> float | None:
+    """Mean over MoE layers of the FFN experts that process a held-out token: the active compute of routers
+    whose count varies (relu, expert threshold) or that may skip the FFN (zero-computation experts)."""
+    model = trainer.model
+    if not model.moe_layers():
+        return None
+    batches = [x for x, _ in iter_eval_batches(trainer.task.val_tokens, args.block_size, 16, 10)]
+    _, load_LE = expert_load(model, batches)
+    return float(load_LE.sum(dim=1).float().mean()) / sum(x.numel() for x in batches)
+
+
 def run(name: str, args) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         trainer = make_trainer(name, args, Path(tmp))
@@ -143,6 +154,7 @@ def run(name: str, args) -> dict[str, Any]:
             "curve": curve,
             "params": trainer.model.num_parameters(),
             "median_step_s": statistics.median(times[5:] or times),
+            "experts_per_token": ffn_experts_per_token(trainer, args),
         }
         if args.corpus == "multidomain":
             result.update(domain_results(trainer, args))
@@ -177,6 +189,7 @@ def table(folder: Path, timing_file: Path | None) -> str:
         *domains,
         "gap to dense",
         "step time / dense",
+        "FFN experts / token",
         "balance",
         *(["MI"] if domains else []),
     ]
@@ -186,6 +199,7 @@ def table(folder: Path, timing_file: Path | None) -> str:
         cells = [name, f"{r['val_loss']:.4f}", *(f"{r['domain_loss'][d]:.4f}" for d in domains)]
         cells.append(f"{best_dense - r['val_loss']:+.4f}")
         cells.append(f"{ratios[name]:.2f}x" if name in ratios else "-")
+        cells.append(f"{r['experts_per_token']:.2f}" if r.get("experts_per_token") is not None else "-")
         cells.append(f"{r['balance']:.2f}" if r.get("balance") is not None else "-")
         if domains:
             cells.append(f"{r['mutual_information']:.4f}" if "mutual_information" in r else "-")
