@@ -164,17 +164,27 @@ def run(name: str, args) -> dict[str, Any]:
 
 
 def timing(args) -> dict[str, Any]:
-    """Step time of every configuration over ``args.timing`` interleaved steps; ratios to dense."""
+    """Step time of every configuration over ``args.timing`` interleaved steps, after ``args.timing_warmup``
+    untimed ones (relu routes near densely until its L1 coefficient has grown: ~100 steps); ratios to dense."""
     with tempfile.TemporaryDirectory() as tmp:
         trainers = {name: make_trainer(name, args, Path(tmp)) for name in args.only}
+        total = args.timing_warmup + args.timing
+        for step in range(args.timing_warmup):
+            for trainer in trainers.values():
+                trainer.train_step(step / total)
         times: dict[str, list[float]] = {name: [] for name in trainers}
-        for step in range(args.timing):
+        for step in range(args.timing_warmup, total):
             for name, trainer in trainers.items():
                 t0 = time.perf_counter()
-                trainer.train_step(step / max(args.timing, 1))
+                trainer.train_step(step / total)
                 times[name].append(time.perf_counter() - t0)
     low = {name: statistics.quantiles(t[5:], n=4)[0] for name, t in times.items()}  # lower quartile: least noise
-    return {"steps": args.timing, "lower_quartile_s": low, "ratio_to_dense": {n: low[n] / low["dense"] for n in low}}
+    return {
+        "steps": args.timing,
+        "warmup": args.timing_warmup,
+        "lower_quartile_s": low,
+        "ratio_to_dense": {n: low[n] / low["dense"] for n in low},
+    }
 
 
 def table(folder: Path, timing_file: Path | None) -> str:
@@ -224,6 +234,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--timing", type=int, default=0, help="measure step times over N interleaved steps instead")
+    p.add_argument("--timing-warmup", type=int, default=0, help="untimed steps before the timed ones")
     p.add_argument("--out", type=Path, help="folder for the per-configuration JSON results")
     p.add_argument("--table", type=Path, default=None, help="print the markdown table of this folder's results")
     p.add_argument("--timing-from", type=Path, default=None, help="timing.json whose ratios the table shows")
