@@ -47,6 +47,8 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "sigmoid-auxfree": ("demo", {"router": "sigmoid_topk", "aux_loss_coef": 0.0}),
     "threshold": ("demo", {"router": "expert_threshold", "aux_loss_coef": 0.0}),
     "relu": ("demo", {"router": "relu", "aux_loss_coef": 0.0}),
+    # ReMoE reports that its lead grows with the expert count: twice the experts, the same active size.
+    "relu-32": ("demo", {"router": "relu", "aux_loss_coef": 0.0, "num_experts": 32}),
     "zero-experts": ("demo", {"zero_experts": 1, "copy_experts": 1, "constant_experts": 1, "gating_residual": True}),
 }
 
