@@ -42,6 +42,8 @@ from moekit.train import TrainConfig, Trainer
 CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "dense": ("dense-demo", {}),
     "dense-no-dropout": ("dense-demo", {}),  # with --dropout: the dense twin without it guards the comparison
+    "topk-micro-no-dropout": ("demo", {}),  # (a name ending in -no-dropout trains without --dropout)
+    "relu-no-dropout": ("demo", {"router": "relu", "aux_loss_coef": 0.0}),
     "topk-micro": ("demo", {}),  # aux_loss_scope="micro", the default
     "topk-global": ("demo", {"aux_loss_scope": "global"}),
     "sigmoid-auxfree": ("demo", {"router": "sigmoid_topk", "aux_loss_coef": 0.0}),
@@ -72,7 +74,7 @@ def make_trainer(name: str, args, out: Path) -> Trainer:
         tensorboard=False,
         out_dir=str(out / name),
     )
-    dropout = 0.0 if name == "dense-no-dropout" else args.dropout
+    dropout = 0.0 if name.endswith("-no-dropout") else args.dropout
     overrides: dict[str, Any] = {"dropout": dropout} if dropout else {}
     if moe:
         overrides["moe"] = dict(moe)
