@@ -221,6 +221,31 @@ def table(folder: Path, timing_file: Path | None) -> str:
     return "\n".join(lines)
 
 
+def plot(folder: Path, path: Path) -> None:
+    """Validation loss against tokens, one line per configuration of ``folder``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for p in sorted(folder.glob("*.json")):
+        r = json.loads(p.read_text())
+        if "curve" not in r:
+            continue
+        per_step = r["tokens"] / r["steps"]
+        steps = [point["step"] for point in r["curve"]]
+        style = "--" if r["model"].startswith("dense") else "-"
+        ax.plot([s * per_step for s in steps], [point["val_loss"] for point in r["curve"]], style, label=r["name"])
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("validation loss (nats)")
+    ax.set_ylim(top=min(ax.get_ylim()[1], 2.0))
+    ax.set_title(f"router zoo: {folder.name}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", choices=["shakespeare", "multidomain"], default="shakespeare")
@@ -242,9 +267,12 @@ def main() -> None:
     p.add_argument("--out", type=Path, help="folder for the per-configuration JSON results")
     p.add_argument("--table", type=Path, default=None, help="print the markdown table of this folder's results")
     p.add_argument("--timing-from", type=Path, default=None, help="timing.json whose ratios the table shows")
+    p.add_argument("--plot", type=Path, default=None, help="with --table: also plot the loss curves here (.png)")
     args = p.parse_args()
     if args.table:
         print(table(args.table, args.timing_from))
+        if args.plot:
+            plot(args.table, args.plot)
         return
     if args.threads:
         torch.set_num_threads(args.threads)
