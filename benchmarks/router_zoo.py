@@ -51,6 +51,7 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "relu": ("demo", {"router": "relu", "aux_loss_coef": 0.0}),
     # ReMoE reports that its lead grows with the expert count: twice the experts, the same active size.
     "relu-32": ("demo", {"router": "relu", "aux_loss_coef": 0.0, "num_experts": 32}),
+    "relu-32-no-dropout": ("demo", {"router": "relu", "aux_loss_coef": 0.0, "num_experts": 32}),
     "zero-experts": ("demo", {"zero_experts": 1, "copy_experts": 1, "constant_experts": 1, "gating_residual": True}),
 }
 
