@@ -212,7 +212,7 @@ def table(folder: Path, timing_file: Path | None) -> str:
     for name in [n for n in CONFIGS if n in rows] + [n for n in rows if n not in CONFIGS]:
         r = rows[name]
         cells = [name, f"{r['val_loss']:.4f}", *(f"{r['domain_loss'][d]:.4f}" for d in domains)]
-        cells.append(f"{best_dense - r['val_loss']:+.4f}")
+        cells.append("-" if math.isnan(best_dense) else f"{best_dense - r['val_loss']:+.4f}")
         cells.append(f"{ratios[name]:.2f}x" if name in ratios else "-")
         cells.append(f"{r['experts_per_token']:.2f}" if r.get("experts_per_token") is not None else "-")
         cells.append(f"{r['balance']:.2f}" if r.get("balance") is not None else "-")
