@@ -74,9 +74,9 @@ class MoE(nn.Module):
         self.executor: ExpertExecutor = LocalExperts()
         # Set by moekit.nn.replay.RouterReplay while it records or replays this layer's expert choices.
         self.replay: Callable[..., Routing] | None = None
-        # aux_loss_scope="global": the sums (assignments per expert, tokens, router probabilities; over ranks) of
-        # the micro-batches seen since reset_balance_window(), which the training loop calls at each step's start.
-        self._balance_window: dict[str, torch.Tensor] | None = None
+        # aux_loss_scope="global" (read-only state): the sums (assignments per expert, tokens, router probabilities;
+        # over ranks) of the micro-batches since reset_balance_window(), which the training loop calls each step.
+        self.balance_window: dict[str, torch.Tensor] | None = None
 
     def extra_repr(self) -> str:
         c = self.config
@@ -214,9 +214,9 @@ class MoE(nn.Module):
         if self.router.training and isinstance(load_E, torch.Tensor):
             with torch.no_grad():  # the load the aux-loss-free bias update balances (global under EP)
                 load_E += sums["routed_E"].to(load_E.dtype)
-                if relu:  # and the tokens, for the sparsity that relu's L1 coefficient holds at its target
-                    self.router.get_buffer("tokens_since_update").add_(sums["n_valid"].to(load_E.dtype))
-        observe = getattr(self.router, "observe", None)  # expert threshold: move the thresholds (global batch)
+        # A router's view of each training batch (global under EP): expert threshold moves its thresholds, relu
+        # counts the tokens its sparsity is measured over.
+        observe = getattr(self.router, "observe", None)
         if self.router.training and observe is not None:
             observe(routing, int(sums["n_valid"]), self.executor.gather)
         if c.num_zero_computation and "probs_E" in sums:
@@ -249,20 +249,20 @@ class MoE(nn.Module):
         micro-batch still to come cannot steer an earlier one's gradient; Megatron's global aux loss chooses alike)."""
         seen = {"routed_E": sums["routed_E"], "n_valid": sums["n_valid"], "probs_E": sums["probs_E"]}
         seen = {name: value.detach().to(torch.float64) for name, value in seen.items()}
-        if self._balance_window is not None:
-            seen = {name: value + self._balance_window[name] for name, value in seen.items()}
-        self._balance_window = seen
+        if self.balance_window is not None:
+            seen = {name: value + self.balance_window[name] for name, value in seen.items()}
+        self.balance_window = seen
         f_E = (seen["routed_E"] / seen["n_valid"].clamp(min=1)).to(sums["probs_E"].dtype)
         return self.config.num_candidates * (f_E * sums["probs_E"] / sums["n_valid"].clamp(min=1)).sum()
 
     def reset_balance_window(self) -> None:
         """Start a new global batch for ``aux_loss_scope="global"`` (the training loop calls it every step)."""
-        self._balance_window = None
+        self.balance_window = None
 
     def balance_window_loss(self) -> torch.Tensor | None:
         """The balancing loss of the micro-batches since the last reset, as if they were one batch (detached,
         fp64); None before the first training forward with ``aux_loss_scope="global"``."""
-        w = self._balance_window
+        w = self.balance_window
         if w is None:
             return None
         n = w["n_valid"].clamp(min=1)

@@ -76,6 +76,11 @@ class ReLURouter(Router):
             valid_T=valid_T,
         )
 
+    @torch.no_grad()
+    def observe(self, routing: Routing, num_valid: int, gather: object = None) -> None:
+        """Count a training batch's routed tokens (of the global batch; the MoE layer sums the load beside)."""
+        self.tokens_since_update += num_valid
+
     def sparsity(self) -> float:
         """Observed fraction of (token, expert) pairs with a zero gate since the last update (nan: none seen)."""
         cells = float(self.tokens_since_update) * self.config.num_experts

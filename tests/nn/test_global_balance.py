@@ -95,7 +95,7 @@ def test_training_loop_balances_over_each_steps_micro_batches(tmp_path):
     for step in range(2):
         trainer.train_step(step / 2)
         for _, moe in trainer.model.moe_layers():
-            window = moe._balance_window
+            window = moe.balance_window
             assert window is not None
             assert int(window["n_valid"]) == 3 * 2 * 16  # exactly one step's three micro-batches of 2 x 16
 
