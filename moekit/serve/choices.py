@@ -7,7 +7,7 @@ import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 from moekit.data.tokenizers import Tokenizer
-from moekit.serve.engine import Engine, EngineStopped, Finished, QueueFull, Request
+from moekit.serve.engine import Engine, EngineStopped, Finished, PromptScores, QueueFull, Request
 from moekit.serve.protocol import APIError
 from moekit.serve.sampling import SamplingParams, TokenChoice
 from moekit.serve.text import TextStream
@@ -17,12 +17,14 @@ DISCONNECT_POLL_S = 0.5
 
 @dataclasses.dataclass
 class Piece:
-    """New text of one choice, the tokens that produced it, and the finish reason on its last piece."""
+    """New text of one choice, the tokens that produced it, and the finish reason on its last piece; or, first
+    and on its own, the scored prompt tokens (``echo``) when the prompt's logprobs were asked for."""
 
     index: int
     text: str
     tokens: list[TokenChoice]
     finish_reason: str | None = None
+    echo: list[TokenChoice] | None = None
 
 
 async def run_choices(
@@ -36,7 +38,7 @@ async def run_choices(
     """Submit one engine request per choice and yield their pieces as they come; every request is cancelled when
     this generator ends early (a client went away) and an engine failure becomes an :class:`APIError`."""
     loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[tuple[int, TokenChoice | Finished]] = asyncio.Queue()
+    queue: asyncio.Queue[tuple[int, TokenChoice | PromptScores | Finished]] = asyncio.Queue()
     requests: list[Request] = []
 
     def sink_for(i: int):
@@ -66,6 +68,9 @@ async def run_choices(
                     raise APIError(504, f"the request timed out after {params[i].timeout_s:g} s", "timeout")
                 else:
                     raise APIError(503, event.message or f"the request ended early ({event.reason})", event.reason)
+                continue
+            if isinstance(event, PromptScores):
+                yield Piece(i, "", [], echo=event.tokens)
                 continue
             if stream.stopped:
                 continue  # tokens decoded before the cancellation reached the engine

@@ -47,7 +47,14 @@ class Finished:
     message: str = ""
 
 
-Event = TokenChoice | Finished
+@dataclasses.dataclass
+class PromptScores:
+    """The prompt's tokens with their logprobs (sent before the first token when ``prompt_logprobs`` is set)."""
+
+    tokens: list[TokenChoice]
+
+
+Event = TokenChoice | PromptScores | Finished
 Sink = Callable[[Event], None]
 
 
@@ -168,7 +175,7 @@ class Engine:
             def sink(event: Event) -> None:
                 if isinstance(event, Finished):
                     done.release()
-                else:
+                elif isinstance(event, TokenChoice):
                     outputs[i].append(event)
 
             return sink
@@ -256,7 +263,10 @@ class Engine:
 
     # -- model steps -------------------------------------------------------------------------------
     def _prefill(self, joining: list[Request]) -> None:
-        """Encode the joining prompts together (left-padded), pick their first tokens, merge their rows."""
+        """Encode the joining prompts together (left-padded), pick their first tokens, merge their rows.
+
+        A request with ``prompt_logprobs`` gets its prompt scored first (the forward then keeps every position's
+        logits); one with ``max_tokens=0`` (scoring only) ends there without taking a row."""
         B, L = len(joining), max(len(r.prompt) for r in joining)
         ids_BL = torch.zeros((B, L), dtype=torch.long, device=self.device)
         mask_BL = torch.zeros((B, L), dtype=torch.bool, device=self.device)
@@ -267,17 +277,33 @@ class Engine:
             self.stats.prompt_tokens += len(request.prompt)
         cache = self.model.new_cache()
         routed = any(r.params.return_routed_experts for r in joining)
+        scoring = any(r.params.prompt_logprobs for r in joining)
         mask = None if bool(mask_BL.all()) else mask_BL
-        out = self.model(ids_BL, attention_mask=mask, cache=cache, logits_to_keep=1, record_routing=routed)
+        out = self.model(ids_BL, attention_mask=mask, cache=cache, logits_to_keep=0 if scoring else 1,
+                         record_routing=routed)  # fmt: skip
         experts = self._experts(out.moe_aux, B, L) if routed else None
         self._count_experts(out.moe_aux)
-        parts = [(cache, range(B), [len(r.prompt) for r in joining])]
+        stay = []
+        for b, request in enumerate(joining):
+            if request.params.prompt_logprobs:
+                assert request.sampler is not None
+                request.sink(
+                    PromptScores(request.sampler.score_prompt(request.prompt, out.logits[b, L - len(request.prompt) :]))
+                )
+            if request.params.max_tokens > 0:
+                stay.append(b)
+            else:
+                request.sink(Finished("length"))
+        if not stay:
+            return
+        parts = [(cache, stay, [len(joining[b].prompt) for b in stay])]
         if self._running and self._cache is not None:
             parts.insert(0, (self._cache, range(len(self._running)), [r.length for r in self._running]))
-        everyone = self._running + joining
+        staying = [joining[b] for b in stay]
+        everyone = self._running + staying
         self._cache = combine(parts, self._headroom(everyone))
         self._running = everyone
-        self._emit(joining, out.logits[:, -1], experts)
+        self._emit(staying, out.logits[stay, -1], None if experts is None else [experts[b] for b in stay])
 
     def _decode_step(self) -> None:
         rows = self._running

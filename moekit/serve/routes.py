@@ -65,14 +65,17 @@ class _Route:
         if len(prompt) >= context:
             raise APIError(400, f"the prompt has {len(prompt)} tokens; the model's context is {context} tokens "
                            "and the answer needs at least one", "context_length_exceeded")  # fmt: skip
-        vocab = self.engine.model.config.vocab_size
+        vocab = self.engine.vocab_limit or self.engine.model.config.vocab_size
         if any(not 0 <= t < vocab for t in prompt):
             raise APIError(400, f"the prompt holds token ids outside the vocabulary 0..{vocab - 1}", "invalid_value")
         room = min(context - len(prompt), o.max_tokens_limit)
         if max_tokens is None:
             max_tokens = room
-        if max_tokens < 1:
-            raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", "invalid_value", "max_tokens")
+        echo = self.echoes(body)
+        if max_tokens < (0 if echo else 1):  # 0 with echo: score the prompt only (as lm-evaluation-harness asks)
+            least = "0 (with echo)" if echo else "1 (0 with echo, to score the prompt)"
+            raise APIError(400, f"max_tokens must be at least {least}, got {max_tokens}", "invalid_value",
+                           "max_tokens")  # fmt: skip
         if max_tokens > room:
             raise APIError(400, f"max_tokens={max_tokens} is too large: the prompt has {len(prompt)} tokens, the "
                            f"context {context} and the server's limit is {o.max_tokens_limit}, so at most {room} "
@@ -86,6 +89,7 @@ class _Route:
                 seed=None if body.seed is None else body.seed + i,  # n choices differ, and repeat with the seed
                 stop_token_ids=self.stop_token_ids,
                 logprobs=logprobs,
+                prompt_logprobs=echo and logprobs is not None,
                 return_routed_experts=body.return_routed_experts,
                 timeout_s=o.request_timeout_s,
             )
@@ -94,6 +98,10 @@ class _Route:
 
     def logprobs(self, body: Any) -> int | None:
         raise NotImplementedError
+
+    def echoes(self, body: Any) -> bool:
+        """Whether the answer repeats the prompt (completions' ``echo``)."""
+        return False
 
     def choice_body(self, piece: Piece, text: str, body: Any, offset: int, stream: bool) -> dict[str, Any]:
         raise NotImplementedError
@@ -112,10 +120,14 @@ class _Route:
                                      headers=SSE_HEADERS)  # fmt: skip
         texts = [prefix] * len(params)
         tokens: list[list] = [[] for _ in params]
+        echoed: list[list | None] = [None] * len(params)
         finish: list[str | None] = [None] * len(params)
         first_seen = False
         try:
             async for piece in pieces:
+                if piece.echo is not None:
+                    echoed[piece.index] = piece.echo
+                    continue
                 if not first_seen:
                     self.metrics.first_token(time.monotonic() - started)
                     first_seen = True
@@ -127,7 +139,7 @@ class _Route:
             raise
         choices = []
         for i in range(len(params)):
-            whole = Piece(i, texts[i], tokens[i], finish[i])
+            whole = Piece(i, texts[i], tokens[i], finish[i], echo=echoed[i])
             choices.append(self.choice_body(whole, texts[i], body, 0, stream=False))
         usage = protocol.usage(len(prompt), sum(len(t) for t in tokens))
         self.metrics.request_done(self.path, 200)
@@ -151,13 +163,18 @@ class _Route:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         extra = {"usage": None} if include_usage else {}
         generated = 0
-        offsets = [0] * body.n
+        offsets = [len(prefix)] * body.n
         status = 200
         try:
             for opening in self.openings(body, prefix):
                 yield sse(protocol.envelope(rid, self.chunk_name, body.model, [opening], **extra))
             piece = first
             while piece is not None:
+                if piece.echo is not None:  # the prompt, scored: its text and logprobs in one chunk
+                    yield sse(protocol.envelope(rid, self.chunk_name, body.model,
+                                                [self.echo_body(piece, prefix)], **extra))  # fmt: skip
+                    piece = await anext(pieces, None)
+                    continue
                 generated += len(piece.tokens)
                 choice = self.choice_body(piece, piece.text, body, offsets[piece.index], stream=True)
                 offsets[piece.index] += len(piece.text)
@@ -177,6 +194,10 @@ class _Route:
     def openings(self, body: Any, prefix: str) -> list[dict[str, Any]]:
         """Choices of the chunks sent before the first token: chat announces the role, completions echo."""
         return []
+
+    def echo_body(self, piece: Piece, prefix: str) -> dict[str, Any]:
+        """The streamed choice that echoes a scored prompt."""
+        raise NotImplementedError
 
 
 class CompletionRoute(_Route):
@@ -203,16 +224,24 @@ class CompletionRoute(_Route):
     def logprobs(self, body: CompletionRequest) -> int | None:
         return body.logprobs
 
+    def echoes(self, body: CompletionRequest) -> bool:
+        return body.echo
+
     def openings(self, body: CompletionRequest, prefix: str) -> list[dict[str, Any]]:
-        if not prefix:
+        if not prefix or body.logprobs is not None:  # with logprobs the scored prompt comes as its own chunk
             return []
         return [{"index": i, "text": prefix, "logprobs": None, "finish_reason": None} for i in range(body.n)]
+
+    def echo_body(self, piece: Piece, prefix: str) -> dict[str, Any]:
+        logprobs = protocol.completion_logprobs(self.tokenizer, piece.echo or [], 0)
+        return {"index": piece.index, "text": prefix, "logprobs": logprobs, "finish_reason": None}
 
     def choice_body(self, piece: Piece, text: str, body: CompletionRequest, offset: int, stream: bool):
         choice: dict[str, Any] = {"index": piece.index, "text": text, "logprobs": None,
                                   "finish_reason": piece.finish_reason}  # fmt: skip
-        if body.logprobs is not None:
-            choice["logprobs"] = protocol.completion_logprobs(self.tokenizer, piece.tokens, offset)
+        if body.logprobs is not None:  # the scored prompt first, when echoed (whole answers only)
+            scored = (piece.echo or []) + piece.tokens
+            choice["logprobs"] = protocol.completion_logprobs(self.tokenizer, scored, 0 if piece.echo else offset)
         if body.return_routed_experts:
             choice["routed_experts"] = protocol.routed_experts(piece.tokens)
         return choice

@@ -21,6 +21,7 @@ class SamplingParams:
     seed: int | None = None  # same seed, same tokens
     stop_token_ids: tuple[int, ...] = ()  # end the answer (not returned)
     logprobs: int | None = None  # None = off; n >= 0 = the chosen token's logprob and the n most likely
+    prompt_logprobs: bool = False  # also score the prompt's tokens (completions' echo), with ``logprobs`` top ones
     return_routed_experts: bool = False
     timeout_s: float | None = None
 
@@ -56,15 +57,23 @@ class Sampler:
     def pick(self, logits_1V: torch.Tensor) -> TokenChoice:
         """The next token for this row's logits [1, V] (fp32 maths, as generate's)."""
         token = int(next_tokens(logits_1V, self.config, self.generator, None)[0])
-        choice = TokenChoice(token)
-        if self.params.logprobs is not None:
-            logits = logits_1V[0].float()
-            limit = self.config.vocab_limit
-            if limit is not None and limit < logits.shape[-1]:
-                logits = logits[:limit]
-            logp_V = logits.log_softmax(-1)
-            choice.logprob = float(logp_V[token])
-            if self.params.logprobs > 0:
-                top = logp_V.topk(min(self.params.logprobs, logp_V.shape[-1]))
-                choice.top_logprobs = list(zip(top.indices.tolist(), top.values.tolist()))
+        return self.scored(token, logits_1V[0]) if self.params.logprobs is not None else TokenChoice(token)
+
+    def scored(self, token: int, logits_V: torch.Tensor) -> TokenChoice:
+        """``token`` with its logprob (and the ``logprobs`` most likely tokens) under ``logits_V`` [V]."""
+        logits = logits_V.float()
+        limit = self.config.vocab_limit
+        if limit is not None and limit < logits.shape[-1]:
+            logits = logits[:limit]
+        logp_V = logits.log_softmax(-1)
+        choice = TokenChoice(token, logprob=float(logp_V[token]))
+        if self.params.logprobs:
+            top = logp_V.topk(min(self.params.logprobs, logp_V.shape[-1]))
+            choice.top_logprobs = list(zip(top.indices.tolist(), top.values.tolist()))
         return choice
+
+    def score_prompt(self, prompt: list[int], logits_PV: torch.Tensor) -> list[TokenChoice]:
+        """Every prompt token scored by the logits of the position before it (``logits_PV``: the prompt's
+        [len(prompt), V] rows); the first token has no logprob, as in OpenAI's echo."""
+        first = TokenChoice(prompt[0])
+        return [first] + [self.scored(t, logits_PV[i]) for i, t in enumerate(prompt[1:])]

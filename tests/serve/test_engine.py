@@ -11,7 +11,7 @@ import torch
 
 from moekit.inference import generate
 from moekit.nn import MoEConfig
-from moekit.serve.engine import Engine, EngineStopped, Finished, QueueFull
+from moekit.serve.engine import Engine, EngineStopped, Finished, PromptScores, QueueFull
 from moekit.serve.rows import combine
 from moekit.serve.sampling import SamplingParams
 
@@ -192,3 +192,29 @@ def test_combine_keeps_rows_right_aligned_and_drops_shared_padding():
     alone = combine([(merged, [1], [2])], capacity_extra=1)  # the long row left: its padding columns go
     assert alone.length == 2 and alone.mask is None
     torch.testing.assert_close(alone.keys[0][:, :, :2], b.keys[0][:, :, 1:3])
+
+
+def test_prompt_scores_are_the_models_log_softmax_and_max_tokens_zero_only_scores(model, engine):
+    short, long = prompts(2, seed=9)
+    long = long + short  # two lengths in one prefill: left padding must not shift the scores
+    events: list = []
+    done = threading.Event()
+
+    def sink(event):
+        events.append(event)
+        if isinstance(event, Finished):
+            done.set()
+
+    engine.submit(short, SamplingParams(max_tokens=3, temperature=0), lambda e: None)
+    engine.submit(long, SamplingParams(max_tokens=0, logprobs=2, prompt_logprobs=True), sink)
+    assert done.wait(30)
+    (scores,), finished = events[:-1], events[-1]
+    assert isinstance(scores, PromptScores) and finished == Finished("length")  # no token was generated
+    with torch.no_grad():
+        logp_LV = model(torch.tensor([long])).logits[0].float().log_softmax(-1)
+    assert [t.token_id for t in scores.tokens] == long and scores.tokens[0].logprob is None
+    for i, scored in enumerate(scores.tokens[1:]):
+        assert scored.logprob == pytest.approx(float(logp_LV[i, long[i + 1]]), abs=1e-4)
+        assert [t for t, _ in scored.top_logprobs] == logp_LV[i].topk(2).indices.tolist()
+    (lone,) = engine.generate([short], SamplingParams(max_tokens=3, temperature=0))
+    assert len(lone) == 3 and engine._running == []

@@ -4,6 +4,7 @@ logprobs, n, echo, stop strings and the routed-experts extension."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from moekit.data.tokenizers import ByteTokenizer
 from moekit.inference import generate
@@ -121,6 +122,33 @@ def test_n_choices_echo_and_stop_string(client, model):
     stop = full[5:7]
     cut = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=12, temperature=0, stop=[stop])
     assert cut.choices[0].text == full[: full.index(stop)] and cut.choices[0].finish_reason == "stop"
+
+
+def test_echo_with_logprobs_scores_the_prompt_and_max_tokens_zero_only_scores_it(client, model):
+    """The legacy completions scoring call (lm-evaluation-harness's loglikelihood): echo, logprobs, max_tokens 0."""
+    prompt_ids = ByteTokenizer().encode(PROMPT)
+    with torch.no_grad():
+        logp_LV = model(torch.tensor([prompt_ids])).logits[0].float().log_softmax(-1)
+    expected = [None] + [float(logp_LV[i, t]) for i, t in enumerate(prompt_ids[1:])]
+    scored = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=0, echo=True, logprobs=1)
+    lp = scored.choices[0].logprobs
+    assert scored.choices[0].text == PROMPT and scored.usage.completion_tokens == 0
+    assert "".join(lp.tokens) == PROMPT and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1:] == pytest.approx(expected[1:], abs=1e-4)
+    assert lp.text_offset == [i for i in range(len(PROMPT))]  # one byte per token here
+    both = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=4, echo=True, logprobs=2,
+                                     temperature=0)  # fmt: skip
+    lp = both.choices[0].logprobs
+    assert both.choices[0].text == PROMPT + greedy_text(model, PROMPT, 4) and len(lp.tokens) == len(PROMPT) + 4
+    assert lp.token_logprobs[1 : len(PROMPT)] == pytest.approx(expected[1:], abs=1e-4)
+    streamed = list(client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=4, echo=True, logprobs=2,
+                                              temperature=0, stream=True))  # fmt: skip
+    assert "".join(c.choices[0].text for c in streamed) == both.choices[0].text
+    assert [t for c in streamed for t in c.choices[0].logprobs.tokens] == lp.tokens
+    offsets = [o for c in streamed for o in c.choices[0].logprobs.text_offset]
+    assert offsets == lp.text_offset
+    with pytest.raises(openai.BadRequestError, match="at least 1"):
+        client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=0)
 
 
 def test_routed_experts_extension_is_tokens_by_layers_by_top_k(server):

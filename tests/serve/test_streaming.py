@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import gc
 import http.client
 import json
+import os
 import threading
 import time
 
 from moekit.data.tokenizers import ByteTokenizer
 from moekit.inference import generate
+from moekit.serve.engine import Request
 
 from .conftest import tiny_model
 from .server import MODEL_NAME, live_server, request
@@ -70,41 +73,65 @@ def test_error_before_streaming_keeps_its_status(server):
     assert status == 404 and headers["content-type"] == "application/json"
 
 
-def test_load_with_disconnecting_clients_ends_every_request_and_stays_healthy():
+def load_round(port: int, requests: int = 200, at_once: int = 32) -> dict[int, str]:
+    """``requests`` clients, ``at_once`` at a time: most stream, every 7th asks for a whole answer, every 5th walks
+    away after a few events. Each outcome: ``complete``, ``left`` or what went wrong."""
+    outcomes: dict[int, str] = {}
+    gate = threading.Semaphore(at_once)
+
+    def client(i: int) -> None:
+        with gate:
+            stream = i % 7 != 0
+            payload = {"model": MODEL_NAME, "prompt": f"request {i}:", "max_tokens": 40 + i % 40,
+                       "temperature": 0.8, "seed": i, "stream": stream}  # fmt: skip
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+            conn.request("POST", "/v1/completions", json.dumps(payload), {"content-type": "application/json"})
+            response = conn.getresponse()
+            if stream and i % 5 == 0:  # walk away midway
+                response.read(200)
+                conn.sock.close()
+                conn.close()
+                outcomes[i] = "left"
+                return
+            raw = response.read()
+            conn.close()
+            if not stream:
+                body = json.loads(raw)
+                whole = response.status == 200 and body["usage"]["completion_tokens"] == payload["max_tokens"]
+                outcomes[i] = "complete" if whole else f"bad {response.status} {body}"
+                return
+            done = response.status == 200 and raw.endswith(b"data: [DONE]\n\n")
+            finishes = [json.loads(d)["choices"][0]["finish_reason"] for d in parse_sse(raw)[:-1]] if done else []
+            outcomes[i] = "complete" if done and finishes[-1] == "length" else f"bad {response.status}"
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(requests)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not any(t.is_alive() for t in threads), "a client hung"
+    return outcomes
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def live_requests() -> int:
+    gc.collect()
+    return sum(type(o) is Request for o in gc.get_objects())
+
+
+def test_load_with_disconnecting_clients_ends_every_request_frees_its_memory_and_stays_healthy():
     model = tiny_model(context=128)
     tokenizer = ByteTokenizer()
-    outcomes: dict[int, str] = {}
-    gate = threading.Semaphore(16)  # 16 clients at once
-
-    with live_server(model, max_batch=16, max_queue=64) as url:
+    with live_server(model, max_batch=32, max_queue=64) as url:
         port = int(url.rsplit(":", 1)[1])
-
-        def client(i: int) -> None:
-            with gate:
-                payload = {"model": MODEL_NAME, "prompt": f"request {i}:", "max_tokens": 40 + i % 20,
-                           "temperature": 0.8, "seed": i, "stream": True}  # fmt: skip
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-                conn.request("POST", "/v1/completions", json.dumps(payload), {"content-type": "application/json"})
-                response = conn.getresponse()
-                if i % 5 == 0:  # walk away after a few events
-                    response.read(200)
-                    conn.sock.close()
-                    conn.close()
-                    outcomes[i] = "left"
-                    return
-                raw = response.read()
-                conn.close()
-                done = response.status == 200 and raw.endswith(b"data: [DONE]\n\n")
-                finishes = [json.loads(d)["choices"][0]["finish_reason"] for d in parse_sse(raw)[:-1]] if done else []
-                outcomes[i] = "complete" if done and finishes[-1] == "length" else f"bad {response.status}"
-
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(60)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=120)
-        assert not any(t.is_alive() for t in threads), "a client hung"
-        assert sorted(set(outcomes.values())) == ["complete", "left"] and len(outcomes) == 60
+        load_round(port, requests=64)  # warm-up: the allocator's pools and the thread pools settle
+        before = resident_bytes()
+        outcomes = load_round(port)
+        assert len(outcomes) == 200 and sorted(set(outcomes.values())) == ["complete", "left"], outcomes
         deadline = time.monotonic() + 20
         status, _, metrics = request(url, "GET", "/metrics")
         while b"moekit_running_requests 0" not in metrics and time.monotonic() < deadline:
@@ -112,7 +139,10 @@ def test_load_with_disconnecting_clients_ends_every_request_and_stays_healthy():
             status, _, metrics = request(url, "GET", "/metrics")
         assert b"moekit_running_requests 0" in metrics and b"moekit_queue_depth 0" in metrics
         assert request(url, "GET", "/health")[0] == 200
-        assert url.engine._cache is None and url.engine._running == []  # every row's memory is released
+        assert url.engine._cache is None and url.engine._running == []  # every row's KV cache is released
+        assert live_requests() == 0  # and no request is kept alive by a queue, a sink or a stream
+        grown = resident_bytes() - before
+        assert grown < 32 << 20, f"resident memory grew by {grown >> 20} MiB over 200 requests"
         status, _, raw = request(url, "POST", "/v1/completions", json.dumps(
             {"model": MODEL_NAME, "prompt": "after", "max_tokens": 8, "temperature": 0}).encode())  # fmt: skip
         expected = tokenizer.decode(generate(model, [tokenizer.encode("after")], max_new_tokens=8, temperature=0)[0])
