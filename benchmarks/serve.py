@@ -1,4 +1,5 @@
-"""moekit serve against ``transformers serve --continuous-batching``: the same checkpoint, prompts and client.
+"""moekit serve against ``transformers serve --continuous-batching`` and llama.cpp's server: the same checkpoint,
+prompts and client.
 
 A small random Qwen3-MoE (4 layers, hidden 256, 16 experts top-4) with a 2,000-token byte-level BPE and a ChatML
 chat template is saved with ``save_pretrained``. Each server runs in its own process on 127.0.0.1 (one at a time,
@@ -6,10 +7,14 @@ so they never share the cores); the official ``openai`` client sends streamed ch
 each, greedy) from 1, 4 and 16 concurrent streams. Reported per server and concurrency: output tokens/s (all
 streams' tokens over the wall time of the round) and p50/p99 time to first token. moekit serve uses its default
 intra-op threads (all cores but one); transformers runs with its default and, as ``transformers-1t``, with
-``OMP_NUM_THREADS=1``.
+``OMP_NUM_THREADS=1``; ``llamacpp`` is llama-cpp-python's server (``--llama-python``: a venv with
+``llama-cpp-python[server]``) on the checkpoint converted by llama.cpp's own converter to GGUF in the same dtype,
+with ``--llama-threads`` threads (default: every core). That server answers one request at a time (the others
+wait; its default of interrupting the running one is turned off).
 
 Output tokens are counted from ``usage`` when the server sends it (``stream_options.include_usage``), else as
-content chunks. A random model may end early at its EOS token: the counts say what each server produced.
+chunks that carry content (an empty one too: llama.cpp sends one per token, "" while a character is incomplete).
+A random model may end early at its EOS token: the counts say what each server produced.
 
 Needs ``accelerate`` beside transformers (``transformers serve`` loads with a device map).
 
@@ -96,19 +101,30 @@ def given_checkpoint(source: Path, folder: Path) -> str:
     )
 
 
+def to_gguf(folder: Path, tmp: Path, converter: str) -> str:
+    """``folder`` as a GGUF file in its own dtype (fp32 or bf16), by llama.cpp's converter (make_gguf.py)."""
+    dtype = json.loads((folder / "config.json").read_text()).get("dtype") or "float32"
+    outtype = "bf16" if "bfloat16" in str(dtype) else "f32"
+    out = tmp / f"model-{outtype}.gguf"
+    make_gguf = Path(__file__).with_name("make_gguf.py")
+    cmd = [sys.executable, str(make_gguf), "--model", str(folder), "--converter", converter, "--one", outtype, str(out)]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return str(out)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300, path: str = "/health") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"the server exited with {proc.returncode}")
         try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+            with urllib.request.urlopen(url + path, timeout=2) as r:
                 if r.status == 200:
                     return
         except OSError:
@@ -128,8 +144,8 @@ def one_stream(client, model: str, prompt: str, max_tokens: int) -> tuple[float,
     for chunk in stream:
         if chunk.usage is not None:
             usage = chunk.usage.completion_tokens
-        if chunk.choices and chunk.choices[0].delta.content:
-            if first is None:
+        if chunk.choices and chunk.choices[0].delta.content is not None:  # "" too: a token with no whole character
+            if first is None and chunk.choices[0].delta.content:
                 first = time.perf_counter() - start
             chunks += 1
     return (first if first is not None else time.perf_counter() - start), (usage if usage else chunks)
@@ -170,10 +186,10 @@ def measure(url: str, model: str, concurrency: int, requests: int, max_tokens: i
     }  # fmt: skip
 
 
-def serve_and_measure(name: str, cmd: list[str], url: str, model: str, args, env) -> list[dict]:
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def serve_and_measure(name: str, cmd: list[str], url: str, model: str, args, env, ready: str = "/health") -> list[dict]:
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_ready(url, proc)
+        wait_ready(url, proc, path=ready)
         rows = []
         for concurrency in args.concurrency:
             requests = max(args.requests, 2 * concurrency)
@@ -200,6 +216,11 @@ def main() -> int:
     p.add_argument("--servers", nargs="+", default=["moekit", "transformers", "transformers-1t"])
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve"))
     p.add_argument("--model", default=None, help="an HF model folder to serve instead of the small random one")
+    # llamacpp: llama-cpp-python's server (`llama-cpp-python[server]`, in its own venv) on the same weights as GGUF
+    p.add_argument("--llama-python", default=os.environ.get("MOEKIT_LLAMA_PYTHON"), help="python with llama_cpp")
+    p.add_argument("--converter", default=os.environ.get("MOEKIT_LLAMA_CONVERTER"), help="convert_hf_to_gguf.py")
+    p.add_argument("--gguf", default=None, help="the model as GGUF already (default: converted, same dtype)")
+    p.add_argument("--llama-threads", type=int, default=os.cpu_count())
     args = p.parse_args()
     if args.quick:
         args.requests, args.concurrency = 4, [1, 4]
@@ -224,6 +245,13 @@ def main() -> int:
                 if server.startswith("moekit-") and server.endswith("t"):
                     cmd += ["--threads", server[len("moekit-") : -1]]
                 results += serve_and_measure(server, cmd, url, "bench", args, env)
+            elif server == "llamacpp":
+                gguf = args.gguf or to_gguf(folder, Path(tmp), args.converter)
+                cmd = [args.llama_python, "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1",
+                       "--port", str(port), "--model_alias", "bench", "--n_ctx", "2048", "--chat_format", "chatml",
+                       "--n_threads", str(args.llama_threads), "--n_threads_batch", str(args.llama_threads),
+                       "--interrupt_requests", "False"]  # fmt: skip  # queue, not cut, concurrent requests
+                results += serve_and_measure(server, cmd, url, "bench", args, env, ready="/v1/models")
             else:
                 exe = shutil.which("transformers", path=str(Path(sys.executable).parent)) or "transformers"
                 cmd = [exe, "serve", "--continuous-batching", "--port", str(port), "--host", "127.0.0.1",
