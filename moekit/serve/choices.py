@@ -56,37 +56,56 @@ async def run_choices(
         pending: list[list[TokenChoice]] = [[] for _ in params]
         open_requests = len(params)
         while open_requests:
-            i, event = await _next_event(queue, disconnected)
-            stream = texts[i]
-            if isinstance(event, Finished):
-                open_requests -= 1
+            # Every event already queued is taken at once and a choice's new tokens go out as one piece: when
+            # the HTTP side falls behind the engine (many streams), it sends fewer, larger chunks, not a backlog.
+            events = [await _next_event(queue, disconnected)]
+            while not queue.empty():
+                events.append(queue.get_nowait())
+            ready: list[Piece] = []
+            for i, event in events:
+                stream = texts[i]
+                if isinstance(event, Finished):
+                    open_requests -= 1
+                    if stream.stopped:
+                        continue  # already finished at its stop string
+                    if event.reason in ("stop", "length"):
+                        _add(ready, Piece(i, stream.flush(), pending[i], event.reason))
+                    elif event.reason == "timeout":
+                        raise APIError(504, f"the request timed out after {params[i].timeout_s:g} s", "timeout")
+                    else:
+                        raise APIError(503, event.message or f"the request ended early ({event.reason})", event.reason)
+                    continue
+                if isinstance(event, PromptScores):
+                    _add(ready, Piece(i, "", [], echo=event.tokens))
+                    continue
                 if stream.stopped:
-                    continue  # already finished at its stop string
-                if event.reason in ("stop", "length"):
-                    yield Piece(i, stream.flush(), pending[i], event.reason)
-                elif event.reason == "timeout":
-                    raise APIError(504, f"the request timed out after {params[i].timeout_s:g} s", "timeout")
+                    continue  # tokens decoded before the cancellation reached the engine
+                pending[i].append(event)
+                text = stream.push(event.token_id)
+                if stream.stopped:
+                    requests[i].cancel()
+                    _add(ready, Piece(i, text, pending[i], "stop"))
+                elif text:
+                    _add(ready, Piece(i, text, pending[i]))
                 else:
-                    raise APIError(503, event.message or f"the request ended early ({event.reason})", event.reason)
-                continue
-            if isinstance(event, PromptScores):
-                yield Piece(i, "", [], echo=event.tokens)
-                continue
-            if stream.stopped:
-                continue  # tokens decoded before the cancellation reached the engine
-            pending[i].append(event)
-            text = stream.push(event.token_id)
-            if stream.stopped:
-                requests[i].cancel()
-                yield Piece(i, text, pending[i], "stop")
-            elif text:
-                yield Piece(i, text, pending[i])
-            else:
-                continue
-            pending[i] = []
+                    continue
+                pending[i] = []
+            for piece in ready:
+                yield piece
     finally:
         for request in requests:
             request.cancel()
+
+
+def _add(ready: list[Piece], piece: Piece) -> None:
+    """Append ``piece``, or join it to its choice's last unfinished text piece in ``ready``."""
+    last = next((p for p in reversed(ready) if p.index == piece.index), None)
+    if last is None or last.finish_reason is not None or last.echo is not None or piece.echo is not None:
+        ready.append(piece)
+        return
+    last.text += piece.text
+    last.tokens = last.tokens + piece.tokens
+    last.finish_reason = piece.finish_reason
 
 
 async def _next_event(queue: asyncio.Queue, disconnected: Callable[[], Awaitable[bool]] | None):
