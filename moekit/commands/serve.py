@@ -45,6 +45,8 @@ def add_parser(verbs: argparse._SubParsersAction) -> None:
         help="intra-op threads for the model (default: all cores but one, which HTTP and clients use)",
     )
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is ended")
+    p.add_argument("--single-process", action="store_true",
+                   help="run the model in the HTTP server's process (default on Linux: its own process)")  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -69,15 +71,18 @@ def run(args: argparse.Namespace) -> int:
     from moekit.serve.app import ServerOptions, build_app
     from moekit.serve.chat import ChatTemplate, end_token_ids
     from moekit.serve.engine import Engine
+    from moekit.serve.remote import EngineProcess, can_fork
 
     api_key = args.api_key or os.environ.get("MOEKIT_API_KEY") or None
     check_bind(args.host, api_key)
     for name in ("max_batch", "max_queue", "max_tokens_limit", "max_body_bytes", "max_n", "threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
-    # Measured on 2 cores: with one intra-op thread the model no longer fights the HTTP thread and the clients
+    # Measured on 2 cores: with one intra-op thread the model no longer fights the HTTP side and the clients
     # for the cores, and serves 2-2.5x the tokens/s of two threads (benchmarks/results/serve.md).
-    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) - 1))
+    threads = args.threads or max(1, (os.cpu_count() or 2) - 1)
+    fork = not args.single_process and can_fork()
+    torch.set_num_threads(1 if fork else threads)  # a process forked after an OpenMP team hangs in its first one
     model, tokenizer = load_for_inference(args.checkpoint, args.model)
     if args.dtype:
         model = model.to(DTYPES[args.dtype])
@@ -91,24 +96,41 @@ def run(args: argparse.Namespace) -> int:
         request_timeout_s=args.request_timeout,
         end_token_ids=end_token_ids(folder, tokenizer.eos_token_id),
     )
-    engine = Engine(model, args.max_batch, args.max_queue, vocab_limit=tokenizer.vocab_size)
+    if fork and can_fork():  # the load started no thread
+        engine: Engine | EngineProcess = EngineProcess.fork(model, args.max_batch, args.max_queue,
+                                                            tokenizer.vocab_size, threads)  # fmt: skip
+    else:
+        torch.set_num_threads(threads)
+        engine = Engine(model, args.max_batch, args.max_queue, vocab_limit=tokenizer.vocab_size)
     app = build_app(engine, tokenizer, ChatTemplate.find(folder), options)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
-    # The model runs on the main thread (see Engine.run); HTTP on a second one. The server's shutdown stops
-    # the engine; Ctrl-C or SIGTERM stop both.
-    signal.signal(signal.SIGTERM, lambda *_: engine.stop())
+    # HTTP runs on a second thread; the main one runs the engine (see Engine.run) or, with the engine in its
+    # own process, waits. The server's shutdown stops the engine; Ctrl-C or SIGTERM stop both.
+    signal.signal(signal.SIGTERM, lambda *_: setattr(server, "should_exit", True) or engine.stop())
     http = threading.Thread(target=server.run, name="moekit-http", daemon=True)
     http.start()
     while not server.started:  # a port in use ends the HTTP thread: say so rather than serve nothing
         if not http.is_alive():
+            engine.stop()
             raise ConfigError(f"could not listen on {args.host}:{args.port} (in use, or not an address here)")
         time.sleep(0.05)
-    print(f"moekit serve: {options.model_name} on http://{args.host}:{args.port}", file=sys.stderr)
+    where = "its own process" if isinstance(engine, EngineProcess) else "the server's process"
+    print(f"moekit serve: {options.model_name} on http://{args.host}:{args.port} (model in {where})", file=sys.stderr)
+    died = False
     try:
-        engine.run()
+        if isinstance(engine, EngineProcess):
+            while http.is_alive() and engine.alive:
+                http.join(timeout=0.2)
+            died = engine.died
+        else:
+            engine.run()
     except KeyboardInterrupt:
         pass
     finally:
         server.should_exit = True
         http.join(timeout=30)
+        engine.stop()
+    if died:  # a supervisor should see it and restart the server, not find one that answers 503 forever
+        print("moekit serve: the engine process ended unexpectedly; the server stops", file=sys.stderr)
+        return 1
     return 0
