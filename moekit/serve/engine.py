@@ -296,7 +296,7 @@ class Engine:
                 request.sink(Finished("length"))
         if not stay:
             return
-        parts = [(cache, stay, [len(joining[b].prompt) for b in stay])]
+        parts: list[tuple[KVCache, Sequence[int], list[int]]] = [(cache, stay, [len(joining[b].prompt) for b in stay])]
         if self._running and self._cache is not None:
             parts.insert(0, (self._cache, range(len(self._running)), [r.length for r in self._running]))
         staying = [joining[b] for b in stay]
