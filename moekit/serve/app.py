@@ -6,6 +6,7 @@ invalid UTF-8, a wrong type, an unknown field) is an OpenAI error object with st
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import hmac
@@ -25,7 +26,8 @@ from moekit.serve.protocol import APIError
 from moekit.serve.routes import ChatRoute, CompletionRoute
 from moekit.serve.schemas import ChatRequest, CompletionRequest
 
-OPEN_PATHS = ("/health", "/")  # the page holds no data: its API calls send the key
+OPEN_PATHS = ("/health",)
+PAGE_REALM = 'Basic realm="moekit serve", charset="UTF-8"'  # a browser asks for the key (as the password)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,11 +61,12 @@ def build_app(engine: Engine, tokenizer: Tokenizer, template: ChatTemplate, opti
     @app.middleware("http")
     async def guard(request: Request, call_next):
         if options.api_key is not None and request.url.path not in OPEN_PATHS:
-            given = request.headers.get("authorization", "")
-            expected = f"Bearer {options.api_key}"
-            if not hmac.compare_digest(given.encode(), expected.encode()):
-                return _error(APIError(401, "missing or wrong API key (send 'Authorization: Bearer KEY')",
-                                       "invalid_api_key"))  # fmt: skip
+            if not _authorised(request.headers.get("authorization", ""), options.api_key):
+                response = _error(APIError(401, "missing or wrong API key (send 'Authorization: Bearer KEY')",
+                                           "invalid_api_key"))  # fmt: skip
+                if request.url.path == "/":
+                    response.headers["www-authenticate"] = PAGE_REALM
+                return response
         size = request.headers.get("content-length")
         if size is not None and size.isdigit() and int(size) > options.max_body_bytes:
             return _error(_too_large(options), close=True)
@@ -143,6 +146,20 @@ async def _read_body(request: Request, schema: type[BaseModel], options: ServerO
         where = ".".join(str(p) for p in first["loc"]) or "body"
         message = "unknown field" if first["type"] == "extra_forbidden" else first["msg"]
         raise APIError(400, f"{where}: {message}", "invalid_value", param=where) from None
+
+
+def _authorised(header: str, key: str) -> bool:
+    """``Bearer KEY``, or HTTP Basic auth with the key as the password (what a browser sends for the chat page
+    and then for the page's own API calls)."""
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "basic":
+        try:
+            value = base64.b64decode(value, validate=True).decode("utf-8").partition(":")[2]
+        except (ValueError, UnicodeDecodeError):
+            return False
+    elif scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(value.encode(), key.encode())
 
 
 def _too_large(options: ServerOptions) -> APIError:

@@ -58,6 +58,8 @@ async def run_choices(
             except EngineStopped as err:
                 raise APIError(503, f"the server cannot take requests: {err}", "unavailable") from None
         texts = [TextStream(tokenizer, stop) for _ in params]
+        # Tokens with routed experts stay one per piece: a reader (the chat page) colours each by its experts.
+        mergeable = [not p.return_routed_experts for p in params]
         pending: list[list[TokenChoice]] = [[] for _ in params]
         open_requests = len(params)
         while open_requests:
@@ -74,7 +76,7 @@ async def run_choices(
                     if stream.stopped:
                         continue  # already finished at its stop string
                     if event.reason in ("stop", "length"):
-                        _add(ready, Piece(i, stream.flush(), pending[i], event.reason))
+                        _add(ready, mergeable[i], Piece(i, stream.flush(), pending[i], event.reason))
                     elif event.reason == "queue_full":  # an engine in another process refuses when it gets there
                         raise APIError(429, f"the server is busy: {event.message}; retry later", "queue_full")
                     elif event.reason == "timeout":
@@ -83,7 +85,7 @@ async def run_choices(
                         raise APIError(503, event.message or f"the request ended early ({event.reason})", event.reason)
                     continue
                 if isinstance(event, PromptScores):
-                    _add(ready, Piece(i, "", [], echo=event.tokens))
+                    _add(ready, mergeable[i], Piece(i, "", [], echo=event.tokens))
                     continue
                 if stream.stopped:
                     continue  # tokens decoded before the cancellation reached the engine
@@ -91,9 +93,9 @@ async def run_choices(
                 text = stream.push(event.token_id)
                 if stream.stopped:
                     requests[i].cancel()
-                    _add(ready, Piece(i, text, pending[i], "stop"))
+                    _add(ready, mergeable[i], Piece(i, text, pending[i], "stop"))
                 elif text:
-                    _add(ready, Piece(i, text, pending[i]))
+                    _add(ready, mergeable[i], Piece(i, text, pending[i]))
                 else:
                     continue
                 pending[i] = []
@@ -138,9 +140,9 @@ def _mailbox(loop: asyncio.AbstractEventLoop) -> _Mailbox:
     return _mailboxes[loop]
 
 
-def _add(ready: list[Piece], piece: Piece) -> None:
-    """Append ``piece``, or join it to its choice's last unfinished text piece in ``ready``."""
-    last = next((p for p in reversed(ready) if p.index == piece.index), None)
+def _add(ready: list[Piece], merge: bool, piece: Piece) -> None:
+    """Append ``piece``, or (``merge``) join it to its choice's last unfinished text piece in ``ready``."""
+    last = next((p for p in reversed(ready) if p.index == piece.index), None) if merge else None
     if last is None or last.finish_reason is not None or last.echo is not None or piece.echo is not None:
         ready.append(piece)
         return

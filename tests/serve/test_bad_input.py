@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import socket
 import threading
@@ -85,16 +86,21 @@ def test_unknown_route_and_method_are_openai_errors(server):
     assert request(server, "GET", "/v1/completions")[0] == 405
 
 
-def test_api_key_guards_every_route_but_health_and_the_page(model):
+def test_api_key_guards_every_route_but_health(model):
+    basic = {"authorization": "Basic " + base64.b64encode(b"anyone:s3cret").decode()}
     with live_server(model, api_key="s3cret") as url:
         for method, path, payload in [("GET", "/v1/models", None), ("GET", "/metrics", None),
-                                      ("POST", "/v1/completions", body())]:  # fmt: skip
-            for headers in [{}, {"authorization": "Bearer wrong"}, {"authorization": "s3cret"}]:
+                                      ("POST", "/v1/completions", body()), ("GET", "/", None)]:  # fmt: skip
+            wrong_basic = {"authorization": "Basic " + base64.b64encode(b"s3cret:wrong").decode()}
+            for headers in [{}, {"authorization": "Bearer wrong"}, {"authorization": "s3cret"}, wrong_basic,
+                            {"authorization": "Basic %%%"}, {"authorization": "Token s3cret"}]:  # fmt: skip
                 status, _, raw = request(url, method, path, payload, headers)
                 assert status == 401 and json.loads(raw)["error"]["code"] == "invalid_api_key"
             assert request(url, method, path, payload, {"authorization": "Bearer s3cret"})[0] == 200
+            assert request(url, method, path, payload, basic)[0] == 200  # a browser's login, key as password
+        status, headers, _ = request(url, "GET", "/")
+        assert status == 401 and headers["www-authenticate"].startswith('Basic realm="moekit serve"')
         assert request(url, "GET", "/health")[0] == 200
-        assert request(url, "GET", "/")[0] == 200
 
 
 def test_queue_full_is_429_with_retry_after():

@@ -13,16 +13,17 @@ CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/
 DRIVER = shutil.which("chromedriver") or ("/usr/bin/chromedriver" if os.path.exists("/usr/bin/chromedriver") else None)
 
 
-@pytest.mark.skipif(
+needs_chromium = pytest.mark.skipif(
     (CHROMIUM is None or DRIVER is None) and not os.environ.get("CI"),
     reason="Chromium is not installed (bash scripts/setup.sh --with-browser)",
 )
-def test_chat_page_streams_coloured_tokens_with_legend_and_load_bars(model, tmp_path):
+
+
+def chromium(tmp_path):
+    """A headless Chromium driven by selenium (its own profile under ``tmp_path``)."""
     assert CHROMIUM and DRIVER, "CI must run the browser test: bash scripts/setup.sh --with-browser installs Chromium"
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
@@ -30,10 +31,19 @@ def test_chat_page_streams_coloured_tokens_with_legend_and_load_bars(model, tmp_
                  "--disable-background-networking", "--disable-component-update", "--no-first-run",
                  f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1100,900"):  # fmt: skip
         options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
+    driver.set_page_load_timeout(60)
+    return driver
+
+
+@needs_chromium
+def test_chat_page_streams_coloured_tokens_with_legend_and_load_bars(model, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
     with live_server(model, max_tokens_limit=64) as url:
-        driver = webdriver.Chrome(service=Service(DRIVER), options=options)
+        driver = chromium(tmp_path)
         try:
-            driver.set_page_load_timeout(60)
             driver.get(url + "/")
             wait = WebDriverWait(driver, 60)
             wait.until(lambda d: d.find_element(By.ID, "model").text == "tiny-moe")
@@ -58,5 +68,28 @@ def test_chat_page_streams_coloured_tokens_with_legend_and_load_bars(model, tmp_
             assert before != after
             assert driver.save_screenshot(str(tmp_path / "chat.png"))
             assert (tmp_path / "chat.png").stat().st_size > 5000
+        finally:
+            driver.quit()
+
+
+@needs_chromium
+def test_with_an_api_key_the_browser_logs_in_with_it_and_the_page_chats(model, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    with live_server(model, max_tokens_limit=64, api_key="s3cret") as url:
+        driver = chromium(tmp_path)
+        try:
+            driver.get(url + "/")  # no key: the server asks for one, the page is not served
+            assert "tiny-moe" not in driver.page_source
+            driver.get(url.replace("http://", "http://anyone:s3cret@") + "/")  # the key as the login's password
+            wait = WebDriverWait(driver, 60)
+            wait.until(lambda d: d.find_element(By.ID, "model").text == "tiny-moe")  # its API calls pass too
+            driver.find_element(By.ID, "max").clear()
+            driver.find_element(By.ID, "max").send_keys("20")
+            driver.find_element(By.ID, "prompt").send_keys("Who answers?")
+            driver.find_element(By.ID, "send").click()
+            wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".turn[data-done='1']"))
+            assert driver.find_elements(By.CSS_SELECTOR, ".answer .tok")
         finally:
             driver.quit()
