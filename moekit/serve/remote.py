@@ -216,6 +216,7 @@ def _serve_child(engine: Engine, conn: Connection) -> None:
 
     def write_events() -> None:
         sent_stats: Any = None
+        stats_at = 0.0
         while True:
             try:
                 items = [outbox.get(timeout=STATS_INTERVAL_S)]
@@ -225,9 +226,11 @@ def _serve_child(engine: Engine, conn: Connection) -> None:
                 items.append(outbox.get())
             done = None in items
             batch: dict[str, Any] = {"events": [encode_event(rid, e) for rid, e in (i for i in items if i)]}
-            stats = _stats(engine)
-            if stats != sent_stats:
-                batch["stats"] = sent_stats = stats
+            # The counters (every expert of every layer) at most every STATS_INTERVAL_S, and once idle.
+            if not items or done or time.monotonic() - stats_at >= STATS_INTERVAL_S:
+                stats, stats_at = _stats(engine), time.monotonic()
+                if stats != sent_stats:
+                    batch["stats"] = sent_stats = stats
             if batch["events"] or "stats" in batch:
                 conn.send_bytes(json.dumps(batch).encode())
             if done:

@@ -118,9 +118,20 @@ def test_a_dead_engine_process_ends_the_server(checkpoint):
         assert proc.returncode == 1 and "engine process ended" in proc.stderr.read()
 
 
-def test_single_process_flag_keeps_the_model_in_the_server(checkpoint):
-    with served(checkpoint, "--single-process") as (proc, url):
+def test_single_process_flag_keeps_the_model_in_the_server_and_answers_alike(checkpoint):
+    """Everything an answer carries (logprobs, the echoed prompt's scores, routed experts) crosses the pipe intact."""
+    payload = json.dumps({"model": "tiny", "prompt": "same answer", "max_tokens": 6, "temperature": 0, "echo": True,
+                          "logprobs": 2, "return_routed_experts": True}).encode()  # fmt: skip
+
+    def answer(url: str) -> dict:
+        status, _, raw = request(url, "POST", "/v1/completions", payload)
+        assert status == 200, raw
+        return json.loads(raw)["choices"]
+
+    with served(checkpoint, "--single-process") as (proc, url), served(checkpoint) as (_, forked_url):
         assert children(proc.pid) == []
-        assert complete(url, "same", 6) == complete(url, "same", 6)
+        single = answer(url)
+        assert single == answer(forked_url) and len(single[0]["routed_experts"]) == 6
+        assert len(single[0]["logprobs"]["tokens"]) == len("same answer") + 6
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
