@@ -82,9 +82,8 @@ def build_checkpoint(folder: Path) -> None:
     transformers.AutoModelForCausalLM.from_config(hf_config).eval().save_pretrained(folder)
 
 
-def given_checkpoint(source: Path, folder: Path) -> str:
-    """``folder``: links to ``source``'s files, with ChatML as the chat template where the tokenizer has none;
-    returns a one-line description of the model."""
+def linked(source: Path, folder: Path) -> None:
+    """``folder``: links to ``source``'s files, with ChatML as the chat template where the tokenizer has none."""
     folder.mkdir(parents=True)
     for item in source.iterdir():
         if item.name != "tokenizer_config.json":
@@ -93,6 +92,11 @@ def given_checkpoint(source: Path, folder: Path) -> str:
     config = json.loads(config_file.read_text()) if config_file.is_file() else {}
     config.setdefault("chat_template", CHATML)
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+def given_checkpoint(source: Path, folder: Path) -> str:
+    """:func:`linked`, and a one-line description of the model."""
+    linked(source, folder)
     c = json.loads((source / "config.json").read_text())
     experts = c.get("num_experts", c.get("num_local_experts"))
     return (
@@ -221,6 +225,8 @@ def main() -> int:
     p.add_argument("--converter", default=os.environ.get("MOEKIT_LLAMA_CONVERTER"), help="convert_hf_to_gguf.py")
     p.add_argument("--gguf", default=None, help="the model as GGUF already (default: converted, same dtype)")
     p.add_argument("--llama-threads", type=int, default=os.cpu_count())
+    # NAME=DIR: a moekit checkpoint (e.g. `moekit quantize` output) served as another row, with --threads 2
+    p.add_argument("--checkpoints", nargs="*", default=[], metavar="NAME=DIR")
     args = p.parse_args()
     if args.quick:
         args.requests, args.concurrency = 4, [1, 4]
@@ -236,10 +242,17 @@ def main() -> int:
             described = given_checkpoint(Path(args.model), folder)
         else:
             build_checkpoint(folder)
-        for server in args.servers:
+        extra = dict(item.split("=", 1) for item in args.checkpoints)
+        for name, source in extra.items():
+            linked(Path(source), Path(tmp) / name)
+        for server in [*args.servers, *extra]:
             port = free_port()
             url = f"http://127.0.0.1:{port}"
-            if server.startswith("moekit"):  # moekit-2t: --threads 2 (default: all cores but one)
+            if server in extra:
+                cmd = [sys.executable, "-m", "moekit", "serve", "--checkpoint", str(Path(tmp) / server), "--port",
+                       str(port), "--served-model-name", "bench", "--max-batch", "16", "--threads", "2"]  # fmt: skip
+                results += serve_and_measure(server, cmd, url, "bench", args, env)
+            elif server.startswith("moekit"):  # moekit-2t: --threads 2 (default: all cores but one)
                 cmd = [sys.executable, "-m", "moekit", "serve", "--model", str(folder), "--port", str(port),
                        "--served-model-name", "bench", "--max-batch", "16"]  # fmt: skip
                 if server.startswith("moekit-") and server.endswith("t"):
