@@ -61,7 +61,7 @@ def quantize(
         spec = spec if calibration_data is not None else uniform_spec(config, bits, group_size, linear_bits)
         model, tokenizer = from_hf(hf_dir, dtype=dtype, quantization=spec), HFTokenizer(file)
     else:
-        model, tokenizer = load_model(checkpoint)  # type: ignore[arg-type]
+        model, tokenizer = load_model(checkpoint, dtype=dtype)  # type: ignore[arg-type]
         spec = spec if calibration_data is not None else uniform_spec(model.config, bits, group_size, linear_bits)
         float_bytes = expert_bytes(model)
         quantize_model(model, spec)
