@@ -256,6 +256,9 @@ class GGUFTensors(Mapping[str, torch.Tensor]):
     def __getitem__(self, name: str) -> torch.Tensor:
         return self._make[name]()
 
+    def __contains__(self, name: object) -> bool:  # Mapping's own would make the tensor to see if it exists
+        return name in self._make
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._make)
 
