@@ -16,7 +16,7 @@ from rich.console import Console
 
 from moekit.analysis.pipeline import analyze
 from moekit.analysis.sources import LABEL_MODES
-from moekit.commands.loading import add_dtype_option
+from moekit.inference.model_options import add_dtype_option
 from moekit.io.folders import check_output_folder
 from moekit.recipes.esft import SELECTION_FILE, read_selection_record
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import argparse
 
-from moekit.commands.loading import add_model_options
 from moekit.inference.evaluate import evaluate_file
+from moekit.inference.model_options import add_model_options
 
 
 def add_parser(verbs: argparse._SubParsersAction) -> None:

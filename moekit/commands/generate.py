@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moekit.commands.loading import add_model_options, load_model_of
 from moekit.inference.generate import stream_text
+from moekit.inference.model_options import add_model_options, load_model_of
 from moekit.nn.offload import offload_stats
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from moekit.commands.loading import add_dtype_option
+from moekit.inference.model_options import add_dtype_option
 from moekit.recipes.quantize import quantize
 
 

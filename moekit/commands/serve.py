@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from moekit.commands.loading import add_model_options, load_model_of
 from moekit.errors import ConfigError
+from moekit.inference.model_options import add_model_options, load_model_of
 
 
 def add_parser(verbs: argparse._SubParsersAction) -> None:

@@ -1,9 +1,11 @@
-"""The options of every command that runs a model: where it comes from, its dtype, expert offload."""
+"""The command-line options of every command that runs a model (where it comes from, its dtype, expert offload),
+and loading the model they name."""
 
 from __future__ import annotations
 
 import argparse
 
+from moekit.interop.hf.api import load_for_inference
 from moekit.models.dtypes import DTYPE_HELP
 from moekit.nn.offload import EXPERT_MEMORY_HELP
 
@@ -24,6 +26,4 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
 
 def load_model_of(args: argparse.Namespace):
     """(model, tokenizer) as :func:`add_model_options`' options say."""
-    from moekit.interop.hf.api import load_for_inference
-
     return load_for_inference(args.checkpoint, args.model, args.expert_memory, args.dtype)
