@@ -13,6 +13,7 @@ from moekit.checkpoint import model_tensors, write_model_folder
 from moekit.cli import main
 from moekit.data.tokenizers import ByteTokenizer
 from moekit.errors import ConfigError
+from moekit.nn.quantized import is_quantized_tensor
 from tests.serve.conftest import tiny_model
 
 TEXT = "the quick brown fox jumps over the lazy dog; experts route tokens. " * 12
@@ -105,3 +106,16 @@ def test_offload_keeps_the_stored_dtype(checkpoints):
     ids = torch.arange(5, 20)[None]
     with torch.no_grad():
         assert torch.equal(offloaded(ids).logits, moekit.load(bf16)(ids).logits)
+
+
+def test_quantize_with_dtype_casts_the_float_weights_not_the_experts(checkpoints, tmp_path, capsys):
+    bf16, _, _ = checkpoints
+    _run(capsys, "quantize", "--checkpoint", bf16, "--bits", "8", "--out", tmp_path / "stored")
+    _run(capsys, "quantize", "--checkpoint", bf16, "--bits", "8", "--dtype", "float32", "--out", tmp_path / "fp32")
+    stored, cast = moekit.load(tmp_path / "stored").state_dict(), moekit.load(tmp_path / "fp32").state_dict()
+    assert stored.keys() == cast.keys()
+    for name, t in cast.items():
+        if is_quantized_tensor(name):  # quantised from the stored bf16 experts either way
+            assert torch.equal(t, stored[name]) and t.dtype == stored[name].dtype, name
+        elif t.is_floating_point():
+            assert t.dtype == torch.float32 and torch.equal(t, stored[name].float()), name
