@@ -229,17 +229,16 @@ class GGUFTensors(Mapping[str, torch.Tensor]):
                 continue
             if part not in _LAYER_NAMES:
                 raise CheckpointError(f"{gg.path}: tensor {name!r} has no place in a moekit {arch} model")
-            make = functools.partial(self._read, name)
+            rope_heads = None
             if arch == "llama" and part in ("attn_q", "attn_k"):
-                n = heads if part == "attn_q" else kv_heads
+                rope_heads = heads if part == "attn_q" else kv_heads
                 rows = gg.shape(name)[0]
-                if rows % (2 * n):
+                if rows % (2 * rope_heads):
                     raise CheckpointError(
-                        f"{gg.path}: tensor {name!r} has {rows} rows, not a multiple of 2 x {n} heads"
+                        f"{gg.path}: tensor {name!r} has {rows} rows, not a multiple of 2 x {rope_heads} heads"
                     )
-                make = functools.partial(lambda read, n: unpermute_rope(read(), n), make, n)
-            if part == "ffn_gate_inp_shexp":  # GGUF keeps the shared expert's gate as a vector
-                make = functools.partial(lambda read: read().reshape(1, -1), make)
+            as_row = part == "ffn_gate_inp_shexp"  # GGUF keeps the shared expert's gate as a vector
+            make = functools.partial(self._read, name, rope_heads, as_row)
             self._make[f"model.layers.{layer}.{_LAYER_NAMES[part]}.{kind}"] = make
         for layer, parts in self._experts.items():
             missing = [p for p in _EXPERT_PARTS if p not in parts]
@@ -265,9 +264,12 @@ class GGUFTensors(Mapping[str, torch.Tensor]):
     def __len__(self) -> int:
         return len(self._make)
 
-    def _read(self, name: str) -> torch.Tensor:
+    def _read(self, name: str, rope_heads: int | None = None, as_row: bool = False) -> torch.Tensor:
         # Float tensors keep their stored dtype (views of the file); quantised ones dequantise straight into dtype.
-        return self.gg.tensor(name, None if self.gg.type_name(name) in _FLOAT_TYPES else self.dtype)
+        t = self.gg.tensor(name, None if self.gg.type_name(name) in _FLOAT_TYPES else self.dtype)
+        if rope_heads is not None:
+            t = unpermute_rope(t, rope_heads)
+        return t.reshape(1, -1) if as_row else t
 
     def _stack(self, name: str) -> torch.Tensor:
         if self.stream_experts:
