@@ -9,7 +9,7 @@ in the checkpoint's dtype unless --dtype says otherwise, sharded past --max-shar
 --from-gguf reads a llama.cpp file (qwen3moe, qwen2moe, olmoe, llama/Mixtral; F32/F16/BF16 kept, quantised types
 such as Q8_0/Q4_0/Q4_K dequantised into --dtype, float32 by default) and its tokenizer; with --bits 8|4
 [--group-size G] its experts become moekit's int8/int4 as they are read, one expert at a time (as
-``moekit quantize`` would make them from the float import, without the float model ever in memory).
+``moekit quantize`` would make them from the float import, without the float experts ever in memory).
 """
 
 from __future__ import annotations
