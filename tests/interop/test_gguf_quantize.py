@@ -12,7 +12,7 @@ import torch
 
 import moekit
 from moekit.cli import main
-from moekit.interop.gguf import GGUFFile, convert_from_gguf
+from moekit.interop.gguf import GGUFFile, convert_from_gguf, from_gguf
 from moekit.nn.quantized import QuantizedExperts
 from tests.interop.gguf_files import tiny_model, train_byte_level_bpe, write_gguf
 from tests.interop.hf_models import one_torch_thread  # noqa: F401
@@ -58,6 +58,7 @@ def test_gguf_to_int_equals_gguf_to_float_then_quantize(family, qtype, bits, gro
     spec = json.loads((tmp_path / "direct" / "config.json").read_text())["quantization"]
     assert spec == json.loads((tmp_path / "ref" / "config.json").read_text())["quantization"]
     _same_model(direct, reference)  # the same int8/int4 bytes and scales, so the same logits
+    _same_model(from_gguf(path, bits=bits, group_size=group or 32), reference)  # the Python API, no file
     greedy = ["--prompt", "The quick", "--max-new-tokens", "8", "--temperature", "0"]
     text = _cli(capsys, "generate", "--checkpoint", tmp_path / "direct", *greedy)
     assert text == _cli(capsys, "generate", "--checkpoint", tmp_path / "ref", *greedy)

@@ -39,7 +39,11 @@ def default_dtype(gg: GGUFFile) -> torch.dtype:
 
 
 def from_gguf(
-    path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None
+    path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str | None = None,
+    bits: int | None = None,
+    group_size: int = 32,
 ) -> MoELM:
     """A moekit model (eval mode) from a GGUF file.
 
@@ -48,12 +52,14 @@ def from_gguf(
         device: where to put the weights.
         dtype: the weights' dtype; default: the file's (F32 -> float32, BF16 -> bfloat16, F16 -> float16,
             quantised types -> float32, the values ``gguf.quants.dequantize`` gives).
+        bits: 8 or 4: the experts in moekit's int8 / int4 (groups of ``group_size`` columns), quantised one
+            expert at a time as they are read (see :func:`convert_from_gguf`).
 
     Raises:
         CheckpointError: not a GGUF file, truncated, an unsupported tensor type, tensors that do not fit.
         ConfigError: an architecture or option moekit does not implement.
     """
-    return _model(GGUFFile(path), device, dtype)[0]
+    return _model(GGUFFile(path), device, dtype, bits, group_size)[0]
 
 
 def _model(
