@@ -14,16 +14,17 @@ os.environ.setdefault("GOMP_SPINCOUNT", "3000")
 __version__ = "0.1.0"
 
 
-def load(path, device="cpu", expert_memory=None):
+def load(path, device="cpu", expert_memory=None, dtype=None):
     """The model of a moekit checkpoint or run folder, in eval mode (``expert_memory="4GiB"``: at most that
-    many bytes of expert weights resident, the rest read from the file when used).
+    many bytes of expert weights resident, the rest read from the file when used; ``dtype="float32"``: cast the
+    float weights, default as stored).
 
     Its forward on ``input_ids`` [batch, seq] returns an object whose ``.logits`` is
     [batch, seq, vocab]. Use :func:`moekit.train.load_model` to get the tokenizer too.
     """
     from moekit.checkpoint import load_model
 
-    return load_model(path, device, expert_memory)[0]
+    return load_model(path, device, expert_memory, dtype)[0]
 
 
 def from_hf(path, device="cpu", dtype=None, expert_memory=None):

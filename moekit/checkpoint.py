@@ -41,6 +41,7 @@ from moekit.errors import CheckpointError, ConfigError
 from moekit.io.atomic import atomic_write_json, atomic_write_text, fsync_tree
 from moekit.io.safe_io import load_tensors, save_tensors
 from moekit.models import LMConfig, MoELM
+from moekit.models.dtypes import as_dtype, cast_weights
 from moekit.models.materialize import materialize
 from moekit.models.quantization import apply_spec
 from moekit.models.resolve import upgrade_saved
@@ -298,10 +299,15 @@ def read_model_config(checkpoint: str | os.PathLike) -> LMConfig:
 
 
 def load_model(
-    path: str | os.PathLike, device: str | torch.device = "cpu", expert_memory: str | int | None = None
+    path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    expert_memory: str | int | None = None,
+    dtype: torch.dtype | str | None = None,
 ) -> tuple[MoELM, Tokenizer]:
     """Model (eval mode) and tokenizer from a checkpoint or run folder; ``expert_memory`` (bytes or "4GiB"):
-    keep the experts in the file, at most that much of them resident (:mod:`moekit.nn.offload`)."""
+    keep the experts in the file, at most that much of them resident (:mod:`moekit.nn.offload`); ``dtype``:
+    cast the float weights (default: as stored; :func:`~moekit.models.dtypes.cast_weights`)."""
+    target = as_dtype(dtype)
     ckpt = resolve_checkpoint(path)
     with torch.device("meta"):  # no memory and no random init: the loaded tensors become the parameters
         model = MoELM(read_model_config(ckpt))
@@ -310,10 +316,17 @@ def load_model(
         apply_spec(model, quantization)
     # Offloaded experts are checked for NaN where they are read: checking them here would read them all.
     lazy = is_expert_weight if expert_memory is not None else None
-    if (ckpt / WEIGHTS_FILE).is_file():
-        load_tensors_into(model, load_tensors(ckpt / WEIGHTS_FILE), ckpt / WEIGHTS_FILE, assign=True, unread=lazy)
-    else:  # expert-parallel shards
-        load_tensors_into(model, read_model_tensors(ckpt), ckpt / EP_INDEX_FILE, assign=True)
+    single = (ckpt / WEIGHTS_FILE).is_file()
+    tensors = load_tensors(ckpt / WEIGHTS_FILE) if single else read_model_tensors(ckpt)  # else expert-parallel shards
+    if target is not None:
+        if lazy is not None and any(lazy(n) and t.dtype != target for n, t in tensors.items()):
+            raise ConfigError(
+                f"expert offload reads the experts from {ckpt} as stored; leave out dtype={dtype!r} (--dtype) "
+                "or write the checkpoint in that dtype first"
+            )
+        tensors = cast_weights(tensors, target)
+    source = ckpt / (WEIGHTS_FILE if single else EP_INDEX_FILE)
+    load_tensors_into(model, tensors, source, assign=True, unread=lazy if single else None)
     tokenizer = load_tokenizer(ckpt)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise CheckpointError(

@@ -155,6 +155,7 @@ def analyze(
     view_tokens: int = 240,
     metrics: str | Path | None = None,
     device: str = "cpu",
+    dtype: torch.dtype | str | None = None,
     progress: bool = True,
     console: Console | None = None,
     esft_selection: dict[str, Any] | None = None,
@@ -168,7 +169,8 @@ def analyze(
     checkpoint with the same MoE layers) adds routing drift; ``raw_traces`` writes per-token traces to
     ``out/traces`` (:mod:`moekit.analysis.traces`); ``view_tokens`` per source fill the coloured text view;
     ``metrics`` (a metrics.jsonl or its run folder; default: the run's) gives the imbalance-over-training plot.
-    ``esft_selection`` (an ``esft_selection.json`` record of ``moekit finetune --esft``) adds its view.
+    ``esft_selection`` (an ``esft_selection.json`` record of ``moekit finetune --esft``) adds its view. ``dtype``
+    casts the analysed model's float weights (default: as stored).
     """
     if labels not in LABEL_MODES:
         raise ConfigError(f"labels={labels!r} must be one of {', '.join(LABEL_MODES)}")
@@ -177,7 +179,7 @@ def analyze(
     data = [data] if isinstance(data, (str, Path)) else list(data)
     if not data:
         raise ConfigError("no data given: pass one or more text files or folders")
-    net, tokenizer = load_for_inference(checkpoint, model)
+    net, tokenizer = load_for_inference(checkpoint, model, dtype=dtype)
     net = net.to(device)
     inputs = prepare_inputs(net, tokenizer, data, labels, max_tokens, block_size)
     out_dir = Path(out)

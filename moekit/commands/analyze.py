@@ -16,6 +16,7 @@ from rich.console import Console
 
 from moekit.analysis.pipeline import analyze
 from moekit.analysis.sources import LABEL_MODES
+from moekit.inference.model_options import add_dtype_option
 from moekit.io.folders import check_output_folder
 from moekit.recipes.esft import SELECTION_FILE, read_selection_record
 
@@ -29,6 +30,7 @@ def add_parser(verbs: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--checkpoint", metavar="DIR", help="moekit checkpoint or run folder")
     p.add_argument("--model", metavar="HF_DIR", help="a Hugging Face model folder or .gguf file (not --checkpoint)")
+    add_dtype_option(p)
     p.add_argument("--data", required=True, nargs="+", help="text files or folders; NAME=PATH names a source")
     p.add_argument("--labels", choices=LABEL_MODES, default="auto", help="what to measure specialisation against")
     p.add_argument("--compare", metavar="CKPT2", help="a second checkpoint: routing drift between the two")
@@ -68,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
         view_tokens=args.view_tokens,
         metrics=args.metrics,
         device=args.device,
+        dtype=args.dtype,
         console=Console(stderr=True),
         esft_selection=read_selection_record(selection) if selection is not None else None,
     )

@@ -7,7 +7,9 @@ keep their dtype. --to-hf writes a folder ``transformers.AutoModelForCausalLM.fr
 in the checkpoint's dtype unless --dtype says otherwise, sharded past --max-shard-size, with the tokenizer
 (moekit's byte/char tokenizers become a ``tokenizer.json`` that ``AutoTokenizer`` loads with the same ids).
 --from-gguf reads a llama.cpp file (qwen3moe, qwen2moe, olmoe, llama/Mixtral; F32/F16/BF16 kept, quantised types
-such as Q8_0/Q4_0/Q4_K dequantised into --dtype, float32 by default) and its tokenizer.
+such as Q8_0/Q4_0/Q4_K dequantised into --dtype, float32 by default) and its tokenizer; with --bits 8|4
+[--group-size G] its experts become moekit's int8/int4 as they are read, one expert at a time (as
+``moekit quantize`` would make them from the float import, without the float experts ever in memory).
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ def add_parser(verbs: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--dtype", default=None, help="--to-hf, --from-gguf: float32 | bfloat16 | float16 (default: the file's)"
     )
+    p.add_argument("--bits", type=int, choices=[4, 8], help="--from-gguf: quantise the experts to int8 / int4")
+    p.add_argument("--group-size", type=int, default=None, help="--from-gguf --bits 4: int4 group (32, 64, 128)")
     p.add_argument("--family", default=None, help="--to-hf: HF model_type (default: the imported one, or inferred)")
     p.add_argument("--max-shard-size", default="5GB", help="--to-hf: shard above this size (e.g. 500MB, 5GB)")
     p.set_defaults(func=run)
@@ -49,20 +53,35 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}[unit])
 
 
-def convert(from_hf=None, to_hf=None, out=None, dtype=None, family=None, max_shard_size="5GB", from_gguf=None):
-    """Run one conversion; returns the output folder."""
+def convert(
+    from_hf=None,
+    to_hf=None,
+    out=None,
+    dtype=None,
+    family=None,
+    max_shard_size="5GB",
+    from_gguf=None,
+    bits=None,
+    group_size=None,
+):
+    """Run one conversion; returns the output folder. ``bits``/``group_size`` (``from_gguf`` only): quantise the
+    experts while reading (see :func:`moekit.interop.gguf.convert_from_gguf`)."""
     from moekit.interop.hf import convert_from_hf, convert_to_hf
 
     if sum(x is not None for x in (from_hf, to_hf, from_gguf)) != 1:
         raise ConfigError(
             "give exactly one of from_hf= (an HF folder), to_hf= (a moekit checkpoint) or from_gguf= (a GGUF file)"
         )
+    if from_gguf is None and (bits is not None or group_size is not None):
+        raise ConfigError("--bits and --group-size apply to --from-gguf (for other models: moekit quantize)")
+    if bits is None and group_size is not None:
+        raise ConfigError("--group-size needs --bits 4")
     if from_gguf is not None:
         from moekit.interop.gguf import convert_from_gguf
 
         if family:
             raise ConfigError("--family applies to --to-hf")
-        return convert_from_gguf(from_gguf, out, dtype=dtype)
+        return convert_from_gguf(from_gguf, out, dtype=dtype, bits=bits, group_size=group_size or 32)
     if from_hf is not None:
         if dtype or family:
             raise ConfigError("--dtype and --family apply to --to-hf; --from-hf keeps the checkpoint's dtype")
@@ -73,7 +92,18 @@ def convert(from_hf=None, to_hf=None, out=None, dtype=None, family=None, max_sha
 
 def run(args: argparse.Namespace) -> int:
     check_output_folder(args.out, args.overwrite)
-    path = convert(args.from_hf, args.to_hf, args.out, args.dtype, args.family, args.max_shard_size, args.from_gguf)
+    path = convert(
+        args.from_hf,
+        args.to_hf,
+        args.out,
+        args.dtype,
+        args.family,
+        args.max_shard_size,
+        args.from_gguf,
+        args.bits,
+        args.group_size,
+    )
     kind = "Hugging Face model" if args.to_hf else "moekit checkpoint"
-    print(f"wrote {kind} to {path}")
+    quantised = f" (experts in int{args.bits})" if args.bits else ""
+    print(f"wrote {kind} to {path}{quantised}")
     return 0

@@ -1,6 +1,7 @@
 """``moekit generate --checkpoint DIR --prompt TEXT``: stream a continuation to the terminal.
 
-``--model HF_DIR`` reads a Hugging Face model folder (config.json, safetensors, tokenizer.json) instead.
+``--model HF_DIR`` reads a Hugging Face model folder (config.json, safetensors, tokenizer.json) or a llama.cpp
+``.gguf`` file instead; ``--dtype`` casts the weights, ``--expert-memory`` offloads the experts.
 """
 
 from __future__ import annotations
@@ -9,15 +10,13 @@ import argparse
 import sys
 
 from moekit.inference.generate import stream_text
-from moekit.interop.hf.api import load_for_inference
-from moekit.nn.offload import EXPERT_MEMORY_HELP, offload_stats
+from moekit.inference.model_options import add_model_options, load_model_of
+from moekit.nn.offload import offload_stats
 
 
 def add_parser(verbs: argparse._SubParsersAction) -> None:
     p = verbs.add_parser("generate", help="generate text from a checkpoint", description=__doc__)
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="checkpoint or run folder")
-    source.add_argument("--model", metavar="HF_DIR", help="Hugging Face model folder or .gguf file (not --checkpoint)")
+    add_model_options(p)
     p.add_argument("--prompt", default="\n", help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -26,12 +25,11 @@ def add_parser(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--stop", action="append", default=[], help="stop when this text appears (repeatable)")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--expert-memory", metavar="SIZE", help=EXPERT_MEMORY_HELP)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    model, tokenizer = load_for_inference(args.checkpoint, args.model, args.expert_memory)
+    model, tokenizer = load_model_of(args)
     pieces = stream_text(
         model,
         tokenizer,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 
+from moekit.inference.model_options import add_dtype_option
 from moekit.recipes.quantize import quantize
 
 
@@ -26,7 +27,7 @@ def add_parser(verbs: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--linear-bits", type=int, choices=[4, 8], help="also quantise attention projections and the output head"
     )
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="dtype of the float weights")
+    add_dtype_option(p)
     p.add_argument("--out", required=True, help="folder for the quantised checkpoint")
     p.set_defaults(func=run)
 

@@ -1,4 +1,5 @@
-"""``moekit serve --checkpoint RUN | --model HF_DIR``: an OpenAI-compatible HTTP server with continuous batching.
+"""``moekit serve --checkpoint RUN | --model HF_DIR|FILE.gguf``: an OpenAI-compatible HTTP server with continuous
+batching. The model is loaded as ``moekit generate`` loads it (``--dtype``, ``--expert-memory`` too).
 
 Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions, GET /health, GET /metrics and a chat page
 at /. It binds 127.0.0.1; another --host needs an API key (--api-key or MOEKIT_API_KEY), which every route but
@@ -19,16 +20,12 @@ from pathlib import Path
 import torch
 
 from moekit.errors import ConfigError
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from moekit.inference.model_options import add_model_options, load_model_of
 
 
 def add_parser(verbs: argparse._SubParsersAction) -> None:
     p = verbs.add_parser("serve", help="serve a model over the OpenAI HTTP API", description=__doc__)
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="checkpoint or run folder")
-    source.add_argument("--model", metavar="HF_DIR", help="Hugging Face model folder")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="cast the weights (default: as stored)")
+    add_model_options(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (not loopback: needs an API key)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $MOEKIT_API_KEY)")
@@ -67,7 +64,6 @@ def check_bind(host: str, api_key: str | None) -> None:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from moekit.interop.hf.api import load_for_inference
     from moekit.serve.app import ServerOptions, build_app
     from moekit.serve.chat import ChatTemplate, end_token_ids
     from moekit.serve.engine import Engine
@@ -82,13 +78,18 @@ def run(args: argparse.Namespace) -> int:
     # for the cores, and serves 2-2.5x the tokens/s of two threads (benchmarks/results/serve.md).
     threads = args.threads or max(1, (os.cpu_count() or 2) - 1)
     fork = not args.single_process and can_fork()
+    before = torch.get_num_threads()
     torch.set_num_threads(1 if fork else threads)  # a process forked after an OpenMP team hangs in its first one
-    model, tokenizer = load_for_inference(args.checkpoint, args.model)
-    if args.dtype:
-        model = model.to(DTYPES[args.dtype])
-    folder = Path(args.checkpoint or args.model)
+    try:
+        model, tokenizer = load_model_of(args)
+    except BaseException:  # a bad --model, --dtype or --expert-memory changes nothing
+        torch.set_num_threads(before)
+        raise
+    source = Path(args.checkpoint or args.model)
+    # A GGUF file's tokenizer, EOS and chat template are in the folder its tokenizer was written to.
+    folder = source if source.is_dir() else Path(tokenizer.path).parent
     options = ServerOptions(
-        model_name=args.served_model_name or folder.resolve().name,
+        model_name=args.served_model_name or source.resolve().name,
         api_key=api_key,
         max_tokens_limit=args.max_tokens_limit,
         max_body_bytes=args.max_body_bytes,

@@ -25,11 +25,13 @@ def evaluate_file(
     max_batches: int | None = None,
     hf_model: str | Path | None = None,
     expert_memory: str | int | None = None,
+    dtype: torch.dtype | str | None = None,
 ) -> dict[str, Any]:
     """Mean next-token loss (nats/token), perplexity and token count of a checkpoint (or, with ``hf_model`` and
     ``checkpoint=None``, a Hugging Face folder) over non-overlapping windows (default 128 tokens) of a file;
-    with ``expert_memory`` (see :func:`moekit.checkpoint.load_model`) also the expert cache's summary."""
-    model, tokenizer = load_for_inference(checkpoint, hf_model, expert_memory)
+    with ``expert_memory`` (see :func:`moekit.checkpoint.load_model`) also the expert cache's summary; ``dtype``
+    casts the float weights."""
+    model, tokenizer = load_for_inference(checkpoint, hf_model, expert_memory, dtype)
     block = min(block_size or 128, model.config.max_position_embeddings)
     ids = tokenizer.encode(load_text(data))
     if ids and max(ids) >= model.config.vocab_size:

@@ -35,6 +35,13 @@ _ACT = torch.bfloat16  # the activation dtype both kernels are fast in
 SCALE_DTYPE = torch.bfloat16  # scales and zeros: what both kernels take
 
 
+class ExpertStack(typing.Protocol):
+    """A stack of expert matrices: a tensor [E, ...], or anything whose item ``e`` is expert e's (e.g. read from
+    a file when indexed)."""
+
+    def __getitem__(self, e: int, /) -> torch.Tensor: ...
+
+
 def is_quantized_tensor(name: str) -> bool:
     """Whether a state-dict name belongs to quantised experts or linears (their dtypes are their own)."""
     return ".experts.q_in." in name or ".experts.q_out." in name or ".quantized." in name
@@ -218,9 +225,10 @@ class QuantizedExperts(Experts):
             )
         return q
 
-    def state_for(self, w_in: torch.Tensor, w_out: torch.Tensor) -> dict[str, torch.Tensor]:
+    def state_for(self, w_in: ExpertStack, w_out: ExpertStack) -> dict[str, torch.Tensor]:
         """This module's state dict for float stacks w_in [E, D, X] and w_out [E, H, D], quantised one
-        expert at a time (for streaming a checkpoint: the float stacks need not become parameters)."""
+        expert at a time (for streaming a checkpoint: the float stacks need not become parameters; any sequence
+        of the experts' matrices will do, e.g. one that reads each from a file when indexed)."""
         out: dict[str, torch.Tensor] = {}
         for e, b in enumerate(self.bits):
             for name, w in (("q_in", w_in[e].t()), ("q_out", w_out[e].t())):

@@ -19,6 +19,7 @@ from moekit.data.tokenizers import TOKENIZER_FILE, HFTokenizer
 from moekit.errors import CheckpointError, ConfigError, DataError
 from moekit.interop.hf.api import from_hf, load_for_inference, read_hf_config
 from moekit.interop.hf.config_map import lm_config_from_hf
+from moekit.models.dtypes import as_dtype, cast_weights
 from moekit.models.quantization import expert_bytes, mixed_spec, quantize_model, uniform_spec
 from moekit.recipes.calibration import calibration_batches
 
@@ -43,6 +44,7 @@ def quantize(
     attention projections and the output head (:func:`~moekit.models.quantization.quantized_linears`)."""
     if (checkpoint is None) == (hf_dir is None):
         raise ConfigError("give exactly one of a moekit checkpoint or a Hugging Face model folder")
+    target = as_dtype(dtype)
     out = Path(out)
     if (out / CONFIG_FILE).exists():
         raise CheckpointError(f"{out} already holds a checkpoint; choose another --out")
@@ -65,7 +67,10 @@ def quantize(
         spec = spec if calibration_data is not None else uniform_spec(model.config, bits, group_size, linear_bits)
         float_bytes = expert_bytes(model)
         quantize_model(model, spec)
-    write_model_folder(out, model_tensors(model), {"model": model.config.to_dict(), "quantization": spec}, tokenizer)
+    tensors = model_tensors(model)
+    if target is not None:  # cast once quantised: the experts were quantised from the stored floats, not a cast copy
+        tensors = cast_weights(tensors, target)
+    write_model_folder(out, tensors, {"model": model.config.to_dict(), "quantization": spec}, tokenizer)
     report = {"checkpoint": str(out), "spec": spec, "expert_bytes": expert_bytes(model)}
     if checkpoint is not None:
         report["float_expert_bytes"] = float_bytes

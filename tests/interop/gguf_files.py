@@ -190,15 +190,23 @@ def round_weights(model, qtype: str) -> None:
 
 
 def write_gguf(
-    model, path: Path, qtype: str | None = None, tokenizer_json: dict | None = None, stored: str = "F32"
+    model,
+    path: Path,
+    qtype: str | None = None,
+    tokenizer_json: dict | None = None,
+    stored: str = "F32",
+    chat_template: str | None = None,
 ) -> dict[str, np.ndarray]:
     """Write ``model`` as llama.cpp would; matrices in ``qtype`` (Q8_0, Q4_0, Q4_K...) or ``stored`` (F32, F16,
-    BF16), norms in F32. Returns what each tensor reads back as (float32, PyTorch order)."""
+    BF16), norms in F32; ``chat_template`` as ``tokenizer.chat_template``. Returns what each tensor reads back
+    as (float32, PyTorch order)."""
     cfg = model.config
     w = gguf.GGUFWriter(str(path), ARCH[cfg.model_type])
     _metadata(w, cfg)
     if tokenizer_json is not None:
         add_byte_level_vocab(w, tokenizer_json)
+    if chat_template is not None:
+        w.add_chat_template(chat_template)
     expect: dict[str, np.ndarray] = {}
     for name, t in gguf_tensors(model).items():
         data = t.numpy().astype(np.float32)

@@ -14,17 +14,20 @@ import shutil
 import tempfile
 import weakref
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from moekit.data.tokenizers import HFTokenizer
 from moekit.errors import CheckpointError, MoekitError
-from moekit.interop.gguf.arch import hf_config_from_gguf, hf_tensors_from_gguf
+from moekit.interop.gguf.arch import GGUFTensors, hf_config_from_gguf
 from moekit.interop.gguf.reader import GGUFFile
 from moekit.interop.gguf.vocab import write_tokenizer
-from moekit.interop.hf.api import _as_dtype, build_model, save_moekit_checkpoint
+from moekit.interop.hf.api import build_model, save_moekit_checkpoint
 from moekit.interop.hf.config_map import lm_config_from_hf
 from moekit.models import MoELM
+from moekit.models.dtypes import as_dtype
+from moekit.models.quantization import uniform_spec
 
 
 def default_dtype(gg: GGUFFile) -> torch.dtype:
@@ -36,7 +39,11 @@ def default_dtype(gg: GGUFFile) -> torch.dtype:
 
 
 def from_gguf(
-    path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None
+    path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str | None = None,
+    bits: int | None = None,
+    group_size: int = 32,
 ) -> MoELM:
     """A moekit model (eval mode) from a GGUF file.
 
@@ -45,15 +52,24 @@ def from_gguf(
         device: where to put the weights.
         dtype: the weights' dtype; default: the file's (F32 -> float32, BF16 -> bfloat16, F16 -> float16,
             quantised types -> float32, the values ``gguf.quants.dequantize`` gives).
+        bits: 8 or 4: the experts in moekit's int8 / int4 (groups of ``group_size`` columns), quantised one
+            expert at a time as they are read (see :func:`convert_from_gguf`).
 
     Raises:
         CheckpointError: not a GGUF file, truncated, an unsupported tensor type, tensors that do not fit.
         ConfigError: an architecture or option moekit does not implement.
     """
-    return _model(GGUFFile(path), device, dtype)
+    return _model(GGUFFile(path), device, dtype, bits, group_size)[0]
 
 
-def _model(gg: GGUFFile, device: str | torch.device, dtype: torch.dtype | str | None) -> MoELM:
+def _model(
+    gg: GGUFFile,
+    device: str | torch.device,
+    dtype: torch.dtype | str | None,
+    bits: int | None = None,
+    group_size: int = 32,
+) -> tuple[MoELM, dict[str, Any] | None]:
+    """The model, and with ``bits`` the quantisation spec its experts were quantised with (else None)."""
     try:
         raw = hf_config_from_gguf(gg)
     except MoekitError:
@@ -61,9 +77,12 @@ def _model(gg: GGUFFile, device: str | torch.device, dtype: torch.dtype | str | 
     except (TypeError, ValueError) as e:  # a number that is a string or a list, in a damaged or odd file
         raise CheckpointError(f"{gg.path}: malformed GGUF metadata ({e})") from None
     config = lm_config_from_hf(raw, where=str(gg.path), quiet=True)
-    target = _as_dtype(dtype) or default_dtype(gg)
-    tensors, files = hf_tensors_from_gguf(gg, raw, target)
-    return build_model(config, tensors, files, device=device, dtype=target)
+    target = as_dtype(dtype) or default_dtype(gg)
+    spec = uniform_spec(config, bits, group_size) if bits is not None else None
+    tensors = GGUFTensors(gg, raw, target, stream_experts=spec is not None)
+    source = tensors.expert_stacks if spec is not None else None
+    model = build_model(config, tensors, tensors.files, device, target, quantization=spec, expert_source=source)
+    return model, spec
 
 
 def load_gguf(
@@ -72,7 +91,7 @@ def load_gguf(
     """:func:`from_gguf` plus the file's tokenizer (written as ``tokenizer.json`` into a temporary folder that
     lives as long as the tokenizer)."""
     gg = GGUFFile(path)
-    model = _model(gg, device, dtype)
+    model, _ = _model(gg, device, dtype)
     folder = tempfile.mkdtemp(prefix="moekit-gguf-tok-")
     try:
         tokenizer = HFTokenizer(write_tokenizer(gg, folder))
@@ -84,11 +103,19 @@ def load_gguf(
 
 
 def convert_from_gguf(
-    source: str | os.PathLike, out: str | os.PathLike, dtype: torch.dtype | str | None = None
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    dtype: torch.dtype | str | None = None,
+    bits: int | None = None,
+    group_size: int = 32,
 ) -> Path:
-    """GGUF file -> moekit checkpoint folder (config.json + model.safetensors + tokenizer.json)."""
+    """GGUF file -> moekit checkpoint folder (config.json + model.safetensors + tokenizer.json).
+
+    ``bits`` (8 or 4, int4 in groups of ``group_size`` columns): the experts become moekit's int8/int4 as they
+    are read, one expert's matrices at a time (dequantised from the file's type into ``dtype``, then quantised):
+    the float experts never exist as a whole. ``dtype``: of the weights that stay float (default: the file's)."""
     gg = GGUFFile(source)
-    model = _model(gg, "cpu", dtype)
-    folder = save_moekit_checkpoint(model, out, None)
+    model, spec = _model(gg, "cpu", dtype, bits, group_size)
+    folder = save_moekit_checkpoint(model, out, None, quantization=spec)
     write_tokenizer(gg, folder)
     return folder

@@ -18,7 +18,9 @@ Facts read off llama.cpp's converter (``convert_hf_to_gguf.py``) and its model g
 
 from __future__ import annotations
 
+import functools
 import re
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -68,6 +70,7 @@ _GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.
 _GLOBAL_NAMES["output.weight"] = "lm_head.weight"
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 _EXPERT_PARTS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
+_FLOAT_TYPES = ("F32", "F16", "BF16")
 
 
 def architecture(gg: GGUFFile) -> str:
@@ -199,51 +202,103 @@ def unpermute_rope(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def hf_tensors_from_gguf(
-    gg: GGUFFile, hf_config: dict[str, Any], dtype: torch.dtype
-) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """HF-named tensors (transformers 5's fused expert layout) from the GGUF, plus the file each came from."""
-    arch = gg.meta("general.architecture")
-    heads, kv_heads = hf_config["num_attention_heads"], hf_config["num_key_value_heads"]
-    out: dict[str, torch.Tensor] = {}
-    experts: dict[int, dict[str, torch.Tensor]] = {}
-    for name in gg.tensor_names():
+class GGUFTensors(Mapping[str, torch.Tensor]):
+    """The GGUF's tensors under HF names (transformers 5's fused expert layout), each read when it is looked up
+    (float types as views of the file, quantised ones dequantised into ``dtype``) and never kept: an import holds
+    the tensors it has taken, not the file. The names, shapes and layers are checked here, before any data is read.
+
+    With ``stream_experts`` the fused expert stacks are shape-only meta tensors (they pass the import's checks),
+    and a quantising import reads the experts one at a time through :meth:`expert_stacks` instead."""
+
+    def __init__(self, gg: GGUFFile, hf_config: dict[str, Any], dtype: torch.dtype, stream_experts: bool = False):
+        self.gg, self.dtype, self.stream_experts = gg, dtype, stream_experts
+        arch = gg.meta("general.architecture")
+        heads, kv_heads = hf_config["num_attention_heads"], hf_config["num_key_value_heads"]
+        self._make: dict[str, Callable[[], torch.Tensor]] = {}
+        self._experts: dict[int, dict[str, str]] = {}  # layer -> part -> GGUF name
+        for name in gg.tensor_names():
+            if name in _GLOBAL_NAMES:
+                self._make[_GLOBAL_NAMES[name]] = functools.partial(self._read, name)
+                continue
+            m = _BLOCK_RE.match(name)
+            if m is None:
+                raise CheckpointError(f"{gg.path}: tensor {name!r} has no place in a moekit {arch} model")
+            layer, part, kind = int(m.group(1)), m.group(2), m.group(3)
+            if part in _EXPERT_PARTS and kind == "weight":
+                self._experts.setdefault(layer, {})[part] = name
+                continue
+            if part not in _LAYER_NAMES:
+                raise CheckpointError(f"{gg.path}: tensor {name!r} has no place in a moekit {arch} model")
+            rope_heads = None
+            if arch == "llama" and part in ("attn_q", "attn_k"):
+                rope_heads = heads if part == "attn_q" else kv_heads
+                rows = gg.shape(name)[0]
+                if rows % (2 * rope_heads):
+                    raise CheckpointError(
+                        f"{gg.path}: tensor {name!r} has {rows} rows, not a multiple of 2 x {rope_heads} heads"
+                    )
+            as_row = part == "ffn_gate_inp_shexp"  # GGUF keeps the shared expert's gate as a vector
+            make = functools.partial(self._read, name, rope_heads, as_row)
+            self._make[f"model.layers.{layer}.{_LAYER_NAMES[part]}.{kind}"] = make
+        for layer, parts in self._experts.items():
+            missing = [p for p in _EXPERT_PARTS if p not in parts]
+            if missing:
+                raise CheckpointError(f"{gg.path}: layer {layer} lacks expert tensors {missing}")
+            gate, up = (gg.shape(parts[p]) for p in ("ffn_gate_exps", "ffn_up_exps"))
+            if gate != up:
+                raise CheckpointError(f"{gg.path}: layer {layer}'s ffn_gate_exps {gate} and ffn_up_exps {up} differ")
+            pre = f"model.layers.{layer}.mlp.experts."
+            self._make[pre + "gate_up_proj"] = functools.partial(self._gate_up, layer)
+            self._make[pre + "down_proj"] = functools.partial(self._stack, parts["ffn_down_exps"])
+        self.files = dict.fromkeys(self._make, str(gg.path))
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._make[name]()
+
+    def __contains__(self, name: object) -> bool:  # Mapping's own would make the tensor to see if it exists
+        return name in self._make
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._make)
+
+    def __len__(self) -> int:
+        return len(self._make)
+
+    def _read(self, name: str, rope_heads: int | None = None, as_row: bool = False) -> torch.Tensor:
         # Float tensors keep their stored dtype (views of the file); quantised ones dequantise straight into dtype.
-        t = gg.tensor(name, None if gg.type_name(name) in ("F32", "F16", "BF16") else dtype)
-        if name in _GLOBAL_NAMES:
-            out[_GLOBAL_NAMES[name]] = t
-            continue
-        m = _BLOCK_RE.match(name)
-        if m is None:
-            raise CheckpointError(f"{gg.path}: tensor {name!r} has no place in a moekit {arch} model")
-        layer, part, kind = int(m.group(1)), m.group(2), m.group(3)
-        if part in _EXPERT_PARTS and kind == "weight":
-            experts.setdefault(layer, {})[part] = t
-            continue
-        if part not in _LAYER_NAMES:
-            raise CheckpointError(f"{gg.path}: tensor {name!r} has no place in a moekit {arch} model")
-        if arch == "llama" and part in ("attn_q", "attn_k"):
-            n = heads if part == "attn_q" else kv_heads
-            if t.shape[0] % (2 * n):
-                raise CheckpointError(
-                    f"{gg.path}: tensor {name!r} has {t.shape[0]} rows, not a multiple of 2 x {n} heads"
-                )
-            t = unpermute_rope(t, n)
-        if part == "ffn_gate_inp_shexp":
-            t = t.reshape(1, -1)  # GGUF keeps the shared expert's gate as a vector
-        out[f"model.layers.{layer}.{_LAYER_NAMES[part]}.{kind}"] = t
-    for layer, parts in experts.items():
-        missing = [p for p in _EXPERT_PARTS if p not in parts]
-        if missing:
-            raise CheckpointError(f"{gg.path}: layer {layer} lacks expert tensors {missing}")
-        gate, up = parts["ffn_gate_exps"], parts["ffn_up_exps"]
-        if gate.shape != up.shape:
-            raise CheckpointError(
-                f"{gg.path}: layer {layer}'s ffn_gate_exps {tuple(gate.shape)} and ffn_up_exps {tuple(up.shape)} differ"
-            )
+        t = self.gg.tensor(name, None if self.gg.type_name(name) in _FLOAT_TYPES else self.dtype)
+        if rope_heads is not None:
+            t = unpermute_rope(t, rope_heads)
+        return t.reshape(1, -1) if as_row else t
+
+    def _stack(self, name: str) -> torch.Tensor:
+        if self.stream_experts:
+            return torch.empty(self.gg.shape(name), dtype=self.dtype, device="meta")
+        return self._read(name)
+
+    def _gate_up(self, layer: int) -> torch.Tensor:
+        gate, up = (self._stack(self._experts[layer][p]) for p in ("ffn_gate_exps", "ffn_up_exps"))
         if gate.dtype != up.dtype:  # e.g. Q4_K gate beside a Q6_K or F16 up: meet in the target dtype
-            gate, up = gate.to(dtype), up.to(dtype)
-        gate_up = torch.cat([gate, up], dim=1)  # [E, 2I, D]
-        out[f"model.layers.{layer}.mlp.experts.gate_up_proj"] = gate_up
-        out[f"model.layers.{layer}.mlp.experts.down_proj"] = parts["ffn_down_exps"]  # [E, D, I]
-    return out, dict.fromkeys(out, str(gg.path))
+            gate, up = gate.to(self.dtype), up.to(self.dtype)
+        return torch.cat([gate, up], dim=1)  # [E, 2I, D]
+
+    def expert_stacks(self, layer: int) -> tuple[ExpertMatrices, ExpertMatrices]:
+        """``layer``'s experts as moekit's w_in [E, D, 2I] and w_out [E, I, D], read one expert at a time."""
+        parts = self._experts[layer]
+        w_in = ExpertMatrices(self.gg, [parts["ffn_gate_exps"], parts["ffn_up_exps"]], self.dtype)
+        return w_in, ExpertMatrices(self.gg, [parts["ffn_down_exps"]], self.dtype)
+
+
+class ExpertMatrices:
+    """One expert stack of a GGUF as a sequence: item ``e`` is expert e's matrix [in, out] (moekit's layout),
+    read from the file and dequantised into ``dtype`` when asked for, alone (a few MB, not the stack)."""
+
+    def __init__(self, gg: GGUFFile, names: list[str], dtype: torch.dtype):
+        self.gg, self.names, self.dtype = gg, names, dtype
+
+    def __len__(self) -> int:
+        return self.gg.shape(self.names[0])[0]
+
+    def __getitem__(self, e: int) -> torch.Tensor:
+        rows = [self.gg.tensor(name, self.dtype, index=e) for name in self.names]  # [out, in] each
+        return (rows[0] if len(rows) == 1 else torch.cat(rows)).t()

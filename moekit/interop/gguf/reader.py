@@ -2,8 +2,9 @@
 
 F32, F16 and BF16 tensors are views of the mapped file (copy-on-write, so nothing is read until used and the
 file is never written). Quantised tensors (Q8_0, Q4_0, Q4_K and every other type ``gguf.quants`` knows) are
-dequantised here into a float dtype: moekit computes in floats, and its own int8/int4 experts come from
-``moekit quantize``, not from llama.cpp's block formats.
+dequantised here into a float dtype: moekit computes in floats, and its own int8/int4 experts are made from
+those floats (``moekit quantize``, or ``moekit convert --from-gguf --bits``, one expert at a time), not
+from llama.cpp's block formats.
 
 GGUF lists a tensor's dimensions fastest-first (ggml's ``ne``); the ``gguf`` package already gives numpy's order,
 which is PyTorch's: ``token_embd.weight`` is [vocab, hidden], ``blk.N.ffn_gate_exps.weight`` [experts, I, hidden].
@@ -118,25 +119,28 @@ class GGUFFile:
         """The float dtype a tensor is stored in; quantised types count as float32 (what they dequantise to)."""
         return _FLOAT_TYPES.get(self.type_name(name), torch.float32)
 
-    def tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def tensor(self, name: str, dtype: torch.dtype | None = None, index: int | None = None) -> torch.Tensor:
         """Tensor ``name`` in PyTorch order; float types are views of the mapped file (cast only to ``dtype``),
-        quantised ones are dequantised into ``dtype`` (float32 when None)."""
+        quantised ones are dequantised into ``dtype`` (float32 when None). ``index``: only ``name[index]`` (one
+        expert of a stacked tensor), read and dequantised alone (llama.cpp's blocks never cross a row)."""
         info = self._info(name)
         kind = info.tensor_type.name
         shape = self.shape(name)
+        data = info.data if index is None else info.data[index]
+        shape = shape if index is None else shape[1:]
         if kind in ("F32", "F16"):
-            t = torch.from_numpy(info.data).reshape(shape)
+            t = torch.from_numpy(data).reshape(shape)
         elif kind == "BF16":  # the gguf package hands BF16 over as raw bytes
-            t = torch.from_numpy(info.data.view(np.uint16)).view(torch.bfloat16).reshape(shape)
+            t = torch.from_numpy(data.view(np.uint16)).view(torch.bfloat16).reshape(shape)
         else:
-            t = torch.from_numpy(self._dequantize(info)).reshape(shape)
+            t = torch.from_numpy(self._dequantize(info, data)).reshape(shape)
         return t if dtype is None or t.dtype == dtype else t.to(dtype)
 
-    def _dequantize(self, info: Any) -> np.ndarray:
+    def _dequantize(self, info: Any, data: np.ndarray) -> np.ndarray:
         from gguf.quants import dequantize
 
         try:
-            return np.asarray(dequantize(info.data, info.tensor_type), dtype=np.float32)
+            return np.asarray(dequantize(data, info.tensor_type), dtype=np.float32)
         except NotImplementedError:
             raise CheckpointError(
                 f"{self.path}: tensor {info.name!r} has GGML type {info.tensor_type.name}, which moekit cannot read as "

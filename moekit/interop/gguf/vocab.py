@@ -155,7 +155,8 @@ def _sentencepiece_bpe(gg: GGUFFile, tokens: list[str], kinds: list[int]) -> dic
 
 
 def write_tokenizer(gg: GGUFFile, folder: str | Path) -> Path:
-    """Write ``tokenizer.json`` and a ``tokenizer_config.json`` naming BOS/EOS into ``folder``; returns the folder."""
+    """Write ``tokenizer.json`` and a ``tokenizer_config.json`` naming BOS/EOS (and the file's chat template, if any)
+    into ``folder``; returns the folder."""
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     data = tokenizer_json_from_gguf(gg)
@@ -166,5 +167,8 @@ def write_tokenizer(gg: GGUFFile, folder: str | Path) -> Path:
         tid = gg.meta(f"tokenizer.ggml.{token}_token_id", None)
         if tid is not None and 0 <= int(tid) < len(tokens):
             config[f"{token}_token"] = tokens[int(tid)]
+    template = gg.meta("tokenizer.chat_template", None)
+    if isinstance(template, str):  # what `moekit serve` answers chats with
+        config["chat_template"] = template
     atomic_write_json(out / "tokenizer_config.json", config)
     return out

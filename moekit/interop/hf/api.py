@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +38,12 @@ from moekit.io.safe_io import (
     save_tensors,
 )
 from moekit.models import LMConfig, MoELM
+from moekit.models.dtypes import as_dtype, cast_weights
 from moekit.models.materialize import materialize
 from moekit.models.quantization import apply_spec, quantize_linears
 from moekit.nn.lora import ADAPTER_FILE, load_lora, read_adapter
 from moekit.nn.offload import offload_experts
-from moekit.nn.quantized import is_quantized_tensor
+from moekit.nn.quantized import ExpertStack
 
 CONFIG_NAME = "config.json"
 _PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "model.ckpt")
@@ -105,7 +107,7 @@ def _read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
     raise CheckpointError(f"{folder} holds no weights: expected {SINGLE_FILE_NAME} or {INDEX_NAME} with its shards")
 
 
-def _majority_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype:
+def _majority_dtype(tensors: Mapping[str, torch.Tensor]) -> torch.dtype:
     counts = collections.Counter(
         t.dtype for name, t in tensors.items() if t.is_floating_point() and "e_score_correction_bias" not in name
     )
@@ -167,23 +169,26 @@ def load_for_inference(
     checkpoint: str | os.PathLike | None = None,
     hf_dir: str | os.PathLike | None = None,
     expert_memory: str | int | None = None,
+    dtype: torch.dtype | str | None = None,
 ):
     """(model in eval mode, tokenizer) from a moekit checkpoint/run folder or, with ``hf_dir``, an HF folder
-    (or a llama.cpp ``.gguf`` file); ``expert_memory``: see :func:`moekit.checkpoint.load_model`."""
+    (or a llama.cpp ``.gguf`` file); ``expert_memory``: see :func:`moekit.checkpoint.load_model`; ``dtype``: cast
+    the float weights (default: as stored). What every command that runs a model loads it with."""
     if (checkpoint is None) == (hf_dir is None):
         raise ConfigError("give exactly one of a moekit checkpoint or a Hugging Face model folder")
+    as_dtype(dtype)  # a bad name fails before anything is read
     if checkpoint is not None:
         from moekit.checkpoint import load_model
 
-        return load_model(checkpoint, expert_memory=expert_memory)
+        return load_model(checkpoint, expert_memory=expert_memory, dtype=dtype)
     from moekit.interop.gguf import is_gguf_file, load_gguf
 
     assert hf_dir is not None  # exactly one of the two, checked above
     if is_gguf_file(hf_dir):
         if expert_memory is not None:
             raise ConfigError("--expert-memory reads experts from a safetensors file; convert the GGUF first")
-        return load_gguf(hf_dir)
-    model, tokenizer = load_hf(hf_dir, expert_memory=expert_memory)
+        return load_gguf(hf_dir, dtype=dtype)
+    model, tokenizer = load_hf(hf_dir, dtype=dtype, expert_memory=expert_memory)
     if tokenizer is None:
         raise DataError(f"{hf_dir} has no {TOKENIZER_FILE}; moekit needs the model's tokenizer to read and write text")
     return model, tokenizer
@@ -200,28 +205,21 @@ def load_hf_for_training(path: str | os.PathLike) -> tuple[MoELM, HFTokenizer]:
     return model, tokenizer
 
 
-def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    names.update({"float16": torch.float16, "fp16": torch.float16})
-    if dtype not in names:
-        raise ConfigError(f"dtype={dtype!r} is not one of {sorted(names)}")
-    return names[dtype]
-
-
 @torch.no_grad()
 def build_model(
     config: LMConfig,
-    hf_tensors: dict[str, torch.Tensor],
+    hf_tensors: Mapping[str, torch.Tensor],
     files: dict[str, str] | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str | None = None,
     quantization: dict[str, Any] | None = None,
+    expert_source: Callable[[int], tuple[ExpertStack, ExpertStack]] | None = None,
 ) -> MoELM:
     """An MoELM holding HF checkpoint tensors, built without a random init (meta device, then assign).
-    ``quantization`` (a :mod:`moekit.models.quantization` spec): quantise the experts as each layer is read."""
-    dtype = _as_dtype(dtype) or _majority_dtype(hf_tensors)
+    ``quantization`` (a :mod:`moekit.models.quantization` spec): quantise the experts as each layer is read;
+    ``expert_source(layer)``: (w_in, w_out) sequences that quantising reads expert by expert instead of the
+    layer's stacks (a GGUF's: then only one expert's float matrices exist at a time)."""
+    dtype = as_dtype(dtype) or _majority_dtype(hf_tensors)
     with torch.device("meta"):
         model = MoELM(config)
     transform = None
@@ -230,23 +228,15 @@ def build_model(
 
         def transform(layer: int, moe: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             pre = f"layers.{layer}.mlp.experts."
-            w_in, w_out = moe.pop(pre + "w_in"), moe.pop(pre + "w_out")
+            stacks = moe.pop(pre + "w_in"), moe.pop(pre + "w_out")
+            w_in, w_out = expert_source(layer) if expert_source is not None else stacks
             state = model.layers[layer].mlp.experts.state_for(w_in, w_out)  # type: ignore[union-attr, operator]
             return {**moe, **{pre + k: v for k, v in state.items()}}
 
     expected = {name: t.shape for name, t in model.state_dict().items()}
     source = HFTensors(hf_tensors, files or {})
     mapped = hf_to_moekit(source, config, expected, moe_transform=transform)
-    for name, t in mapped.items():
-        if is_quantized_tensor(name):
-            continue  # quantised experts keep their own dtypes
-        keep_fp32 = name.endswith("e_score_correction_bias")  # transformers keeps the balancing bias in fp32
-        want = torch.float32 if keep_fp32 else dtype
-        # Same dtype and device: keep the mapped view (fused experts stay transposed views of the file, which
-        # every kernel takes); a conversion is one copy, straight into the contiguous layout.
-        if t.dtype != want or t.device != torch.device(device):
-            t = t.to(device=device, dtype=want, memory_format=torch.contiguous_format)
-        mapped[name] = t
+    mapped = cast_weights(mapped, dtype, device)
     materialize(model, mapped, device)
     if quantization is not None:
         quantize_linears(model, quantization)
@@ -292,7 +282,7 @@ def to_hf(
     """
     cfg = model.config
     family = family or (cfg.hf_config or {}).get("model_type") or infer_family(cfg)
-    target = _as_dtype(dtype)
+    target = as_dtype(dtype)
     # Refuses what the family cannot express, before any tensor work.
     hf_config = hf_config_from_lm(cfg, family, family_flag=family_flag)
     tensors = moekit_to_hf(model.state_dict(), cfg, family)
@@ -328,16 +318,25 @@ def write_hf_weights(tensors: dict[str, torch.Tensor], out: Path, max_shard_byte
 # ----------------------------------------------------------------------------------------- moekit checkpoints
 
 
-def save_moekit_checkpoint(model: MoELM, folder: str | os.PathLike, tokenizer_source: str | os.PathLike | None) -> Path:
+def save_moekit_checkpoint(
+    model: MoELM,
+    folder: str | os.PathLike,
+    tokenizer_source: str | os.PathLike | None,
+    quantization: dict[str, Any] | None = None,
+) -> Path:
     """Write a moekit checkpoint folder (config.json + model.safetensors + tokenizer files) that
-    :func:`moekit.load` and ``moekit generate/eval --checkpoint`` read."""
+    :func:`moekit.load` and ``moekit generate/eval --checkpoint`` read; ``quantization``: the spec the model's
+    experts were quantised with (recorded for loading)."""
     from moekit import checkpoint as ckpt
 
     out = Path(folder)
     if out.exists() and any(out.iterdir()):
         if not (out / ckpt.CONFIG_FILE).is_file():
             raise CheckpointError(f"{out} exists and is not empty; choose a new --out folder")
-    ckpt.write_model_folder(out, ckpt.model_tensors(model), {"model": model.config.to_dict()})
+    description: dict[str, Any] = {"model": model.config.to_dict()}
+    if quantization is not None:
+        description["quantization"] = quantization
+    ckpt.write_model_folder(out, ckpt.model_tensors(model), description)
     if tokenizer_source is not None:
         copy_tokenizer_files(Path(tokenizer_source), out)
     return out
@@ -380,7 +379,7 @@ def convert_to_hf(
 
     folder = ckpt.resolve_checkpoint(checkpoint)
     model, _ = ckpt.load_model(folder)  # checks the tokenizer fits the model; the folder's files are exported
-    dtype = _as_dtype(dtype) or checkpoint_dtype(ckpt.weights_files(folder)[0])  # one file, or EP shards
+    dtype = as_dtype(dtype) or checkpoint_dtype(ckpt.weights_files(folder)[0])  # one file, or EP shards
     path = to_hf(
         model,
         out,

@@ -53,10 +53,11 @@ _ROUTER_BIAS = "router.e_score_correction_bias"
 
 
 class HFTensors:
-    """An HF checkpoint's tensors with the file each came from; remembers which ones were used."""
+    """An HF checkpoint's tensors with the file each came from; remembers which ones were used. ``tensors`` is
+    kept as given, not copied: a mapping that makes each tensor when looked up (GGUF's) stays lazy."""
 
     def __init__(self, tensors: Mapping[str, torch.Tensor], files: Mapping[str, str]):
-        self.tensors, self.files = dict(tensors), dict(files)
+        self.tensors, self.files = tensors, dict(files)
         self.used: set[str] = set()
 
     def has(self, name: str) -> bool:
