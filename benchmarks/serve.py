@@ -216,7 +216,7 @@ def main() -> int:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--quick", action="store_true")
     # transformers-1t: transformers serve with OMP_NUM_THREADS=1, as moekit serve uses on 2 cores (all but one);
-    # moekit-Nt: moekit serve --threads N
+    # moekit-Nt: moekit serve --threads N; moekit-1p: --single-process (the model in the server's process)
     p.add_argument("--servers", nargs="+", default=["moekit", "transformers", "transformers-1t"])
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve"))
     p.add_argument("--model", default=None, help="an HF model folder to serve instead of the small random one")
@@ -255,8 +255,8 @@ def main() -> int:
             elif server.startswith("moekit"):  # moekit-2t: --threads 2 (default: all cores but one)
                 cmd = [sys.executable, "-m", "moekit", "serve", "--model", str(folder), "--port", str(port),
                        "--served-model-name", "bench", "--max-batch", "16"]  # fmt: skip
-                if server.startswith("moekit-") and server.endswith("t"):
-                    cmd += ["--threads", server[len("moekit-") : -1]]
+                for flag in server.split("-")[1:]:  # moekit-2t: --threads 2; moekit-1p: --single-process
+                    cmd += ["--threads", flag[:-1]] if flag.endswith("t") else ["--single-process"]
                 results += serve_and_measure(server, cmd, url, "bench", args, env)
             elif server == "llamacpp":
                 gguf = args.gguf or to_gguf(folder, Path(tmp), args.converter)
