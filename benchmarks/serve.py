@@ -252,7 +252,7 @@ def main() -> int:
                 cmd = [sys.executable, "-m", "moekit", "serve", "--checkpoint", str(Path(tmp) / server), "--port",
                        str(port), "--served-model-name", "bench", "--max-batch", "16", "--threads", "2"]  # fmt: skip
                 results += serve_and_measure(server, cmd, url, "bench", args, env)
-            elif server.startswith("moekit"):  # moekit-2t: --threads 2 (default: all cores but one)
+            elif server.startswith("moekit"):
                 cmd = [sys.executable, "-m", "moekit", "serve", "--model", str(folder), "--port", str(port),
                        "--served-model-name", "bench", "--max-batch", "16"]  # fmt: skip
                 for flag in server.split("-")[1:]:  # moekit-2t: --threads 2; moekit-1p: --single-process
