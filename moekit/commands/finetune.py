@@ -11,6 +11,7 @@ under ``torchrun --nproc-per-node N -m moekit finetune ...`` each rank trains on
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from pathlib import Path
 
@@ -51,9 +52,7 @@ def add_parser(verbs: argparse._SubParsersAction) -> None:
         help="comma-separated: attention, experts, shared_experts, dense_mlp (default: the first three; "
         "esft+lora: the selected experts)",
     )
-    p.add_argument(
-        "--freeze-router", action="store_true", default=None, help="full and lora: do not train the routers"
-    )
+    p.add_argument("--freeze-router", action="store_true", default=None, help="full and lora: do not train the routers")
     p.add_argument("--esft", choices=["gate", "token"], help="expert relevance for ESFT (default: gate)")
     p.add_argument("--top-p", type=float, help="ESFT: per layer, experts up to this relevance share (default: 0.2)")
     p.add_argument("--calibration-data", help="ESFT: task text to score the experts on (default: --data)")
@@ -72,8 +71,7 @@ def add_parser(verbs: argparse._SubParsersAction) -> None:
     m.set_defaults(func=run_merge)
 
 
-_FINETUNE_OPTIONS = ("method", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "freeze_router", "esft")
-_FINETUNE_OPTIONS += ("top_p", "calibration_data")
+_FINETUNE_OPTIONS = [f.name for f in dataclasses.fields(FinetuneConfig)]  # each one an option of the parser
 
 
 def _configs(args: argparse.Namespace) -> tuple[TrainConfig, FinetuneConfig]:

@@ -31,7 +31,7 @@ from moekit.distributed.mesh import DistContext, init_distributed, run_guarded
 from moekit.errors import ConfigError
 from moekit.train.config import TrainConfig
 from moekit.train.loop import Loop, TrainResult
-from moekit.train.trainer import Trainer
+from moekit.train.trainer import LanguageModelTask, Trainer
 
 # Fields that may differ between ranks (they do not change what a step computes).
 _PER_RANK_FIELDS = {"threads", "progress", "tensorboard"}
@@ -99,7 +99,7 @@ def check_launch(config: TrainConfig, ctx: DistContext, resume: bool, **shared: 
 def check_built(ctx: DistContext, trainer: Loop, parallel: ExpertParallel, **shared: Any) -> None:
     """Same model, same data and the same ``shared`` values on every rank (also a barrier: nobody starts before
     all are built)."""
-    task = trainer.task
+    task: LanguageModelTask = trainer.task  # type: ignore[assignment]
     ctx.check_same(
         "model and data",
         {
