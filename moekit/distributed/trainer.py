@@ -18,7 +18,7 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -99,7 +99,7 @@ def check_launch(config: TrainConfig, ctx: DistContext, resume: bool, **shared: 
 def check_built(ctx: DistContext, trainer: Loop, parallel: ExpertParallel, **shared: Any) -> None:
     """Same model, same data and the same ``shared`` values on every rank (also a barrier: nobody starts before
     all are built)."""
-    task: LanguageModelTask = trainer.task  # type: ignore[assignment]
+    task = cast(LanguageModelTask, trainer.task)
     ctx.check_same(
         "model and data",
         {

@@ -142,7 +142,9 @@ def base_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in ckpt.model_tensors(model).items() if ".lora_" not in k}
 
 
-def save_finetune_checkpoint(run_dir: Path, step: int, model: nn.Module, finetune: FinetuneConfig, **kwargs: Any):
+def save_finetune_checkpoint(
+    run_dir: Path, step: int, model: nn.Module, finetune: FinetuneConfig, **kwargs: Any
+) -> Path:
     """A checkpoint whose model file holds the base weights, whose ``adapter.safetensors`` the adapters and whose
     trainer state the fine-tuning settings (``kwargs``: :func:`moekit.checkpoint.save_checkpoint`'s)."""
     tmp, final = ckpt.begin_checkpoint(run_dir, step)
