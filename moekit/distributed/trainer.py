@@ -18,7 +18,7 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -30,8 +30,8 @@ from moekit.distributed.gradients import clip_grad_norm_
 from moekit.distributed.mesh import DistContext, init_distributed, run_guarded
 from moekit.errors import ConfigError
 from moekit.train.config import TrainConfig
-from moekit.train.loop import TrainResult
-from moekit.train.trainer import Trainer
+from moekit.train.loop import Loop, TrainResult
+from moekit.train.trainer import LanguageModelTask, Trainer
 
 # Fields that may differ between ranks (they do not change what a step computes).
 _PER_RANK_FIELDS = {"threads", "progress", "tensorboard"}
@@ -78,6 +78,41 @@ class ExpertParallel:
         return save_distributed_checkpoint(self.ctx, run_dir, step, model, **kwargs)
 
 
+def check_launch(config: TrainConfig, ctx: DistContext, resume: bool, **shared: Any) -> TrainConfig:
+    """Refuse a launch whose ranks cannot run the same step (global batch not divisible, ranks' configs or the
+    ``shared`` settings differing); returns the config this rank runs (reporting only on rank 0)."""
+    if config.batch_size % ctx.world_size:
+        raise ConfigError(
+            f"batch_size={config.batch_size} is not divisible by the number of processes ({ctx.world_size}); "
+            f"batch_size is the global batch and each rank takes batch_size / {ctx.world_size} rows"
+        )
+    if config.ema_decay and ctx.ep_size > 1:
+        raise ConfigError("ema_decay is not supported with expert parallelism (ep > 1) yet")
+    same = {k: v for k, v in config.to_dict().items() if k not in _PER_RANK_FIELDS}
+    same.update(
+        world_size=ctx.world_size, ep=ctx.ep_size, resume=resume, moekit=moekit.__version__, torch=torch.__version__
+    )
+    ctx.check_same("train config", {**same, **shared})
+    return config if ctx.is_main else config.replace(progress=False, tensorboard=False)
+
+
+def check_built(ctx: DistContext, trainer: Loop, parallel: ExpertParallel, **shared: Any) -> None:
+    """Same model, same data and the same ``shared`` values on every rank (also a barrier: nobody starts before
+    all are built)."""
+    task = cast(LanguageModelTask, trainer.task)
+    ctx.check_same(
+        "model and data",
+        {
+            "model": trainer.model.config.to_dict(),
+            "train_tokens": _tokens_digest(task.train_tokens),
+            "val_tokens": _tokens_digest(task.val_tokens),
+            "initial_parameters": parallel.param_digest,
+            "step": trainer.step,
+            **shared,
+        },
+    )
+
+
 class DistributedTrainer(Trainer):
     """A language-model :class:`Trainer` on one rank of the mesh ``ctx``; every rank constructs one with the same
     config, whose ``batch_size`` is the global batch (the world size must divide it). ``resume`` continues a run
@@ -85,33 +120,10 @@ class DistributedTrainer(Trainer):
 
     def __init__(self, config: TrainConfig, ctx: DistContext, resume: bool = False, console=None):
         self.ctx = ctx
-        if config.batch_size % ctx.world_size:
-            raise ConfigError(
-                f"batch_size={config.batch_size} is not divisible by the number of processes ({ctx.world_size}); "
-                f"batch_size is the global batch and each rank takes batch_size / {ctx.world_size} rows"
-            )
-        if config.ema_decay and ctx.ep_size > 1:
-            raise ConfigError("ema_decay is not supported with expert parallelism (ep > 1) yet")
-        shared = {k: v for k, v in config.to_dict().items() if k not in _PER_RANK_FIELDS}
-        shared.update(
-            world_size=ctx.world_size, ep=ctx.ep_size, resume=resume, moekit=moekit.__version__, torch=torch.__version__
-        )
-        ctx.check_same("train config", shared)
-        if not ctx.is_main:
-            config = config.replace(progress=False, tensorboard=False)
+        config = check_launch(config, ctx, resume)
         parallel = ExpertParallel(ctx)
         super().__init__(config, resume=resume, console=console, parallel=parallel)
-        # Same model, same data on every rank (also a barrier: nobody starts before all are built).
-        ctx.check_same(
-            "model and data",
-            {
-                "model": self.model.config.to_dict(),
-                "train_tokens": _tokens_digest(self.task.train_tokens),
-                "val_tokens": _tokens_digest(self.val_tokens),
-                "initial_parameters": parallel.param_digest,
-                "step": self.step,
-            },
-        )
+        check_built(ctx, self, parallel)
 
 
 def train_distributed(

@@ -256,6 +256,12 @@ def load_lora(model: nn.Module, config: LoRAConfig, tensors: dict[str, torch.Ten
     suffix = ".lora_experts"
     subsets = {k[: -len(suffix)]: v.tolist() for k, v in tensors.items() if k.endswith(suffix)}
     adapted = apply_lora(model, config, subsets or None)
+    load_lora_tensors(model, tensors)
+    return adapted
+
+
+def load_lora_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy the adapter values ``tensors`` (a :func:`lora_state_dict`) into the adapters ``model`` already has."""
     own = lora_state_dict(model)
     missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
     if missing or unexpected:
@@ -263,8 +269,11 @@ def load_lora(model: nn.Module, config: LoRAConfig, tensors: dict[str, torch.Ten
     for key, value in tensors.items():
         if own[key].shape != value.shape:
             raise ConfigError(f"adapter tensor {key} has shape {tuple(value.shape)}, the model {tuple(own[key].shape)}")
+        if key.endswith(".lora_experts") and not torch.equal(own[key].cpu(), value.cpu()):
+            raise ConfigError(
+                f"{key}: the adapter is for experts {value.tolist()}, the model's for {own[key].tolist()}"
+            )
     model.load_state_dict(tensors, strict=False)
-    return adapted
 
 
 def merge_lora(model: nn.Module) -> int:

@@ -134,7 +134,7 @@ def test_select_experts_keeps_the_fewest_reaching_top_p():
 
 def test_finetune_errors(data, tmp_path):
     root, base = data
-    with pytest.raises(CheckpointError, match="do not resume"):
+    with pytest.raises(CheckpointError, match="already holds a run; pass --resume"):
         FinetuneTrainer(TrainConfig.from_options(dict(RUN, init_from=str(base), out_dir=str(base))), FinetuneConfig())
     with pytest.raises(ConfigError, match="method"):
         FinetuneConfig(method="qlora")
