@@ -284,7 +284,7 @@ def main() -> int:
     }
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    lines = ["# moekit serve vs transformers serve --continuous-batching", "",
+    lines = ["# moekit serve vs transformers serve --continuous-batching and llama.cpp's server", "",
              f"{report['model']}; {args.max_tokens} greedy streamed chat tokens per request, openai client.",
              f"Machine: {report['machine']['cpus']} CPUs, load average before {load_before[0]:.2f}, after "
              f"{report['machine']['load_after'][0]:.2f} (shared with other work). Written by benchmarks/serve.py.", "",
