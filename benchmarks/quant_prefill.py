@@ -2,7 +2,8 @@
 
 One layer with the 1.72B shape's experts (hidden 1024, 64 experts top-8, expert width 512, SwiGLU), its experts'
 forward on the rows of T tokens (routed by a random top-8 per token, sorted by expert) with ``--threads`` threads.
-Variants, all in this one process, interleaved (one call of each per round, in rotating order; the median kept):
+Variants, all in this one process, interleaved (one call of each per round, in rotating order; the median and the
+minimum kept):
 
   bf16, fp32           the float experts (moekit.nn.Experts) in that dtype
   int8/int4 kernel     QuantizedExperts (group 32) with every expert on ATen's weight-only kernel (before: the
@@ -24,6 +25,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -94,26 +96,24 @@ def variants(layer: MoE, tokens: int) -> dict[str, Callable[[], torch.Tensor]]:
     quants = {b: QuantizedExperts.from_experts(layer.experts, [b] * EXPERTS, GROUP) for b in (8, 4)}
     act = {"bf16": x.bfloat16(), "fp32": x}
 
-    def kernel_only(q: QuantizedExperts, a: torch.Tensor) -> Callable[[], torch.Tensor]:
-        def run() -> torch.Tensor:
-            with KernelOnly():
-                return q(a, counts)
-
-        return run
-
     out: dict[str, Callable[[], torch.Tensor]] = {}
     for dt in ("bf16", "fp32"):
-        out[dt] = lambda e=floats[dt], a=act[dt]: e(a, counts)
+        out[dt] = functools.partial(floats[dt], act[dt], counts)
     for b, q in quants.items():
         for dt in ("bf16", "fp32"):
-            out[f"int{b} kernel act={dt}"] = kernel_only(q, act[dt])
-            out[f"int{b} act={dt}"] = lambda q=q, a=act[dt]: q(a, counts)
-        out[f"int{b} layer act=bf16"] = lambda q=q: layer_dequantised(q, act["bf16"], counts)
+            out[f"int{b} kernel act={dt}"] = functools.partial(kernel_only, q, act[dt], counts)
+            out[f"int{b} act={dt}"] = functools.partial(q, act[dt], counts)
+        out[f"int{b} layer act=bf16"] = functools.partial(layer_dequantised, q, act["bf16"], counts)
     return out
 
 
-def time_interleaved(fns: dict[str, Callable[[], torch.Tensor]], repeats: int) -> dict[str, float]:
-    """Median ms per call of each, one call of each per round in rotating order."""
+def kernel_only(q: QuantizedExperts, x_ND: torch.Tensor, counts: tuple[int, ...]) -> torch.Tensor:
+    with KernelOnly():
+        return q(x_ND, counts)
+
+
+def time_interleaved(fns: dict[str, Callable[[], torch.Tensor]], repeats: int) -> dict[str, list[float]]:
+    """The ms of every call of each, one call of each per round in rotating order."""
     names = list(fns)
     for f in fns.values():  # warm up (kernel operands, oneDNN primitives)
         f()
@@ -123,7 +123,7 @@ def time_interleaved(fns: dict[str, Callable[[], torch.Tensor]], repeats: int) -
             t0 = time.perf_counter()
             fns[n]()
             times[n].append((time.perf_counter() - t0) * 1e3)
-    return {n: statistics.median(v) for n, v in times.items()}
+    return times
 
 
 def sweep(repeats: int) -> list[dict]:
@@ -140,16 +140,18 @@ def sweep(repeats: int) -> list[dict]:
     out = []
     for rows in rows_list:
         x = torch.randn(rows, HIDDEN, generator=g).bfloat16()
-        fns = {}
+        fns: dict[str, Callable[[], torch.Tensor]] = {}
         for b, (m_in, m_out) in pairs.items():
-            fns[f"int{b} kernel"] = lambda m_in=m_in, m_out=m_out, x=x: kernel_pair(m_in, m_out, x)
-            fns[f"int{b} dense"] = lambda m_in=m_in, m_out=m_out, x=x: m_out.dense_forward(
-                activate(m_in.dense_forward(x), Activation.SWIGLU)
-            )
-        row = {"rows": rows, **time_interleaved(fns, repeats)}
+            fns[f"int{b} kernel"] = functools.partial(kernel_pair, m_in, m_out, x)
+            fns[f"int{b} dense"] = functools.partial(dense_pair, m_in, m_out, x)
+        row = {"rows": rows, **{n: min(v) for n, v in time_interleaved(fns, repeats).items()}}
         print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
         out.append(row)
     return out
+
+
+def dense_pair(m_in: QuantMatrix, m_out: QuantMatrix, x: torch.Tensor) -> torch.Tensor:
+    return m_out.dense_forward(activate(m_in.dense_forward(x), Activation.SWIGLU))
 
 
 def kernel_pair(m_in: QuantMatrix, m_out: QuantMatrix, x: torch.Tensor) -> torch.Tensor:
@@ -191,12 +193,14 @@ def main(argv: list[str] | None = None) -> None:
 
 def run_case(layer: MoE, tokens: int, repeats: int) -> dict:
     fns = variants(layer, tokens)
-    ms = time_interleaved(fns, repeats)
-    print(f"\n{tokens} tokens ({tokens * TOP_K} rows over {EXPERTS} experts), ms per layer (median of {repeats}):")
-    for name, t in ms.items():
+    times = time_interleaved(fns, repeats)
+    ms, best = {n: statistics.median(v) for n, v in times.items()}, {n: min(v) for n, v in times.items()}
+    print(f"\n{tokens} tokens ({tokens * TOP_K} rows over {EXPERTS} experts), ms per layer, median (min) of {repeats}:")
+    for name in ms:
         base = "fp32" if "act=fp32" in name or name == "fp32" else "bf16"
-        print(f"  {name:22s} {t:8.2f} ms   x{t / ms[base]:5.2f} vs {base}")
-    return {"tokens": tokens, "ms": ms}
+        ratio, best_ratio = ms[name] / ms[base], best[name] / best[base]
+        print(f"  {name:22s} {ms[name]:8.2f} ({best[name]:7.2f}) ms   x{ratio:5.2f} ({best_ratio:5.2f}) vs {base}")
+    return {"tokens": tokens, "ms": ms, "min_ms": best}
 
 
 if __name__ == "__main__":
