@@ -14,6 +14,10 @@ minimum kept):
                        (the float path); a transient copy of the layer's weights in bf16
 each quantised one with bf16 and with fp32 activations (``act``), its ratio to the float experts of that dtype.
 
+``--model-layers N`` adds a whole-model row: a random MoELM of the 1.72B shape cut to N layers (vocab 32000, 16/4
+heads of 64), one 256-token prompt forward (no cache) in bf16, and with int8 / int4 experts plus int8 attention
+and output head, kernel-only (before) and as shipped.
+
 ``--sweep`` prints instead one expert's time on the weight-only kernel and on the dense path per row count
 (how DENSE_MIN_ROWS was chosen).
 
@@ -37,8 +41,10 @@ from collections.abc import Callable
 import torch
 
 import moekit.nn.quantized as quantized
+from moekit.models import LMConfig, MoELM
+from moekit.models.quantization import quantize_model, uniform_spec
 from moekit.nn import MoE
-from moekit.nn.config import Activation
+from moekit.nn.config import Activation, MoEConfig
 from moekit.nn.experts import Experts
 from moekit.nn.kernels import native
 from moekit.nn.kernels.fused_experts import activate
@@ -164,6 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokens", default="256,32", help="comma-separated token counts")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--model-layers", type=int, default=0, help="also time a whole model of this many layers")
     p.add_argument("--sweep", action="store_true", help="per-expert kernel vs dense times per row count")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
@@ -184,11 +191,44 @@ def main(argv: list[str] | None = None) -> None:
         else:
             layer = MoE(hidden_size=HIDDEN, num_experts=EXPERTS, top_k=TOP_K, expert_hidden_size=WIDTH).eval()
             result["cases"] = [run_case(layer, int(t), args.repeats) for t in args.tokens.split(",")]
+            if args.model_layers:
+                result["model"] = model_case(args.model_layers, 256, args.repeats)
     result["load_after"] = os.getloadavg()
     print(f"load average before {result['load_before']}, after {result['load_after']}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
+
+
+def model_case(layers: int, tokens: int, repeats: int) -> dict:
+    """ms per prompt forward of a whole model (see the module docstring), bf16 and quantised."""
+    config = LMConfig(
+        vocab_size=32000, hidden_size=HIDDEN, intermediate_size=4 * HIDDEN, num_hidden_layers=layers,
+        num_attention_heads=16, num_key_value_heads=4, head_dim=64, max_position_embeddings=4096,
+        tie_word_embeddings=False, moe=MoEConfig(num_experts=EXPERTS, top_k=TOP_K, expert_hidden_size=WIDTH),
+    )  # fmt: skip
+    torch.manual_seed(0)
+    models = {"bf16": MoELM(config).eval().to(torch.bfloat16)}
+    for b in (8, 4):
+        models[f"int{b}"] = MoELM(config).eval().to(torch.bfloat16)
+        models[f"int{b}"].load_state_dict(models["bf16"].state_dict())
+        quantize_model(models[f"int{b}"], uniform_spec(config, b, GROUP, linear_bits=8))
+    ids = torch.randint(0, config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(2))
+    fns: dict[str, Callable[[], torch.Tensor]] = {"bf16": functools.partial(models["bf16"], ids)}
+    for b in (8, 4):
+        fns[f"int{b} kernel"] = functools.partial(kernel_only_model, models[f"int{b}"], ids)
+        fns[f"int{b}"] = functools.partial(models[f"int{b}"], ids)
+    times = time_interleaved(fns, repeats)
+    ms, best = {n: statistics.median(v) for n, v in times.items()}, {n: min(v) for n, v in times.items()}
+    print(f"\nmodel, {layers} layers, {tokens}-token prompt forward, ms, median (min) of {repeats}:")
+    for name in ms:
+        print(f"  {name:22s} {ms[name]:8.1f} ({best[name]:7.1f}) ms   x{ms[name] / ms['bf16']:5.2f} vs bf16")
+    return {"model_layers": layers, "tokens": tokens, "ms": ms, "min_ms": best}
+
+
+def kernel_only_model(model: MoELM, ids: torch.Tensor):
+    with KernelOnly():
+        return model(ids)
 
 
 def run_case(layer: MoE, tokens: int, repeats: int) -> dict:
