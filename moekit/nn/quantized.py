@@ -7,10 +7,12 @@ A weight matrix W [out, in] (``x @ W.T``) is stored as
   ``scales``, ``zeros`` [out, in / group] in bf16: W = (q - 8) * scale + zero, per group of ``group`` columns
   (asymmetric: zero = the group's minimum + 8 * scale, the convention ATen's int4 kernel takes).
 
-The stored form is portable (plain bytes). Prompts (many rows) run on PyTorch's CPU kernels:
+The stored form is portable (plain bytes). A few rows run on PyTorch's CPU kernels:
 ``torch.ops.aten._weight_int8pack_mm`` takes the int8 form as is, ``_weight_int4pack_mm_for_cpu`` a repacked
 copy made at first use (:func:`int4_kernel_weight`) and [in / group, out, 2] scales-and-zeros; both want bf16
 activations (fp32 ones were measured 2-3x slower for int8), so inputs are cast to bf16 and the result back.
+Their time grows by a full read of the weight per row, so from :data:`DENSE_MIN_ROWS` rows on (prompts) the
+matrix is dequantised to bf16 for the call and multiplied by one GEMM instead (the copy is dropped after it).
 Decode steps (one row) run moekit's native kernels on the stored form where they are built
 (:mod:`moekit.nn.kernels.native`: one call for a token's experts, read in the stored form).
 :meth:`QuantMatrix.dequantize` is the slow reference every kernel is tested against.
@@ -28,11 +30,25 @@ from moekit.nn.config import Activation
 from moekit.nn.experts import Experts
 from moekit.nn.kernels import native
 from moekit.nn.kernels.fused_experts import activate
+from moekit.nn.kernels.grouped_mm import cast, compute_dtype, expert_slices
+from moekit.nn.kernels.schedule import run_jobs
 
 BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
 _ACT = torch.bfloat16  # the activation dtype both kernels are fast in
 SCALE_DTYPE = torch.bfloat16  # scales and zeros: what both kernels take
+# Rows from which QuantMatrix.forward dequantises the matrix for the call (native kernel: bf16, bit for bit the
+# reference rounded) and runs one GEMM instead of the weight-only kernel, whose time grows by about a read of the
+# whole weight per row. Measured (benchmarks/quant_prefill.py --sweep): one expert of the 1.72B shape ([1024, 1024]
+# then [1024, 512], group 32), bf16 rows, ms, min of 11, 2-core AMX box, 2 threads (1 thread):
+#   rows                      1            8           12           16           32           64
+#   int8 kernel   0.11 (0.15)  0.24 (0.38)  0.31 (0.52)  0.40 (0.73)  0.68 (1.34)  1.30 (2.53)
+#   int8 GEMM     0.32 (0.50)  0.35 (0.56)  0.32 (0.54)  0.34 (0.56)  0.37 (0.61)  0.52 (0.78)
+#   int4 kernel   0.09 (0.14)  0.21 (0.35)  0.29 (0.50)  0.36 (0.64)  0.66 (1.24)  1.28 (2.46)
+#   int4 GEMM     0.31 (0.52)  0.32 (0.52)  0.33 (0.55)  0.35 (0.56)  0.41 (0.61)  0.50 (0.79)
+# Without the native dequantiser (MOEKIT_NATIVE=0, torch ops, 2 threads) the GEMM path costs 0.8-1.1 ms (int8:
+# q cast to bf16, scales on the output) and 7-8 ms (int4, via the fp32 reference) at any of these row counts.
+DENSE_MIN_ROWS = {"int8": 16, "int4": 16, "int8 without native": 48, "int4 without native": 384}
 
 
 class ExpertStack(typing.Protocol):
@@ -167,7 +183,9 @@ class QuantMatrix(nn.Module):
         return self._kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [n, in] -> [n, out] in x's dtype."""
+        """x [n, in] -> [n, out] in x's dtype: the weight-only kernel, or from DENSE_MIN_ROWS rows one GEMM."""
+        if x.shape[0] >= self.dense_min_rows():
+            return self.dense_forward(x)
         w, s = self._kernel_operands()
         a = x if x.dtype == _ACT else x.to(_ACT)
         if self.bits == 8:
@@ -175,6 +193,21 @@ class QuantMatrix(nn.Module):
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(a, w, self.group_size, s)
         return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    def dense_min_rows(self) -> int:
+        """Rows from which :meth:`forward` runs :meth:`dense_forward` (see DENSE_MIN_ROWS)."""
+        return DENSE_MIN_ROWS[f"int{self.bits}" + ("" if native.library() is not None else " without native")]
+
+    def dense_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W.T through W dequantised for this call only, one GEMM (bf16 where the CPU multiplies bf16 natively,
+        else fp32; activations rounded to bf16 first, as the kernels take them); in x's dtype."""
+        cdt = compute_dtype(_ACT, x.device)
+        a = cast(cast(x, _ACT), cdt)
+        zeros = self.zeros if self.bits == 4 else None
+        w = native.dequantize(self.q, self.scales, zeros, self.group_size) if cdt == _ACT else None
+        if w is None and self.bits == 8:  # int8 values are exact in bf16: the per-channel scales go on the output
+            return cast(torch.mm(a, self.q.to(cdt).t()).mul_(self.scales.to(cdt)), x.dtype)
+        return cast(torch.mm(a, (self.dequantize().to(cdt) if w is None else w).t()), x.dtype)
 
 
 class QuantizedExperts(Experts):
@@ -267,12 +300,13 @@ class QuantizedExperts(Experts):
         if dropout:
             raise ConfigError("quantised experts are for inference: expert dropout is not supported")
         out = x_ND.new_empty(x_ND.shape[0], self.hidden_size)
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                rows = x_ND[start : start + n]
-                out[start : start + n] = self.q_out[e](activate(self.q_in[e](rows), self.activation))
-            start += n
+
+        def job(s: tuple[int, int, int]) -> None:
+            e, lo, hi = s
+            out[lo:hi] = self.q_out[e](activate(self.q_in[e](x_ND[lo:hi]), self.activation))
+
+        slices = list(expert_slices(counts))
+        run_jobs(job, slices, x_ND.device, cost=[hi - lo for _, lo, hi in slices])
         return out
 
     def expert_forward(self, e: int, x_nD: torch.Tensor) -> torch.Tensor:

@@ -5,9 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+import moekit.nn.quantized as quantized_module
 from moekit.errors import ConfigError
+from moekit.inference.generate import generate
+from moekit.models import MoELM
+from moekit.models.presets import TINY
+from moekit.models.quantization import quantize_model, uniform_spec
 from moekit.nn import MoE, few_tokens
+from moekit.nn.experts import Experts
 from moekit.nn.quantized import (
+    DENSE_MIN_ROWS,
     QuantizedExperts,
     QuantMatrix,
     int4_kernel_weight,
@@ -132,3 +139,58 @@ def test_a_dtype_cast_of_the_model_leaves_the_quantised_form_and_its_results_alo
         after = [layer(x.float())[0] for x in (x_one, x_many)]
     for b, a in zip(before, after):
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2 * b.float().abs().max().item())
+
+
+@pytest.mark.parametrize("bits,group", [(8, 32), (4, 32), (4, 128)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_many_rows_run_one_gemm_on_the_dequantised_matrix_and_equal_the_reference(bits, group, dtype):
+    torch.manual_seed(7)
+    m = QuantMatrix.from_float(torch.randn(160, 256) * 0.05, bits, group)
+    many = m.dense_min_rows()
+    for rows in (many - 1, many, many + 9):
+        x = torch.randn(rows, 256).to(dtype)
+        out = m(x)
+        assert out.dtype == dtype and out.shape == (rows, 160)
+        if rows >= many:  # many rows: the GEMM
+            assert torch.equal(out, m.dense_forward(x))
+        ref = x.to(torch.bfloat16).float() @ m.dequantize().t()
+        torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_quantised_experts_equal_the_dequantise_then_matmul_reference_with_many_few_and_no_rows(bits, dtype):
+    torch.manual_seed(8)
+    quantized = QuantizedExperts.from_experts(Experts(5, 128, 64), [bits] * 5, 32)
+    many = quantized.q_in[0].dense_min_rows()
+    counts = (many + 3, 0, 2, many, 0)  # above the threshold, none, a few, exactly at it, none (last)
+    x = torch.randn(sum(counts), 128).to(torch.bfloat16).to(dtype)
+    with torch.inference_mode():
+        out = quantized(x, counts)
+    assert out.dtype == dtype and out.shape == (sum(counts), 128)
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            ref = quantized.expert_forward(e, x[start : start + n].float())
+            got = out[start : start + n].float()
+            torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2 * float(ref.abs().max()))
+        start += n
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_greedy_generation_of_a_quantised_model_is_unchanged_by_the_many_row_gemm(bits, monkeypatch):
+    """As shipped, with the GEMM from 8 rows on (so the prompt takes it here even where the shipped thresholds
+    are out of the tiny model's reach), and with the weight-only kernels only (the code before the GEMM path)."""
+    torch.manual_seed(9)
+    model = MoELM(TINY).eval()
+    quantize_model(model, uniform_spec(model.config, bits, 32, linear_bits=8))
+    prompt = torch.randint(0, TINY.vocab_size, (1, 40))
+    with torch.inference_mode():
+        shipped, routed = generate(model, prompt, max_new_tokens=12, temperature=0, return_routed_experts=True)
+        runs = []
+        for threshold in (8, 1 << 30):
+            monkeypatch.setattr(quantized_module, "DENSE_MIN_ROWS", dict.fromkeys(DENSE_MIN_ROWS, threshold))
+            runs.append(generate(model, prompt, max_new_tokens=12, temperature=0))
+    prompt_choices = routed[0][:40]  # [tokens, layers, top_k]
+    assert max(int(torch.bincount(prompt_choices[:, layer].flatten()).max()) for layer in range(2)) >= 8
+    assert shipped == runs[0] == runs[1]

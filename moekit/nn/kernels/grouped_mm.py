@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+from collections.abc import Iterator
 
 import torch
 
@@ -86,7 +87,8 @@ def mm_into(dst: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 # -- grouped GEMM ----------------------------------------------------------------------------------
-def _slices(counts: tuple[int, ...]):
+def expert_slices(counts: tuple[int, ...]) -> Iterator[tuple[int, int, int]]:
+    """(expert, first row, end row) of each expert with rows, for rows sorted by expert in slices of ``counts``."""
     start = 0
     for expert, n in enumerate(counts):
         if n:
@@ -104,7 +106,7 @@ class _GroupedMM(torch.autograd.Function):
             e, lo, hi = s
             mm_into(out_NO[lo:hi], cast(x_NI[lo:hi], cdt), cast(w_EIO[e], cdt))
 
-        slices = list(_slices(counts))
+        slices = list(expert_slices(counts))
         run_jobs(job, slices, x_NI.device, cost=[hi - lo for _, lo, hi in slices])
         ctx.save_for_backward(x_NI, w_EIO)
         ctx.counts = counts
@@ -132,7 +134,7 @@ class _GroupedMM(torch.autograd.Function):
             if grad_w is not None:  # (allocated when need_w)
                 mm_into(grad_w[e], cast(x_NI[lo:hi], cdt).t(), g)
 
-        slices = list(_slices(ctx.counts))
+        slices = list(expert_slices(ctx.counts))
         run_jobs(job, slices, x_NI.device, cost=[hi - lo for _, lo, hi in slices])
         return grad_x, grad_w, None
 

@@ -168,3 +168,15 @@ def test_int8_gemv_matches_atens_int8_kernel():
     ragged = QuantMatrix.from_float(torch.randn(8, 200), bits=8)  # a tail of 8 columns; vs the dequantised weight
     _close_in_bf16(native.gemv_int8(ragged.q, ragged.scales, x[:200]), ragged.dequantize() @ x[:200].float())
     assert native.gemv_int8(m.q.t(), m.scales, x) is None  # columns: not this kernel's layout
+
+
+@pytest.mark.parametrize("bits,group", [(8, 32), (4, 32), (4, 64), (4, 128)])
+def test_dequantize_is_the_fp32_reference_rounded_to_bf16_bit_for_bit(bits, group):
+    from moekit.nn.quantized import QuantMatrix
+
+    torch.manual_seed(11)
+    m = QuantMatrix.from_float(torch.randn(96, 256) * 0.05, bits, group)
+    zeros = m.zeros if bits == 4 else None
+    w = native.dequantize(m.q, m.scales, zeros, group)
+    assert w is not None and torch.equal(w, m.dequantize().to(torch.bfloat16))
+    assert native.dequantize(m.q[:, ::2], m.scales, zeros, group) is None  # not contiguous: the caller's fallback

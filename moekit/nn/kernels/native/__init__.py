@@ -56,6 +56,8 @@ def library() -> ctypes.CDLL | None:
     lib.moekit_gemv_int8.argtypes = [_P, _P, _P, _I64, _I64, _P, ctypes.c_int]
     lib.moekit_swiglu_experts_quant.argtypes = [_P, _P, _P, _P, _I64, _I64, _I64, _I64, _P, _P, _P, _P, _P, _P]
     lib.moekit_swiglu_experts_quant.argtypes += [_P, _P, ctypes.c_int]
+    lib.moekit_dequant_int8_bf16.argtypes = [_P, _P, _I64, _I64, _P, ctypes.c_int]
+    lib.moekit_dequant_int4_bf16.argtypes = [_P, _P, _P, _I64, _I64, _I64, _P, ctypes.c_int]
     return lib
 
 
@@ -144,6 +146,28 @@ def swiglu_experts_bf16(
         _threads(),
     )  # fmt: skip
     return True
+
+
+def dequantize(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group: int) -> torch.Tensor | None:
+    """A quantised matrix in moekit.nn.quantized's stored form (int8 ``q`` [O, I] with ``scales`` [O], or int4
+    ``q`` [O, I/2] packed with ``scales`` and ``zeros`` [O, I/group], all bf16) dequantised to bf16 [O, I]: its
+    fp32 reference rounded to bf16, bit for bit. None where the kernel does not apply."""
+    lib = library()
+    tensors = [q, scales] + ([] if zeros is None else [zeros])
+    if lib is None or not all(t.is_contiguous() and t.device.type == "cpu" for t in tensors):
+        return None
+    int8 = q.dtype == torch.int8 and zeros is None
+    out_f, in_f = q.shape[0], q.shape[1] * (1 if int8 else 2)
+    fits = in_f % 16 == 0 if int8 else (q.dtype == torch.uint8 and group % 32 == 0 and in_f % group == 0)
+    if not fits or any(t.dtype != torch.bfloat16 for t in tensors[1:]):
+        return None
+    w = torch.empty(out_f, in_f, dtype=torch.bfloat16)
+    if zeros is None:
+        lib.moekit_dequant_int8_bf16(q.data_ptr(), scales.data_ptr(), out_f, in_f, w.data_ptr(), _threads())
+    else:
+        args = (q.data_ptr(), scales.data_ptr(), zeros.data_ptr(), out_f, in_f, group, w.data_ptr(), _threads())
+        lib.moekit_dequant_int4_bf16(*args)
+    return w
 
 
 class QuantTable:

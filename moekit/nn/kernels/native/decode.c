@@ -240,6 +240,45 @@ void moekit_swiglu_experts_quant(const float *x, const uint16_t *x16, const int6
     }
 }
 
+/* out [O, I] = bf16(q * scale) for an int8 matrix q [O, I] with a bf16 scale per row (I a multiple of 16): moekit's
+ * fp32 reference rounded to bf16, bit for bit (the product is exact in fp32). */
+void moekit_dequant_int8_bf16(const int8_t *q, const uint16_t *scales, int64_t O, int64_t I, uint16_t *out,
+                              int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t o = 0; o < O; o++) {
+        __m512 s = _mm512_set1_ps(bf16_to_f32(scales[o]));
+        for (int64_t c = 0; c < I; c += 16) {
+            __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + o * I + c))));
+            _mm256_storeu_si256((__m256i *)(out + o * I + c), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(w, s)));
+        }
+    }
+}
+
+/* out [O, I] = bf16((q - 8) * scale + zero) for an int4 matrix (q [O, I/2] packed nibbles, even column low;
+ * scales, zeros [O, I/group] bf16; group a multiple of 32): as moekit's fp32 reference rounded to bf16, bit for
+ * bit ((q - 8) * scale is exact in fp32 and one fma rounds as the reference's add). For prompts: one GEMM on
+ * the dequantised copy beats ATen's weight-only kernel past a few rows (moekit.nn.quantized). */
+void moekit_dequant_int4_bf16(const uint8_t *q, const uint16_t *scales, const uint16_t *zeros, int64_t O, int64_t I,
+                              int64_t group, uint16_t *out, int threads) {
+    const __m128i nibble = _mm_set1_epi8(0x0f);
+    const __m512i eight = _mm512_set1_epi32(8);
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t o = 0; o < O; o++) {
+        const uint8_t *row = q + o * (I / 2);
+        for (int64_t c = 0; c < I; c += 32) {
+            int64_t g = o * (I / group) + c / group;
+            __m512 s = _mm512_set1_ps(bf16_to_f32(scales[g])), z = _mm512_set1_ps(bf16_to_f32(zeros[g]));
+            __m128i b = _mm_loadu_si128((const __m128i *)(row + c / 2));
+            __m128i lo = _mm_and_si128(b, nibble), hi = _mm_and_si128(_mm_srli_epi16(b, 4), nibble);
+            __m512i v0 = _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)), eight);
+            __m512i v1 = _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(lo, hi)), eight);
+            __m512 w0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v0), s, z);
+            __m512 w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v1), s, z);
+            _mm512_storeu_si512((void *)(out + o * I + c), (__m512i)_mm512_cvtne2ps_pbh(w1, w0));
+        }
+    }
+}
+
 #else
 int moekit_native_ok(void) { return 0; } /* built for a CPU without AVX512-BF16: callers use ATen */
 #endif
