@@ -1,5 +1,5 @@
 """Hand-written CPU kernels for decode steps (bf16, int8 and int4 weights), compiled from C on first use
-(``decode.c`` beside this file).
+(every ``*.c`` beside this file, built into one library).
 
 Why C: a decode step is bound by reading weights, and ATen runs each expert's GEMV as its own parallel
 call; one call per layer over the chosen experts, on the CPU's bf16 dot instruction, decodes a 1.72B bf16
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-_SOURCE = Path(__file__).with_name("decode.c")
+_SOURCES = sorted(Path(__file__).parent.glob("*.c"))
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
@@ -42,8 +42,8 @@ def library() -> ctypes.CDLL | None:
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None:
         return None
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join([compiler, *_FLAGS]).encode()).hexdigest()[:16]
+    sources = b"".join(p.name.encode() + p.read_bytes() for p in _SOURCES)
+    key = hashlib.sha256(sources + " ".join([compiler, *_FLAGS]).encode()).hexdigest()[:16]
     path = cache_dir() / f"decode-{key}.so"
     if not path.is_file() and not _compile(compiler, path):
         return None
@@ -75,7 +75,9 @@ def _compile(compiler: str, path: Path) -> bool:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
     os.close(fd)
     try:
-        done = subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", tmp, "-lm"], capture_output=True, timeout=120)
+        done = subprocess.run(
+            [compiler, *_FLAGS, *map(str, _SOURCES), "-o", tmp, "-lm"], capture_output=True, timeout=120
+        )
         if done.returncode != 0:
             return False
         os.replace(tmp, path)
