@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.errors import ConfigError, ShapeError
+from moekit.models import decode_step
 from moekit.models.config import AttentionType, LMConfig
 from moekit.nn.attention import Attention, KVCache, QKNorm
 from moekit.nn.attention import attention_mask as build_attention_mask
@@ -152,6 +153,10 @@ class MoELM(nn.Module):
         them). ``labels`` [B, S], normally the input ids, are shifted inside (position t predicts labels[t + 1]);
         -100 and padding are ignored. ``logits_to_keep`` > 0 computes only the last that many positions' logits.
         """
+        if labels is None and attention_mask is None and position_ids is None and not record_routing:
+            stepped = decode_step.forward(self, input_ids, cache, logits_to_keep)  # one token, one row: native
+            if stepped is not None:
+                return stepped
         x, moe_aux, new_valid_BS = self._run(input_ids, attention_mask, cache, record_routing, position_ids)
         if logits_to_keep > 0:
             if labels is not None:

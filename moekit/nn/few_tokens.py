@@ -64,19 +64,16 @@ def forward(layer: MoE, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
         assert isinstance(router, TopKRouter), "applies() admits top-k routers only"
         logits_TE = router.logits(x_TD)
         idx_TK, weight_TK, probs_TE = router.choose(logits_TE)
-        experts = layer.experts
         # One host sync for the choices and weights: python ints/floats then index and scale without more ops.
         chosen, weights = idx_TK.tolist(), weight_TK.to(x_TD.dtype).tolist()  # rounded as the general path's
         x_rows = [x_TD[t : t + 1] for t in range(T)] if T > 1 else [x_TD]
         # The sums are kept in fp32 for half precision; weight-and-add is one op (add_ with alpha).
         y_TD = torch.zeros(T, x_TD.shape[1], dtype=accumulate_dtype(x_TD.dtype), device=x_TD.device)
-        # Ascending expert order per token, as the general path's scatter-add sums them.
         with intra_op_threads(threads):
             for t, row in enumerate(chosen):
-                order = sorted(range(len(row)), key=row.__getitem__)
-                experts.run_chosen(x_rows[t], [row[j] for j in order], [weights[t][j] for j in order], y_TD[t])
+                run_token(layer, x_rows[t], row, weights[t], y_TD[t])
         if layer.shared_experts is not None:
-            y_TD = y_TD + layer._shared(x_TD).to(y_TD.dtype)
+            y_TD = y_TD + layer.shared_output(x_TD).to(y_TD.dtype)
         zero = torch.zeros((), dtype=torch.long, device=x_TD.device)
         aux = MoEAux(
             loss=torch.zeros(()),
@@ -89,3 +86,10 @@ def forward(layer: MoE, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
             gate_logits=logits_TE,
         )
         return y_TD.to(x.dtype).view(x.shape), aux
+
+
+def run_token(layer: MoE, x_1D: torch.Tensor, chosen: list[int], weights: list[float], y_1D: torch.Tensor) -> None:
+    """y_1D += one token's routed experts' weighted outputs (not the shared experts'), summed in ascending
+    expert order as the general path's scatter-add sums them."""
+    order = sorted(range(len(chosen)), key=chosen.__getitem__)
+    layer.experts.run_chosen(x_1D, [chosen[j] for j in order], [weights[j] for j in order], y_1D)

@@ -162,7 +162,7 @@ class MoE(nn.Module):
             dropout = cfg.expert_dropout if self.training else 0.0
             y_TD = self.executor(x_TD, plan, self.experts, dropout=dropout, shared=shared, threads=threads)
         if self.shared_experts is not None and shared is None:
-            y_TD = y_TD + self._shared(x_TD).to(y_TD.dtype)
+            y_TD = y_TD + self.shared_output(x_TD).to(y_TD.dtype)
         with intra_op_threads(1):
             if self.zero_computation is not None and extra is not None:  # no FFN runs for these assignments
                 y_TD = y_TD + self.zero_computation(x_TD, extra).to(y_TD.dtype)
@@ -170,7 +170,8 @@ class MoE(nn.Module):
             aux = self._aux(routing, plan, seq_len, record_routing)
         return y_TD.view(x.shape), aux
 
-    def _shared(self, x_TD: torch.Tensor) -> torch.Tensor:
+    def shared_output(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """The shared experts' output for x_TD (gated when the layer has a shared-expert gate)."""
         assert self.shared_experts is not None, "called only when the layer has shared experts"
         shared_TD = self.shared_experts(x_TD)
         if self.shared_expert_gate is not None:
@@ -325,5 +326,5 @@ def reference_moe(
             assert layer.zero_computation is not None, "only MoE++ layers route beyond the FFN experts"
             y_TD[t] = y_TD[t] + routing.weight_A[i].to(x.dtype) * layer.zero_computation.reference(x_TD[t], e)
     if layer.shared_experts is not None:
-        y_TD = y_TD + layer._shared(x_TD)
+        y_TD = y_TD + layer.shared_output(x_TD)
     return y_TD.view(x.shape)

@@ -198,7 +198,7 @@ def test_moe_experts_dropout_mask_equals_plain_autograd(workers):
     def plain():  # the masked hidden activations by hand; the shared expert is not masked
         a = activate(grouped_mm_reference(x[plan.token_idx_N], ex.w_in, plan.counts), ex.activation) * mask
         out = grouped_mm_reference(a, ex.w_out, plan.counts) * plan.weight_N.unsqueeze(-1)
-        return layer._shared(x).index_add(0, plan.token_idx_N, out)
+        return layer.shared_output(x).index_add(0, plan.token_idx_N, out)
 
     def fused():
         return moe_experts(

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 _SOURCES = sorted(Path(__file__).parent.glob("*.c"))
+_HEADERS = sorted(Path(__file__).parent.glob("*.h"))
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
@@ -42,7 +43,7 @@ def library() -> ctypes.CDLL | None:
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None:
         return None
-    sources = b"".join(p.name.encode() + p.read_bytes() for p in _SOURCES)
+    sources = b"".join(p.name.encode() + p.read_bytes() for p in [*_SOURCES, *_HEADERS])
     key = hashlib.sha256(sources + " ".join([compiler, *_FLAGS]).encode()).hexdigest()[:16]
     path = cache_dir() / f"decode-{key}.so"
     if not path.is_file() and not _compile(compiler, path):
@@ -58,6 +59,8 @@ def library() -> ctypes.CDLL | None:
     lib.moekit_swiglu_experts_quant.argtypes += [_P, _P, ctypes.c_int]
     lib.moekit_dequant_int8_bf16.argtypes = [_P, _P, _I64, _I64, _P, ctypes.c_int]
     lib.moekit_dequant_int4_bf16.argtypes = [_P, _P, _P, _I64, _I64, _I64, _P, ctypes.c_int]
+    lib.moekit_block_step.argtypes = [_P, _P, _P, _P, _P, _P, _P, _P, _I64, _P, _P, _P, _P, _P, _P, _P, ctypes.c_int]
+    lib.moekit_residual_add.argtypes = [_P, _P, _I64]
     return lib
 
 
