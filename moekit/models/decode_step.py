@@ -42,23 +42,34 @@ class _Plans:
         self.moe_layers = [i for i, b in enumerate(blocks) if isinstance(b.mlp, MoE)]
 
 
-_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (its blocks' keys, _Plans | reason)
+class _Entry:
+    """What :func:`_plans` remembers of a model: its blocks' keys, the plans or the reason there are none, and
+    the cache they were last checked for (a model is not changed halfway through a generation, so a step on
+    the same cache skips the check)."""
+
+    def __init__(self, keys: list[tuple], result: _Plans | str, cache: KVCache):
+        self.keys, self.result, self.cache = keys, result, weakref.ref(cache)
 
 
-def _plans(model: MoELM, max_length: int) -> _Plans | None:
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> _Entry
+
+
+def _plans(model: MoELM, cache: KVCache, max_length: int) -> _Plans | None:
     """The model's plans, rebuilt when a block's key changed (a refusal too: a removed hook, a new dtype)."""
+    entry = _PLANS.get(model)
+    if entry is not None and entry.cache() is cache:
+        return None if isinstance(entry.result, str) else entry.result
     blocks = typing.cast(list[Block], list(model.layers))
     keys = [native_step.BlockPlan.key_of(b) for b in blocks]
-    cached = _PLANS.get(model)
-    if cached is not None and cached[0] == keys:
-        plans = cached[1]
-        if isinstance(plans, str):
-            return None
-        if plans.max_length == max_length:
-            return plans
+    if entry is not None and entry.keys == keys:
+        result = entry.result
+        if isinstance(result, str) or result.max_length == max_length:
+            _PLANS[model] = _Entry(keys, result, cache)
+            return None if isinstance(result, str) else result
     reason = unsupported_reason(model)
-    _PLANS[model] = (keys, reason if reason is not None else _Plans(blocks, max_length))
-    return _PLANS[model][1] if reason is None else None
+    plans = _Plans(blocks, max_length) if reason is None else None
+    _PLANS[model] = _Entry(keys, plans or typing.cast(str, reason), cache)
+    return plans
 
 
 def unsupported_reason(model: MoELM) -> str | None:
@@ -101,7 +112,7 @@ def forward(model: MoELM, input_ids: torch.Tensor, cache: KVCache | None, logits
         return None
     assert cache is not None and cache.max_length is not None
     model._check_input_ids(input_ids)
-    plans = _plans(model, cache.max_length)
+    plans = _plans(model, cache, cache.max_length)
     if plans is None or not _cache_fits(cache, plans):
         return None
     P, step = cache.length, plans.step
