@@ -159,6 +159,7 @@ def test_int8_attention_and_quantised_experts_take_the_native_step():
         (dict(moe=dict(router="hash")), "a router other than"),
         (dict(moe=dict(capacity_factor=1.5)), "capacity"),
         (dict(moe=dict(router="sigmoid_topk", n_group=2, topk_group=1)), "a router other than"),
+        (dict(moe_layer_overrides={1: dict(top_k=2)}), "blocks of different shapes"),
     ],
 )
 def test_blocks_it_does_not_cover_run_the_pytorch_path(change, reason):
@@ -181,6 +182,9 @@ def test_an_fp32_model_a_hook_or_a_batch_of_two_runs_the_pytorch_path():
         cache = model.new_cache(max_length=PROMPT + 1)
         model(prompt_ids(model).expand(2, -1), cache=cache)
         assert not decode_step.applies(model, torch.tensor([[1], [2]]), cache)
+        padded = model.new_cache(max_length=PROMPT + 1)  # a left-padded prompt leaves a mask in the cache
+        model(prompt_ids(model), attention_mask=torch.arange(PROMPT)[None] > 1, cache=padded)
+        assert padded.mask is not None and not decode_step.applies(model, torch.tensor([[1]]), padded)
 
 
 def test_the_plan_follows_replaced_weights():

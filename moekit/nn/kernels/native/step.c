@@ -127,27 +127,32 @@ static void route(const int64_t *dims, const float *consts, const void *bias, co
 
 /* The step: x (bf16 [D], the residual stream; first made x + bf16(y_prev) when y_prev, the previous layer's
  * fp32 MoE output, is given) -> x + attention (in place), hn = post-attention RMSNorm of it, and (for an MoE
- * block) the router's logits [E] and choices. kv holds this layer's key and value caches ([G, max_len, hd] bf16); the new key and
- * value go to position pos. cos/sin [hd] bf16 are the position's rotary tables. Scratch: work16 of
- * D + 2 (H + 2G) hd bf16, work32 of H * max_len + max(D, H hd) floats. */
+ * block) the router's logits [E] and choices. kv holds this layer's key and value caches ([G, max_len, hd]
+ * bf16); the new key and value go to position pos. cos/sin [hd] bf16 are the position's rotary tables.
+ * Scratch: work16 of (2H + 2G) hd bf16, work32 of H * max_len floats.
+ *
+ * Five barriers a layer (one per parallel loop): on a machine shared with other busy processes each is a
+ * chance to wait for a descheduled thread, so the small serial parts (the norms, the router) are done
+ * redundantly by every thread or by one thread without a barrier after it. */
 void moekit_block_step(const int64_t *plan, const int64_t *dims, const float *consts, const int64_t *kv, uint16_t *x,
                        const float *y_prev, const uint16_t *cos, const uint16_t *sin, int64_t pos, uint16_t *hn,
                        int64_t *chosen, float *weights, float *logits, float *entropy, uint16_t *work16,
                        float *work32, int threads) {
     const int64_t D = dims[D_HIDDEN], H = dims[D_HEADS], G = dims[D_KV_HEADS], hd = dims[D_HEAD_DIM];
     const int64_t E = dims[D_EXPERTS], max_len = dims[D_MAX_LEN], keys = pos + 1, int8 = dims[D_INT8_ATTENTION];
-    uint16_t *xn = work16, *qkv = work16 + D, *att = qkv + (H + 2 * G) * hd;
-    float *scores = work32, *x32 = work32 + H * max_len; /* x32: the int8 GEMVs' input in fp32 */
+    uint16_t *qkv = work16, *att = qkv + (H + 2 * G) * hd;
+    float *scores = work32;
     uint16_t *k_cache = (uint16_t *)kv[0], *v_cache = (uint16_t *)kv[1];
 #pragma omp parallel num_threads(threads)
     {
-#pragma omp single
-        {
-            if (y_prev)
-                for (int64_t d = 0; d < D; d++) x[d] = f32_to_bf16(bf16_to_f32(x[d]) + bf16_to_f32(f32_to_bf16(y_prev[d])));
-            rms_norm(x, (const uint16_t *)plan[P_LN1], D, consts[C_EPS], xn);
+        /* every thread: the residual, its norm (and in fp32 for int8 GEMVs), in its own copies */
+        uint16_t xr[D], xn[D];
+        float x32[D > H * hd ? D : H * hd];
+        for (int64_t d = 0; d < D; d++)
+            xr[d] = y_prev ? f32_to_bf16(bf16_to_f32(x[d]) + bf16_to_f32(f32_to_bf16(y_prev[d]))) : x[d];
+        rms_norm(xr, (const uint16_t *)plan[P_LN1], D, consts[C_EPS], xn);
+        if (int8)
             for (int64_t d = 0; d < D; d++) x32[d] = bf16_to_f32(xn[d]);
-        }
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < (H + 2 * G) * hd; r++) {
             int slot = r < H * hd ? P_WQ : r < (H + G) * hd ? P_WK : P_WV;
@@ -187,28 +192,27 @@ void moekit_block_step(const int64_t *plan, const int64_t *dims, const float *co
             }
             for (int64_t i = 0; i < hd; i++) att[head * hd + i] = f32_to_bf16(out[i] / total);
         }
-#pragma omp single
-        for (int64_t i = 0; i < H * hd; i++) x32[i] = bf16_to_f32(att[i]);
+        if (int8)
+            for (int64_t i = 0; i < H * hd; i++) x32[i] = bf16_to_f32(att[i]);
 #pragma omp for schedule(static)
-        for (int64_t d = 0; d < D; d++) {
-            uint16_t a = project_row(plan, P_WO, (int)int8, d, H * hd, att, x32);
-            x[d] = f32_to_bf16(bf16_to_f32(x[d]) + bf16_to_f32(a));
-        }
-#pragma omp single
-        rms_norm(x, (const uint16_t *)plan[P_LN2], D, consts[C_EPS], hn);
-#pragma omp for schedule(static)
-        for (int64_t e = 0; e < (plan[P_ROUTER] ? E : 0); e++) {
-            float v = 0.0f;
-            if (dims[D_ROUTER_FP32]) {
-                const float *w = (const float *)plan[P_ROUTER] + e * D;
-                for (int64_t d = 0; d < D; d++) v += w[d] * bf16_to_f32(hn[d]);
-            } else {
-                v = dot_bf16((const uint16_t *)plan[P_ROUTER] + e * D, hn, D);
+        for (int64_t d = 0; d < D; d++)
+            x[d] = f32_to_bf16(bf16_to_f32(xr[d]) + bf16_to_f32(project_row(plan, P_WO, (int)int8, d, H * hd, att, x32)));
+#pragma omp single nowait
+        {
+            rms_norm(x, (const uint16_t *)plan[P_LN2], D, consts[C_EPS], hn);
+            for (int64_t e = 0; e < (plan[P_ROUTER] ? E : 0); e++) {
+                if (dims[D_ROUTER_FP32]) {
+                    const float *w = (const float *)plan[P_ROUTER] + e * D;
+                    float v = 0.0f;
+                    for (int64_t d = 0; d < D; d++) v += w[d] * bf16_to_f32(hn[d]);
+                    logits[e] = v;
+                } else {
+                    logits[e] = dot_bf16((const uint16_t *)plan[P_ROUTER] + e * D, hn, D);
+                }
             }
-            logits[e] = v;
+            if (plan[P_ROUTER]) route(dims, consts, (const void *)plan[P_ROUTER_BIAS], logits, chosen, weights, entropy);
         }
     }
-    if (plan[P_ROUTER]) route(dims, consts, (const void *)plan[P_ROUTER_BIAS], logits, chosen, weights, entropy);
 }
 
 /* x = bf16(x + bf16(y)) over n values: the last block's residual add. */

@@ -177,8 +177,8 @@ class Step:
         qk_eps = attn.q_norm.eps if attn.qk_norm == QKNorm.HEAD else 0.0
         eps = blocks[0].input_layernorm.eps
         self.consts = torch.tensor([eps, qk_eps, attn.scale, routed_scale], dtype=torch.float32)
-        self.work16 = torch.empty(D + 2 * (H + 2 * G) * hd, dtype=BF16)
-        self.work32 = torch.empty(H * max_length + max(D, H * hd), dtype=torch.float32)
+        self.work16 = torch.empty((2 * H + 2 * G) * hd, dtype=BF16)
+        self.work32 = torch.empty(H * max_length, dtype=torch.float32)
         self.hn = torch.empty(L, D, dtype=BF16)
         self.chosen = torch.zeros(L, K, dtype=torch.int64)
         self.weights = torch.empty(L, K, dtype=torch.float32)
