@@ -135,10 +135,12 @@ def test_native_step_writes_the_cache_and_the_routing_statistics_as_the_pytorch_
         assert float(a.loss) == 0.0
 
 
-def test_int8_attention_and_quantised_experts_take_the_native_step():
-    # int4 experts take the native kernel at widths of whole 128-column blocks
-    model = make_model(hidden_size=128, qk_norm="head", moe=dict(expert_hidden_size=128)).to(torch.bfloat16)
-    quantize_model(model, uniform_spec(model.config, bits=4, group_size=32, linear_bits=8))
+@pytest.mark.parametrize("linear_bits,group", [(8, 32), (4, 32), (4, 64)])
+def test_quantised_attention_and_experts_take_the_native_step(linear_bits, group):
+    # int4 matrices take the native kernels at widths of whole 128-column blocks
+    model = make_model(vocab_size=128, hidden_size=128, qk_norm="head", moe=dict(expert_hidden_size=128))
+    model = model.to(torch.bfloat16)
+    quantize_model(model, uniform_spec(model.config, bits=4, group_size=group, linear_bits=linear_bits))
     assert decode_step.unsupported_reason(model) is None
     ids = prompt_ids(model)
     fast_tokens, fast_logits = decode(model, ids, STEPS, native_step=True)

@@ -18,22 +18,33 @@
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 #include "kernels.h"
 
-/* Slots of a layer's plan (int64). Weights are bf16 [out, in] with contiguous rows, or int8 [out, in] with a
- * bf16 scale per row when dims[D_INT8_ATTENTION] is set. Unused pointers are 0; a dense block's router is. */
+/* Slots of a layer's plan (int64). Projection weights are bf16 [out, in] with contiguous rows, or as moekit's
+ * quantised matrices (dims[D_ATTN_BITS]): int8 [out, in] with a bf16 scale per row, or int4 [out, in/2] packed
+ * nibbles with bf16 scales and zeros per group of dims[D_GROUP] columns. Unused pointers are 0; a dense
+ * block's router is. */
 enum {
-    P_WQ, P_WK, P_WV, P_WO,    /* projection weights (or int8 q) */
-    P_SQ, P_SK, P_SV, P_SO,    /* int8 row scales */
+    P_WQ, P_WK, P_WV, P_WO,    /* projection weights (or quantised q) */
+    P_SQ, P_SK, P_SV, P_SO,    /* quantised scales */
     P_BQ, P_BK, P_BV, P_BO,    /* bf16 biases */
     P_LN1, P_LN2, P_QN, P_KN,  /* RMSNorm weights (bf16): input, post-attention, per-head q and k (optional) */
     P_ROUTER, P_ROUTER_BIAS,   /* router weight [E, D] (bf16, or fp32 with D_ROUTER_FP32), selection bias
                                   (fp32, or bf16 with D_BIAS_BF16) */
+    P_ZQ, P_ZK, P_ZV, P_ZO,    /* int4 zeros */
     P_SLOTS
 };
 
 /* Model-wide sizes and flags (int64) and constants (fp32). */
 enum { D_HIDDEN, D_HEADS, D_KV_HEADS, D_HEAD_DIM, D_EXPERTS, D_TOP_K, D_MAX_LEN, D_SIGMOID, D_NORM_TOPK,
-       D_INT8_ATTENTION, D_ROUTER_FP32, D_BIAS_BF16 };
+       D_ATTN_BITS, D_ROUTER_FP32, D_BIAS_BF16, D_GROUP };
 enum { C_EPS, C_QK_EPS, C_ATTN_SCALE, C_ROUTED_SCALE };
+
+/* A projection's input in the forms its kernel reads: bf16, fp32 (int8), split by column mod 4 with group
+ * sums (int4). */
+typedef struct {
+    const uint16_t *x16;
+    const float *x32, *sums;
+    const uint16_t *split;
+} Input;
 
 /* y = bf16(w * bf16(x * rsqrt(mean(x^2) + eps))) over n values: HF Llama's RMSNorm in bf16. */
 static void rms_norm(const uint16_t *x, const uint16_t *w, int64_t n, float eps, uint16_t *y) {
@@ -49,18 +60,36 @@ static void rms_norm(const uint16_t *x, const uint16_t *w, int64_t n, float eps,
     }
 }
 
-/* Row `row` of a projection times x: bf16 dot, or int8 dot times the row's scale; then its bias. */
-static inline uint16_t project_row(const int64_t *plan, int w_slot, int int8, int64_t row, int64_t in,
-                                   const uint16_t *x16, const float *x32) {
+/* Row `row` of a projection times its input, as the PyTorch path computes it (bf16 GEMV, or ATen's int8/int4
+ * kernels' bf16 result), then its bias. */
+static inline uint16_t project_row(const int64_t *plan, const int64_t *dims, int w_slot, int64_t row, int64_t in,
+                                   const Input *x) {
+    const uint16_t *scales = (const uint16_t *)plan[w_slot + 4];
     float v;
-    if (int8)
-        v = dot_q8((const int8_t *)plan[w_slot] + row * in, x32, in) *
-            bf16_to_f32(((const uint16_t *)plan[w_slot + 4])[row]);
-    else
-        v = dot_bf16((const uint16_t *)plan[w_slot] + row * in, x16, in);
+    if (dims[D_ATTN_BITS] == 8) {
+        v = dot_q8((const int8_t *)plan[w_slot] + row * in, x->x32, in) * bf16_to_f32(scales[row]);
+    } else if (dims[D_ATTN_BITS] == 4) {
+        int64_t groups = in / dims[D_GROUP];
+        v = dot_q4((const uint8_t *)plan[w_slot] + row * (in / 2), scales + row * groups,
+                   (const uint16_t *)plan[w_slot + P_ZQ - P_WQ] + row * groups, x->split, x->sums, in, dims[D_GROUP]);
+    } else {
+        v = dot_bf16((const uint16_t *)plan[w_slot] + row * in, x->x16, in);
+    }
     uint16_t y = f32_to_bf16(v);
     const uint16_t *bias = (const uint16_t *)plan[w_slot + 8];
     return bias ? f32_to_bf16(bf16_to_f32(y) + bf16_to_f32(bias[row])) : y;
+}
+
+/* Fill the forms of x [n] that the projections' kernels read (x16 stays the caller's). */
+static void prepare(const int64_t *dims, const uint16_t *x16, int64_t n, float *x32, uint16_t *split, float *sums,
+                    Input *in) {
+    in->x16 = x16, in->x32 = x32, in->split = split, in->sums = sums;
+    if (dims[D_ATTN_BITS])
+        for (int64_t i = 0; i < n; i++) x32[i] = bf16_to_f32(x16[i]);
+    if (dims[D_ATTN_BITS] == 4) {
+        split_mod4(x16, split, n);
+        group_sums(x32, n, dims[D_GROUP], sums);
+    }
 }
 
 /* Rotate one head (bf16, hd values) in place by cos/sin, HF's rotate_half layout, each op rounded to bf16. */
@@ -139,25 +168,26 @@ void moekit_block_step(const int64_t *plan, const int64_t *dims, const float *co
                        int64_t *chosen, float *weights, float *logits, float *entropy, uint16_t *work16,
                        float *work32, int threads) {
     const int64_t D = dims[D_HIDDEN], H = dims[D_HEADS], G = dims[D_KV_HEADS], hd = dims[D_HEAD_DIM];
-    const int64_t E = dims[D_EXPERTS], max_len = dims[D_MAX_LEN], keys = pos + 1, int8 = dims[D_INT8_ATTENTION];
+    const int64_t E = dims[D_EXPERTS], max_len = dims[D_MAX_LEN], keys = pos + 1;
     uint16_t *qkv = work16, *att = qkv + (H + 2 * G) * hd;
     float *scores = work32;
     uint16_t *k_cache = (uint16_t *)kv[0], *v_cache = (uint16_t *)kv[1];
 #pragma omp parallel num_threads(threads)
     {
-        /* every thread: the residual, its norm (and in fp32 for int8 GEMVs), in its own copies */
-        uint16_t xr[D], xn[D];
-        float x32[D > H * hd ? D : H * hd];
+        /* every thread: the residual, its norm and the forms the projections read, in its own copies */
+        const int64_t widest = D > H * hd ? D : H * hd;
+        uint16_t xr[D], xn[D], split[widest];
+        float x32[widest], sums[widest / 32 + 1];
+        Input in;
         for (int64_t d = 0; d < D; d++)
             xr[d] = y_prev ? f32_to_bf16(bf16_to_f32(x[d]) + bf16_to_f32(f32_to_bf16(y_prev[d]))) : x[d];
         rms_norm(xr, (const uint16_t *)plan[P_LN1], D, consts[C_EPS], xn);
-        if (int8)
-            for (int64_t d = 0; d < D; d++) x32[d] = bf16_to_f32(xn[d]);
+        prepare(dims, xn, D, x32, split, sums, &in);
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < (H + 2 * G) * hd; r++) {
             int slot = r < H * hd ? P_WQ : r < (H + G) * hd ? P_WK : P_WV;
             int64_t row = slot == P_WQ ? r : slot == P_WK ? r - H * hd : r - (H + G) * hd;
-            qkv[r] = project_row(plan, slot, (int)int8, row, D, xn, x32);
+            qkv[r] = project_row(plan, dims, slot, row, D, &in);
         }
 #pragma omp for schedule(static)
         for (int64_t head = 0; head < H + 2 * G; head++) { /* q heads, k heads: norm and rotate; k, v to the cache */
@@ -192,11 +222,10 @@ void moekit_block_step(const int64_t *plan, const int64_t *dims, const float *co
             }
             for (int64_t i = 0; i < hd; i++) att[head * hd + i] = f32_to_bf16(out[i] / total);
         }
-        if (int8)
-            for (int64_t i = 0; i < H * hd; i++) x32[i] = bf16_to_f32(att[i]);
+        prepare(dims, att, H * hd, x32, split, sums, &in);
 #pragma omp for schedule(static)
         for (int64_t d = 0; d < D; d++)
-            x[d] = f32_to_bf16(bf16_to_f32(xr[d]) + bf16_to_f32(project_row(plan, P_WO, (int)int8, d, H * hd, att, x32)));
+            x[d] = f32_to_bf16(bf16_to_f32(xr[d]) + bf16_to_f32(project_row(plan, dims, P_WO, d, H * hd, &in)));
 #pragma omp single nowait
         {
             rms_norm(x, (const uint16_t *)plan[P_LN2], D, consts[C_EPS], hn);

@@ -36,15 +36,19 @@ class BlockPlan:
         projections: list[nn.Module] = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj]
         weights: list[torch.Tensor | int] = []
         scales: list[torch.Tensor | int] = []
+        zeros: list[torch.Tensor | int] = []
         biases: list[torch.Tensor | int] = []
         for p in projections:
             if isinstance(p, QuantLinear):
-                weights.append(p.quantized.q)
-                scales.append(self._hold(p.quantized.scales.to(BF16).contiguous()))
+                m = p.quantized
+                weights.append(m.q)
+                scales.append(self._hold(m.scales.to(BF16).contiguous()))
+                zeros.append(self._hold(m.zeros.to(BF16).contiguous()) if m.bits == 4 else 0)
             else:
                 assert isinstance(p, nn.Linear)
                 weights.append(p.weight)
                 scales.append(0)
+                zeros.append(0)
             bias = p.bias
             assert bias is None or isinstance(bias, torch.Tensor)
             biases.append(0 if bias is None else self._hold(bias.to(BF16).contiguous()))
@@ -55,7 +59,7 @@ class BlockPlan:
             r = block.mlp.router
             selection_bias = r.e_score_correction_bias if isinstance(r, SigmoidTopKRouter) else 0
             router = [typing.cast(torch.Tensor, r.weight), selection_bias]
-        slots = [*weights, *scales, *biases, *norms, *qk, *router]
+        slots = [*weights, *scales, *biases, *norms, *qk, *router, *zeros]  # step.c's P_* order
         self.plan = torch.tensor([s.data_ptr() if isinstance(s, torch.Tensor) else s for s in slots])
         self.keep += [t for t in slots if isinstance(t, torch.Tensor)]
 
@@ -97,9 +101,11 @@ def unsupported(block: nn.Module) -> str | None:
         return "attention other than grouped-query attention with per-head or no QK-norm"
     projections = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj]
     plain = all(type(p) is nn.Linear and p.weight.dtype == BF16 and p.weight.is_contiguous() for p in projections)
-    int8 = all(isinstance(p, QuantLinear) and p.quantized.bits == 8 for p in projections)
-    if not (plain or int8):
-        return "attention projections are not all bf16 or all int8"
+    quantized = {_attention_bits(p) for p in projections}
+    if not plain and (len(quantized) != 1 or None in quantized):
+        return "attention projections are not all bf16 or all quantised alike"
+    if not plain and quantized.pop()[0] == 4 and (attn.q_proj.in_features % 128 or attn.o_proj.in_features % 128):
+        return "int4 attention with widths that are not whole 128-column blocks"
     norms = [block.input_layernorm, block.post_attention_layernorm]
     if attn.qk_norm == QKNorm.HEAD:
         norms += [attn.q_norm, attn.k_norm]
@@ -108,6 +114,17 @@ def unsupported(block: nn.Module) -> str | None:
     if any(m._forward_hooks or m._forward_pre_hooks for m in _modules(block)):
         return "forward hooks on the block or its parts"
     return None if not isinstance(mlp, MoE) else _unsupported_moe(mlp)
+
+
+def _attention_bits(p: nn.Module) -> tuple[int, int] | None:
+    """(bits, group size) of a quantised projection the step reads (int8; int4 with contiguous buffers)."""
+    if not isinstance(p, QuantLinear):
+        return None
+    m = p.quantized
+    buffers = [m.q, m.scales] + ([m.zeros] if m.bits == 4 else [])
+    if not all(b.is_contiguous() for b in buffers):
+        return None
+    return (m.bits, m.group_size if m.bits == 4 else 0)
 
 
 def _unsupported_moe(moe: MoE) -> str | None:
@@ -130,7 +147,7 @@ def _attention_signature(block: Block) -> tuple:
     attn = block.self_attn
     assert isinstance(attn, Attention)
     qk_eps = attn.q_norm.eps if attn.qk_norm == QKNorm.HEAD else None
-    shape = (attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.scale, isinstance(attn.q_proj, QuantLinear))
+    shape = (attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.scale, _attention_bits(attn.q_proj))
     return (*shape, block.input_layernorm.eps, qk_eps)
 
 
@@ -169,10 +186,10 @@ class Step:
                 bool(c.norm_topk_prob),
             )
             routed_scale, router_fp32 = c.routed_scaling_factor, moe.router.weight.dtype == torch.float32
-        int8 = isinstance(attn.q_proj, QuantLinear)
+        bits, group = _attention_bits(attn.q_proj) or (0, 0)
         router = None if moe is None else moe.router
         bias_bf16 = isinstance(router, SigmoidTopKRouter) and router.e_score_correction_bias.dtype == BF16
-        dims = [D, H, G, hd, E, K, max_length, sigmoid, norm_topk, int8, router_fp32, bias_bf16]
+        dims = [D, H, G, hd, E, K, max_length, sigmoid, norm_topk, bits, router_fp32, bias_bf16, group]
         self.dims = torch.tensor(dims, dtype=torch.int64)
         qk_eps = attn.q_norm.eps if attn.qk_norm == QKNorm.HEAD else 0.0
         eps = blocks[0].input_layernorm.eps
