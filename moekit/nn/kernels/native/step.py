@@ -102,9 +102,10 @@ def unsupported(block: nn.Module) -> str | None:
     projections = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj]
     plain = all(type(p) is nn.Linear and p.weight.dtype == BF16 and p.weight.is_contiguous() for p in projections)
     quantized = {_attention_bits(p) for p in projections}
-    if not plain and (len(quantized) != 1 or None in quantized):
+    bits = next(iter(quantized)) if len(quantized) == 1 else None
+    if not plain and bits is None:
         return "attention projections are not all bf16 or all quantised alike"
-    if not plain and quantized.pop()[0] == 4 and (attn.q_proj.in_features % 128 or attn.o_proj.in_features % 128):
+    if not plain and bits and bits[0] == 4 and (attn.q_proj.in_features % 128 or attn.o_proj.in_features % 128):
         return "int4 attention with widths that are not whole 128-column blocks"
     norms = [block.input_layernorm, block.post_attention_layernorm]
     if attn.qk_norm == QKNorm.HEAD:
