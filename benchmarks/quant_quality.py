@@ -3,7 +3,7 @@ routing-aware mixed precision against two choices of the same bytes.
 
 Per model (moekit checkpoints, e.g. a ``moekit demo`` run): the fp32 checkpoint, cast to bf16, is the
 baseline; every other row quantises the experts of that bf16 model (attention and the head stay bf16, except in the
-``attention + head int8`` rows: ``--linear-bits 8``).
+``attention + head`` rows: ``--linear-bits 8`` or ``4``).
 Validation text: the last 10% of tiny-shakespeare (the built-in corpus, or ``--data``); calibration for the
 mixed rows: the first 5%. ``mixed`` keeps the most-routed ``--fraction`` of each layer's experts at 8 bits
 and the rest at 4 (group 32); ``mixed-least`` gives 8 bits to the least-routed instead and ``mixed-random``
@@ -55,6 +55,7 @@ def rows_for(checkpoint: str, text: str, fraction: float) -> list[dict]:
         specs[f"int4 g{g}"] = uniform_spec(model.config, 4, g)
     specs["int8, attention + head int8"] = uniform_spec(model.config, 8, linear_bits=8)
     specs["int4 g32, attention + head int8"] = uniform_spec(model.config, 4, 32, linear_bits=8)
+    specs["int4 g32, attention + head int4"] = uniform_spec(model.config, 4, 32, linear_bits=4)
     specs[f"mixed {fraction:.0%} 8-bit (most routed)"] = mixed_spec(loads, fraction)
     specs[f"mixed {fraction:.0%} 8-bit (least routed)"] = mixed_spec({i: -v for i, v in loads.items()}, fraction)
     shuffled = {i: torch.tensor(rng.sample(range(v.numel()), v.numel())) for i, v in loads.items()}

@@ -184,7 +184,8 @@ class QuantMatrix(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [n, in] -> [n, out] in x's dtype: the weight-only kernel, or from DENSE_MIN_ROWS rows one GEMM."""
-        if x.shape[0] >= self.dense_min_rows():
+        # ATen's int4 kernel packs output rows 16 at a time: other widths (a character vocabulary's head) dequantise
+        if x.shape[0] >= self.dense_min_rows() or (self.bits == 4 and self.out_features % 16):
             return self.dense_forward(x)
         w, s = self._kernel_operands()
         a = x if x.dtype == _ACT else x.to(_ACT)

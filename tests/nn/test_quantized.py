@@ -63,6 +63,14 @@ def test_each_kernel_equals_dequantise_then_matmul(bits, group, rows, dtype):
     torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2 * float(ref.abs().max()))
 
 
+@pytest.mark.parametrize("rows", [1, 20])
+def test_int4_with_an_output_width_aten_cannot_pack_runs_dequantised(rows):
+    m = QuantMatrix.from_float(torch.randn(65, 64), 4, 32)  # a character vocabulary's head: 65 outputs
+    x = torch.randn(rows, 64).bfloat16()
+    ref = x.float() @ m.dequantize().t()
+    torch.testing.assert_close(m(x).float(), ref, rtol=2e-2, atol=2e-2 * float(ref.abs().max()))
+
+
 def test_bad_widths_and_groups_are_config_errors():
     with pytest.raises(ConfigError, match="bits=3"):
         QuantMatrix(8, 64, 3)
