@@ -107,10 +107,31 @@ def worker_torch(args) -> dict:
     result = {"peer": kind, "load_s": load_s, "load_peak_gb": load_peak * 1024 / 1e9}
     result["peak_gb"] = (_kib("VmHWM") - before) * 1024 / 1e9
     result.update(rates)
+    if not kind.startswith("transformers"):
+        result["step_bytes"] = step_bytes(model)
     stats = getattr(model, "offload_stats", None)
     if stats is not None:
         result["offload"] = stats() if callable(stats) else stats
     return result
+
+
+def step_bytes(model) -> int:
+    """Bytes of weights a batch-1 decode step of a moekit model reads, as stored (bf16, int8 or int4 with their
+    scales): every tensor but the embedding and the experts, plus top-k experts' worth of each MoE layer."""
+    from moekit.nn import MoE
+
+    total = 0
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if ".experts." not in name and "embed_tokens" not in name:
+            total += t.numel() * t.element_size()
+    tied = model.config.tie_word_embeddings
+    total += model.embed_tokens.weight.numel() * model.embed_tokens.weight.element_size() if tied else 0
+    for layer in model.modules():
+        if isinstance(layer, MoE):
+            experts = layer.experts
+            held = sum(t.numel() * t.element_size() for t in [*experts.parameters(), *experts.buffers()])
+            total += held * layer.config.top_k // layer.config.num_experts
+    return total
 
 
 LLAMA_WORKER = r"""
@@ -203,14 +224,14 @@ def main(argv=None) -> int:
             print(f"{peer}: failed (exit {proc.returncode})\n{proc.stderr[-2000:]}", flush=True)
             continue
         row = {**json.loads(proc.stdout.strip().splitlines()[-1]), "peer": peer}
-        row["decode_b1_gb_s"] = (
-            machine["bf16_bytes_per_token"] * row["decode_b1_tok_s"] / 1e9 if "bf16" in peer else None
-        )
+        step = row.get("step_bytes") or (machine["bf16_bytes_per_token"] if "bf16" in peer else None)
+        row["decode_b1_gb_s"] = step * row["decode_b1_tok_s"] / 1e9 if step else None
         rows.append(row)
         print(
             f"{peer:22s} load {row['load_s']:6.2f} s  peak {row['peak_gb']:6.2f} GB  "
             f"prefill {row.get('prefill_tok_s', float('nan')):7.1f}  decode b1 {row['decode_b1_tok_s']:6.1f}  "
-            f"b8 {row.get('decode_b8_tok_s', float('nan')):6.1f} tok/s",
+            f"b8 {row.get('decode_b8_tok_s', float('nan')):6.1f} tok/s  "
+            f"({row['decode_b1_gb_s'] or float('nan'):.1f} GB/s at b1)",
             flush=True,
         )
     machine["load_after"] = os.getloadavg()
