@@ -1,17 +1,25 @@
 """Expert offload: a model's expert weights stay in their checkpoint file, at most ``expert_memory`` bytes resident.
 
-:func:`offload_experts` swaps every MoE layer's :class:`~moekit.nn.experts.Experts` for :class:`OffloadedExperts`.
-Their ``w_in``/``w_out`` stay the memory-mapped views of the file, which cost nothing until touched.
+:func:`offload_experts` swaps every MoE layer's :class:`~moekit.nn.experts.Experts` for :class:`OffloadedExperts`,
+which know where each expert's matrices are in the file (:class:`Span`). Two layouts:
+
+* Stacked (moekit checkpoints, HF fused ``gate_up_proj``): ``w_in``/``w_out`` stay the memory-mapped views of the
+  file, which cost nothing until touched.
+* In file, no stacks (HF's hub layout with one tensor per expert, a GGUF's float ``ffn_*_exps``): the importer
+  records each expert's spans instead of stacking (:func:`keep_in_file`); gate and up are separate spans that the
+  cache reads into the two halves of one ``w_in`` copy. Such a layer has no ``w_in``/``w_out`` parameters.
 
 * Decode steps (the MoE layer's few-token path, :meth:`Experts.run_one`) fetch an expert's two matrices from
   one :class:`ExpertCache` shared by all layers (one budget for the model), keyed by (layer, expert). A miss
-  reads the expert's bytes with ``os.preadv`` at their offset in the file: reading through the map would count
+  reads the expert's bytes with ``os.preadv`` at their offsets in the file: reading through the map would count
   every touched page in the process's resident set, which would grow to the whole file. The copy keeps the
-  resident tensor's memory layout (HF fused experts are transposed views) and runs through :class:`Experts`'
+  resident tensor's memory layout (HF experts are transposed views) and runs through :class:`Experts`'
   own code: the resident model's bits.
-* A batch of tokens (a prompt) wants most of a layer's experts: the layer runs its fused kernel on the mapped
-  views, the resident model's computation, and then drops the pages it touched (``madvise``). While it runs,
-  one layer's experts are resident beyond the budget.
+* A batched call (a prompt) wants most of a layer's experts. Stacked: the layer runs its fused kernel on the
+  mapped views, the resident model's computation, and then drops the pages it touched (``madvise``); while it
+  runs, one layer's experts are resident beyond the budget. In file: each expert with rows is fetched through the
+  cache and runs its rows (the generic executor's per-expert GEMMs), so the budget holds (plus the experts being
+  run); a prompt then reads every expert it routes to that the cache does not hold.
 
 Eviction: ``"lru"`` (least recently used; the default, see benchmarks/results/offload.md) or ``"lfu"``
 (fewest uses since loading, ties by recency). With ``prefetch``, the MoE layer l's input, scored by layer
@@ -23,18 +31,24 @@ from __future__ import annotations
 import collections
 import dataclasses
 import inspect
+import math
 import os
 import re
 import threading
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from moekit.errors import CheckpointError, ConfigError
 from moekit.io.mapped import mapped_source, release_pages
 from moekit.nn import few_tokens
 from moekit.nn.experts import Experts, expert_row
+from moekit.nn.kernels.fused_experts import activate
+from moekit.nn.kernels.grouped_mm import cast, compute_dtype, expert_slices, mm_into
+from moekit.nn.kernels.schedule import run_jobs
 from moekit.nn.moe import MoE
 from moekit.nn.router import TopKRouter
 
@@ -60,14 +74,18 @@ def parse_size(text: str | int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Span:
-    """Where one expert matrix's bytes are: ``nbytes`` from ``offset`` in ``path``, laid out by ``stride``."""
+    """Where one expert matrix's bytes are: ``pieces`` ((path, offset, nbytes), ...) read one after another fill
+    one buffer, laid out as ``shape`` and ``stride``."""
 
-    path: str
-    offset: int
-    nbytes: int
+    pieces: tuple[tuple[str, int, int], ...]
     dtype: torch.dtype
     shape: tuple[int, ...]
     stride: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the matrix."""
+        return sum(piece[2] for piece in self.pieces)
 
     @staticmethod
     def of(view: torch.Tensor, what: str) -> Span:
@@ -75,14 +93,30 @@ class Span:
         source = mapped_source(view)
         if source is None:
             raise CheckpointError(
-                f"expert offload reads experts from their file, but {what} is not a view of one: HF checkpoints with "
-                f"one tensor per expert are stacked in memory (convert them with `moekit convert` first), and "
-                f"weights cast to another dtype are copies (load the checkpoint in its own dtype)"
+                f"expert offload reads experts from their file, but {what} is not a view of one: weights cast to "
+                f"another dtype are copies (load the checkpoint in its own dtype), and so are tensors stored "
+                f"unaligned in their file (rewrite it with `moekit convert`)"
             )
         if not (view.is_contiguous() or view.t().is_contiguous()):
             raise CheckpointError(f"expert offload: {what} is not one contiguous span of its file")
-        nbytes = view.numel() * view.element_size()
-        return Span(source[0], source[1], nbytes, view.dtype, tuple(view.shape), tuple(view.stride()))
+        pieces = ((source[0], source[1], view.numel() * view.element_size()),)
+        return Span(pieces, view.dtype, tuple(view.shape), tuple(view.stride()))
+
+    @staticmethod
+    def transposed_rows(blocks: list[torch.Tensor], what: str) -> Span:
+        """The transpose [C, R] of ``blocks`` (contiguous [r, C] views of mapped files) stacked row-wise: HF's
+        separate gate and up matrices [I, D] as one expert's moekit ``w_in`` [D, 2I], laid out as a resident
+        model holds it (the transpose of a contiguous [2I, D])."""
+        spans = [Span.of(block, what) for block in blocks]
+        if any(not b.is_contiguous() or b.shape[1] != blocks[0].shape[1] or b.dtype != blocks[0].dtype for b in blocks):
+            raise CheckpointError(
+                f"expert offload: the parts of {what} differ in width or dtype, or are not contiguous"
+            )
+        rows, cols = sum(b.shape[0] for b in blocks), blocks[0].shape[1]
+        return Span(tuple(p for s in spans for p in s.pieces), blocks[0].dtype, (cols, rows), (1, cols))
+
+
+ExpertSpans = tuple[Span, Span]  # (w_in [D, X], w_out [H, D]) of one expert
 
 
 @dataclasses.dataclass
@@ -135,18 +169,16 @@ class ExpertCache:
         self._files: dict[str, int] = {}
         self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="moekit-prefetch") if prefetch else None
 
-    def add_expert(self, key: tuple[int, int], w_in: torch.Tensor, w_out: torch.Tensor) -> None:
-        """Register where expert ``key``'s matrices (mapped views) are; checks that one fits the budget."""
-        spans = Span.of(w_in, f"w_in of expert {key}"), Span.of(w_out, f"w_out of expert {key}")
+    def add_expert(self, key: tuple[int, int], spans: ExpertSpans) -> None:
+        """Register where expert ``key``'s matrices are in their files; checks that one fits the budget."""
         size = spans[0].nbytes + spans[1].nbytes
         if size > self.capacity:
             raise ConfigError(
                 f"expert memory of {self.capacity} bytes holds not even one expert: give at least {size} bytes "
                 f"({size / 2**20:.2f} MiB)"
             )
-        for span in spans:
-            if span.path not in self._files:
-                self._files[span.path] = os.open(span.path, os.O_RDONLY)
+        for path in {piece[0] for span in spans for piece in span.pieces} - set(self._files):
+            self._files[path] = os.open(path, os.O_RDONLY)
         self._spans[key] = spans
 
     def get(self, key: tuple[int, int]) -> Expert:
@@ -220,17 +252,21 @@ class ExpertCache:
     def _read(self, key: tuple[int, int]) -> Expert:
         w_in, w_out = (self._read_span(span) for span in self._spans[key])
         if not (bool(torch.isfinite(w_in).all()) and bool(torch.isfinite(w_out).all())):  # unchecked at loading
-            raise CheckpointError(f"{self._spans[key][0].path}: (layer, expert) {key} holds NaN or infinite values")
+            path = self._spans[key][0].pieces[0][0]
+            raise CheckpointError(f"{path}: (layer, expert) {key} holds NaN or infinite values")
         return w_in, w_out
 
     def _read_span(self, span: Span) -> torch.Tensor:
         raw = torch.empty(span.nbytes, dtype=torch.uint8)
-        view, done = raw.numpy().data, 0
-        while done < span.nbytes:  # preadv may return less than asked
-            n = os.preadv(self._files[span.path], [view[done:]], span.offset + done)
-            if n <= 0:
-                raise CheckpointError(f"{span.path}: file ended while reading an expert (truncated since loading?)")
-            done += n
+        view, start = raw.numpy().data, 0
+        for path, offset, nbytes in span.pieces:
+            done = 0
+            while done < nbytes:  # preadv may return less than asked
+                n = os.preadv(self._files[path], [view[start + done : start + nbytes]], offset + done)
+                if n <= 0:
+                    raise CheckpointError(f"{path}: file ended while reading an expert (truncated since loading?)")
+                done += n
+            start += nbytes
         return raw.view(span.dtype).as_strided(span.shape, span.stride)
 
     def _touch(self, key: tuple[int, int]) -> None:
@@ -258,42 +294,122 @@ class ExpertCache:
 
 
 class OffloadedExperts(Experts):
-    """One MoE layer's experts kept in their file: decode steps read them through a shared :class:`ExpertCache`,
-    batched calls through the file's map (see the module docstring)."""
+    """One MoE layer's experts kept in their file: decode steps read them through a shared :class:`ExpertCache`;
+    batched calls run the fused kernel on the mapped stacks, or, where there are none (:meth:`in_file`), fetch
+    each expert through the cache (see the module docstring)."""
 
-    def __init__(self, experts: Experts, layer: int, cache: ExpertCache):
-        with torch.device("meta"):  # no allocation, no init: the parameters come from ``experts``
-            super().__init__(experts.num_experts, experts.hidden_size, experts.expert_hidden_size, experts.activation)
-        self.w_in, self.w_out = experts.w_in, experts.w_out
+    layer: int  # this layer's index among the model's MoE layers (the cache key's first half)
+    cache: ExpertCache  # both set by :meth:`attach`
+
+    def __init__(self, experts: Experts, spans: list[ExpertSpans], stacked: bool):
+        nn.Module.__init__(self)  # no parameters of its own: a stacked layer keeps the mapped ones
+        self.activation, self.num_experts = experts.activation, experts.num_experts
+        self.hidden_size, self.expert_hidden_size = experts.hidden_size, experts.expert_hidden_size
+        self.spans, self.fused_kernel = spans, stacked
+        if stacked:
+            self.w_in, self.w_out = experts.w_in, experts.w_out
+
+    @classmethod
+    def of_stacks(cls, experts: Experts) -> OffloadedExperts:
+        """Experts whose ``w_in``/``w_out`` stacks are views of a mapped file, which stay the parameters."""
+        spans = [
+            (Span.of(experts.w_in[e], f"w_in of expert {e}"), Span.of(experts.w_out[e], f"w_out of expert {e}"))
+            for e in range(experts.num_experts)
+        ]
+        return cls(experts, spans, stacked=True)
+
+    @classmethod
+    def in_file(cls, experts: Experts, spans: list[ExpertSpans]) -> OffloadedExperts:
+        """Experts the size of ``experts`` (e.g. still on the meta device) found only at ``spans`` (no stacks)."""
+        if len(spans) != experts.num_experts:
+            raise CheckpointError(f"expert offload: {len(spans)} experts' spans for {experts.num_experts} experts")
+        return cls(experts, spans, stacked=False)
+
+    def attach(self, layer: int, cache: ExpertCache) -> None:
+        """Register this layer's experts in ``cache`` under (``layer``, expert)."""
         self.layer, self.cache = layer, cache
-        for e in range(self.num_experts):
-            cache.add_expert((layer, e), self.w_in[e], self.w_out[e])
+        for e, spans in enumerate(self.spans):
+            cache.add_expert((layer, e), spans)
+
+    def inactive_parameters(self, runs: int) -> int:
+        per_expert = sum(math.prod(span.shape) for span in self.spans[0])
+        return per_expert * (self.num_experts - runs)
 
     def run_one(self, e: int, x_1D: torch.Tensor) -> torch.Tensor:
         w_in, w_out = self.cache.get((self.layer, e))
         return expert_row(w_in, w_out, self.activation, x_1D)  # Experts' own code, same layout: the same bits
 
+    def forward(self, x_ND: torch.Tensor, counts: tuple[int, ...], dropout: float = 0.0) -> torch.Tensor:
+        """Rows sorted by expert through their experts, each fetched through the cache: :meth:`Experts.forward`'s
+        per-expert GEMMs (the same dtypes), without the stacks."""
+        if self.fused_kernel:
+            return super().forward(x_ND, counts, dropout)
+        if torch.is_autocast_enabled(x_ND.device.type):
+            x_ND = x_ND.to(torch.get_autocast_dtype(x_ND.device.type))
+        cdt = compute_dtype(x_ND.dtype, x_ND.device)
+        out_ND = x_ND.new_empty(x_ND.shape[0], self.hidden_size)
+
+        def job(s: tuple[int, int, int]) -> None:
+            e, lo, hi = s
+            w_in, w_out = (cast(cast(w, x_ND.dtype), cdt) for w in self.cache.get((self.layer, e)))
+            h_nX = x_ND.new_empty(hi - lo, w_in.shape[1])
+            mm_into(h_nX, cast(x_ND[lo:hi], cdt), w_in)
+            a_nH = activate(h_nX, self.activation)
+            if dropout > 0:
+                a_nH = F.dropout(a_nH, dropout)
+            mm_into(out_ND[lo:hi], cast(a_nH, cdt), w_out)
+
+        slices = list(expert_slices(counts))
+        run_jobs(job, slices, x_ND.device, cost=[hi - lo for _, lo, hi in slices])
+        return out_ND
+
+    def expert_forward(self, e: int, x_nD: torch.Tensor) -> torch.Tensor:
+        """One expert on its rows through the cache (the reference and analysis)."""
+        w_in, w_out = self.cache.get((self.layer, e))
+        return activate(x_nD @ w_in.to(x_nD.dtype), self.activation) @ w_out.to(x_nD.dtype)
+
     def release(self, tokens_per_expert: torch.Tensor) -> None:
-        """After a batched call: count the bytes of the experts it ran and drop the pages it touched."""
+        """After a batched call on the stacks: count the bytes of the experts it ran and drop the pages it touched
+        (in-file layers read through the cache, which counts its reads)."""
+        if not self.fused_kernel:
+            return
         ran = tokens_per_expert.nonzero().flatten().tolist()
         self.cache.stats.mapped_bytes += sum(self.cache.expert_bytes((self.layer, e)) for e in ran)
         release_pages(self.w_in)
         release_pages(self.w_out)
 
 
+def keep_in_file(model: nn.Module, spans: Mapping[int, list[ExpertSpans]]) -> None:
+    """Before loading: give the MoE layers ``model.layers[i]`` for each ``i`` in ``spans`` experts found only at those
+    spans (:meth:`OffloadedExperts.in_file`); :func:`offload_experts` then attaches them to the cache."""
+    layers = model.layers
+    assert isinstance(layers, nn.ModuleList)
+    for index, layer_spans in spans.items():
+        moe = layers[index].mlp
+        assert isinstance(moe, MoE) and isinstance(moe.experts, Experts)
+        moe.experts = OffloadedExperts.in_file(moe.experts, layer_spans)
+
+
 def offload_experts(
     model: nn.Module, expert_memory: str | int, policy: str = "lru", prefetch: bool = False
 ) -> ExpertCache:
-    """Swap every MoE layer's experts of ``model`` (loaded from mapped safetensors on the CPU) for
-    :class:`OffloadedExperts` sharing one cache of ``expert_memory`` bytes; also kept as ``model.expert_cache``."""
+    """Swap every MoE layer's experts of ``model`` (loaded from mapped safetensors or GGUF on the CPU, or kept in
+    the file by :func:`keep_in_file`) for :class:`OffloadedExperts` sharing one cache of ``expert_memory`` bytes;
+    also kept as ``model.expert_cache``."""
     cache = ExpertCache(parse_size(expert_memory), policy, prefetch)
-    layers = [m for m in model.modules() if isinstance(m, MoE) and type(m.experts) is Experts]
+    layers = [m for m in model.modules() if isinstance(m, MoE) and _offloadable(m.experts)]
     if not layers:
         raise ConfigError("expert offload: the model has no MoE layers with stacked experts")
-    if layers[0].experts.w_in.device.type != "cpu":
+    stacked = [layer.experts.w_in for layer in layers if type(layer.experts) is Experts]
+    if any(w.device.type != "cpu" for w in stacked):
         raise ConfigError("expert offload keeps experts in host memory: load the model on the CPU")
     for index, layer in enumerate(layers):
-        layer.experts = OffloadedExperts(layer.experts, index, cache)
+        experts = layer.experts
+        if not isinstance(experts, OffloadedExperts):
+            assert isinstance(experts, Experts)
+            experts = OffloadedExperts.of_stacks(experts)
+        experts.attach(index, cache)
+        layer.experts = experts
         layer.register_forward_hook(_release_after_batched_call, with_kwargs=True)
     layers[0].register_forward_pre_hook(lambda _m, args: _count_tokens(cache, args[0]))
     if prefetch:
@@ -301,6 +417,11 @@ def offload_experts(
             layer.register_forward_pre_hook(_prefetcher(cache, index + 1, following))
     model.expert_cache = cache  # type: ignore[assignment]  # (nn.Module types attributes as Tensor | Module)
     return cache
+
+
+def _offloadable(experts: nn.Module) -> bool:
+    """Plain stacked experts, or ones :func:`keep_in_file` made and no cache holds yet."""
+    return type(experts) is Experts or (isinstance(experts, OffloadedExperts) and not hasattr(experts, "cache"))
 
 
 def is_expert_weight(name: str) -> bool:
