@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from moekit.errors import ConfigError
+from moekit.errors import CheckpointError, ConfigError
 from moekit.interop.hf.api import from_hf
-from moekit.io.safe_io import read_safetensors_header, save_tensors
+from moekit.io.safe_io import load_tensors, read_safetensors_header, save_tensors
 from moekit.nn.experts import Experts
 from moekit.nn.offload import OffloadedExperts
 from tests.interop.hf_models import MOE, make_hf_model, one_torch_thread, transformers  # noqa: F401
@@ -175,3 +175,15 @@ def test_resident_memory_stays_near_the_budget_with_per_expert_tensors(tmp_path)
     # cache, the experts being run and the allocator's slack. Batched calls fetch experts through the cache too,
     # so not even one layer's experts (48 MiB) comes on top; stacking them would add all 384 MiB.
     assert peak - baseline < sizes["other"] + budget + 64 * 2**20, (peak, baseline, sizes)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_an_expert_holding_nan_or_inf_is_refused_when_read(tmp_path, bad):
+    folder = save_per_expert("mixtral", tmp_path / "hf", torch.bfloat16)
+    tensors = {name: t.clone() for name, t in load_tensors(folder / "model.safetensors").items()}
+    tensors["model.layers.0.block_sparse_moe.experts.2.w3.weight"][3, 5] = bad  # w3 (up): the second span of w_in
+    save_tensors(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    model = from_hf(folder, expert_memory="1MiB")  # loading reads no expert
+    model.expert_cache.get((0, 1))
+    with pytest.raises(CheckpointError, match=r"\(0, 2\) holds NaN or infinite values"):
+        model.expert_cache.get((0, 2))

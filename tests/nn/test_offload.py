@@ -20,7 +20,8 @@ from moekit.interop.hf.api import from_hf
 from moekit.io.safe_io import load_tensors, save_tensors
 from moekit.models import LMConfig, MoELM
 from moekit.nn import MoEConfig
-from moekit.nn.offload import ExpertCache, OffloadedExperts, offload_experts, offload_stats, parse_size
+from moekit.nn.expert_cache import ExpertCache
+from moekit.nn.offload import OffloadedExperts, offload_experts, offload_stats, parse_size
 
 D, H, E = 32, 16, 8
 EXPERT_BYTES_FP32 = 3 * D * H * 4  # w_in [D, 2H] + w_out [H, D]

@@ -41,8 +41,9 @@ from moekit.models import LMConfig, MoELM
 from moekit.models.dtypes import as_dtype, cast_weights
 from moekit.models.materialize import materialize
 from moekit.models.quantization import apply_spec, quantize_linears
+from moekit.nn.expert_cache import ExpertSpans
 from moekit.nn.lora import ADAPTER_FILE, load_lora, read_adapter
-from moekit.nn.offload import ExpertSpans, keep_in_file, offload_experts
+from moekit.nn.offload import keep_in_file, offload_experts
 from moekit.nn.quantized import ExpertStack
 
 CONFIG_NAME = "config.json"

@@ -37,7 +37,7 @@ import torch
 from moekit.errors import CheckpointError
 from moekit.io.mapped import copy_from_file, release_pages
 from moekit.models.config import LMConfig
-from moekit.nn.offload import ExpertSpans, Span
+from moekit.nn.expert_cache import ExpertSpans, Span
 
 logger = logging.getLogger(__name__)
 
