@@ -187,3 +187,14 @@ def test_an_expert_holding_nan_or_inf_is_refused_when_read(tmp_path, bad):
     model.expert_cache.get((0, 1))
     with pytest.raises(CheckpointError, match=r"\(0, 2\) holds NaN or infinite values"):
         model.expert_cache.get((0, 2))
+
+
+def test_a_model_whose_experts_are_in_the_file_is_not_written(tmp_path):
+    from moekit.interop.hf.api import save_moekit_checkpoint, to_hf
+
+    model = from_hf(save_per_expert("mixtral", tmp_path / "hf"), expert_memory="1MiB")
+    with pytest.raises(ConfigError, match="without expert_memory"):
+        to_hf(model, tmp_path / "out")  # would write a folder without experts
+    with pytest.raises(ConfigError, match="without expert_memory"):
+        save_moekit_checkpoint(model, tmp_path / "ckpt", None)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "ckpt").exists()

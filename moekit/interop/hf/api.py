@@ -43,7 +43,7 @@ from moekit.models.materialize import materialize
 from moekit.models.quantization import apply_spec, quantize_linears
 from moekit.nn.expert_cache import ExpertSpans
 from moekit.nn.lora import ADAPTER_FILE, load_lora, read_adapter
-from moekit.nn.offload import keep_in_file, offload_experts
+from moekit.nn.offload import OffloadedExperts, keep_in_file, offload_experts
 from moekit.nn.quantized import ExpertStack
 
 CONFIG_NAME = "config.json"
@@ -268,6 +268,15 @@ def _check_offload_dtype(spans: dict[int, list[ExpertSpans]], dtype: torch.dtype
 # ------------------------------------------------------------------------------------------------------ export
 
 
+def _check_experts_held(model: MoELM) -> None:
+    """Refuse to write a model whose experts are only in their source file (offloaded without stacks)."""
+    if any(isinstance(m, OffloadedExperts) and not m.fused_kernel for m in model.modules()):
+        raise ConfigError(
+            "this model was loaded with expert_memory and keeps its experts in the source file; load it without "
+            "expert_memory (--expert-memory) to write it"
+        )
+
+
 def _dtype_name(tensors: dict[str, torch.Tensor]) -> str | None:
     return _DTYPE_NAMES.get(_majority_dtype(tensors))
 
@@ -302,6 +311,7 @@ def to_hf(
     Raises:
         ConfigError: the family cannot express the model (naming the field).
     """
+    _check_experts_held(model)
     cfg = model.config
     family = family or (cfg.hf_config or {}).get("model_type") or infer_family(cfg)
     target = as_dtype(dtype)
@@ -351,6 +361,7 @@ def save_moekit_checkpoint(
     experts were quantised with (recorded for loading)."""
     from moekit import checkpoint as ckpt
 
+    _check_experts_held(model)
     out = Path(folder)
     if out.exists() and any(out.iterdir()):
         if not (out / ckpt.CONFIG_FILE).is_file():
