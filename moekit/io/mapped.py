@@ -57,6 +57,13 @@ def mapped_source(tensor: torch.Tensor) -> tuple[str, int] | None:
     return entry[0], entry[1] + int(tensor.storage_offset()) * tensor.element_size()
 
 
+def register_mapped(tensor: torch.Tensor, path: str | os.PathLike, offset: int, buffer: mmap.mmap) -> None:
+    """Record that ``tensor``'s first element is at byte ``offset`` of ``path``, mapped whole by ``buffer``
+    (another reader's map, e.g. a GGUF's), so that :func:`mapped_source` and :func:`release_pages` know it."""
+    start = offset - int(tensor.storage_offset()) * tensor.element_size()
+    _SOURCES[tensor.untyped_storage().data_ptr()] = (str(path), start, weakref.ref(buffer))
+
+
 def release_pages(tensor: torch.Tensor) -> bool:
     """Drop this process's pages of a mapped ``tensor`` whose bytes are one span (contiguous, or its last two
     dims transposed), only whole pages inside it; the next touch re-reads them from the file, so writes made

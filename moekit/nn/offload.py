@@ -1,17 +1,25 @@
 """Expert offload: a model's expert weights stay in their checkpoint file, at most ``expert_memory`` bytes resident.
 
-:func:`offload_experts` swaps every MoE layer's :class:`~moekit.nn.experts.Experts` for :class:`OffloadedExperts`.
-Their ``w_in``/``w_out`` stay the memory-mapped views of the file, which cost nothing until touched.
+:func:`offload_experts` swaps every MoE layer's :class:`~moekit.nn.experts.Experts` for :class:`OffloadedExperts`,
+which know where each expert's matrices are in the file (:class:`~moekit.nn.expert_cache.Span`). Two layouts:
 
-* Decode steps (the MoE layer's few-token path, :meth:`Experts.run_one`) fetch an expert's two matrices from
-  one :class:`ExpertCache` shared by all layers (one budget for the model), keyed by (layer, expert). A miss
-  reads the expert's bytes with ``os.preadv`` at their offset in the file: reading through the map would count
-  every touched page in the process's resident set, which would grow to the whole file. The copy keeps the
-  resident tensor's memory layout (HF fused experts are transposed views) and runs through :class:`Experts`'
-  own code: the resident model's bits.
-* A batch of tokens (a prompt) wants most of a layer's experts: the layer runs its fused kernel on the mapped
-  views, the resident model's computation, and then drops the pages it touched (``madvise``). While it runs,
-  one layer's experts are resident beyond the budget.
+* Stacked (moekit checkpoints, HF fused ``gate_up_proj``): ``w_in``/``w_out`` stay the memory-mapped views of the
+  file, which cost nothing until touched.
+* In file, no stacks (HF's hub layout with one tensor per expert, a GGUF's float ``ffn_*_exps``): the importer
+  records each expert's spans instead of stacking (:func:`keep_in_file`); gate and up are separate spans that the
+  cache reads into the two halves of one ``w_in`` copy. Such a layer has no ``w_in``/``w_out`` parameters.
+
+* Decode steps (the MoE layer's few-token path, :meth:`Experts.run_one`) fetch an expert's two matrices from one
+  :class:`~moekit.nn.expert_cache.ExpertCache` shared by all layers (one budget for the model), keyed by (layer,
+  expert). A miss reads the expert's bytes with ``os.preadv`` at their offsets in the file: reading through the map
+  would count every touched page in the process's resident set, which would grow to the whole file. The copy keeps
+  the resident tensor's memory layout (HF experts are transposed views) and runs through :class:`Experts`' own code:
+  the resident model's bits.
+* A batched call (a prompt) wants most of a layer's experts. Stacked: the layer runs its fused kernel on the
+  mapped views, the resident model's computation, and then drops the pages it touched (``madvise``); while it
+  runs, one layer's experts are resident beyond the budget. In file: each expert with rows is fetched through the
+  cache and runs its rows (the generic executor's per-expert GEMMs), so the budget holds (plus the experts being
+  run); a prompt then reads every expert it routes to that the cache does not hold.
 
 Eviction: ``"lru"`` (least recently used; the default, see benchmarks/results/offload.md) or ``"lfu"``
 (fewest uses since loading, ties by recency). With ``prefetch``, the MoE layer l's input, scored by layer
@@ -20,21 +28,23 @@ l+1's router, names the experts layer l+1 will likely want; a background thread 
 
 from __future__ import annotations
 
-import collections
-import dataclasses
 import inspect
-import os
+import math
 import re
-import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from moekit.errors import CheckpointError, ConfigError
-from moekit.io.mapped import mapped_source, release_pages
+from moekit.io.mapped import release_pages
 from moekit.nn import few_tokens
+from moekit.nn.expert_cache import ExpertCache, ExpertSpans, OffloadStats, Span
 from moekit.nn.experts import Experts, expert_row
+from moekit.nn.kernels.fused_experts import activate
+from moekit.nn.kernels.grouped_mm import cast, compute_dtype, expert_slices, mm_into
+from moekit.nn.kernels.schedule import run_jobs
 from moekit.nn.moe import MoE
 from moekit.nn.router import TopKRouter
 
@@ -58,242 +68,123 @@ def parse_size(text: str | int) -> int:
     return size
 
 
-@dataclasses.dataclass(frozen=True)
-class Span:
-    """Where one expert matrix's bytes are: ``nbytes`` from ``offset`` in ``path``, laid out by ``stride``."""
-
-    path: str
-    offset: int
-    nbytes: int
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    stride: tuple[int, ...]
-
-    @staticmethod
-    def of(view: torch.Tensor, what: str) -> Span:
-        """The span of ``view``, a 2-d view of a mapped file that is contiguous or transposed-contiguous."""
-        source = mapped_source(view)
-        if source is None:
-            raise CheckpointError(
-                f"expert offload reads experts from their file, but {what} is not a view of one: HF checkpoints with "
-                f"one tensor per expert are stacked in memory (convert them with `moekit convert` first), and "
-                f"weights cast to another dtype are copies (load the checkpoint in its own dtype)"
-            )
-        if not (view.is_contiguous() or view.t().is_contiguous()):
-            raise CheckpointError(f"expert offload: {what} is not one contiguous span of its file")
-        nbytes = view.numel() * view.element_size()
-        return Span(source[0], source[1], nbytes, view.dtype, tuple(view.shape), tuple(view.stride()))
-
-
-@dataclasses.dataclass
-class OffloadStats:
-    """Counters of an :class:`ExpertCache` (``tokens``: tokens the model ran, counted at its first MoE layer)."""
-
-    lookups: int = 0
-    hits: int = 0
-    bytes_read: int = 0
-    tokens: int = 0
-    prefetched: int = 0  # experts the prefetcher read
-    prefetch_bytes: int = 0
-    mapped_bytes: int = 0  # experts' bytes that batched layer calls read through the file's map
-
-    @property
-    def hit_rate(self) -> float:
-        """Share of expert lookups served from memory (a prefetched expert counts as a hit)."""
-        return self.hits / self.lookups if self.lookups else 0.0
-
-    @property
-    def bytes_per_token(self) -> float:
-        """Bytes read from the file per token the model ran, prefetches and batched calls included."""
-        read = self.bytes_read + self.prefetch_bytes + self.mapped_bytes
-        return read / self.tokens if self.tokens else 0.0
-
-    def summary(self) -> str:
-        """One line for a command's output."""
-        return (
-            f"expert cache: hit rate {self.hit_rate:.1%} over {self.lookups} lookups, "
-            f"{self.bytes_per_token / 2**20:.2f} MiB read per token ({self.tokens} tokens)"
-        )
-
-
-Expert = tuple[torch.Tensor, torch.Tensor]  # (w_in [D, X], w_out [H, D]) as the resident tensors lay them out
-
-
-class ExpertCache:
-    """Experts keyed by (layer, expert), at most ``capacity`` bytes of them, read from their files on a miss."""
-
-    def __init__(self, capacity: int, policy: str = "lru", prefetch: bool = False):
-        if policy not in ("lru", "lfu"):
-            raise ConfigError(f"expert cache policy {policy!r} is not 'lru' or 'lfu'")
-        self.capacity, self.policy, self.used = capacity, policy, 0
-        self.stats = OffloadStats()
-        self._spans: dict[tuple[int, int], tuple[Span, Span]] = {}
-        self._entries: collections.OrderedDict[tuple[int, int], Expert] = collections.OrderedDict()  # oldest first
-        self._uses: collections.Counter[tuple[int, int]] = collections.Counter()
-        self._pending: dict[tuple[int, int], Future] = {}
-        self._lock = threading.Lock()
-        self._files: dict[str, int] = {}
-        self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="moekit-prefetch") if prefetch else None
-
-    def add_expert(self, key: tuple[int, int], w_in: torch.Tensor, w_out: torch.Tensor) -> None:
-        """Register where expert ``key``'s matrices (mapped views) are; checks that one fits the budget."""
-        spans = Span.of(w_in, f"w_in of expert {key}"), Span.of(w_out, f"w_out of expert {key}")
-        size = spans[0].nbytes + spans[1].nbytes
-        if size > self.capacity:
-            raise ConfigError(
-                f"expert memory of {self.capacity} bytes holds not even one expert: give at least {size} bytes "
-                f"({size / 2**20:.2f} MiB)"
-            )
-        for span in spans:
-            if span.path not in self._files:
-                self._files[span.path] = os.open(span.path, os.O_RDONLY)
-        self._spans[key] = spans
-
-    def get(self, key: tuple[int, int]) -> Expert:
-        """Expert ``key``'s (w_in, w_out), read from the file on a miss."""
-        with self._lock:
-            self.stats.lookups += 1
-            expert = self._entries.get(key)
-            if expert is not None:
-                self.stats.hits += 1
-                self._touch(key)
-                return expert
-            pending = self._pending.get(key)
-        if pending is not None:  # being prefetched: wait for it, a hit (nothing more is read)
-            pending.result()
-            with self._lock:
-                self.stats.hits += 1
-                expert = self._entries.get(key)
-                if expert is not None:
-                    self._touch(key)
-                    return expert
-                self.stats.hits -= 1  # evicted before we came back to it: read it after all
-        expert = self._read(key)
-        with self._lock:
-            self.stats.bytes_read += self.expert_bytes(key)
-            self._insert(key, expert)
-        return expert
-
-    def prefetch(self, keys: list[tuple[int, int]]) -> None:
-        """Read these experts on the background thread unless resident or on their way (prefetch mode only)."""
-        if self._prefetcher is None:
-            return
-        with self._lock:
-            for key in keys:
-                if key in self._entries or key in self._pending or key not in self._spans:
-                    continue
-                self._pending[key] = self._prefetcher.submit(self._prefetch_one, key)
-
-    def resident(self) -> list[tuple[int, int]]:
-        """The keys held now, least recently used first."""
-        with self._lock:
-            return list(self._entries)
-
-    def held_bytes(self) -> int:
-        """Bytes of the expert tensors held now (what :attr:`used` accounts for)."""
-        with self._lock:
-            return sum(t.untyped_storage().nbytes() for expert in self._entries.values() for t in expert)
-
-    def close(self) -> None:
-        """Stop the prefetcher and close the files (the cache is unusable after)."""
-        if self._prefetcher is not None:
-            self._prefetcher.shutdown(wait=True)
-        for fd in self._files.values():
-            os.close(fd)
-        self._files.clear()
-
-    def _prefetch_one(self, key: tuple[int, int]) -> None:
-        try:
-            expert = self._read(key)
-            with self._lock:
-                self.stats.prefetched += 1
-                self.stats.prefetch_bytes += self.expert_bytes(key)
-                self._insert(key, expert)
-        finally:
-            with self._lock:
-                self._pending.pop(key, None)
-
-    def expert_bytes(self, key: tuple[int, int]) -> int:
-        """Bytes of expert ``key``'s two matrices."""
-        return sum(span.nbytes for span in self._spans[key])
-
-    def _read(self, key: tuple[int, int]) -> Expert:
-        w_in, w_out = (self._read_span(span) for span in self._spans[key])
-        if not (bool(torch.isfinite(w_in).all()) and bool(torch.isfinite(w_out).all())):  # unchecked at loading
-            raise CheckpointError(f"{self._spans[key][0].path}: (layer, expert) {key} holds NaN or infinite values")
-        return w_in, w_out
-
-    def _read_span(self, span: Span) -> torch.Tensor:
-        raw = torch.empty(span.nbytes, dtype=torch.uint8)
-        view, done = raw.numpy().data, 0
-        while done < span.nbytes:  # preadv may return less than asked
-            n = os.preadv(self._files[span.path], [view[done:]], span.offset + done)
-            if n <= 0:
-                raise CheckpointError(f"{span.path}: file ended while reading an expert (truncated since loading?)")
-            done += n
-        return raw.view(span.dtype).as_strided(span.shape, span.stride)
-
-    def _touch(self, key: tuple[int, int]) -> None:
-        self._entries.move_to_end(key)
-        self._uses[key] += 1
-
-    def _insert(self, key: tuple[int, int], expert: Expert) -> None:
-        if key in self._entries:  # a prefetch and a read raced: keep the first
-            self._touch(key)
-            return
-        size = self.expert_bytes(key)
-        while self._entries and self.used + size > self.capacity:
-            self._evict()
-        self._entries[key] = expert
-        self._uses[key] = 1
-        self.used += size
-
-    def _evict(self) -> None:
-        if self.policy == "lru":
-            victim = next(iter(self._entries))
-        else:  # fewest uses; min() keeps the first, i.e. the least recently used, of equals
-            victim = min(self._entries, key=self._uses.__getitem__)
-        del self._entries[victim], self._uses[victim]
-        self.used -= self.expert_bytes(victim)
-
-
 class OffloadedExperts(Experts):
-    """One MoE layer's experts kept in their file: decode steps read them through a shared :class:`ExpertCache`,
-    batched calls through the file's map (see the module docstring)."""
+    """One MoE layer's experts kept in their file: decode steps read them through a shared :class:`ExpertCache`;
+    batched calls run the fused kernel on the mapped stacks, or, where there are none (:meth:`in_file`), fetch
+    each expert through the cache (see the module docstring)."""
 
-    def __init__(self, experts: Experts, layer: int, cache: ExpertCache):
-        with torch.device("meta"):  # no allocation, no init: the parameters come from ``experts``
-            super().__init__(experts.num_experts, experts.hidden_size, experts.expert_hidden_size, experts.activation)
-        self.w_in, self.w_out = experts.w_in, experts.w_out
+    layer: int  # this layer's index among the model's MoE layers (the cache key's first half)
+    cache: ExpertCache  # both set by :meth:`attach`
+
+    def __init__(self, experts: Experts, spans: list[ExpertSpans], stacked: bool):
+        nn.Module.__init__(self)  # no parameters of its own: a stacked layer keeps the mapped ones
+        self.activation, self.num_experts = experts.activation, experts.num_experts
+        self.hidden_size, self.expert_hidden_size = experts.hidden_size, experts.expert_hidden_size
+        self.spans, self.fused_kernel = spans, stacked
+        if stacked:
+            self.w_in, self.w_out = experts.w_in, experts.w_out
+
+    @classmethod
+    def of_stacks(cls, experts: Experts) -> OffloadedExperts:
+        """Experts whose ``w_in``/``w_out`` stacks are views of a mapped file, which stay the parameters."""
+        spans = [
+            (Span.of(experts.w_in[e], f"w_in of expert {e}"), Span.of(experts.w_out[e], f"w_out of expert {e}"))
+            for e in range(experts.num_experts)
+        ]
+        return cls(experts, spans, stacked=True)
+
+    @classmethod
+    def in_file(cls, experts: Experts, spans: list[ExpertSpans]) -> OffloadedExperts:
+        """Experts the size of ``experts`` (e.g. still on the meta device) found only at ``spans`` (no stacks)."""
+        if len(spans) != experts.num_experts:
+            raise CheckpointError(f"expert offload: {len(spans)} experts' spans for {experts.num_experts} experts")
+        return cls(experts, spans, stacked=False)
+
+    def attach(self, layer: int, cache: ExpertCache) -> None:
+        """Register this layer's experts in ``cache`` under (``layer``, expert)."""
         self.layer, self.cache = layer, cache
-        for e in range(self.num_experts):
-            cache.add_expert((layer, e), self.w_in[e], self.w_out[e])
+        for e, spans in enumerate(self.spans):
+            cache.add_expert((layer, e), spans)
+
+    def inactive_parameters(self, runs: int) -> int:
+        per_expert = sum(math.prod(span.shape) for span in self.spans[0])
+        return per_expert * (self.num_experts - runs)
 
     def run_one(self, e: int, x_1D: torch.Tensor) -> torch.Tensor:
         w_in, w_out = self.cache.get((self.layer, e))
         return expert_row(w_in, w_out, self.activation, x_1D)  # Experts' own code, same layout: the same bits
 
+    def forward(self, x_ND: torch.Tensor, counts: tuple[int, ...], dropout: float = 0.0) -> torch.Tensor:
+        """Rows sorted by expert through their experts, each fetched through the cache: :meth:`Experts.forward`'s
+        per-expert GEMMs (the same dtypes), without the stacks."""
+        if self.fused_kernel:
+            return super().forward(x_ND, counts, dropout)
+        if torch.is_autocast_enabled(x_ND.device.type):
+            x_ND = x_ND.to(torch.get_autocast_dtype(x_ND.device.type))
+        cdt = compute_dtype(x_ND.dtype, x_ND.device)
+        out_ND = x_ND.new_empty(x_ND.shape[0], self.hidden_size)
+
+        def job(s: tuple[int, int, int]) -> None:
+            e, lo, hi = s
+            w_in, w_out = (cast(cast(w, x_ND.dtype), cdt) for w in self.cache.get((self.layer, e)))
+            h_nX = x_ND.new_empty(hi - lo, w_in.shape[1])
+            mm_into(h_nX, cast(x_ND[lo:hi], cdt), w_in)
+            a_nH = activate(h_nX, self.activation)
+            if dropout > 0:
+                a_nH = F.dropout(a_nH, dropout)
+            mm_into(out_ND[lo:hi], cast(a_nH, cdt), w_out)
+
+        slices = list(expert_slices(counts))
+        run_jobs(job, slices, x_ND.device, cost=[hi - lo for _, lo, hi in slices])
+        return out_ND
+
+    def expert_forward(self, e: int, x_nD: torch.Tensor) -> torch.Tensor:
+        """One expert on its rows through the cache (the reference and analysis)."""
+        w_in, w_out = self.cache.get((self.layer, e))
+        return activate(x_nD @ w_in.to(x_nD.dtype), self.activation) @ w_out.to(x_nD.dtype)
+
     def release(self, tokens_per_expert: torch.Tensor) -> None:
-        """After a batched call: count the bytes of the experts it ran and drop the pages it touched."""
+        """After a batched call on the stacks: count the bytes of the experts it ran and drop the pages it touched
+        (in-file layers read through the cache, which counts its reads)."""
+        if not self.fused_kernel:
+            return
         ran = tokens_per_expert.nonzero().flatten().tolist()
         self.cache.stats.mapped_bytes += sum(self.cache.expert_bytes((self.layer, e)) for e in ran)
         release_pages(self.w_in)
         release_pages(self.w_out)
 
 
+def keep_in_file(model: nn.Module, spans: Mapping[int, list[ExpertSpans]]) -> None:
+    """Before loading: give the MoE layers ``model.layers[i]`` for each ``i`` in ``spans`` experts found only at those
+    spans (:meth:`OffloadedExperts.in_file`); :func:`offload_experts` then attaches them to the cache."""
+    layers = model.layers
+    assert isinstance(layers, nn.ModuleList)
+    for index, layer_spans in spans.items():
+        moe = layers[index].mlp
+        assert isinstance(moe, MoE) and isinstance(moe.experts, Experts)
+        moe.experts = OffloadedExperts.in_file(moe.experts, layer_spans)
+
+
 def offload_experts(
     model: nn.Module, expert_memory: str | int, policy: str = "lru", prefetch: bool = False
 ) -> ExpertCache:
-    """Swap every MoE layer's experts of ``model`` (loaded from mapped safetensors on the CPU) for
-    :class:`OffloadedExperts` sharing one cache of ``expert_memory`` bytes; also kept as ``model.expert_cache``."""
+    """Swap every MoE layer's experts of ``model`` (loaded from mapped safetensors or GGUF on the CPU, or kept in
+    the file by :func:`keep_in_file`) for :class:`OffloadedExperts` sharing one cache of ``expert_memory`` bytes;
+    also kept as ``model.expert_cache``."""
     cache = ExpertCache(parse_size(expert_memory), policy, prefetch)
-    layers = [m for m in model.modules() if isinstance(m, MoE) and type(m.experts) is Experts]
+    layers = [m for m in model.modules() if isinstance(m, MoE) and _offloadable(m.experts)]
     if not layers:
         raise ConfigError("expert offload: the model has no MoE layers with stacked experts")
-    if layers[0].experts.w_in.device.type != "cpu":
+    stacked = [layer.experts.w_in for layer in layers if type(layer.experts) is Experts]
+    if any(w.device.type != "cpu" for w in stacked):
         raise ConfigError("expert offload keeps experts in host memory: load the model on the CPU")
     for index, layer in enumerate(layers):
-        layer.experts = OffloadedExperts(layer.experts, index, cache)
+        experts = layer.experts
+        if not isinstance(experts, OffloadedExperts):
+            assert isinstance(experts, Experts)
+            experts = OffloadedExperts.of_stacks(experts)
+        experts.attach(index, cache)
+        layer.experts = experts
         layer.register_forward_hook(_release_after_batched_call, with_kwargs=True)
     layers[0].register_forward_pre_hook(lambda _m, args: _count_tokens(cache, args[0]))
     if prefetch:
@@ -301,6 +192,11 @@ def offload_experts(
             layer.register_forward_pre_hook(_prefetcher(cache, index + 1, following))
     model.expert_cache = cache  # type: ignore[assignment]  # (nn.Module types attributes as Tensor | Module)
     return cache
+
+
+def _offloadable(experts: nn.Module) -> bool:
+    """Plain stacked experts, or ones :func:`keep_in_file` made and no cache holds yet."""
+    return type(experts) is Experts or (isinstance(experts, OffloadedExperts) and not hasattr(experts, "cache"))
 
 
 def is_expert_weight(name: str) -> bool:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from moekit.data.tokenizers import HFTokenizer
-from moekit.errors import CheckpointError, MoekitError
+from moekit.errors import CheckpointError, ConfigError, MoekitError
 from moekit.interop.gguf.arch import GGUFTensors, hf_config_from_gguf
 from moekit.interop.gguf.reader import GGUFFile
 from moekit.interop.gguf.vocab import write_tokenizer
@@ -68,8 +68,10 @@ def _model(
     dtype: torch.dtype | str | None,
     bits: int | None = None,
     group_size: int = 32,
+    expert_memory: str | int | None = None,
 ) -> tuple[MoELM, dict[str, Any] | None]:
-    """The model, and with ``bits`` the quantisation spec its experts were quantised with (else None)."""
+    """The model, and with ``bits`` the quantisation spec its experts were quantised with (else None);
+    ``expert_memory``: offload the experts (float types only), read from the file expert by expert."""
     try:
         raw = hf_config_from_gguf(gg)
     except MoekitError:
@@ -79,19 +81,40 @@ def _model(
     config = lm_config_from_hf(raw, where=str(gg.path), quiet=True)
     target = as_dtype(dtype) or default_dtype(gg)
     spec = uniform_spec(config, bits, group_size) if bits is not None else None
-    tensors = GGUFTensors(gg, raw, target, stream_experts=spec is not None)
+    offload = expert_memory is not None
+    tensors = GGUFTensors(gg, raw, target, stream_experts=spec is not None, per_expert=offload)
+    quantised = tensors.quantised_experts() if offload else []
+    if quantised:
+        raise ConfigError(
+            f"--expert-memory reads float experts (F32, F16, BF16) from a GGUF, but {gg.path}'s {quantised[0]} is "
+            f"{gg.type_name(quantised[0])}: convert the GGUF first, `moekit convert --from-gguf {gg.path} --bits 8|4 "
+            f"--out DIR` (int8/int4 experts)"
+        )
     source = tensors.expert_stacks if spec is not None else None
-    model = build_model(config, tensors, tensors.files, device, target, quantization=spec, expert_source=source)
+    model = build_model(
+        config,
+        tensors,
+        tensors.files,
+        device,
+        target,
+        quantization=spec,
+        expert_source=source,
+        expert_memory=expert_memory,
+    )
     return model, spec
 
 
 def load_gguf(
-    path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None
+    path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str | None = None,
+    expert_memory: str | int | None = None,
 ) -> tuple[MoELM, HFTokenizer]:
     """:func:`from_gguf` plus the file's tokenizer (written as ``tokenizer.json`` into a temporary folder that
-    lives as long as the tokenizer)."""
+    lives as long as the tokenizer); ``expert_memory``: keep the (float) experts in the file, at most that much of
+    them resident (:mod:`moekit.nn.offload`)."""
     gg = GGUFFile(path)
-    model, _ = _model(gg, device, dtype)
+    model, _ = _model(gg, device, dtype, expert_memory=expert_memory)
     folder = tempfile.mkdtemp(prefix="moekit-gguf-tok-")
     try:
         tokenizer = HFTokenizer(write_tokenizer(gg, folder))

@@ -27,6 +27,7 @@ import torch
 
 from moekit.errors import CheckpointError, ConfigError
 from moekit.interop.gguf.reader import GGUFFile
+from moekit.interop.hf.weights_map import expert_part_names
 
 # GGUF architecture -> (HF model_type, routing renormalises top-k by default).
 ARCHITECTURES: dict[str, tuple[str, bool]] = {
@@ -208,9 +209,18 @@ class GGUFTensors(Mapping[str, torch.Tensor]):
     the tensors it has taken, not the file. The names, shapes and layers are checked here, before any data is read.
 
     With ``stream_experts`` the fused expert stacks are shape-only meta tensors (they pass the import's checks),
-    and a quantising import reads the experts one at a time through :meth:`expert_stacks` instead."""
+    and a quantising import reads the experts one at a time through :meth:`expert_stacks` instead. With
+    ``per_expert`` (expert offload) the experts are named as in the hub layout, one tensor per expert and matrix,
+    each a view of its rows of the file's stack, which the import then keeps in the file instead of stacking."""
 
-    def __init__(self, gg: GGUFFile, hf_config: dict[str, Any], dtype: torch.dtype, stream_experts: bool = False):
+    def __init__(
+        self,
+        gg: GGUFFile,
+        hf_config: dict[str, Any],
+        dtype: torch.dtype,
+        stream_experts: bool = False,
+        per_expert: bool = False,
+    ):
         self.gg, self.dtype, self.stream_experts = gg, dtype, stream_experts
         arch = gg.meta("general.architecture")
         heads, kv_heads = hf_config["num_attention_heads"], hf_config["num_key_value_heads"]
@@ -248,6 +258,12 @@ class GGUFTensors(Mapping[str, torch.Tensor]):
             if gate != up:
                 raise CheckpointError(f"{gg.path}: layer {layer}'s ffn_gate_exps {gate} and ffn_up_exps {up} differ")
             pre = f"model.layers.{layer}.mlp.experts."
+            if per_expert:
+                names = zip(_EXPERT_PARTS, expert_part_names(hf_config["model_type"]))
+                for part, hf_name in names:
+                    for e in range(gg.shape(parts[part])[0]):
+                        self._make[f"{pre}{e}.{hf_name}.weight"] = functools.partial(gg.tensor, parts[part], None, e)
+                continue
             self._make[pre + "gate_up_proj"] = functools.partial(self._gate_up, layer)
             self._make[pre + "down_proj"] = functools.partial(self._stack, parts["ffn_down_exps"])
         self.files = dict.fromkeys(self._make, str(gg.path))
@@ -281,6 +297,11 @@ class GGUFTensors(Mapping[str, torch.Tensor]):
         if gate.dtype != up.dtype:  # e.g. Q4_K gate beside a Q6_K or F16 up: meet in the target dtype
             gate, up = gate.to(self.dtype), up.to(self.dtype)
         return torch.cat([gate, up], dim=1)  # [E, 2I, D]
+
+    def quantised_experts(self) -> list[str]:
+        """The GGUF names of the expert stacks stored in a quantised type (not F32, F16, BF16)."""
+        names = [name for parts in self._experts.values() for name in parts.values()]
+        return [name for name in names if not self.gg.is_float(name)]
 
     def expert_stacks(self, layer: int) -> tuple[ExpertMatrices, ExpertMatrices]:
         """``layer``'s experts as moekit's w_in [E, D, 2I] and w_out [E, I, D], read one expert at a time."""

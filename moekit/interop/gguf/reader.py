@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from moekit.errors import CheckpointError
+from moekit.io.mapped import register_mapped
 
 GGUF_MAGIC = b"GGUF"
 # Stored float types: mapped as they are.
@@ -134,7 +135,15 @@ class GGUFFile:
             t = torch.from_numpy(data.view(np.uint16)).view(torch.bfloat16).reshape(shape)
         else:
             t = torch.from_numpy(self._dequantize(info, data)).reshape(shape)
+            return t if dtype is None or t.dtype == dtype else t.to(dtype)
+        mapping = getattr(self._reader.data, "_mmap", None)  # numpy's memmap of the whole file
+        if mapping is not None:  # a view of the file: expert offload reads it from there
+            register_mapped(t, self.path, info.data_offset + data.ctypes.data - info.data.ctypes.data, mapping)
         return t if dtype is None or t.dtype == dtype else t.to(dtype)
+
+    def is_float(self, name: str) -> bool:
+        """Whether tensor ``name`` is stored as F32, F16 or BF16 (read as a view of the file)."""
+        return self.type_name(name) in _FLOAT_TYPES
 
     def _dequantize(self, info: Any, data: np.ndarray) -> np.ndarray:
         from gguf.quants import dequantize

@@ -41,8 +41,9 @@ from moekit.models import LMConfig, MoELM
 from moekit.models.dtypes import as_dtype, cast_weights
 from moekit.models.materialize import materialize
 from moekit.models.quantization import apply_spec, quantize_linears
+from moekit.nn.expert_cache import ExpertSpans
 from moekit.nn.lora import ADAPTER_FILE, load_lora, read_adapter
-from moekit.nn.offload import offload_experts
+from moekit.nn.offload import OffloadedExperts, keep_in_file, offload_experts
 from moekit.nn.quantized import ExpertStack
 
 CONFIG_NAME = "config.json"
@@ -134,7 +135,7 @@ def from_hf(
         quantization: quantise the experts while reading, layer by layer (a :mod:`moekit.models.quantization`
             spec, e.g. ``uniform_spec(config, 4, 32)``; the float experts of one layer exist at a time).
         expert_memory: bytes or a size ("4GiB"): keep the experts in the file, at most that much of them
-            resident (:mod:`moekit.nn.offload`; fused-expert checkpoints in their own dtype).
+            resident (:mod:`moekit.nn.offload`; either expert layout, in the checkpoint's own dtype).
 
     Returns:
         :class:`~moekit.models.MoELM` whose forward on ``input_ids`` returns an object with ``.logits``;
@@ -149,10 +150,10 @@ def from_hf(
     raw = read_hf_config(folder)
     config = lm_config_from_hf(raw, where=str(folder / CONFIG_NAME))
     tensors, files = _read_weights(folder)
-    model = build_model(config, tensors, files, device=device, dtype=dtype, quantization=quantization)
+    model = build_model(
+        config, tensors, files, device=device, dtype=dtype, quantization=quantization, expert_memory=expert_memory
+    )
     model._hf_source = folder  # lets to_hf() carry the tokenizer files along
-    if expert_memory is not None:
-        offload_experts(model, expert_memory)
     return model
 
 
@@ -185,9 +186,7 @@ def load_for_inference(
 
     assert hf_dir is not None  # exactly one of the two, checked above
     if is_gguf_file(hf_dir):
-        if expert_memory is not None:
-            raise ConfigError("--expert-memory reads experts from a safetensors file; convert the GGUF first")
-        return load_gguf(hf_dir, dtype=dtype)
+        return load_gguf(hf_dir, dtype=dtype, expert_memory=expert_memory)
     model, tokenizer = load_hf(hf_dir, dtype=dtype, expert_memory=expert_memory)
     if tokenizer is None:
         raise DataError(f"{hf_dir} has no {TOKENIZER_FILE}; moekit needs the model's tokenizer to read and write text")
@@ -214,11 +213,17 @@ def build_model(
     dtype: torch.dtype | str | None = None,
     quantization: dict[str, Any] | None = None,
     expert_source: Callable[[int], tuple[ExpertStack, ExpertStack]] | None = None,
+    expert_memory: str | int | None = None,
 ) -> MoELM:
     """An MoELM holding HF checkpoint tensors, built without a random init (meta device, then assign).
     ``quantization`` (a :mod:`moekit.models.quantization` spec): quantise the experts as each layer is read;
     ``expert_source(layer)``: (w_in, w_out) sequences that quantising reads expert by expert instead of the
-    layer's stacks (a GGUF's: then only one expert's float matrices exist at a time)."""
+    layer's stacks (a GGUF's: then only one expert's float matrices exist at a time); ``expert_memory``: offload
+    the experts (:func:`~moekit.nn.offload.offload_experts`), per-expert tensors never stacked."""
+    if expert_memory is not None and quantization is not None:
+        raise ConfigError("expert offload reads float experts from the file: leave out the quantisation")
+    if expert_memory is not None and torch.device(device).type != "cpu":
+        raise ConfigError("expert offload keeps experts in host memory: load the model on the CPU")
     dtype = as_dtype(dtype) or _majority_dtype(hf_tensors)
     with torch.device("meta"):
         model = MoELM(config)
@@ -235,15 +240,41 @@ def build_model(
 
     expected = {name: t.shape for name, t in model.state_dict().items()}
     source = HFTensors(hf_tensors, files or {})
-    mapped = hf_to_moekit(source, config, expected, moe_transform=transform)
+    spans: dict[int, list[ExpertSpans]] | None = {} if expert_memory is not None else None
+    mapped = hf_to_moekit(source, config, expected, moe_transform=transform, expert_spans=spans)
+    if spans:
+        _check_offload_dtype(spans, dtype, files or {})
+        keep_in_file(model, spans)
     mapped = cast_weights(mapped, dtype, device)
     materialize(model, mapped, device)
     if quantization is not None:
         quantize_linears(model, quantization)
+    if expert_memory is not None:
+        offload_experts(model, expert_memory)
     return model.eval()
 
 
+def _check_offload_dtype(spans: dict[int, list[ExpertSpans]], dtype: torch.dtype, files: Mapping[str, str]) -> None:
+    """Offloaded experts are read as stored: the model's dtype must be theirs (else the cache's copies differ)."""
+    stored = {span.dtype for layer in spans.values() for expert in layer for span in expert}
+    if stored != {dtype}:
+        where = ", ".join(sorted(set(files.values()))[:2]) or "the checkpoint"
+        raise CheckpointError(
+            f"expert offload reads the experts of {where} as stored ({', '.join(sorted(map(str, stored)))}), "
+            f"not as {dtype}: load the checkpoint in its own dtype (leave out --dtype)"
+        )
+
+
 # ------------------------------------------------------------------------------------------------------ export
+
+
+def _check_experts_held(model: MoELM) -> None:
+    """Refuse to write a model whose experts are only in their source file (offloaded without stacks)."""
+    if any(isinstance(m, OffloadedExperts) and not m.fused_kernel for m in model.modules()):
+        raise ConfigError(
+            "this model was loaded with expert_memory and keeps its experts in the source file; load it without "
+            "expert_memory (--expert-memory) to write it"
+        )
 
 
 def _dtype_name(tensors: dict[str, torch.Tensor]) -> str | None:
@@ -280,6 +311,7 @@ def to_hf(
     Raises:
         ConfigError: the family cannot express the model (naming the field).
     """
+    _check_experts_held(model)
     cfg = model.config
     family = family or (cfg.hf_config or {}).get("model_type") or infer_family(cfg)
     target = as_dtype(dtype)
@@ -329,6 +361,7 @@ def save_moekit_checkpoint(
     experts were quantised with (recorded for loading)."""
     from moekit import checkpoint as ckpt
 
+    _check_experts_held(model)
     out = Path(folder)
     if out.exists() and any(out.iterdir()):
         if not (out / ckpt.CONFIG_FILE).is_file():

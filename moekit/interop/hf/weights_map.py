@@ -37,6 +37,7 @@ import torch
 from moekit.errors import CheckpointError
 from moekit.io.mapped import copy_from_file, release_pages
 from moekit.models.config import LMConfig
+from moekit.nn.expert_cache import ExpertSpans, Span
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +112,7 @@ def hf_to_moekit(
     expected: Mapping[str, torch.Size],
     family: str | None = None,
     moe_transform: Callable[[int, dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+    expert_spans: dict[int, list[ExpertSpans]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """moekit state-dict tensors from an HF checkpoint.
 
@@ -121,6 +123,9 @@ def hf_to_moekit(
         family: the HF model_type (default: ``config.hf_config["model_type"]``).
         moe_transform: ``(layer, that layer's MoE tensors) -> tensors``, applied as each layer is read (e.g.
             quantising its experts, so the float stacks of only one layer exist at a time).
+        expert_spans: for expert offload: the layers whose experts are stored one tensor per expert are not
+            stacked; where each expert's matrices are in the files goes here instead (layer -> per expert), and
+            the result lacks those layers' ``experts.w_in``/``w_out``.
 
     Raises:
         CheckpointError: a missing tensor, a shape that does not match the config, or tensors the model has
@@ -135,7 +140,7 @@ def hf_to_moekit(
         layer, rest = _split(name)
         if layer is not None and rest.startswith("mlp.") and layer in config.sparse_layers:
             if layer not in done_layers:
-                moe = _moe_in(source, config, family, layer, expected)
+                moe = _moe_in(source, config, family, layer, expected, expert_spans)
                 out.update(moe_transform(layer, moe) if moe_transform is not None else moe)
                 done_layers.add(layer)
             continue
@@ -144,9 +149,10 @@ def hf_to_moekit(
     if config.tie_word_embeddings and source.has("lm_head.weight"):
         source.used.add("lm_head.weight")  # transformers ties it to the embedding and ignores the copy
     _check_leftovers(source, config, family)
-    missing = sorted(set(expected) - set(out) - ({"lm_head.weight"} if config.tie_word_embeddings else set()))
+    missing = set(expected) - set(out) - ({"lm_head.weight"} if config.tie_word_embeddings else set())
+    missing -= {f"layers.{layer}.mlp.experts.{w}" for layer in expert_spans or () for w in ("w_in", "w_out")}
     if missing:
-        raise CheckpointError(f"no HF tensor maps to moekit tensors {missing[:5]}")
+        raise CheckpointError(f"no HF tensor maps to moekit tensors {sorted(missing)[:5]}")
     return out
 
 
@@ -177,7 +183,12 @@ def _moe_prefix_in(source: HFTensors, family: str, layer: int) -> str:
 
 
 def _moe_in(
-    source: HFTensors, config: LMConfig, family: str, layer: int, expected: Mapping[str, torch.Size]
+    source: HFTensors,
+    config: LMConfig,
+    family: str,
+    layer: int,
+    expected: Mapping[str, torch.Size],
+    expert_spans: dict[int, list[ExpertSpans]] | None = None,
 ) -> dict[str, torch.Tensor]:
     m = config.moe_config(layer)
     assert m is not None  # callers pass sparse layers only
@@ -193,8 +204,19 @@ def _moe_in(
     if source.has(fused):
         out[f"{mine}.experts.w_in"] = source.take(fused, (E, 2 * I, D), why).transpose(1, 2)
         out[f"{mine}.experts.w_out"] = source.take(f"{pre}.experts.down_proj", (E, D, I), why).transpose(1, 2)
+    elif expert_spans is not None:  # offload: each expert read from its tensors' places in the file
+        g, u, d = expert_part_names(family)
+        expert_spans[layer] = []
+        for e in range(E):
+            gate, up, down = (
+                source.take(f"{pre}.experts.{e}.{name}.weight", shape, why)
+                for name, shape in ((g, (I, D)), (u, (I, D)), (d, (D, I)))
+            )
+            what = f"expert {e} of layer {layer} ({source.file_of(f'{pre}.experts.{e}.{g}.weight')})"
+            w_in = Span.transposed_rows([gate, up], f"the gate and up matrices of {what}")
+            expert_spans[layer].append((w_in, Span.of(down.t(), f"the down matrix of {what}")))
     else:
-        g, u, d = _EXPERT_NAMES.get(family, _DEFAULT_EXPERT_NAMES)
+        g, u, d = expert_part_names(family)
         # Stacked in the fused layout ([E, 2I, D] = gate rows then up rows; [E, D, I]); moekit's w_in / w_out
         # are transposed views of it. A mapped source is read from its file into place (no page faults on the
         # mapping, no pages to release); any other is copied and its pages released, so importing a mapped
@@ -222,6 +244,11 @@ def _moe_in(
         elif name.startswith(f"{mine}.shared_expert_gate."):
             out[name] = source.take(f"{pre}.{name[len(mine) + 1 :]}", tuple(shape), why)
     return out
+
+
+def expert_part_names(family: str) -> tuple[str, str, str]:
+    """The (gate, up, down) names of one expert's matrices in a ``family``'s hub files (Mixtral: w1, w3, w2)."""
+    return _EXPERT_NAMES.get(family, _DEFAULT_EXPERT_NAMES)
 
 
 def _zero_width_shared(family: str, pre: str, hidden: int) -> dict[str, tuple[int, ...]]:
