@@ -39,6 +39,7 @@ from torch import nn
 from moekit.data.tokenizers import Tokenizer, load_tokenizer
 from moekit.errors import CheckpointError, ConfigError
 from moekit.io.atomic import atomic_write_json, atomic_write_text, fsync_tree
+from moekit.io.huge_pages import move_to_huge_pages
 from moekit.io.safe_io import load_tensors, save_tensors
 from moekit.models import LMConfig, MoELM
 from moekit.models.dtypes import as_dtype, cast_weights
@@ -334,6 +335,7 @@ def load_model(
             f"{model.config.vocab_size}"
         )
     model = model.to(device).eval()
+    move_to_huge_pages(model, skip=lazy)  # offloaded experts stay views of the file
     if expert_memory is not None:
         offload_experts(model, expert_memory)
     return model, tokenizer

@@ -26,6 +26,7 @@ from moekit.interop.hf.config_export import hf_config_from_lm, infer_family
 from moekit.interop.hf.config_map import lm_config_from_hf
 from moekit.interop.hf.tokenizer_export import carry_tokenizer, copy_tokenizer_files
 from moekit.interop.hf.weights_map import HFTensors, hf_to_moekit, moekit_to_hf
+from moekit.io.huge_pages import move_to_huge_pages
 from moekit.io.safe_io import (
     INDEX_NAME,
     SHARD_FILE_RE,
@@ -43,7 +44,7 @@ from moekit.models.materialize import materialize
 from moekit.models.quantization import apply_spec, quantize_linears
 from moekit.nn.expert_cache import ExpertSpans
 from moekit.nn.lora import ADAPTER_FILE, load_lora, read_adapter
-from moekit.nn.offload import OffloadedExperts, keep_in_file, offload_experts
+from moekit.nn.offload import OffloadedExperts, is_expert_weight, keep_in_file, offload_experts
 from moekit.nn.quantized import ExpertStack
 
 CONFIG_NAME = "config.json"
@@ -249,6 +250,7 @@ def build_model(
     materialize(model, mapped, device)
     if quantization is not None:
         quantize_linears(model, quantization)
+    move_to_huge_pages(model, skip=is_expert_weight if expert_memory is not None else None)
     if expert_memory is not None:
         offload_experts(model, expert_memory)
     return model.eval()
