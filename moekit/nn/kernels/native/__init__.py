@@ -58,6 +58,9 @@ def library() -> ctypes.CDLL | None:
     lib.moekit_swiglu_experts_quant.argtypes += [_P, _P, ctypes.c_int]
     lib.moekit_dequant_int8_bf16.argtypes = [_P, _P, _I64, _I64, _P, ctypes.c_int]
     lib.moekit_dequant_int4_bf16.argtypes = [_P, _P, _P, _I64, _I64, _I64, _P, ctypes.c_int]
+    if lib.moekit_qdot_ok():  # qdot.c: built where the CPU has AVX512-VNNI
+        lib.moekit_qgemv.argtypes = [_P, ctypes.c_int32, _I64, _P, _I64, _I64, _P, ctypes.c_int]
+        lib.moekit_swiglu_experts_q8act.argtypes = [_P, _P, _P, _I64, _I64, _I64, _I64, _P, _P, _P, ctypes.c_int]
     return lib
 
 
