@@ -78,7 +78,9 @@ class Table:
         self.group = group
 
 
-def swiglu_experts(x_D: torch.Tensor, table: Table, experts: list[int], weights: list[float], y_D: torch.Tensor) -> bool:
+def swiglu_experts(
+    x_D: torch.Tensor, table: Table, experts: list[int], weights: list[float], y_D: torch.Tensor
+) -> bool:
     """y_D (fp32) += sum_k weights[k] * expert_{experts[k]}(x_D) for quantised SwiGLU experts, each product on
     quantised activations (:func:`swiglu_experts_reference`); False (y_D untouched) where it does not apply."""
     if not (_built() and table.usable and y_D.dtype == torch.float32 and y_D.is_contiguous()):
