@@ -116,6 +116,7 @@ def forward(model: MoELM, input_ids: torch.Tensor, cache: KVCache | None, logits
     if plans is None or not _cache_fits(cache, plans):
         return None
     P, step = cache.length, plans.step
+    native_step.follow_qdot(step)
     x_D = model.embed_tokens(input_ids).reshape(-1).clone()  # the residual stream, written in place
     cos, sin = (t.reshape(-1).contiguous() for t in model.rotary_emb(torch.tensor([[P]]), torch.bfloat16))
     kv = torch.tensor([[_pointer(k), _pointer(v)] for k, v in zip(cache.keys, cache.values)], dtype=torch.int64)

@@ -14,7 +14,9 @@ activations (fp32 ones were measured 2-3x slower for int8), so inputs are cast t
 Their time grows by a full read of the weight per row, so from :data:`DENSE_MIN_ROWS` rows on (prompts) the
 matrix is dequantised to bf16 for the call and multiplied by one GEMM instead (the copy is dropped after it).
 Decode steps (one row) run moekit's native kernels on the stored form where they are built
-(:mod:`moekit.nn.kernels.native`: one call for a token's experts, read in the stored form).
+(:mod:`moekit.nn.kernels.native`: one call for a token's experts, read in the stored form): where the CPU has
+AVX512-VNNI, those of :mod:`moekit.nn.kernels.native.qdot`, on int8-quantised activations (``MOEKIT_QDOT=0``:
+decode.c's, which match ATen's kernels up to the order of fp32 sums).
 :meth:`QuantMatrix.dequantize` is the slow reference every kernel is tested against.
 """
 
@@ -31,6 +33,7 @@ from moekit.nn.experts import Experts
 from moekit.nn.kernels import native
 from moekit.nn.kernels.fused_experts import activate
 from moekit.nn.kernels.grouped_mm import cast, compute_dtype, expert_slices
+from moekit.nn.kernels.native import qdot
 from moekit.nn.kernels.schedule import run_jobs
 
 BITS = (4, 8)
@@ -291,7 +294,10 @@ class QuantizedExperts(Experts):
             key = (first.q.data_ptr(), first.scales.data_ptr(), last.q.data_ptr(), last.scales.data_ptr())
             if getattr(self, "_table_key", None) != key:
                 self._table = native.QuantTable(list(self.q_in), list(self.q_out), self.group_size)
+                self._qdot_table = qdot.Table(list(self.q_in), list(self.q_out), self.group_size)
                 self._table_key = key
+            if qdot.enabled() and qdot.swiglu_experts(x_1D, self._qdot_table, experts, weights, y_1D):
+                return
             if native.swiglu_experts_quantized(x_1D.reshape(-1), self._table, experts, weights, y_1D):
                 return
         super().run_chosen(x_1D, experts, weights, y_1D)
@@ -319,8 +325,8 @@ class QuantizedExperts(Experts):
 
 class QuantLinear(nn.Module):
     """An ``nn.Linear`` with a quantised weight (``quantized``, a :class:`QuantMatrix`) and a float bias: the
-    attention projections and the output head of a model quantised with ``linear_bits``. One int8 row runs
-    on the native kernel (:mod:`moekit.nn.kernels.native`), anything else on ATen's."""
+    attention projections and the output head of a model quantised with ``linear_bits``. One row runs on a
+    native kernel (:mod:`moekit.nn.kernels.native`: qdot's, or decode.c's for int8), anything else on ATen's."""
 
     bias: torch.Tensor | None
 
@@ -343,8 +349,11 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self.quantized
         y = None
-        if m.bits == 8 and x.numel() == x.shape[-1] and not torch.is_grad_enabled():
-            y = native.gemv_int8(m.q, m.scales, x.reshape(-1))
+        if x.numel() == x.shape[-1] and not torch.is_grad_enabled():
+            if qdot.enabled():
+                y = qdot.gemv(m, x)
+            elif m.bits == 8:
+                y = native.gemv_int8(m.q, m.scales, x.reshape(-1))
         if y is None:
             y = m(x.reshape(-1, x.shape[-1]))
         y = y.to(x.dtype)

@@ -16,6 +16,12 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(autouse=True)
+def _decode_c_kernels(monkeypatch):
+    """These tests are of decode.c's kernels (ATen's numerics); qdot.c's have tests/nn/kernels/test_qdot.py."""
+    monkeypatch.setenv("MOEKIT_QDOT", "0")
+
+
 def test_the_kernels_are_built_where_ci_runs():
     assert native.library() is not None, "native decode kernels did not build (needs cc and an AVX512-BF16 CPU)"
 

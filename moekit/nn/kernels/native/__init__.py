@@ -61,6 +61,9 @@ def library() -> ctypes.CDLL | None:
     lib.moekit_dequant_int4_bf16.argtypes = [_P, _P, _P, _I64, _I64, _I64, _P, ctypes.c_int]
     lib.moekit_block_step.argtypes = [_P, _P, _P, _P, _P, _P, _P, _P, _I64, _P, _P, _P, _P, _P, _P, _P, ctypes.c_int]
     lib.moekit_residual_add.argtypes = [_P, _P, _I64]
+    if lib.moekit_qdot_ok():  # qdot.c: built where the CPU has AVX512-VNNI
+        lib.moekit_qgemv.argtypes = [_P, ctypes.c_int32, _I64, _P, _I64, _I64, _P, ctypes.c_int]
+        lib.moekit_swiglu_experts_q8act.argtypes = [_P, _P, _P, _I64, _I64, _I64, _I64, _P, _P, _P, ctypes.c_int]
     return lib
 
 

@@ -62,13 +62,13 @@ static inline __m512 load_bf16x16(const uint16_t *p, __mmask16 m) { /* 16 bf16 (
 
 /* x [n] (bf16) rearranged per block of 128 as the four residues of the column mod 4: xs[b + 32 j + i] =
  * x[b + 4 i + j], the order an int4 row's 16-bit words give their nibbles in (see dot_q4). */
-static void split_mod4(const uint16_t *x, uint16_t *xs, int64_t n) {
+static inline void split_mod4(const uint16_t *x, uint16_t *xs, int64_t n) {
     for (int64_t b = 0; b + 128 <= n; b += 128)
         for (int64_t j = 0; j < 4; j++)
             for (int64_t i = 0; i < 32; i++) xs[b + 32 * j + i] = x[b + 4 * i + j];
 }
 
-static void group_sums(const float *x, int64_t n, int64_t group, float *out) {
+static inline void group_sums(const float *x, int64_t n, int64_t group, float *out) {
     for (int64_t g = 0; g < n / group; g++) {
         float s = 0.0f;
         for (int64_t i = g * group; i < (g + 1) * group; i++) s += x[i];

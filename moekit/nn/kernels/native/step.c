@@ -13,6 +13,7 @@
  * logits, not their softmax (the same order, without the softmax's rounding ties).
  */
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
@@ -35,7 +36,7 @@ enum {
 
 /* Model-wide sizes and flags (int64) and constants (fp32). */
 enum { D_HIDDEN, D_HEADS, D_KV_HEADS, D_HEAD_DIM, D_EXPERTS, D_TOP_K, D_MAX_LEN, D_SIGMOID, D_NORM_TOPK,
-       D_ATTN_BITS, D_ROUTER_FP32, D_BIAS_BF16, D_GROUP };
+       D_ATTN_BITS, D_ROUTER_FP32, D_BIAS_BF16, D_GROUP, D_QDOT };
 enum { C_EPS, C_QK_EPS, C_ATTN_SCALE, C_ROUTED_SCALE };
 
 /* A projection's input in the forms its kernel reads: bf16, fp32 (int8), split by column mod 4 with group
@@ -44,7 +45,14 @@ typedef struct {
     const uint16_t *x16;
     const float *x32, *sums;
     const uint16_t *split;
+    char *quantised; /* with dims[D_QDOT]: x quantised to int8 blocks as qdot.c's kernels take it */
 } Input;
+
+/* qdot.c: quantised matrices on int8-quantised activations, what the experts' and QuantLinear's decode kernels
+ * run where the CPU has AVX512-VNNI (dims[D_QDOT] set): the step computes the same products. */
+size_t moekit_qx_bytes(int64_t n, int64_t group);
+void moekit_qx_quantize(const float *x, int64_t n, int64_t group, char *mem);
+float moekit_qx_row(const int64_t *m, int bits, int64_t row, int64_t n, int64_t group, char *mem);
 
 /* y = bf16(w * bf16(x * rsqrt(mean(x^2) + eps))) over n values: HF Llama's RMSNorm in bf16. */
 static void rms_norm(const uint16_t *x, const uint16_t *w, int64_t n, float eps, uint16_t *y) {
@@ -66,7 +74,10 @@ static inline uint16_t project_row(const int64_t *plan, const int64_t *dims, int
                                    const Input *x) {
     const uint16_t *scales = (const uint16_t *)plan[w_slot + 4];
     float v;
-    if (dims[D_ATTN_BITS] == 8) {
+    if (dims[D_ATTN_BITS] && dims[D_QDOT]) {
+        const int64_t m[3] = {plan[w_slot], plan[w_slot + 4], plan[w_slot + P_ZQ - P_WQ]};
+        v = moekit_qx_row(m, (int)dims[D_ATTN_BITS], row, in, dims[D_GROUP], x->quantised);
+    } else if (dims[D_ATTN_BITS] == 8) {
         v = dot_q8((const int8_t *)plan[w_slot] + row * in, x->x32, in) * bf16_to_f32(scales[row]);
     } else if (dims[D_ATTN_BITS] == 4) {
         int64_t groups = in / dims[D_GROUP];
@@ -82,11 +93,13 @@ static inline uint16_t project_row(const int64_t *plan, const int64_t *dims, int
 
 /* Fill the forms of x [n] that the projections' kernels read (x16 stays the caller's). */
 static void prepare(const int64_t *dims, const uint16_t *x16, int64_t n, float *x32, uint16_t *split, float *sums,
-                    Input *in) {
-    in->x16 = x16, in->x32 = x32, in->split = split, in->sums = sums;
+                    char *quantised, Input *in) {
+    in->x16 = x16, in->x32 = x32, in->split = split, in->sums = sums, in->quantised = quantised;
     if (dims[D_ATTN_BITS])
         for (int64_t i = 0; i < n; i++) x32[i] = bf16_to_f32(x16[i]);
-    if (dims[D_ATTN_BITS] == 4) {
+    if (dims[D_ATTN_BITS] && dims[D_QDOT]) {
+        moekit_qx_quantize(x32, n, dims[D_ATTN_BITS] == 8 ? 32 : dims[D_GROUP], quantised);
+    } else if (dims[D_ATTN_BITS] == 4) {
         split_mod4(x16, split, n);
         group_sums(x32, n, dims[D_GROUP], sums);
     }
@@ -178,11 +191,12 @@ void moekit_block_step(const int64_t *plan, const int64_t *dims, const float *co
         const int64_t widest = D > H * hd ? D : H * hd;
         uint16_t xr[D], xn[D], split[widest];
         float x32[widest], sums[widest / 32 + 1];
+        char quantised[dims[D_QDOT] ? moekit_qx_bytes(widest, 32) : 1];
         Input in;
         for (int64_t d = 0; d < D; d++)
             xr[d] = y_prev ? f32_to_bf16(bf16_to_f32(x[d]) + bf16_to_f32(f32_to_bf16(y_prev[d]))) : x[d];
         rms_norm(xr, (const uint16_t *)plan[P_LN1], D, consts[C_EPS], xn);
-        prepare(dims, xn, D, x32, split, sums, &in);
+        prepare(dims, xn, D, x32, split, sums, quantised, &in);
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < (H + 2 * G) * hd; r++) {
             int slot = r < H * hd ? P_WQ : r < (H + G) * hd ? P_WK : P_WV;
@@ -222,7 +236,7 @@ void moekit_block_step(const int64_t *plan, const int64_t *dims, const float *co
             }
             for (int64_t i = 0; i < hd; i++) att[head * hd + i] = f32_to_bf16(out[i] / total);
         }
-        prepare(dims, att, H * hd, x32, split, sums, &in);
+        prepare(dims, att, H * hd, x32, split, sums, quantised, &in);
 #pragma omp for schedule(static)
         for (int64_t d = 0; d < D; d++)
             x[d] = f32_to_bf16(bf16_to_f32(xr[d]) + bf16_to_f32(project_row(plan, dims, P_WO, d, H * hd, &in)));

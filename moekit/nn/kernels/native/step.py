@@ -17,6 +17,7 @@ from moekit.nn.block import Block
 from moekit.nn.config import RouterType
 from moekit.nn.executor import LocalExperts
 from moekit.nn.kernels import native
+from moekit.nn.kernels.native import qdot
 from moekit.nn.moe import MoE
 from moekit.nn.norm import RMSNorm
 from moekit.nn.quantized import QuantLinear
@@ -158,6 +159,14 @@ def _router_signature(moe: MoE) -> tuple:
     return (c.num_experts, c.top_k, c.router, c.norm_topk_prob, c.routed_scaling_factor, r.weight.dtype, bias)
 
 
+def follow_qdot(step: Step) -> None:
+    """Quantised attention computes as QuantLinear's one-row path does: on int8-quantised activations where
+    qdot's kernels are on (``MOEKIT_QDOT``, read each step as the layers read it), else as ATen's kernels."""
+    on = qdot.enabled()
+    if bool(step.dims[-1]) != on:
+        step.dims[-1] = on
+
+
 def same_shape(blocks: list[Block]) -> bool:
     """Whether the blocks share the sizes and constants that :class:`Step` holds once (one eps for all norms
     but QK-norm's, one router setup for all MoE blocks)."""
@@ -190,7 +199,7 @@ class Step:
         bits, group = _attention_bits(attn.q_proj) or (0, 0)
         router = None if moe is None else moe.router
         bias_bf16 = isinstance(router, SigmoidTopKRouter) and router.e_score_correction_bias.dtype == BF16
-        dims = [D, H, G, hd, E, K, max_length, sigmoid, norm_topk, bits, router_fp32, bias_bf16, group]
+        dims = [D, H, G, hd, E, K, max_length, sigmoid, norm_topk, bits, router_fp32, bias_bf16, group, False]
         self.dims = torch.tensor(dims, dtype=torch.int64)
         qk_eps = attn.q_norm.eps if attn.qk_norm == QKNorm.HEAD else 0.0
         eps = blocks[0].input_layernorm.eps
