@@ -191,7 +191,7 @@ class QuantMatrix(nn.Module):
         if x.shape[0] >= self.dense_min_rows() or (self.bits == 4 and self.out_features % 16):
             return self.dense_forward(x)
         w, s = self._kernel_operands()
-        a = x if x.dtype == _ACT else x.to(_ACT)
+        a = (x if x.dtype == _ACT else x.to(_ACT)).contiguous()  # the int4 kernel refuses strided rows
         if self.bits == 8:
             y = torch.ops.aten._weight_int8pack_mm(a, w, s)
         else:

@@ -71,6 +71,14 @@ def test_int4_with_an_output_width_aten_cannot_pack_runs_dequantised(rows):
     torch.testing.assert_close(m(x).float(), ref, rtol=2e-2, atol=2e-2 * float(ref.abs().max()))
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_strided_rows_give_the_contiguous_result(bits):
+    m = QuantMatrix.from_float(torch.randn(64, 128), bits, 32)
+    x = torch.randn(3, 2, 128).bfloat16()[:, -1]  # the last position of each row: rows 256 apart
+    assert not x.is_contiguous()
+    assert torch.equal(m(x), m(x.contiguous()))
+
+
 def test_bad_widths_and_groups_are_config_errors():
     with pytest.raises(ConfigError, match="bits=3"):
         QuantMatrix(8, 64, 3)
