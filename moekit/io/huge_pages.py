@@ -1,13 +1,14 @@
 """Weights on huge pages: anonymous memory that the kernel may back with 2 MiB pages (transparent huge pages,
-asked for with ``madvise``; ordinary pages where the system gives none).
+asked for with ``madvise``; ordinary pages where the system gives none). Opt-in: ``MOEKIT_HUGE_PAGES=1``.
 
-A batch-1 decode step streams every weight it uses from memory, ~0.5 GB a step on the 1.72B-shaped model, much
-of it randomly chosen experts. On 4 KiB pages that misses the TLB on every page; on huge pages the same bf16
-decode ran 1.14x faster (38.8 vs 34.1 tok/s, 2 threads, one process before and after moving its experts).
-A checkpoint's mapped file pages are 4 KiB, so loaders move the weights a decode step reads onto huge pages
-(:func:`move_to_huge_pages`), read from the file straight into place: the resident set stays about one copy.
-The price is at load: the kernel zeroes (and may compact memory for) each huge page, measured 1.9-2.4 s for
-1.76 GB against 0.9 s on ordinary pages. ``MOEKIT_HUGE_PAGES=0`` keeps the weights mapped instead.
+A batch-1 decode step streams every weight it uses, ~0.3-0.55 GB a step on the 1.72B-shaped model. With the
+switch on, loaders read the weights a step streams (not the experts of HF folders, already in anonymous memory)
+into one huge-page arena, from the file straight into place: the resident set stays about one copy.
+Measured side by side, separate processes alternating, best of 3 (``MOEKIT_HUGE_PAGES=0|1 python
+benchmarks/decode_profile.py --checkpoint /work/bench/q3-1.7b-int8L``): a moekit int8 checkpoint decodes 59.3
+against 55.7 tok/s mapped (1.06x); the bf16 HF folder with its experts moved too, 37.9 against 36.9 (noise).
+The price is at load: the kernel zeroes (and may compact memory for) each huge page, 1.9-2.4 s for 1.76 GB
+against 0.9 s on ordinary pages; the int8 checkpoint loads in 1.4 s instead of 0.4 s. Hence off by default.
 """
 
 from __future__ import annotations
@@ -30,13 +31,18 @@ _ALIGN = 64  # each tensor's first byte in an arena: a cache line
 _ARENAS: list[tuple[int, int, weakref.ref]] = []
 
 
+def switched_on() -> bool:
+    """True with ``MOEKIT_HUGE_PAGES=1`` (off by default: see the module docstring)."""
+    return os.environ.get("MOEKIT_HUGE_PAGES", "0") == "1"
+
+
 class _Arena:
     """Anonymous memory asked to be on huge pages, starting on a huge-page boundary; :meth:`take` hands out
     pieces of it, each a tensor with its own storage (so that no two look tied: savers compare storages)."""
 
     def __init__(self, size: int):
         self.buffer = mmap.mmap(-1, size + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        if hasattr(mmap, "MADV_HUGEPAGE"):
+        if hasattr(mmap, "MADV_HUGEPAGE") and switched_on():
             try:
                 self.buffer.madvise(mmap.MADV_HUGEPAGE)
             except OSError:  # no transparent huge pages here: ordinary pages
@@ -56,16 +62,8 @@ class _Arena:
         return torch.frombuffer(piece, dtype=torch.uint8).view(dtype).view(shape)
 
 
-def huge_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised CPU tensor starting on a huge-page boundary of memory asked to be on huge pages."""
-    numel = 1
-    for n in shape:
-        numel *= n
-    return _Arena(numel * dtype.itemsize).take(0, shape, dtype)
-
-
 def is_huge(t: torch.Tensor) -> bool:
-    """Whether ``t`` lives in memory from :func:`huge_empty`."""
+    """Whether ``t`` lives in a huge-page arena of :func:`move_to_huge_pages`."""
     return t.device.type == "cpu" and any(lo <= t.data_ptr() < hi and ref() is not None for lo, hi, ref in _ARENAS)
 
 
@@ -76,7 +74,7 @@ def move_to_huge_pages(model: nn.Module, skip: Callable[[str], bool] | None = No
     pages in this process dropped, then is read from the file into place, so that the resident set never holds
     it twice; any other is copied. Nothing moves
     with ``MOEKIT_HUGE_PAGES=0``."""
-    if os.environ.get("MOEKIT_HUGE_PAGES", "1") == "0":
+    if not switched_on():
         return 0
     chosen: dict[tuple, list[tuple[nn.Module, str, bool]]] = {}  # one entry per distinct tensor (ties share)
     tensors: dict[tuple, torch.Tensor] = {}

@@ -105,13 +105,12 @@ def applies(model: MoELM, input_ids: torch.Tensor, cache: KVCache | None) -> boo
 
 def forward(model: MoELM, input_ids: torch.Tensor, cache: KVCache | None, logits_to_keep: int) -> LMOutput | None:
     """``model(input_ids, cache=cache, logits_to_keep=...)`` for one token of one row on the native step, or None
-    where it does not apply."""
+    where it does not apply. ``input_ids`` must be checked already (:meth:`MoELM.forward` does)."""
     from moekit.models.lm import LMOutput
 
     if not applies(model, input_ids, cache):
         return None
     assert cache is not None and cache.max_length is not None
-    model._check_input_ids(input_ids)
     plans = _plans(model, cache, cache.max_length)
     if plans is None or not _cache_fits(cache, plans):
         return None

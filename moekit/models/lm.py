@@ -153,7 +153,9 @@ class MoELM(nn.Module):
         them). ``labels`` [B, S], normally the input ids, are shifted inside (position t predicts labels[t + 1]);
         -100 and padding are ignored. ``logits_to_keep`` > 0 computes only the last that many positions' logits.
         """
-        if labels is None and attention_mask is None and position_ids is None and not record_routing:
+        one_token = cache is not None and isinstance(input_ids, torch.Tensor) and input_ids.shape == (1, 1)
+        if one_token and labels is None and attention_mask is None and position_ids is None and not record_routing:
+            self._check_input_ids(input_ids)  # (checked again in _run if the native step declines: one id)
             stepped = decode_step.forward(self, input_ids, cache, logits_to_keep)  # one token, one row: native
             if stepped is not None:
                 return stepped

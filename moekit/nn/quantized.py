@@ -294,9 +294,8 @@ class QuantizedExperts(Experts):
             key = (first.q.data_ptr(), first.scales.data_ptr(), last.q.data_ptr(), last.scales.data_ptr())
             if getattr(self, "_table_key", None) != key:
                 self._table = native.QuantTable(list(self.q_in), list(self.q_out), self.group_size)
-                self._qdot_table = qdot.Table(list(self.q_in), list(self.q_out), self.group_size)
                 self._table_key = key
-            if qdot.enabled() and qdot.swiglu_experts(x_1D, self._qdot_table, experts, weights, y_1D):
+            if qdot.enabled() and qdot.swiglu_experts(x_1D, self._table, experts, weights, y_1D):
                 return
             if native.swiglu_experts_quantized(x_1D.reshape(-1), self._table, experts, weights, y_1D):
                 return

@@ -3,21 +3,19 @@ the map."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 from moekit.io import huge_pages
-from moekit.io.huge_pages import HUGE_PAGE, huge_empty, is_huge, move_to_huge_pages
+from moekit.io.huge_pages import HUGE_PAGE, is_huge, move_to_huge_pages
 from moekit.io.mapped import map_tensors, mapped_source
 from moekit.io.safe_io import save_tensors
 
 
-def test_huge_empty_starts_on_a_huge_page_and_holds_what_is_written():
-    t = huge_empty((3, 1000), torch.float32)
-    assert t.data_ptr() % HUGE_PAGE == 0 and t.shape == (3, 1000) and t.is_contiguous() and is_huge(t)
-    t.copy_(torch.arange(3000.0).view(3, 1000))
-    assert torch.equal(t, torch.arange(3000.0).view(3, 1000))
-    assert not is_huge(torch.empty(10))
+@pytest.fixture(autouse=True)
+def switched_on(monkeypatch):
+    monkeypatch.setenv("MOEKIT_HUGE_PAGES", "1")  # off by default
 
 
 class Tied(nn.Module):
@@ -41,6 +39,7 @@ def test_moving_keeps_values_layouts_and_ties():
     for k, v in m.state_dict().items():
         assert torch.equal(v, before[k]) and v.stride() == strides[k]
     assert m.head.weight is m.embed.weight and is_huge(m.embed.weight) and is_huge(m.experts)
+    assert min(t.data_ptr() for t in (m.embed.weight, m.experts)) % HUGE_PAGE == 0  # the arena's first byte
     assert not is_huge(m.table) and not is_huge(m.norm)
     assert move_to_huge_pages(m, skip=lambda name: name == "table") == 0  # already there
 
@@ -57,7 +56,7 @@ def test_mapped_tensors_are_read_from_their_file(tmp_path):
     assert torch.equal(m.w, mapped["w"]) and torch.equal(m.v, mapped["v"].t())
 
 
-def test_the_switch_leaves_weights_in_place(monkeypatch):
-    monkeypatch.setenv("MOEKIT_HUGE_PAGES", "0")
+def test_off_by_default_the_weights_stay_in_place(monkeypatch):
+    monkeypatch.delenv("MOEKIT_HUGE_PAGES")
     m = Tied()
     assert huge_pages.move_to_huge_pages(m) == 0 and not is_huge(m.embed.weight)

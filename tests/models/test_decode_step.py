@@ -13,6 +13,7 @@ import os
 import pytest
 import torch
 
+from moekit.errors import ShapeError
 from moekit.models import LMConfig, MoELM, decode_step
 from moekit.models.quantization import quantize_model, uniform_spec
 from moekit.nn import MoEConfig
@@ -198,3 +199,13 @@ def test_the_plan_follows_replaced_weights():
     after = decode(model, ids, 3, native_step=True)
     assert identical(after, decode(other, ids, 3, native_step=True))
     assert not identical(after, before)
+
+
+def test_a_bad_token_id_is_a_clear_error_on_the_native_step():
+    model = make_model(**CONFIGS["qwen3_like"]).to(torch.bfloat16)
+    with torch.inference_mode():
+        cache = model.new_cache(max_length=PROMPT + 2)
+        model(prompt_ids(model), cache=cache)
+        with pytest.raises(ShapeError, match="97"):
+            model(torch.tensor([[97]]), cache=cache)
+        assert cache.length == PROMPT  # nothing written

@@ -35,7 +35,6 @@ from collections.abc import Callable, Mapping
 import torch
 
 from moekit.errors import CheckpointError
-from moekit.io.huge_pages import huge_empty
 from moekit.io.mapped import copy_from_file, release_pages
 from moekit.models.config import LMConfig
 from moekit.nn.expert_cache import ExpertSpans, Span
@@ -223,8 +222,8 @@ def _moe_in(
         # mapping, no pages to release); any other is copied and its pages released, so importing a mapped
         # checkpoint holds about one copy of the weights, not two.
         first = source.take(f"{pre}.experts.0.{g}.weight", (I, D), why)
-        gate_up = huge_empty((E, 2 * I, D), first.dtype)  # streamed every decode step: on huge pages
-        down = huge_empty((E, D, I), first.dtype)
+        gate_up = first.new_empty(E, 2 * I, D)
+        down = first.new_empty(E, D, I)
         for e in range(E):
             for part, (name, shape) in enumerate(((g, (I, D)), (u, (I, D)), (d, (D, I)))):
                 t = source.take(f"{pre}.experts.{e}.{name}.weight", shape, why)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from moekit.nn.experts import Experts
+from moekit.nn.kernels import native
 from moekit.nn.kernels.native import qdot
 from moekit.nn.quantized import QuantizedExperts, QuantLinear, QuantMatrix
 
@@ -34,8 +35,8 @@ def test_gemv_matches_the_reference_with_ragged_widths(bits, group, out_f, in_f)
 def test_swiglu_experts_match_the_reference(bits, group, dim, hidden):
     torch.manual_seed(2)
     experts = QuantizedExperts.from_experts(Experts(4, dim, hidden), bits, group_size=group)
-    table = qdot.Table(list(experts.q_in), list(experts.q_out), group)
-    assert table.usable  # widths off decode.c's 128-column block included
+    table = native.QuantTable(list(experts.q_in), list(experts.q_out), group)
+    assert table.readable  # widths off decode.c's 128-column block included
     x = torch.randn(dim).bfloat16()
     chosen, weights = [0, 2, 3], [0.5, 0.25, 0.25]
     y = torch.full((dim,), 0.25)
@@ -60,9 +61,9 @@ def test_declined_layouts_leave_the_sum_alone():
     experts = QuantizedExperts.from_experts(Experts(2, 64, 32), [4, 4])
     m = experts.q_in[0]
     m.q = m.q.t().contiguous().t()  # not contiguous rows: not the stored layout
-    table = qdot.Table(list(experts.q_in), list(experts.q_out), 32)
+    table = native.QuantTable(list(experts.q_in), list(experts.q_out), 32)
     y = torch.zeros(64)
-    assert not table.usable and not qdot.swiglu_experts(torch.randn(64), table, [0], [1.0], y)
+    assert not table.readable and not qdot.swiglu_experts(torch.randn(64), table, [0], [1.0], y)
     assert torch.equal(y, torch.zeros(64))
     assert qdot.gemv(m, torch.randn(64)) is None
     good = QuantMatrix.from_float(torch.randn(8, 64), 8)

@@ -180,24 +180,33 @@ def dequantize(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None
 
 class QuantTable:
     """The data pointers and widths of a layer's quantised experts (q, scales, zeros of w_in, then of w_out,
-    per expert), as the kernel reads them. It holds the matrices it points into, so they outlive it; rebuild
-    it when their buffers are replaced. ``usable``: every buffer a contiguous CPU tensor, and with int4
-    experts the widths multiples of 128 (the kernel's block)."""
+    per expert), as the quantised expert kernels read them (decode.c's and qdot.c's). It holds the matrices it
+    points into, so they outlive it; rebuild it when their buffers are replaced. ``readable``: every buffer a
+    contiguous CPU tensor of its stored dtype, and each expert's two matrices of one width (what qdot.c needs);
+    ``usable``: readable, and with int4 experts the widths multiples of 128 (decode.c's block)."""
 
     def __init__(self, matrices_in: list, matrices_out: list, group: int):
         self.matrices = [*matrices_in, *matrices_out]
-        buffers = [b for m in self.matrices for b in (m.q, m.scales, *([m.zeros] if m.bits == 4 else []))]
-        widths_ok = all(m.bits == 8 or m.in_features % 128 == 0 for m in self.matrices)
-        self.usable = widths_ok and all(b.is_contiguous() and b.device.type == "cpu" for b in buffers)
-        self.usable &= all(m.bits == o.bits for m, o in zip(matrices_in, matrices_out))
-        rows = [[p for m in pair for p in _pointers(m)] for pair in zip(matrices_in, matrices_out)]
-        self.table = torch.tensor(rows if self.usable else [], dtype=torch.int64)
+        self.readable = all(map(readable, self.matrices)) and all(
+            m.bits == o.bits for m, o in zip(matrices_in, matrices_out)
+        )
+        self.usable = self.readable and all(m.bits == 8 or m.in_features % 128 == 0 for m in self.matrices)
+        rows = [matrix_pointers(m) + matrix_pointers(o) for m, o in zip(matrices_in, matrices_out)]
+        self.table = torch.tensor(rows if self.readable else [], dtype=torch.int64)
         self.bits = torch.tensor([m.bits for m in matrices_in], dtype=torch.int32)
         self.group = group
 
 
-def _pointers(m) -> list[int]:
+def matrix_pointers(m) -> list[int]:
+    """A quantised matrix's (q, scales, zeros) data pointers as the kernels take them (zeros 0 for int8)."""
     return [m.q.data_ptr(), m.scales.data_ptr(), m.zeros.data_ptr() if m.bits == 4 else 0]
+
+
+def readable(m) -> bool:
+    """Whether the kernels can read a quantised matrix as stored: contiguous CPU buffers of the stored dtypes."""
+    buffers = [m.q, m.scales, *([m.zeros] if m.bits == 4 else [])]
+    dtypes = [torch.int8 if m.bits == 8 else torch.uint8, torch.bfloat16, torch.bfloat16]
+    return all(b.is_contiguous() and b.device.type == "cpu" and b.dtype == t for b, t in zip(buffers, dtypes))
 
 
 def swiglu_experts_quantized(

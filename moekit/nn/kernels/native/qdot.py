@@ -52,39 +52,12 @@ def enabled() -> bool:
     return os.environ.get("MOEKIT_QDOT", "1") != "0" and _built()
 
 
-def _pointers(m: Quantised) -> list[int]:
-    return [m.q.data_ptr(), m.scales.data_ptr(), m.zeros.data_ptr() if m.bits == 4 else 0]
-
-
-def _readable(m: Quantised) -> bool:
-    buffers = [m.q, m.scales, *([m.zeros] if m.bits == 4 else [])]
-    dtypes = [torch.int8 if m.bits == 8 else torch.uint8, torch.bfloat16, torch.bfloat16]
-    return all(b.is_contiguous() and b.device.type == "cpu" and b.dtype == t for b, t in zip(buffers, dtypes))
-
-
-class Table:
-    """The data pointers and widths of a layer's quantised SwiGLU experts (q, scales, zeros of w_in, then of
-    w_out, per expert), as ``moekit_swiglu_experts_q8act`` reads them. It holds the matrices it points into;
-    rebuild it when their buffers are replaced. ``usable``: every buffer a contiguous CPU tensor of the stored
-    dtype and each expert's two matrices of one width (any widths: tails are masked)."""
-
-    def __init__(self, matrices_in: list, matrices_out: list, group: int):
-        self.matrices = [*matrices_in, *matrices_out]
-        self.usable = all(map(_readable, self.matrices)) and all(
-            m.bits == o.bits for m, o in zip(matrices_in, matrices_out)
-        )
-        rows = [_pointers(m) + _pointers(o) for m, o in zip(matrices_in, matrices_out)]
-        self.table = torch.tensor(rows if self.usable else [], dtype=torch.int64)
-        self.bits = torch.tensor([m.bits for m in matrices_in], dtype=torch.int32)
-        self.group = group
-
-
 def swiglu_experts(
-    x_D: torch.Tensor, table: Table, experts: list[int], weights: list[float], y_D: torch.Tensor
+    x_D: torch.Tensor, table: native.QuantTable, experts: list[int], weights: list[float], y_D: torch.Tensor
 ) -> bool:
     """y_D (fp32) += sum_k weights[k] * expert_{experts[k]}(x_D) for quantised SwiGLU experts, each product on
     quantised activations (:func:`swiglu_experts_reference`); False (y_D untouched) where it does not apply."""
-    if not (_built() and table.usable and y_D.dtype == torch.float32 and y_D.is_contiguous()):
+    if not (_built() and table.readable and y_D.dtype == torch.float32 and y_D.is_contiguous()):
         return False
     m_in = table.matrices[0]
     lib = typing.cast(typing.Any, native.library())
@@ -102,11 +75,11 @@ def swiglu_experts(
 def gemv(m: Quantised, x_I: torch.Tensor) -> torch.Tensor | None:
     """bf16(W @ x_I) for one quantised matrix on quantised activations (:func:`gemv_reference`), or None where
     the kernel does not apply."""
-    if not (_built() and _readable(m) and x_I.numel() == m.in_features):
+    if not (_built() and native.readable(m) and x_I.numel() == m.in_features):
         return None
     lib = typing.cast(typing.Any, native.library())
     x = x_I.reshape(-1).float().contiguous()
-    pointers = torch.tensor(_pointers(m), dtype=torch.int64)
+    pointers = torch.tensor(native.matrix_pointers(m), dtype=torch.int64)
     y = torch.empty(m.out_features, dtype=torch.bfloat16)
     args = (m.bits, m.group_size, x.data_ptr(), m.out_features, m.in_features, y.data_ptr())
     lib.moekit_qgemv(pointers.data_ptr(), *args, torch.get_num_threads())
