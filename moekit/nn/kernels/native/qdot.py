@@ -3,8 +3,10 @@
 decode.c's quantised kernels convert each int8/int4 weight to a float before multiplying, so they are bound by
 that arithmetic. These quantise the activation vector once per call to int8 in blocks of :data:`QBLOCK`
 (symmetric, a fp32 scale per block, as llama.cpp's Q8_0) and multiply in the CPU's integer dot instruction
-(AVX512-VNNI), reading the weights in their stored form. On the 1.72B shape (2 threads, 16 layers of 8 experts)
-the expert kernels take 9.2 ms a step at int4 g32 (decode.c's: 10.4) and 11.5 ms at int8 (13.9).
+(AVX512-VNNI), reading the weights in their stored form. On the 1.72B shape, 2 threads
+(``MOEKIT_QDOT=1|0 python benchmarks/decode_profile.py --checkpoint CKPT``, one after the other): the int8
+checkpoint's experts take 11.3 ms a step (decode.c's: 13.7), decoding 56.8 tok/s against 48.4; int4 g32 with int4
+attention 8.6 ms (9.7), 71.4 against 63.7.
 The result is the dot of the dequantised weight with the *dequantised
 activations* (:func:`quantize_activation`), so it differs from ATen's bf16-activation kernels by the activation
 quantisation error (~0.4% of each block's largest value), which the references below reproduce exactly.
